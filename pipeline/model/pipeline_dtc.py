@@ -1,0 +1,281 @@
+"""`DTCPipeline`: Diffuse to Choose inference as a diffusers pipeline.
+
+    pipe = DTCPipeline.from_pretrained("models/dtc-tiny")
+    out = pipe(image=context, mask_image=hole, product_image=product,
+               generator=[torch.Generator().manual_seed(s) for s in seeds], output_type="uint8")
+
+Inputs are batches at the model's working resolution (`pipe.config.resolution`, square) and
+product size (`pipe.config.product_size`); cropping whole photos to that window is the render
+job's preprocessing. Masks use the user's polarity: 1 = hole (the region to repaint).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from diffusers import AutoencoderKL, DDIMScheduler, DiffusionPipeline, DPMSolverMultistepScheduler
+from diffusers.utils import BaseOutput
+from diffusers.utils.torch_utils import randn_tensor
+from PIL import Image
+from transformers import Dinov2Model
+
+from pipeline.geometry import largest_inscribed_rectangle
+from pipeline.model.components import DTCHintAdapter, DTCHintEncoder, DTCImageProjection, DTCUNet2DConditionModel
+
+# DINOv2 was trained on ImageNet-normalised inputs.
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+SCHEDULERS = {"ddim": DDIMScheduler, "dpmpp": DPMSolverMultistepScheduler}
+INPUT_LAYOUTS = ("sd", "pbe")
+
+
+@dataclass
+class DTCPipelineOutput(BaseOutput):
+    """`images`: list of PIL images ("pil"), float NHWC in [0, 1] ("np"), uint8 NHWC ("uint8"),
+    float NCHW in [0, 1] ("pt"), or latents ("latent")."""
+
+    images: list | np.ndarray | torch.Tensor
+
+
+def _as_image_batch(value, name: str, size: int) -> torch.Tensor:
+    """uint8 (B, H, W, 3) or float (B, 3, H, W) in [0, 1] -> float (B, 3, size, size) in [0, 1]."""
+    tensor = torch.as_tensor(value) if not isinstance(value, torch.Tensor) else value
+    if tensor.dtype == torch.uint8:
+        if tensor.ndim != 4 or tensor.shape[-1] != 3:
+            raise ValueError(f"{name} as uint8 must be (B, H, W, 3), got shape {tuple(tensor.shape)}")
+        tensor = tensor.permute(0, 3, 1, 2).float() / 255.0
+    elif tensor.ndim != 4 or tensor.shape[1] != 3:
+        raise ValueError(f"{name} must be (B, 3, H, W) floats in [0, 1] or (B, H, W, 3) uint8, got shape {tuple(tensor.shape)}")
+    if tuple(tensor.shape[-2:]) != (size, size):
+        raise ValueError(f"{name} must be {size}x{size} (the model's size), got {tensor.shape[-2]}x{tensor.shape[-1]}")
+    return tensor
+
+
+def _as_mask_batch(value, name: str, size: int, batch: int) -> torch.Tensor:
+    """bool or {0, 1} (B, H, W) / (B, 1, H, W) -> float (B, 1, size, size)."""
+    tensor = torch.as_tensor(value) if not isinstance(value, torch.Tensor) else value
+    if tensor.ndim == 3:
+        tensor = tensor[:, None]
+    if tensor.ndim != 4 or tensor.shape[1] != 1:
+        raise ValueError(f"{name} must be (B, H, W) or (B, 1, H, W), got shape {tuple(tensor.shape)}")
+    if tuple(tensor.shape[-2:]) != (size, size) or tensor.shape[0] != batch:
+        raise ValueError(f"{name} must be {batch} x 1 x {size} x {size}, got {tuple(tensor.shape)}")
+    if tensor.dtype != torch.bool:
+        values = torch.unique(tensor)
+        if not bool(((values == 0) | (values == 1)).all()):
+            raise ValueError(f"{name} must be binary (0/1 or bool), got values {values[:8].tolist()}")
+    return tensor.float()
+
+
+class DTCPipeline(DiffusionPipeline):
+    r"""Diffuse to Choose: SD-1.5 inpainting conditioned on DINOv2 tokens of the product, plus a
+    hint branch (product pasted into the hole, FiLM-fused into the UNet's skips).
+
+    Components: `vae`, `unet` (`DTCUNet2DConditionModel`), `hint_encoder`, `hint_adapter`,
+    `image_encoder` (transformers `Dinov2Model`), `image_projection`, `scheduler`.
+    Config: `input_layout` ("sd": `[latents, mask(1 = hole), masked_latents]`, the
+    StableDiffusionInpaintPipeline order; "pbe": `[latents, masked_latents, mask(1 = keep)]`),
+    `resolution` (working size, square) and `product_size` (the image encoder's input size).
+    """
+
+    model_cpu_offload_seq = "image_encoder->image_projection->hint_adapter->hint_encoder->unet->vae"
+
+    def __init__(
+        self,
+        vae: AutoencoderKL,
+        unet: DTCUNet2DConditionModel,
+        hint_encoder: DTCHintEncoder,
+        hint_adapter: DTCHintAdapter,
+        image_encoder: Dinov2Model,
+        image_projection: DTCImageProjection,
+        scheduler: DDIMScheduler | DPMSolverMultistepScheduler,
+        input_layout: str = "sd",
+        resolution: int = 512,
+        product_size: int = 224,
+    ):
+        super().__init__()
+        if input_layout not in INPUT_LAYOUTS:
+            raise ValueError(f"input_layout must be one of {INPUT_LAYOUTS}, got {input_layout!r}")
+        self.register_modules(
+            vae=vae,
+            unet=unet,
+            hint_encoder=hint_encoder,
+            hint_adapter=hint_adapter,
+            image_encoder=image_encoder,
+            image_projection=image_projection,
+            scheduler=scheduler,
+        )
+        self.register_to_config(input_layout=input_layout, resolution=resolution, product_size=product_size)
+        self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        if resolution % self.vae_scale_factor:
+            raise ValueError(f"resolution must be divisible by {self.vae_scale_factor}, got {resolution}")
+
+    # -- scheduler -------------------------------------------------------------------------
+
+    def use_scheduler(self, name: str) -> None:
+        """Swap the sampler: "ddim" (paper default) or "dpmpp" (DPM-Solver++ 2M, ~20 steps)."""
+        if name not in SCHEDULERS:
+            raise ValueError(f"scheduler must be one of {sorted(SCHEDULERS)}, got {name!r}")
+        kwargs = {"algorithm_type": "dpmsolver++"} if name == "dpmpp" else {}
+        self.scheduler = SCHEDULERS[name].from_config(self.scheduler.config, **kwargs)
+
+    @property
+    def scheduler_name(self) -> str:
+        return next(k for k, cls in SCHEDULERS.items() if isinstance(self.scheduler, cls))
+
+    # -- conditioning ------------------------------------------------------------------------
+
+    def encode_product(self, product: torch.Tensor) -> torch.Tensor:
+        """(B, 3, S, S) floats in [0, 1] -> context tokens (B, T, cross_attention_dim)."""
+        mean = torch.tensor(IMAGENET_MEAN, device=product.device, dtype=product.dtype)[:, None, None]
+        std = torch.tensor(IMAGENET_STD, device=product.device, dtype=product.dtype)[:, None, None]
+        tokens = self.image_encoder(pixel_values=(product - mean) / std).last_hidden_state
+        return self.image_projection(tokens)
+
+    def build_hint(self, hole: torch.Tensor, product: torch.Tensor, product_alpha: torch.Tensor | None) -> torch.Tensor:
+        """Product pixels ([-1, 1]) resized into the largest rectangle inside each hole, 0 elsewhere.
+
+        The aspect ratio is not kept (paper). Only opaque product pixels go in when an alpha is given.
+        """
+        batch, _, height, width = hole.shape
+        hint = torch.zeros(batch, 3, height, width, dtype=product.dtype, device=product.device)
+        holes = hole[:, 0].bool().cpu().numpy()
+        for i in range(batch):  # once per pair, before the denoising loop
+            y0, x0, y1, x1 = largest_inscribed_rectangle(holes[i])
+            pixels = F.interpolate(product[i : i + 1] * 2 - 1, size=(y1 - y0, x1 - x0), mode="bilinear", antialias=True)
+            if product_alpha is not None:
+                alpha = F.interpolate(product_alpha[i : i + 1], size=(y1 - y0, x1 - x0), mode="bilinear", antialias=True)
+                pixels = pixels * (alpha >= 0.5)
+            hint[i, :, y0:y1, x0:x1] = pixels[0]
+        return hint
+
+    def unet_input(self, latents: torch.Tensor, image_latents: torch.Tensor, hole: torch.Tensor) -> torch.Tensor:
+        """The UNet's 9 channels in the checkpoint's layout. `hole` is at latent size, 1 = hole."""
+        if self.config.input_layout == "sd":
+            return torch.cat([latents, hole, image_latents], dim=1)
+        return torch.cat([latents, image_latents, 1 - hole], dim=1)
+
+    def predict_noise(
+        self,
+        latents: torch.Tensor,
+        timestep: torch.Tensor,
+        masked_image_latents: torch.Tensor,
+        hole: torch.Tensor,
+        hint_latents: torch.Tensor,
+        context: torch.Tensor,
+    ) -> torch.Tensor:
+        """One DTC noise prediction: hint encoder -> FiLM parameters -> main UNet."""
+        film = self.hint_encoder(self.unet_input(latents, hint_latents, hole), timestep, context)
+        return self.unet(self.unet_input(latents, masked_image_latents, hole), timestep, context, skip_film=film).sample
+
+    # -- call ----------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        image,
+        mask_image,
+        product_image,
+        product_alpha=None,
+        num_inference_steps: int = 40,
+        guidance_scale: float = 5.0,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        output_type: str = "pil",
+        return_dict: bool = True,
+    ) -> DTCPipelineOutput | tuple:
+        r"""Render a batch.
+
+        Args:
+            image: context crops, uint8 (B, R, R, 3) or float (B, 3, R, R) in [0, 1]; R = `config.resolution`.
+            mask_image: (B, R, R) or (B, 1, R, R), bool or {0, 1}; 1 = hole (region to repaint).
+            product_image: product shots at `config.product_size`, same formats as `image`; a cut-out
+                product should already be composited on neutral grey.
+            product_alpha: optional (B, S, S) {0, 1}/bool opacity of the product; only opaque pixels
+                go into the hint rectangle.
+            generator: one CPU generator per pair (per-pair seeds make a pair's render independent of
+                the batch it lands in), or one generator for the whole batch.
+            output_type: "pil", "np", "uint8", "pt" or "latent".
+        """
+        # 1. check inputs
+        size, product_size = self.config.resolution, self.config.product_size
+        image = _as_image_batch(image, "image", size)
+        batch = image.shape[0]
+        hole = _as_mask_batch(mask_image, "mask_image", size, batch)
+        product = _as_image_batch(product_image, "product_image", product_size)
+        if product.shape[0] != batch:
+            raise ValueError(f"product_image has batch {product.shape[0]}, image has {batch}")
+        alpha = None if product_alpha is None else _as_mask_batch(product_alpha, "product_alpha", product_size, batch)
+        if isinstance(generator, list) and len(generator) != batch:
+            raise ValueError(f"got {len(generator)} generators for a batch of {batch}")
+        if output_type not in ("pil", "np", "uint8", "pt", "latent"):
+            raise ValueError(f"output_type must be pil|np|uint8|pt|latent, got {output_type!r}")
+        if num_inference_steps < 1:
+            raise ValueError(f"num_inference_steps must be >= 1, got {num_inference_steps}")
+        device, dtype = self._execution_device, self.unet.dtype
+        do_cfg = guidance_scale > 1.0
+
+        # 2. hint: product pasted into the largest rectangle inside each hole
+        hint = self.build_hint(hole, product, alpha)
+
+        # 3. image context: DINOv2 tokens -> cross-attention width; null embedding for CFG
+        image, hole, product, hint = (t.to(device=device, dtype=dtype) for t in (image, hole, product, hint))
+        context = self.encode_product(product)
+
+        # 4. masked image latents, latent-size hole, hint latents (h0 = z_m + Adapter(hint))
+        masked_image = (image * 2 - 1) * (1 - hole)
+        scaling = self.vae.config.scaling_factor
+        masked_image_latents = self.vae.encode(masked_image).latent_dist.sample(generator=generator) * scaling
+        latent_size = size // self.vae_scale_factor
+        hole_latent = F.interpolate(hole, size=(latent_size, latent_size))  # nearest, as SD inpainting
+        hint_latents = masked_image_latents + self.hint_adapter(hint)
+
+        # 5. CFG as one batch of 2B: [uncond | cond], the hint branch in both halves
+        if do_cfg:
+            context = torch.cat([self.image_projection.null_context(batch).to(dtype), context])
+            masked_image_latents, hole_latent, hint_latents = (
+                torch.cat([t, t]) for t in (masked_image_latents, hole_latent, hint_latents)
+            )
+
+        # 6. timesteps and initial noise
+        self.scheduler.set_timesteps(num_inference_steps, device=device)
+        latents = randn_tensor(
+            (batch, self.vae.config.latent_channels, latent_size, latent_size),
+            generator=generator,
+            device=device,
+            dtype=dtype,
+        ) * self.scheduler.init_noise_sigma
+
+        # 7. denoising loop
+        for t in self.progress_bar(self.scheduler.timesteps):
+            model_input = torch.cat([latents, latents]) if do_cfg else latents
+            model_input = self.scheduler.scale_model_input(model_input, t)
+            noise = self.predict_noise(model_input, t, masked_image_latents, hole_latent, hint_latents, context)
+            if do_cfg:
+                noise_uncond, noise_cond = noise.chunk(2)
+                noise = noise_uncond + guidance_scale * (noise_cond - noise_uncond)
+            latents = self.scheduler.step(noise, t, latents).prev_sample
+
+        if output_type == "latent":
+            return DTCPipelineOutput(images=latents) if return_dict else (latents,)
+
+        # 8. decode, then keep the context's own pixels outside the hole
+        decoded = (self.vae.decode(latents / scaling).sample / 2 + 0.5).clamp(0, 1)
+        hole = hole[:batch]
+        output = (image * (1 - hole) + decoded * hole).float()
+
+        # 9. convert
+        if output_type == "pt":
+            images = output
+        else:
+            as_uint8 = (output * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+            if output_type == "uint8":
+                images = as_uint8
+            elif output_type == "np":
+                images = output.permute(0, 2, 3, 1).cpu().numpy()
+            else:
+                images = [Image.fromarray(a) for a in as_uint8]
+        return DTCPipelineOutput(images=images) if return_dict else (images,)

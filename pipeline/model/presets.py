@@ -1,0 +1,126 @@
+"""Model presets: `tiny` (tests and the demo: < 5M parameters, 128 px) and `sd15` (the paper's
+sizes: SD-1.5 inpainting UNet, SD VAE, DINOv2-g/14 at 224, 512 px). Both are random-init;
+real weights come from `assemble.assemble_from_parts` (then fine-tuning) or a trained folder.
+"""
+
+from __future__ import annotations
+
+import torch
+from diffusers import AutoencoderKL, DDIMScheduler
+from transformers import Dinov2Config, Dinov2Model
+
+from pipeline.model.components import DTCHintAdapter, DTCHintEncoder, DTCImageProjection, DTCUNet2DConditionModel
+from pipeline.model.pipeline_dtc import DTCPipeline
+
+PRESETS = ("tiny", "sd15")
+
+# Stable Diffusion 1.x noise schedule (runwayml/stable-diffusion-inpainting's scheduler config).
+SD_SCHEDULE = dict(
+    num_train_timesteps=1000,
+    beta_start=0.00085,
+    beta_end=0.012,
+    beta_schedule="scaled_linear",
+    clip_sample=False,
+    set_alpha_to_one=False,
+    steps_offset=1,
+    prediction_type="epsilon",
+)
+
+
+def dinov2_config(preset: str) -> Dinov2Config:
+    """DINOv2-g/14's config fields (SwiGLU FFN, layer scale, 518 px position grid); `tiny`
+    keeps every field and shrinks only the widths and depth."""
+    giant = dict(
+        hidden_size=1536,
+        num_hidden_layers=40,
+        num_attention_heads=24,
+        mlp_ratio=4,
+        use_swiglu_ffn=True,
+        image_size=518,
+        patch_size=14,
+        layerscale_value=1.0,
+        layer_norm_eps=1e-6,
+        hidden_act="gelu",
+        drop_path_rate=0.0,
+        qkv_bias=True,
+    )
+    if preset == "tiny":
+        giant.update(hidden_size=32, num_hidden_layers=2, num_attention_heads=2)
+    return Dinov2Config(**giant)
+
+
+def unet_config(preset: str) -> dict:
+    if preset == "sd15":  # runwayml/stable-diffusion-inpainting unet/config.json
+        return dict(
+            sample_size=64,
+            in_channels=9,
+            out_channels=4,
+            down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+            block_out_channels=(320, 640, 1280, 1280),
+            layers_per_block=2,
+            cross_attention_dim=768,
+            attention_head_dim=8,
+            norm_num_groups=32,
+        )
+    return dict(
+        sample_size=16,
+        in_channels=9,
+        out_channels=4,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        cross_attention_dim=32,
+        attention_head_dim=4,
+        norm_num_groups=8,
+    )
+
+
+def vae_config(preset: str) -> dict:
+    widths = (128, 256, 512, 512) if preset == "sd15" else (8, 16, 32, 32)
+    return dict(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=widths,
+        layers_per_block=2 if preset == "sd15" else 1,
+        latent_channels=4,
+        norm_num_groups=32 if preset == "sd15" else 8,
+        sample_size=512 if preset == "sd15" else 128,
+        scaling_factor=0.18215,
+    )
+
+
+def build_preset(preset: str, seed: int = 0, film_mode: str = "spatial") -> DTCPipeline:
+    """A random-init DTC of the preset's sizes. The same seed gives the same weights.
+
+    Wrap in `with torch.device("meta"):` to get the shapes without allocating (sd15 is ~3B
+    parameters, 12 GB in fp32).
+    """
+    if preset not in PRESETS:
+        raise ValueError(f"preset must be one of {PRESETS}, got {preset!r}")
+    torch.manual_seed(seed)
+    unet = DTCUNet2DConditionModel(**unet_config(preset))
+    vae = AutoencoderKL(**vae_config(preset))
+    dino_cfg = dinov2_config(preset)
+    image_encoder = Dinov2Model(dino_cfg)
+    product_size = 224
+    num_tokens = (product_size // dino_cfg.patch_size) ** 2 + 1
+    pipe = DTCPipeline(
+        vae=vae,
+        unet=unet,
+        hint_encoder=DTCHintEncoder.from_unet(unet, film_mode=film_mode),
+        hint_adapter=DTCHintAdapter(latent_channels=vae.config.latent_channels),
+        image_encoder=image_encoder,
+        image_projection=DTCImageProjection(dino_cfg.hidden_size, unet.config.cross_attention_dim, num_tokens),
+        scheduler=DDIMScheduler(**SD_SCHEDULE),
+        input_layout="sd",
+        resolution=unet.config.sample_size * 2 ** (len(vae.config.block_out_channels) - 1),
+        product_size=product_size,
+    )
+    for component in pipe.components.values():
+        if isinstance(component, torch.nn.Module):
+            component.eval()  # inference defaults, as after from_pretrained
+    return pipe

@@ -1,0 +1,152 @@
+"""Object storage: one API over local paths and `s3://` URIs.
+
+Everything that touches bytes outside the process goes through here, so retries, atomic
+writes and the S3 endpoint settings live in one place. Driver-side: no torch import.
+
+`s3://` uses `pyarrow.fs.S3FileSystem` with the standard AWS settings (credentials chain,
+`AWS_REGION`/`AWS_DEFAULT_REGION`, and `AWS_ENDPOINT_URL` for S3-compatible endpoints such
+as MinIO or the test suite's moto server). Credentials are never logged.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import posixpath
+import uuid
+from urllib.parse import urlparse
+
+import pyarrow.fs as pafs
+
+__all__ = [
+    "StorageError",
+    "is_s3",
+    "join",
+    "filesystem",
+    "read_bytes",
+    "write_bytes",
+    "exists",
+    "delete",
+    "list_files",
+    "sync_to_local",
+]
+
+
+class StorageError(RuntimeError):
+    """Storage is unreachable or an object cannot be read/written (exit code 1 territory)."""
+
+
+def is_s3(uri: str) -> bool:
+    return uri.startswith("s3://")
+
+
+def join(base: str, *parts: str) -> str:
+    """Join key parts onto a local folder or an `s3://` prefix."""
+    if is_s3(base):
+        return base.rstrip("/") + "/" + "/".join(p.strip("/") for p in parts)
+    return os.path.join(base, *parts)
+
+
+@functools.lru_cache(maxsize=8)
+def _s3(endpoint: str | None, region: str | None) -> pafs.S3FileSystem:
+    kwargs: dict = {}
+    if endpoint:
+        parsed = urlparse(endpoint)
+        kwargs["endpoint_override"] = parsed.netloc or parsed.path
+        kwargs["scheme"] = parsed.scheme or "https"
+    if region:
+        kwargs["region"] = region
+    # Retries with backoff on throttling (SlowDown) and 5xx answers.
+    kwargs["retry_strategy"] = pafs.AwsStandardS3RetryStrategy(max_attempts=8)
+    return pafs.S3FileSystem(**kwargs)
+
+
+def filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
+    """(filesystem, path inside it) for a local path or `s3://bucket/key`."""
+    if is_s3(uri):
+        endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+        region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+        return _s3(endpoint, region), uri[len("s3://") :]
+    if uri.startswith("file://"):
+        uri = uri[len("file://") :]
+    return pafs.LocalFileSystem(), os.path.abspath(uri)
+
+
+def read_bytes(uri: str) -> bytes:
+    fs, path = filesystem(uri)
+    try:
+        with fs.open_input_stream(path) as f:
+            return f.read()
+    except FileNotFoundError:
+        raise
+    except OSError as e:
+        if "NoSuchKey" in str(e) or "does not exist" in str(e) or "Path does not exist" in str(e):
+            raise FileNotFoundError(uri) from e
+        raise StorageError(f"cannot read {uri}: {e}") from e
+
+
+def write_bytes(uri: str, data: bytes) -> None:
+    """Write an object. Local files go to a temp name in the same folder and are renamed,
+    so a reader (or a killed job) never sees half a file. An S3 PUT is atomic already."""
+    fs, path = filesystem(uri)
+    try:
+        if is_s3(uri):
+            with fs.open_output_stream(path) as f:
+                f.write(data)
+            return
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+        try:
+            with open(tmp, "wb") as f:
+                f.write(data)
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+    except OSError as e:
+        raise StorageError(f"cannot write {uri}: {e}") from e
+
+
+def exists(uri: str) -> bool:
+    fs, path = filesystem(uri)
+    try:
+        return fs.get_file_info(path).type != pafs.FileType.NotFound
+    except OSError as e:
+        raise StorageError(f"cannot stat {uri}: {e}") from e
+
+
+def delete(uri: str) -> None:
+    fs, path = filesystem(uri)
+    try:
+        fs.delete_file(path)
+    except FileNotFoundError:
+        pass
+
+
+def list_files(prefix: str) -> list[tuple[str, int]]:
+    """Every file under a folder/prefix as (path relative to it, size), sorted."""
+    fs, root = filesystem(prefix)
+    root = root.rstrip("/")
+    try:
+        infos = fs.get_file_info(pafs.FileSelector(root, recursive=True, allow_not_found=True))
+    except OSError as e:
+        raise StorageError(f"cannot list {prefix}: {e}") from e
+    out = [
+        (posixpath.relpath(i.path, root) if is_s3(prefix) else os.path.relpath(i.path, root), i.size)
+        for i in infos
+        if i.type == pafs.FileType.File
+    ]
+    return sorted(out)
+
+
+def sync_to_local(prefix: str, local_dir: str) -> list[str]:
+    """Copy every object under `prefix` into `local_dir` (created); returns relative paths."""
+    files = list_files(prefix)
+    if not files:
+        raise FileNotFoundError(f"nothing found under {prefix}")
+    for rel, _size in files:
+        dest = os.path.join(local_dir, rel)
+        os.makedirs(os.path.dirname(dest), exist_ok=True)
+        with open(dest, "wb") as f:
+            f.write(read_bytes(join(prefix, rel)))
+    return [rel for rel, _ in files]
