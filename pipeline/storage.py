@@ -123,20 +123,17 @@ def delete(uri: str) -> None:
         pass
 
 
-def list_files(prefix: str) -> list[tuple[str, int]]:
-    """Every file under a folder/prefix as (path relative to it, size), sorted."""
+def list_files(prefix: str) -> list[tuple[str, int, int]]:
+    """Every file under a folder/prefix as (path relative to it, size, mtime_ns), sorted."""
     fs, root = filesystem(prefix)
     root = root.rstrip("/")
     try:
         infos = fs.get_file_info(pafs.FileSelector(root, recursive=True, allow_not_found=True))
     except OSError as e:
         raise StorageError(f"cannot list {prefix}: {e}") from e
-    out = [
-        (posixpath.relpath(i.path, root) if is_s3(prefix) else os.path.relpath(i.path, root), i.size)
-        for i in infos
-        if i.type == pafs.FileType.File
-    ]
-    return sorted(out)
+    return sorted(
+        (posixpath.relpath(i.path, root), i.size, i.mtime_ns or 0) for i in infos if i.type == pafs.FileType.File
+    )
 
 
 def sync_to_local(prefix: str, local_dir: str) -> list[str]:
@@ -144,9 +141,9 @@ def sync_to_local(prefix: str, local_dir: str) -> list[str]:
     files = list_files(prefix)
     if not files:
         raise FileNotFoundError(f"nothing found under {prefix}")
-    for rel, _size in files:
+    for rel, _size, _mtime in files:
         dest = os.path.join(local_dir, rel)
         os.makedirs(os.path.dirname(dest), exist_ok=True)
         with open(dest, "wb") as f:
             f.write(read_bytes(join(prefix, rel)))
-    return [rel for rel, _ in files]
+    return [rel for rel, _, _ in files]

@@ -220,7 +220,7 @@ class DTCHintEncoder(ModelMixin, ConfigMixin):
             resnet_time_scale_shift=cfg.resnet_time_scale_shift,
             film_mode=film_mode,
         )
-        if unet.dtype != torch.float32 or unet.device.type != "cpu":
+        if (encoder.device, encoder.dtype) != (unet.device, unet.dtype):
             encoder.to(device=unet.device, dtype=unet.dtype)
         for name in ("conv_in", "time_proj", "time_embedding", "down_blocks", "mid_block"):
             getattr(encoder, name).load_state_dict(getattr(unet, name).state_dict())

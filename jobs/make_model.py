@@ -1,0 +1,61 @@
+"""Build a DTC checkpoint folder.
+
+    python -m jobs.make_model --preset tiny --out models/dtc-tiny          # tests and demo, seconds on CPU
+    python -m jobs.make_model --preset sd15 --out models/dtc-sd15          # paper sizes, random init (~12 GB)
+    python -m jobs.make_model --from-parts --sd-inpainting sd-inpaint/ --dinov2 dinov2-giant/ \
+        [--vae vae/] --out models/dtc-untrained                             # untrained DTC from public parts
+
+Exit codes: 0 written, 2 bad usage or a missing/malformed part.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m jobs.make_model", description=__doc__.split("\n")[0])
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--preset", choices=("tiny", "sd15"), help="random-init DTC of the preset's sizes")
+    source.add_argument("--from-parts", action="store_true", help="assemble from an SD-inpainting and a DINOv2 folder")
+    parser.add_argument("--sd-inpainting", help="diffusers SD-inpainting pipeline folder or s3:// prefix")
+    parser.add_argument("--dinov2", help="transformers DINOv2 folder or s3:// prefix")
+    parser.add_argument("--vae", help="optional VAE folder replacing the SD one")
+    parser.add_argument("--film-mode", choices=("spatial", "channel"), default="spatial")
+    parser.add_argument("--seed", type=int, default=0, help="weight init seed for --preset")
+    parser.add_argument("--out", required=True, help="output folder")
+    args = parser.parse_args(argv)
+    if args.from_parts and not (args.sd_inpainting and args.dinov2):
+        parser.error("--from-parts needs --sd-inpainting DIR and --dinov2 DIR")
+    if args.preset and (args.sd_inpainting or args.dinov2 or args.vae):
+        parser.error("--sd-inpainting/--dinov2/--vae go with --from-parts, not --preset")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    from pipeline.model.assemble import assemble_from_parts
+    from pipeline.model.checkpoint import CheckpointError
+    from pipeline.model.loading import save_pipeline
+    from pipeline.model.presets import build_preset
+
+    try:
+        if args.preset:
+            pipe = build_preset(args.preset, seed=args.seed, film_mode=args.film_mode)
+        else:
+            pipe = assemble_from_parts(args.sd_inpainting, args.dinov2, vae=args.vae, film_mode=args.film_mode)
+    except (CheckpointError, ValueError, OSError) as e:
+        print(f"make_model: {e}", file=sys.stderr)
+        return 2
+    digest = save_pipeline(pipe, args.out)
+    counts = {name: sum(p.numel() for p in module.parameters()) for name, module in pipe.components.items() if hasattr(module, "parameters")}
+    print(f"wrote {args.out}: resolution {pipe.config.resolution}, layout {pipe.config.input_layout}, "
+          f"{pipe.hint_encoder.num_film_sites} FiLM sites, {sum(counts.values()) / 1e6:.2f}M parameters")
+    print("  " + ", ".join(f"{k} {v / 1e6:.2f}M" for k, v in counts.items()))
+    print(f"  model_digest sha256:{digest}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,57 @@
+"""Load and save DTC checkpoints: the one place weights enter the process.
+
+    pipe = load_pipeline("s3://models/dtc/v3", device="cuda")   # bf16 on GPU, fp32 on CPU
+
+A local folder is used in place; an `s3://` prefix is synced once per node into the cache
+(`checkpoint.local_checkpoint`). Everything goes through `DTCPipeline.from_pretrained`.
+"""
+
+from __future__ import annotations
+
+import json
+
+import torch
+
+from pipeline.model.checkpoint import CheckpointError, check_checkpoint, local_checkpoint, write_digest
+from pipeline.model.pipeline_dtc import DTCPipeline
+
+__all__ = ["load_pipeline", "save_pipeline", "default_dtype"]
+
+COMPONENTS = ("vae", "unet", "hint_encoder", "hint_adapter", "image_encoder", "image_projection", "scheduler")
+
+
+def default_dtype(device: str | torch.device) -> torch.dtype:
+    """bf16 on GPUs (the paper's speed, no fp16 VAE overflow), fp32 on CPUs (bf16 is slow there)."""
+    return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+
+
+def load_pipeline(
+    uri: str,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype | None = None,
+    scheduler: str | None = None,
+    cache_dir: str | None = None,
+) -> DTCPipeline:
+    """A ready-to-run DTCPipeline from a local folder or an `s3://` prefix."""
+    folder = local_checkpoint(uri, cache_dir)
+    index = check_checkpoint(folder, required=COMPONENTS)
+    if index.get("_class_name") != "DTCPipeline":
+        raise CheckpointError(
+            f"{uri} holds a {index.get('_class_name')!r}, not a DTCPipeline; "
+            "build one with `python -m jobs.make_model --from-parts ...`"
+        )
+    try:
+        pipe = DTCPipeline.from_pretrained(folder, dtype=dtype or default_dtype(device))
+    except (OSError, ValueError, KeyError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"cannot load the checkpoint at {uri}: {e}") from e
+    pipe.to(device)
+    if scheduler is not None:
+        pipe.use_scheduler(scheduler)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def save_pipeline(pipe: DTCPipeline, out_dir: str) -> str:
+    """save_pretrained (safetensors) plus the digest file; returns the model digest."""
+    pipe.save_pretrained(out_dir, safe_serialization=True)
+    return write_digest(out_dir)
