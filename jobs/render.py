@@ -1,0 +1,118 @@
+"""Render a catalog manifest with DTC on Ray.
+
+    python -m jobs.render --manifest s3://catalog/manifests/dt=2026-11-26/ \
+        --output s3://renders/try-all --model s3://models/dtc/v3 [--config render.yaml] [options]
+
+    ray job submit --working-dir . -- python -m jobs.render --manifest ... --output ... --model ...
+
+`--config FILE` is YAML with the flags' names as keys (`-` or `_`); flags given on the
+command line win. Exit codes: 0 done (every row accounted for), 3 done but too many rows
+failed, 2 refused before any work (bad usage/config/manifest/model, output locked), 1 other.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from pipeline.config import ConfigError, RenderConfig
+
+EXIT_USAGE = 2
+
+
+def _actors(text: str) -> tuple[int, int]:
+    parts = [int(p) for p in text.split(",")]
+    if len(parts) == 1:
+        return parts[0], parts[0]
+    if len(parts) != 2:
+        raise argparse.ArgumentTypeError(f"--actors takes MIN,MAX or N, got {text!r}")
+    return parts[0], parts[1]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m jobs.render", description=__doc__.split("\n")[0], argument_default=argparse.SUPPRESS,
+        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n", 2)[2],
+    )
+    add = parser.add_argument
+    add("--config", help="YAML file with any of these options; flags win")
+    add("--manifest", help="manifest file, folder or glob (Parquet, CSV, JSONL); local or s3://")
+    add("--output", help="output folder or s3://bucket/prefix")
+    add("--model", help="DTC checkpoint folder or s3:// prefix")
+    add("--steps", type=int, help="denoising steps (default 40)")
+    add("--guidance-scale", type=float, help="classifier-free guidance scale (default 5)")
+    add("--scheduler", choices=("ddim", "dpmpp"), help="sampler (default ddim)")
+    add("--batch-size", type=int, help="pairs per model call (default 8)")
+    add("--actors", type=_actors, help="model actor pool MIN,MAX (default 1,1)")
+    add("--gpus-per-actor", type=float, help="GPUs per model actor (default: 1 if the cluster has GPUs, else 0)")
+    add("--cpus-per-actor", type=float, help="CPUs reserved per model actor (default 1)")
+    add("--torch-threads", type=int, help="torch threads in a CPU model actor")
+    add("--image-format", choices=("jpeg", "png", "webp"), help="output image format (default jpeg)")
+    add("--jpeg-quality", type=int, help="JPEG/WebP quality (default 92)")
+    add("--limit", type=int, help="render at most N manifest rows")
+    add("--force", action="store_true", help="re-render pairs that are already done")
+    add("--retry-failed", action="store_true", help="re-try pairs whose latest row failed")
+    add("--run-id", help="run id (default: UTC time + random suffix)")
+    add("--max-failed-fraction", type=float, help="exit 3 above this failed fraction (default 0.05)")
+    add("--no-metrics", action="store_true", help="skip FID/KID/CLIP")
+    add("--inception-weights", help="pt_inception-2015-12-05 weights file (path or s3://)")
+    add("--clip-model", help="CLIP ViT-B/32 folder (path or s3://)")
+    add("--fid-reference", help="reference statistics for FID (path or s3://)")
+    add("--allow-root", action="append", help="extra local folder inputs may come from (repeatable)")
+    add("--allow-http", action="store_true", help="allow http(s):// inputs")
+    add("--max-pixels", type=int, help="refuse images above this many pixels (default 50M)")
+    add("--address", help="Ray address (default RAY_ADDRESS or a local cluster)")
+    return parser
+
+
+def load_config(argv: list[str] | None = None) -> RenderConfig:
+    """Defaults < YAML file < flags. Raises ConfigError for a bad file or key."""
+    flags = vars(build_parser().parse_args(argv))
+    values: dict = {}
+    if "config" in flags:
+        import yaml
+
+        path = flags.pop("config")
+        try:
+            with open(path) as f:
+                loaded = yaml.safe_load(f) or {}
+        except (OSError, yaml.YAMLError) as e:
+            raise ConfigError(f"--config {path}: {e}") from e
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"--config {path} must be a mapping of option: value")
+        values.update({str(k).replace("-", "_"): v for k, v in loaded.items()})
+    values.update(flags)
+    unknown = sorted(set(values) - RenderConfig.keys())
+    if unknown:
+        raise ConfigError(f"unknown option(s) {unknown} (see --help)")
+    if "actors" in values and not isinstance(values["actors"], tuple):
+        values["actors"] = _actors(str(values["actors"]).strip("[]() ").replace(" ", ""))
+    if isinstance(values.get("allow_root"), str):
+        values["allow_root"] = [values["allow_root"]]
+    try:
+        return RenderConfig(**values)
+    except TypeError as e:
+        raise ConfigError(str(e)) from e
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        cfg = load_config(argv)
+        cfg.validate()
+    except ConfigError as e:
+        print(f"render: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    from pipeline.run import run_render
+
+    result = run_render(cfg)
+    if result.exit_code == EXIT_USAGE:
+        print(f"render: {result.message}", file=sys.stderr)
+    elif result.exit_code == 1:
+        print(f"render: failed: {result.message}", file=sys.stderr)
+    return result.exit_code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

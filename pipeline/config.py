@@ -1,0 +1,132 @@
+"""Typed settings of a render run. Driver-side: no torch.
+
+`RenderConfig` is what `jobs.render` builds from flags and `--config FILE` (YAML, same keys as
+the flags with `_` for `-`; flags win). `validate()` raises `ConfigError` with one message
+naming the bad value: the job turns it into exit code 2 before any work starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import re
+from dataclasses import dataclass, field
+
+__all__ = ["ConfigError", "RenderConfig", "SAFE_NAME_RE", "IMAGE_FORMATS"]
+
+SAFE_NAME_RE = re.compile(r"^(?!\.)[A-Za-z0-9._=-]{1,200}$")  # pair_id, run_id and shard charset
+IMAGE_FORMATS = ("jpeg", "png", "webp")
+SCHEDULERS = ("ddim", "dpmpp")
+
+
+class ConfigError(ValueError):
+    """A bad setting: the message names it and the value received."""
+
+
+@dataclass
+class RenderConfig:
+    # -- where --------------------------------------------------------------------------------
+    manifest: str = ""  # Parquet/CSV/JSONL file, folder (hive partitions welcome) or glob; local or s3://
+    output: str = ""  # local folder or s3://bucket/prefix; everything the run writes stays under it
+    model: str = ""  # DTC checkpoint folder or s3:// prefix (jobs.make_model writes one)
+    # -- what: the settings digest covers these, so changing one re-renders every pair ------------
+    steps: int = 40  # DDIM steps (paper: 40)
+    guidance_scale: float = 5.0  # classifier-free guidance (paper: 5); <= 1 disables CFG
+    scheduler: str = "ddim"  # "ddim" (paper) or "dpmpp" (DPM-Solver++, good at ~20 steps)
+    image_format: str = "jpeg"  # jpeg | png | webp. PNG is lossless but ~240 ms per 1024^2 image to encode
+    jpeg_quality: int = 92  # also WebP quality
+    crop_margin: float = 0.25  # the square window = region bbox grown by this fraction per side
+    feather_px: int = 4  # paste-back ramp, inside the region only: outside pixels stay exact
+    # -- how: resources and batching (no effect on pixels for a fixed batch composition) ----------
+    batch_size: int = 8  # pairs per model call (one UNet call of 2B with CFG)
+    actors: tuple[int, int] = (1, 1)  # GPU-stage actor pool (min, max); autoscales in between
+    gpus_per_actor: float | None = None  # None: 1 when the cluster has GPUs, else 0 (CPU render)
+    cpus_per_actor: float = 1.0  # a fraction keeps small machines from starving the read stages
+    torch_threads: int | None = None  # torch threads inside a CPU actor (Ray sets 1 for fractional CPUs)
+    cpu_stage_cpus: float = 0.5  # per fetch/decode/postprocess task; fractional so stages overlap
+    # -- which rows --------------------------------------------------------------------------------
+    limit: int | None = None  # render at most this many manifest rows (in manifest order)
+    force: bool = False  # re-render pairs that are already done
+    retry_failed: bool = False  # re-try pairs whose latest row is failed (they are skipped otherwise)
+    run_id: str | None = None  # default: UTC time + random suffix
+    max_failed_fraction: float = 0.05  # above it the run exits 3: a nightly must not show green
+    # -- inputs allowed ---------------------------------------------------------------------------
+    allow_root: list[str] = field(default_factory=list)  # extra local folders inputs may come from
+    allow_http: bool = False  # fetch http(s):// inputs (off: internal metadata endpoints are a risk)
+    max_pixels: int = 50_000_000  # images above this fail with too_large before being decoded
+    # -- metrics (METRICS.md) -----------------------------------------------------------------------
+    no_metrics: bool = False
+    inception_weights: str | None = None
+    clip_model: str | None = None
+    fid_reference: str | None = None
+    # -- cluster and bookkeeping ---------------------------------------------------------------------
+    address: str | None = None  # Ray address; default RAY_ADDRESS or a local cluster
+    lock_stale_s: float = 300.0  # a _lock whose heartbeat is older than this is taken over
+    manifest_part_rows: int = 1000  # output-manifest rows per part file (flushed at least every 30 s)
+
+    def validate(self) -> "RenderConfig":
+        for name in ("manifest", "output", "model"):
+            if not getattr(self, name):
+                raise ConfigError(f"--{name} is required")
+        if self.steps < 1 or self.steps > 1000:
+            raise ConfigError(f"--steps must be in 1..1000, got {self.steps}")
+        if not 0 <= self.guidance_scale <= 50:
+            raise ConfigError(f"--guidance-scale must be in 0..50, got {self.guidance_scale}")
+        if self.scheduler not in SCHEDULERS:
+            raise ConfigError(f"--scheduler must be one of {SCHEDULERS}, got {self.scheduler!r}")
+        if self.image_format not in IMAGE_FORMATS:
+            raise ConfigError(f"--image-format must be one of {IMAGE_FORMATS}, got {self.image_format!r}")
+        if not 1 <= self.jpeg_quality <= 100:
+            raise ConfigError(f"--jpeg-quality must be in 1..100, got {self.jpeg_quality}")
+        if self.batch_size < 1:
+            raise ConfigError(f"--batch-size must be >= 1, got {self.batch_size}")
+        lo, hi = self.actors
+        if not 1 <= lo <= hi:
+            raise ConfigError(f"--actors must be MIN,MAX with 1 <= MIN <= MAX, got {lo},{hi}")
+        if self.gpus_per_actor is not None and self.gpus_per_actor < 0:
+            raise ConfigError(f"--gpus-per-actor must be >= 0, got {self.gpus_per_actor}")
+        if self.cpus_per_actor <= 0 or self.cpu_stage_cpus <= 0:
+            raise ConfigError("--cpus-per-actor and cpu_stage_cpus must be > 0")
+        if self.limit is not None and self.limit < 0:
+            raise ConfigError(f"--limit must be >= 0, got {self.limit}")
+        if not 0 <= self.max_failed_fraction <= 1:
+            raise ConfigError(f"--max-failed-fraction must be in 0..1, got {self.max_failed_fraction}")
+        if self.run_id is not None and not SAFE_NAME_RE.match(self.run_id):
+            raise ConfigError(f"--run-id must be 1-200 chars of [A-Za-z0-9._=-] not starting with '.', got {self.run_id!r}")
+        if not 0 <= self.crop_margin <= 4:
+            raise ConfigError(f"crop_margin must be in 0..4, got {self.crop_margin}")
+        if not 0 <= self.feather_px <= 64:
+            raise ConfigError(f"feather_px must be in 0..64, got {self.feather_px}")
+        if self.max_pixels < 1:
+            raise ConfigError(f"max_pixels must be >= 1, got {self.max_pixels}")
+        if self.output.startswith(("http://", "https://")):
+            raise ConfigError(f"--output must be a local folder or s3://bucket/prefix, got {self.output!r}")
+        return self
+
+    def settings(self, resolution: int) -> dict:
+        """What decides the pixels of a render (besides the model and the pair)."""
+        return {
+            "steps": self.steps,
+            "guidance_scale": self.guidance_scale,
+            "scheduler": self.scheduler,
+            "resolution": resolution,
+            "image_format": self.image_format,
+            "jpeg_quality": self.jpeg_quality if self.image_format != "png" else None,
+            "crop_margin": self.crop_margin,
+            "feather_px": self.feather_px,
+        }
+
+    def settings_digest(self, resolution: int) -> str:
+        blob = json.dumps(self.settings(resolution), sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+    def to_record(self) -> dict:
+        """JSON-safe copy for runs/<run_id>.json (holds no credentials: none are settings)."""
+        record = dataclasses.asdict(self)
+        record["actors"] = list(self.actors)
+        return record
+
+    @classmethod
+    def keys(cls) -> set[str]:
+        return {f.name for f in dataclasses.fields(cls)}

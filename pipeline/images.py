@@ -1,0 +1,420 @@
+"""Per-row image work in numpy + PIL (no torch): decode, region, crop window, pre/postprocess, encode.
+
+    context = decode_image(context_bytes)                         # H x W x 3 uint8, EXIF applied
+    product = decode_image(product_bytes, keep_alpha=True)        # h x w x 4 uint8
+    hole = region_from_bbox(bbox, W, H)  or  decode_mask(mask_bytes) + check_region(hole, W, H)
+    model_inputs = preprocess(context, hole, product, resolution=512)
+    final = postprocess(context, rendered, hole, model_inputs["crop_box"])
+    data = encode_image(final, "jpeg")
+
+Arrays in, arrays out (never PIL objects: they would defeat Ray's memory accounting). A bad
+input raises `RowError(code, message)`, which the stage turns into a failed row; a wrong
+argument (a programming error) raises ValueError.
+
+Row error codes raised here: `image_unreadable`, `too_large`, `bad_bbox`, `region_too_small`,
+`region_empty`, `mask_size_mismatch`, `product_transparent`.
+"""
+
+from __future__ import annotations
+
+import functools
+import io
+import math
+import warnings
+
+import numpy as np
+from PIL import Image, ImageFilter, ImageOps
+
+__all__ = [
+    "EXTENSIONS",
+    "MIN_REGION_PX",
+    "RowError",
+    "decode_image",
+    "decode_mask",
+    "region_from_bbox",
+    "check_region",
+    "crop_window",
+    "crop",
+    "preprocess",
+    "postprocess",
+    "encode_image",
+]
+
+EXTENSIONS = {"jpeg": "jpg", "png": "png", "webp": "webp"}
+# A region narrower than this (in photo pixels) cannot hold a recognisable product.
+MIN_REGION_PX = 8
+# Formats we open. Pillow knows many more, some of them risky on untrusted bytes (EPS runs
+# Ghostscript). AVIF only where Pillow was built with it; MPO (multi-picture JPEGs from phone
+# cameras) is read by the JPEG plugin in recent Pillow versions.
+ALLOWED_FORMATS = ("JPEG", "MPO", "PNG", "WEBP", "GIF", "BMP", "TIFF", "AVIF")
+NEUTRAL_GREY = 128
+_ORIENTATION_TAG = 0x0112
+# Pillow reads 16-bit grayscale PNG/TIFF as I;16* (older versions: I); convert("L") clips them.
+_SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+
+
+class RowError(Exception):
+    """A row-level problem: becomes `status=failed`, `error_code`, `error_message`, never a crash."""
+
+    def __init__(self, code: str, message: str):
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.message = message
+
+
+# -- decoding ------------------------------------------------------------------------------
+
+
+def decode_image(data: bytes, *, max_pixels: int = 50_000_000, keep_alpha: bool = False) -> np.ndarray:
+    """Encoded bytes -> H x W x 3 uint8 RGB (H x W x 4 RGBA with `keep_alpha`), as displayed.
+
+    The pixel count is checked from the header before any pixel is decoded (`too_large`).
+    EXIF orientation is applied. Grayscale, palette (with transparency), CMYK, 16-bit (scaled
+    to 8 bits, not clipped), LA and RGBA inputs are handled; without alpha in the file, alpha
+    is 255. Truncated or non-image bytes raise `image_unreadable`.
+    """
+    image = _open(data, max_pixels)
+    try:
+        if image.mode in _SIXTEEN_BIT_MODES:
+            gray = _sixteen_to_eight(np.asarray(image))
+            channels = [gray] * 3 + ([np.full_like(gray, 255)] if keep_alpha else [])
+            return np.ascontiguousarray(np.stack(channels, axis=-1))
+        if image.mode == "F":  # no agreed range (0..1? 0..255?) to map to 8 bits
+            raise RowError("image_unreadable", "32-bit float images are not supported")
+        # convert("RGBA") also turns a palette/L/RGB `transparency` key into a real alpha
+        # channel, and Pillow undoes the Adobe inversion of CMYK JPEGs when reading them.
+        try:
+            return np.array(image.convert("RGBA" if keep_alpha else "RGB"), dtype=np.uint8)
+        except ValueError as e:
+            raise RowError("image_unreadable", f"cannot convert a {image.mode} image to RGB ({e})") from e
+    finally:
+        image.close()
+
+
+def decode_mask(data: bytes, *, max_pixels: int = 50_000_000) -> np.ndarray:
+    """Mask bytes -> H x W bool, True (white, >= 128) = the region to repaint.
+
+    Any mode is read as luminance after EXIF orientation; 16-bit masks are scaled first. A mask
+    with an alpha channel counts transparent pixels as not painted (luminance times alpha).
+    """
+    image = _open(data, max_pixels)
+    try:
+        if image.mode in _SIXTEEN_BIT_MODES:
+            return _sixteen_to_eight(np.asarray(image)) >= 128
+        if image.has_transparency_data:
+            luminance_alpha = np.asarray(image.convert("RGBA").convert("LA"), dtype=np.uint16)
+            return (luminance_alpha[..., 0] * luminance_alpha[..., 1] + 127) // 255 >= 128
+        return np.asarray(image.convert("L")) >= 128
+    finally:
+        image.close()
+
+
+def _open(data: bytes, max_pixels: int) -> Image.Image:
+    """Open, check the size from the header, load every pixel, apply EXIF orientation."""
+    if not data:
+        raise RowError("image_unreadable", "the file is empty (0 bytes)")
+    try:
+        with warnings.catch_warnings():
+            # We check the size ourselves, against our own limit, right below.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data), formats=_open_formats())
+    except Image.DecompressionBombError as e:  # over twice Pillow's own limit (~179 MP)
+        raise RowError("too_large", f"image is over the pixel limit ({e})") from e
+    except (OSError, ValueError, SyntaxError) as e:  # UnidentifiedImageError is an OSError
+        raise RowError("image_unreadable", f"not a readable {'/'.join(_open_formats())} image ({e})") from e
+    width, height = image.size
+    if width * height > max_pixels:
+        image.close()
+        raise RowError("too_large", f"image is {width}x{height} = {width * height} pixels, over the limit of {max_pixels}")
+    if width == 0 or height == 0:
+        image.close()
+        raise RowError("image_unreadable", f"image has no pixels ({width}x{height})")
+    try:
+        # load() raises on truncated data as long as ImageFile.LOAD_TRUNCATED_IMAGES stays
+        # False (Pillow's default, which we never change): a half-downloaded JPEG must fail
+        # rather than render on top of grey.
+        image.load()
+        if image.getexif().get(_ORIENTATION_TAG, 1) != 1:  # skip the copy in the common case
+            transposed = ImageOps.exif_transpose(image)
+            image.close()
+            image = transposed
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+        image.close()
+        raise RowError("image_unreadable", f"image data is broken or truncated ({e})") from e
+    return image
+
+
+@functools.cache
+def _open_formats() -> tuple[str, ...]:
+    Image.init()  # registers every plugin, so the list below is the one this Pillow has
+    return tuple(f for f in ALLOWED_FORMATS if f in Image.OPEN)
+
+
+def _sixteen_to_eight(values: np.ndarray) -> np.ndarray:
+    """0..65535 -> 0..255 rounded (v * 255 / 65535). Pillow's convert("L") would clip instead."""
+    values = np.clip(values.astype(np.int64), 0, 65535)
+    return ((values * 255 + 32767) // 65535).astype(np.uint8)
+
+
+# -- region --------------------------------------------------------------------------------
+
+
+def region_from_bbox(bbox, width: int, height: int) -> np.ndarray:
+    """[x0, y0, x1, y1] in displayed pixels -> H x W bool region.
+
+    Every pixel the box touches is in (floor of the start, ceil of the end), so the product
+    always fits. A box partly outside the photo is clipped; one entirely outside, NaN,
+    negative or inverted is `bad_bbox`; a clipped box under 8 px a side is `region_too_small`.
+    """
+    try:
+        x0, y0, x1, y1 = (float(v) for v in bbox)
+    except (TypeError, ValueError) as e:
+        raise RowError("bad_bbox", f"bbox {bbox!r} must be 4 numbers [x0, y0, x1, y1]") from e
+    if not all(math.isfinite(v) for v in (x0, y0, x1, y1)):
+        raise RowError("bad_bbox", f"bbox {[x0, y0, x1, y1]} has a value that is not finite")
+    if min(x0, y0, x1, y1) < 0:
+        raise RowError("bad_bbox", f"bbox {[x0, y0, x1, y1]} has a negative coordinate")
+    if x1 <= x0 or y1 <= y0:
+        raise RowError("bad_bbox", f"bbox {[x0, y0, x1, y1]} is empty or inverted: need x0 < x1 and y0 < y1")
+    if x0 >= width or y0 >= height:
+        raise RowError("bad_bbox", f"bbox {[x0, y0, x1, y1]} lies outside the {width}x{height} photo")
+    left, top = math.floor(x0), math.floor(y0)
+    right, bottom = min(math.ceil(x1), width), min(math.ceil(y1), height)
+    if right - left < MIN_REGION_PX or bottom - top < MIN_REGION_PX:
+        raise RowError(
+            "region_too_small",
+            f"bbox {[x0, y0, x1, y1]} covers {right - left}x{bottom - top} pixels of the photo; at least {MIN_REGION_PX}x{MIN_REGION_PX} needed",
+        )
+    hole = np.zeros((height, width), dtype=bool)
+    hole[top:bottom, left:right] = True
+    return hole
+
+
+def check_region(hole: np.ndarray, width: int, height: int) -> tuple[int, int, int, int]:
+    """Check a decoded mask against the context photo; returns its bounding box (x0, y0, x1, y1),
+    ends exclusive. `mask_size_mismatch`, `region_empty`, `region_too_small` otherwise."""
+    if hole.shape != (height, width):
+        raise RowError(
+            "mask_size_mismatch",
+            f"mask is {hole.shape[1]}x{hole.shape[0]} but the photo is {width}x{height} (both as displayed, after EXIF orientation)",
+        )
+    box = _bounding_box(hole)
+    if box is None:
+        raise RowError("region_empty", "mask has no white (>= 128) pixel: nothing to repaint")
+    x0, y0, x1, y1 = box
+    if x1 - x0 < MIN_REGION_PX or y1 - y0 < MIN_REGION_PX:
+        raise RowError(
+            "region_too_small", f"mask region spans {x1 - x0}x{y1 - y0} pixels; at least {MIN_REGION_PX}x{MIN_REGION_PX} needed"
+        )
+    return box
+
+
+def _bounding_box(hole: np.ndarray) -> tuple[int, int, int, int] | None:
+    rows = np.flatnonzero(hole.any(axis=1))
+    if rows.size == 0:
+        return None
+    cols = np.flatnonzero(hole.any(axis=0))
+    return int(cols[0]), int(rows[0]), int(cols[-1]) + 1, int(rows[-1]) + 1
+
+
+# -- crop window -----------------------------------------------------------------------------
+
+
+def crop_window(hole: np.ndarray, width: int, height: int, margin: float = 0.25) -> tuple[int, int, int, int]:
+    """The square window (x0, y0, x1, y1), ends exclusive, that the model renders.
+
+    Side = the region's longer side * (1 + 2 * margin), capped at the photo's short side but
+    never below the region's longer side; centred on the region and shifted to lie inside the
+    photo. The window therefore always contains the whole region.
+
+    A region longer than the photo's short side (a wide shelf in a panorama) cannot fit any
+    square inside the photo. Rather than leave part of the region untouched, the window is then
+    exactly the region's longer side and reaches past the photo along the short axis (the photo
+    centred in it): `crop` pads that overhang by repeating edge pixels for the model, and
+    `postprocess` only writes back pixels inside the photo. Only then can the box have
+    coordinates below 0 or beyond the photo.
+    """
+    box = _bounding_box(hole)
+    if box is None:
+        raise RowError("region_empty", "region has no pixel: nothing to repaint")
+    rx0, ry0, rx1, ry1 = box
+    longest = max(rx1 - rx0, ry1 - ry0)
+    side = max(longest, min(math.ceil(longest * (1 + 2 * margin)), width, height))
+
+    def place(start: int, end: int, size: int) -> int:
+        if side > size:  # only on the short axis of an oversized region: centre the photo
+            return (size - side) // 2
+        # floor keeps the region inside even when side - (end - start) is odd.
+        return min(max(math.floor((start + end) / 2 - side / 2), 0), size - side)
+
+    x0, y0 = place(rx0, rx1, width), place(ry0, ry1, height)
+    return x0, y0, x0 + side, y0 + side
+
+
+def crop(image: np.ndarray, box: tuple[int, int, int, int]) -> np.ndarray:
+    """`image[y0:y1, x0:x1]`, where a box reaching past the photo is padded with edge pixels."""
+    x0, y0, x1, y1 = box
+    height, width = image.shape[:2]
+    inner = image[max(y0, 0) : min(y1, height), max(x0, 0) : min(x1, width)]
+    pad = [(max(-y0, 0), max(y1 - height, 0)), (max(-x0, 0), max(x1 - width, 0))] + [(0, 0)] * (image.ndim - 2)
+    if not any(p for pair in pad for p in pair):
+        return inner
+    return np.pad(inner, pad, mode="edge")
+
+
+# -- pre/postprocessing --------------------------------------------------------------------------
+
+
+def preprocess(
+    context: np.ndarray,
+    hole: np.ndarray,
+    product_rgba: np.ndarray,
+    resolution: int,
+    product_size: int = 224,
+    margin: float = 0.25,
+) -> dict:
+    """Full photo + region + product -> the model's inputs for one pair.
+
+    Returns `context` (R x R x 3 uint8, the window resized with LANCZOS), `hole` (R x R bool),
+    `product` (S x S x 3 uint8: composited on neutral grey with its alpha, padded to a square
+    with grey, resized), `product_alpha` (S x S bool, alpha >= 128 after the same pad/resize)
+    and `crop_box` (the window in photo pixels, 4 ints; `margin` as in `crop_window`).
+
+    The hole is resized by coverage (a model pixel is hole when any of its area is), not by
+    nearest neighbour, which can drop a thin region entirely when the window shrinks ~10x; a
+    slightly larger hole at model scale is harmless because `postprocess` only keeps pixels
+    inside the original region.
+    """
+    height, width = context.shape[:2]
+    if hole.shape != (height, width):
+        raise ValueError(f"hole is {hole.shape} but context is {context.shape[:2]}")
+    if product_rgba.ndim != 3 or product_rgba.shape[2] != 4:
+        raise ValueError(f"product must be h x w x 4 (RGBA), got shape {product_rgba.shape}")
+    crop_box = crop_window(hole, width, height, margin)
+
+    # 1. context window
+    window = Image.fromarray(crop(context, crop_box))
+    context_in = np.asarray(window.resize((resolution, resolution), Image.Resampling.LANCZOS, reducing_gap=3.0))
+
+    # 2. hole, by coverage (BOX averages areas exactly)
+    hole_window = Image.fromarray(crop(hole, crop_box).astype(np.uint8) * 255)
+    hole_in = np.asarray(hole_window.resize((resolution, resolution), Image.Resampling.BOX)) > 0
+
+    # 3. product: alpha cuts it out; composite on grey before resizing, so no colour fringes
+    alpha = product_rgba[..., 3]
+    if not (alpha >= 128).any():
+        raise RowError("product_transparent", "product image is fully transparent (no pixel with alpha >= 128)")
+    a = alpha[..., None].astype(np.uint16)
+    rgb = (product_rgba[..., :3].astype(np.uint16) * a + NEUTRAL_GREY * (255 - a) + 127) // 255
+    product_in, alpha_in = _square_resize(rgb.astype(np.uint8), alpha, product_size)
+    return {
+        "context": np.ascontiguousarray(context_in),
+        "hole": np.ascontiguousarray(hole_in),
+        "product": product_in,
+        "product_alpha": alpha_in >= 128,
+        "crop_box": tuple(int(v) for v in crop_box),
+    }
+
+
+def _square_resize(rgb: np.ndarray, alpha: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Pad to a centred square (grey, alpha 0), then resize both to size x size."""
+    height, width = alpha.shape
+    side = max(height, width)
+    top, left = (side - height) // 2, (side - width) // 2
+    square_rgb = np.full((side, side, 3), NEUTRAL_GREY, dtype=np.uint8)
+    square_rgb[top : top + height, left : left + width] = rgb
+    square_alpha = np.zeros((side, side), dtype=np.uint8)
+    square_alpha[top : top + height, left : left + width] = alpha
+    resample = Image.Resampling.LANCZOS
+    out_rgb = np.asarray(Image.fromarray(square_rgb).resize((size, size), resample, reducing_gap=3.0))
+    out_alpha = np.asarray(Image.fromarray(square_alpha).resize((size, size), resample, reducing_gap=3.0))
+    return np.ascontiguousarray(out_rgb), np.ascontiguousarray(out_alpha)
+
+
+def postprocess(
+    context: np.ndarray,
+    rendered: np.ndarray,
+    hole: np.ndarray,
+    crop_box: tuple[int, int, int, int],
+    feather_px: int = 4,
+) -> np.ndarray:
+    """Put the rendered window back into the full photo; H x W x 3 uint8.
+
+    The window is resized to its size in the photo and blended with an alpha that is 0 outside
+    the region and ramps up inside it: 1/feather_px on the region's edge, 1 from feather_px
+    pixels in (iterated 3x3 erosions). Pixels outside the region are copied from `context`
+    bit for bit. The photo's own border does not count as an edge: a region touching it is
+    fully rendered there (there is no original pixel beyond to blend with).
+    """
+    height, width = context.shape[:2]
+    x0, y0, x1, y1 = (int(v) for v in crop_box)
+    side = x1 - x0
+    if y1 - y0 != side or side <= 0:
+        raise ValueError(f"crop_box must be a non-empty square, got {crop_box}")
+    if rendered.ndim != 3 or rendered.shape[0] != rendered.shape[1] or rendered.shape[2] != 3:
+        raise ValueError(f"rendered must be R x R x 3, got shape {rendered.shape}")
+    if hole.shape != (height, width):
+        raise ValueError(f"hole is {hole.shape} but context is {context.shape[:2]}")
+
+    resized = rendered
+    if rendered.shape[0] != side:
+        resized = np.asarray(Image.fromarray(rendered).resize((side, side), Image.Resampling.LANCZOS))
+
+    result = context.copy()
+    box = _bounding_box(hole)
+    if box is None:
+        return result
+    if box[0] < x0 or box[1] < y0 or box[2] > x1 or box[3] > y1:
+        raise ValueError(f"crop_box {crop_box} does not contain the region {box}: use crop_window")
+    # The alpha is computed on the region's bounding box grown by the feather, within the photo,
+    # so the erosion sees the real pixels around the region; it is non-zero only on the region,
+    # which lies inside the window, so blending within the window covers every changed pixel.
+    pad = feather_px + 1
+    left, top = max(box[0] - pad, 0), max(box[1] - pad, 0)
+    right, bottom = min(box[2] + pad, width), min(box[3] + pad, height)
+    alpha = _feathered_alpha(hole[top:bottom, left:right], feather_px)
+    bl, bt, br, bb = max(left, x0), max(top, y0), min(right, x1), min(bottom, y1)
+    alpha = alpha[bt - top : bb - top, bl - left : br - left]
+    region = hole[bt:bb, bl:br]
+
+    original = context[bt:bb, bl:br]
+    new = resized[bt - y0 : bb - y0, bl - x0 : br - x0].astype(np.float32)
+    blended = original + alpha[..., None] * (new - original)
+    blended = np.rint(blended).clip(0, 255).astype(np.uint8)
+    # np.where rather than trusting float math: outside the region the original stays bit-exact.
+    result[bt:bb, bl:br] = np.where(region[..., None], blended, original)
+    return result
+
+
+def _feathered_alpha(region: np.ndarray, feather_px: int) -> np.ndarray:
+    """Mean of the region and its first feather_px-1 erosions: 0 outside, ramping to 1 inside."""
+    if feather_px <= 1:
+        return region.astype(np.float32)
+    mask = Image.fromarray(region.astype(np.uint8) * 255)
+    total = region.astype(np.float32)
+    for _ in range(feather_px - 1):
+        # MinFilter replicates edge pixels, so the crop's edge (= the photo's border, or pixels
+        # known to be outside the region) never erodes by itself.
+        mask = mask.filter(ImageFilter.MinFilter(3))
+        total += np.asarray(mask, dtype=np.float32) / 255.0
+    return total / feather_px
+
+
+# -- encoding ------------------------------------------------------------------------------
+
+
+def encode_image(array: np.ndarray, fmt: str, quality: int = 90) -> bytes:
+    """H x W x 3 uint8 -> JPEG, PNG (lossless, compress_level 1 for speed) or WebP bytes."""
+    if fmt not in EXTENSIONS:
+        raise ValueError(f"image format must be one of {sorted(EXTENSIONS)}, got {fmt!r}")
+    if array.dtype != np.uint8 or array.ndim != 3 or array.shape[2] != 3:
+        raise ValueError(f"image must be H x W x 3 uint8, got {array.dtype} {array.shape}")
+    buffer = io.BytesIO()
+    image = Image.fromarray(array)
+    if fmt == "jpeg":
+        image.save(buffer, format="JPEG", quality=quality)
+    elif fmt == "png":
+        image.save(buffer, format="PNG", compress_level=1)
+    else:
+        image.save(buffer, format="WEBP", quality=quality)
+    return buffer.getvalue()

@@ -1,0 +1,138 @@
+"""The GPU stage: batches of preprocessed pairs in, rendered crops out.
+
+`DTCRenderer` is a callable class for `map_batches` in an actor pool: the model loads once
+per actor in `__init__`, and `__call__` renders every renderable row of a batch in one
+pipeline call (one UNet call of 2B per step with CFG). It runs on a hand-built batch without
+Ray, which is how the tests use it too.
+
+Input columns (from `pipeline.prepare`): raw uint8 bytes `model_context` (R*R*3),
+`model_hole` (R*R), `model_product` (S*S*3), `model_product_alpha` (S*S), plus `seed`,
+`error_code` and `action` ("render" rows without an error are rendered; the rest pass
+through untouched). Output: the same batch without the `model_*` inputs, plus `rendered`
+(R*R*3 raw uint8 bytes, empty for rows not rendered) and `render_ms`; a pair that does not
+fit in GPU memory even alone gets `error_code="oom"`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+
+import numpy as np
+import pyarrow as pa
+
+from pipeline.blocks import PAYLOAD_TYPE, set_columns
+
+__all__ = ["DTCRenderer", "REQUIRED_COLUMNS"]
+
+log = logging.getLogger(__name__)
+
+REQUIRED_COLUMNS = ("model_context", "model_hole", "model_product", "model_product_alpha", "seed", "error_code", "error_message", "action")
+MODEL_INPUTS = ("model_context", "model_hole", "model_product", "model_product_alpha")
+
+
+class DTCRenderer:
+    def __init__(
+        self,
+        model_uri: str,
+        steps: int = 40,
+        guidance_scale: float = 5.0,
+        scheduler: str = "ddim",
+        device: str | None = None,
+        torch_threads: int | None = None,
+    ):
+        import torch
+
+        from pipeline.model.loading import load_pipeline
+
+        # 1. device and threads: Ray gives a fractional-CPU actor OMP_NUM_THREADS=1
+        self.torch = torch
+        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        if torch_threads:
+            torch.set_num_threads(torch_threads)
+        # 2. the model, once per actor
+        self.pipe = load_pipeline(model_uri, device=self.device, scheduler=scheduler)
+        self.steps, self.guidance_scale = steps, guidance_scale
+        self.resolution = self.pipe.config.resolution
+        self.model_calls = 0  # for tests and logs: how many pipeline calls this actor made
+        log.info("DTC renderer ready on %s (pid %d, %d torch threads)", self.device, os.getpid(), torch.get_num_threads())
+
+    def render(self, context: np.ndarray, hole: np.ndarray, product: np.ndarray, alpha: np.ndarray, seeds: np.ndarray) -> np.ndarray:
+        """One pipeline call on a batch of model-size uint8 inputs -> uint8 (B, R, R, 3)."""
+        torch = self.torch
+        generators = [torch.Generator().manual_seed(int(s)) for s in seeds]
+        self.model_calls += 1
+        return self.pipe(
+            image=torch.from_numpy(np.ascontiguousarray(context)),
+            mask_image=torch.from_numpy(np.ascontiguousarray(hole)).bool(),
+            product_image=torch.from_numpy(np.ascontiguousarray(product)),
+            product_alpha=torch.from_numpy(np.ascontiguousarray(alpha)).bool(),
+            num_inference_steps=self.steps,
+            guidance_scale=self.guidance_scale,
+            generator=generators,
+            output_type="uint8",
+        ).images
+
+    def _inputs(self, payloads: dict[str, list[bytes]], rows: np.ndarray) -> list[np.ndarray]:
+        r, s = self.resolution, self.pipe.config.product_size
+        shapes = {"model_context": (r, r, 3), "model_hole": (r, r), "model_product": (s, s, 3), "model_product_alpha": (s, s)}
+        return [
+            np.stack([np.frombuffer(payloads[c][i], dtype=np.uint8).reshape(shapes[c]) for i in rows]) for c in MODEL_INPUTS
+        ]
+
+    def _render_splitting(self, rows: np.ndarray, payloads: dict, seeds: np.ndarray, out: np.ndarray, errors: dict[int, str]) -> None:
+        """Render `rows`; on GPU out-of-memory split the batch in halves and retry.
+        A single pair that still does not fit is marked `oom`."""
+        try:
+            out[rows] = self.render(*self._inputs(payloads, rows), seeds[rows])
+        except self.torch.OutOfMemoryError:
+            if self.device.startswith("cuda"):
+                self.torch.cuda.empty_cache()
+            if len(rows) == 1:
+                errors[int(rows[0])] = "oom"
+                return
+            log.warning("GPU out of memory on a batch of %d: splitting", len(rows))
+            half = len(rows) // 2
+            self._render_splitting(rows[:half], payloads, seeds, out, errors)
+            self._render_splitting(rows[half:], payloads, seeds, out, errors)
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        # 1. check columns
+        missing = [c for c in REQUIRED_COLUMNS if c not in batch.column_names]
+        if missing:
+            raise KeyError(f"DTCRenderer: batch lacks columns {missing}")
+        n = batch.num_rows
+        # 2. pick the rows to render
+        action, codes = batch["action"].to_pylist(), batch["error_code"].to_pylist()
+        todo = [i for i in range(n) if action[i] == "render" and not codes[i]]
+        payloads = {c: [batch[c][i].as_py() for i in todo] for c in MODEL_INPUTS}
+        seeds = np.asarray([batch["seed"][i].as_py() for i in todo], dtype=np.int64)
+        rendered = np.zeros((len(todo), self.resolution, self.resolution, 3), dtype=np.uint8)
+        errors: dict[int, str] = {}
+        render_ms = [0.0] * n
+        # 3. one batched model call (split only on GPU out-of-memory)
+        if todo:
+            start = time.perf_counter()
+            self._render_splitting(np.arange(len(todo)), payloads, seeds, rendered, errors)
+            per_pair = (time.perf_counter() - start) * 1000 / len(todo)
+            for i in todo:
+                render_ms[i] = per_pair
+        # 4. output: drop the model inputs, add the renders
+        out_bytes: list[bytes] = [b""] * n
+        messages = batch["error_message"].to_pylist()
+        for j, i in enumerate(todo):
+            if j in errors:
+                codes[i], messages[i] = errors[j], "the pair does not fit in GPU memory even alone"
+            else:
+                out_bytes[i] = rendered[j].tobytes()
+        batch = batch.drop_columns(list(MODEL_INPUTS))
+        return set_columns(
+            batch,
+            {
+                "rendered": pa.array(out_bytes, PAYLOAD_TYPE),
+                "render_ms": pa.array(render_ms, pa.float64()),
+                "error_code": pa.array(codes, pa.string()),
+                "error_message": pa.array(messages, pa.string()),
+            },
+        )

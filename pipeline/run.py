@@ -1,0 +1,243 @@
+"""A render run from start to summary: the library call behind `python -m jobs.render`.
+
+    result = run_render(RenderConfig(manifest=..., output=..., model=...))
+    sys.exit(result.exit_code)
+
+Steps: check config, manifest and model before anything is written (exit 2) -> take the
+output's `_lock` (exit 2 while another run holds it) -> plan resume from the state -> stream
+the pairs through the Ray Data graph, writing manifest parts as rows arrive, with progress
+lines -> compact the state, write `runs/<run_id>.json`, print the summary. Exit 0, or 3 when
+the failed fraction is above `--max-failed-fraction`; 1 for anything unexpected (storage down).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import platform
+import secrets
+import sys
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+
+from pipeline import storage
+from pipeline.config import ConfigError, RenderConfig
+from pipeline.manifest import ManifestError, ManifestPlan, duplicate_pair_ids, plan_manifest
+from pipeline.model.checkpoint import CheckpointError, check_checkpoint, model_digest
+from pipeline.state import Layout, LockHeld, OutputLock, compact_state, load_state
+
+__all__ = ["RunResult", "run_render", "new_run_id"]
+
+log = logging.getLogger("dtc.render")
+
+EXIT_OK, EXIT_ERROR, EXIT_REFUSED, EXIT_TOO_MANY_FAILED = 0, 1, 2, 3
+
+
+@dataclass
+class RunResult:
+    exit_code: int
+    run_id: str | None = None
+    message: str = ""
+    counts: dict = field(default_factory=dict)
+    record_uri: str | None = None
+
+
+def new_run_id() -> str:
+    return datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ") + "-" + secrets.token_hex(3)
+
+
+def _versions() -> dict:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {"python": platform.python_version()}
+    for name in ("ray", "torch", "diffusers", "transformers", "pyarrow", "pillow"):
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def _model_info(uri: str) -> tuple[int, int, str]:
+    """(resolution, product_size, digest) from the checkpoint, without loading it."""
+    index = json.loads(storage.read_bytes(storage.join(uri, "model_index.json")))
+    if index.get("_class_name") != "DTCPipeline":
+        raise CheckpointError(f"{uri} holds a {index.get('_class_name')!r}, not a DTCPipeline")
+    return int(index.get("resolution", 512)), int(index.get("product_size", 224)), model_digest(uri)
+
+
+@dataclass
+class _Prepared:
+    cfg: RenderConfig
+    plan: ManifestPlan
+    resolution: int
+    product_size: int
+    model_digest: str
+    settings_digest: str
+    run_id: str
+
+
+def _check_inputs(cfg: RenderConfig) -> _Prepared:
+    """Everything that can refuse the run (exit 2) happens here, before any write."""
+    cfg.validate()
+    if not storage.is_s3(cfg.output):
+        cfg.output = os.path.abspath(cfg.output)
+        parent = cfg.output
+        while not os.path.exists(parent):
+            parent = os.path.dirname(parent)
+        if not os.path.isdir(parent):
+            raise ConfigError(f"--output {cfg.output} cannot be created: {parent} is a file")
+    plan = plan_manifest(cfg.manifest)
+    check_checkpoint(cfg.model, required=("unet", "vae", "hint_encoder", "image_encoder", "image_projection"))
+    resolution, product_size, digest = _model_info(cfg.model)
+    return _Prepared(cfg, plan, resolution, product_size, digest, cfg.settings_digest(resolution), cfg.run_id or new_run_id())
+
+
+def _init_ray(address: str | None):
+    import ray
+
+    if ray.is_initialized():
+        return ray
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, log_to_driver=True)
+    else:
+        ray.init(include_dashboard=False, log_to_driver=True)
+    return ray
+
+
+def _progress(writer, total: int, started: float, last: list[float]) -> None:
+    now = time.monotonic()
+    if now - last[0] < 10 and writer.rows < total:
+        return
+    last[0] = now
+    elapsed = now - started
+    ok, failed = writer.status.get("ok", 0), writer.status.get("failed", 0)
+    print(
+        f"[dtc] {writer.rows}/{total} rows  ok {ok}  failed {failed}  reused {writer.reused}  "
+        f"{writer.rows / max(elapsed, 1e-9):.2f} rows/s  {elapsed:.0f}s",
+        flush=True,
+    )
+
+
+def _summary(p: _Prepared, writer, elapsed: float, exit_code: int, layout: Layout) -> str:
+    rendered = writer.rows - writer.reused
+    ok = writer.status.get("ok", 0)
+    failed = writer.status.get("failed", 0)
+    lines = [
+        "",
+        f"DTC render {p.run_id}: {'finished' if exit_code in (0, 3) else 'FAILED'} in {elapsed:.1f}s (exit {exit_code})",
+        f"  rows       {writer.rows}  (ok {ok}, failed {failed}; reused from earlier runs {writer.reused})",
+        f"  rendered   {rendered} rows this run, {rendered / max(elapsed, 1e-9):.2f} rows/s",
+    ]
+    if writer.error_codes:
+        lines.append("  failures   " + ", ".join(f"{code} {n}" for code, n in writer.error_codes.most_common()))
+    lines += [
+        f"  images     {storage.join(layout.output, 'images')}",
+        f"  manifest   {layout.manifest_dir(p.run_id)}",
+        f"  run record {layout.run_record(p.run_id)}",
+        "  metrics    skipped (this build renders without metrics)" if not p.cfg.no_metrics else "  metrics    off (--no-metrics)",
+    ]
+    return "\n".join(lines)
+
+
+def run_render(cfg: RenderConfig) -> RunResult:
+    started_wall = datetime.now(timezone.utc)
+    # 1. refuse bad input before any work (exit 2, nothing written)
+    try:
+        p = _check_inputs(cfg)
+    except (ConfigError, ManifestError, CheckpointError) as e:
+        return RunResult(EXIT_REFUSED, message=str(e))
+    except storage.StorageError as e:
+        return RunResult(EXIT_ERROR, message=str(e))
+    layout = Layout(cfg.output)
+
+    # 2. one run per output
+    lock = OutputLock(layout, p.run_id, stale_after_s=cfg.lock_stale_s)
+    try:
+        lock.acquire()
+    except LockHeld as e:
+        return RunResult(EXIT_REFUSED, run_id=p.run_id, message=str(e))
+    except storage.StorageError as e:
+        return RunResult(EXIT_ERROR, run_id=p.run_id, message=str(e))
+
+    from pipeline.sink import ManifestWriter, output_schema
+
+    writer = ManifestWriter(layout, p.run_id, output_schema(p.plan.schema), part_rows=cfg.manifest_part_rows)
+    start = time.monotonic()
+    exit_code, message = EXIT_ERROR, ""
+    try:
+        # 3. resume: what earlier runs already did with this model and these settings
+        from pipeline.resume import reusable_state
+
+        state = None
+        if not cfg.force:
+            images_dir = storage.join(layout.output, "images")
+            existing = {storage.join(images_dir, rel) for rel, _, _ in storage.list_files(images_dir)}
+            state = reusable_state(load_state(layout, exclude_run=p.run_id), p.model_digest, p.settings_digest, existing, cfg.retry_failed)
+        duplicates = duplicate_pair_ids(p.plan)
+        total = p.plan.num_rows if cfg.limit is None else min(cfg.limit, p.plan.num_rows)
+        print(
+            f"[dtc] run {p.run_id}: {total} rows from {len(p.plan.files)} manifest file(s); "
+            f"{0 if state is None else state.num_rows} pairs reusable; model sha256:{p.model_digest[:12]}; "
+            f"output {layout.output}",
+            flush=True,
+        )
+
+        # 4. the Ray Data graph, rows streamed back to the sink
+        ray = _init_ray(cfg.address)
+        from pipeline.dataflow import RunContext, build_dataset
+
+        gpus = cfg.gpus_per_actor
+        if gpus is None:
+            gpus = 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
+        ctx = RunContext(p.run_id, layout.output, p.model_digest, p.settings_digest, p.resolution, p.product_size, gpus)
+        dataset = build_dataset(cfg, p.plan, ctx, duplicates, state)
+        last = [0.0]
+        for batch in dataset.iter_batches(batch_format="pyarrow", batch_size=None):
+            writer.add(batch)
+            _progress(writer, total, start, last)
+        writer.flush()
+
+        # 5. bookkeeping
+        compact_state(layout)
+        failed_fraction = writer.status.get("failed", 0) / max(writer.rows, 1)
+        exit_code = EXIT_TOO_MANY_FAILED if failed_fraction > cfg.max_failed_fraction else EXIT_OK
+        if exit_code == EXIT_TOO_MANY_FAILED:
+            message = f"{failed_fraction:.1%} of rows failed (limit --max-failed-fraction {cfg.max_failed_fraction:.1%})"
+    except (storage.StorageError, OSError) as e:
+        message = f"storage error: {e}"
+        log.error(message)
+    except Exception as e:  # noqa: BLE001 - the run record and summary must still be written
+        message = f"{type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ''}"[:500]
+        log.exception("render run failed")
+    finally:
+        try:
+            writer.flush()
+        except Exception as e:  # noqa: BLE001
+            log.error("could not flush the last manifest part: %s", e)
+        elapsed = time.monotonic() - start
+        counts = {
+            "rows": writer.rows, "ok": writer.status.get("ok", 0), "failed": writer.status.get("failed", 0),
+            "reused": writer.reused, "error_codes": dict(writer.error_codes), "manifest_parts": writer.parts,
+        }
+        record = {
+            "run_id": p.run_id, "exit_code": exit_code, "message": message, "started_at": started_wall.isoformat(),
+            "finished_at": datetime.now(timezone.utc).isoformat(), "elapsed_s": round(elapsed, 3),
+            "rows_per_s": round(writer.rows / max(elapsed, 1e-9), 3), "counts": counts,
+            "model": {"uri": cfg.model, "digest": p.model_digest, "resolution": p.resolution},
+            "settings": cfg.settings(p.resolution), "settings_digest": p.settings_digest,
+            "manifest": {"uri": cfg.manifest, "files": len(p.plan.files), "rows": p.plan.num_rows},
+            "config": cfg.to_record(), "versions": _versions(), "host": platform.node(), "argv": sys.argv,
+        }
+        try:
+            storage.write_bytes(layout.run_record(p.run_id), json.dumps(record, indent=1, default=str).encode())
+        except Exception as e:  # noqa: BLE001
+            log.error("could not write the run record: %s", e)
+        lock.release()
+        print(_summary(p, writer, elapsed, exit_code, layout), flush=True)
+        if message:
+            print(f"  note       {message}", flush=True)
+    return RunResult(exit_code, run_id=p.run_id, message=message, counts=counts, record_uri=layout.run_record(p.run_id))

@@ -1,0 +1,107 @@
+"""The driver's sink: output-manifest rows, in part files, after their images exist. No torch.
+
+Rows arrive from the last stage (images already written); `ManifestWriter` casts them to one
+schema (the input columns as the plan typed them, then the output columns of DESIGN.md) and
+writes `manifest/<run_id>/part-NNNNN.parquet` every `part_rows` rows or `flush_s` seconds,
+so a killed run loses at most the rows of one unflushed part (their pairs are rendered again
+by the next run; never lost). It also keeps the run's counts for the summary.
+"""
+
+from __future__ import annotations
+
+import collections
+import io
+import time
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipeline import storage
+from pipeline.state import Layout
+
+__all__ = ["ManifestWriter", "OUTPUT_FIELDS", "output_schema"]
+
+OUTPUT_FIELDS = [
+    pa.field("status", pa.string()),
+    pa.field("error_code", pa.string()),
+    pa.field("error_message", pa.string()),
+    pa.field("output_uri", pa.string()),
+    pa.field("width", pa.int64()),
+    pa.field("height", pa.int64()),
+    pa.field("crop_box", pa.list_(pa.int64())),
+    pa.field("seed", pa.int64()),
+    pa.field("model_digest", pa.string()),
+    pa.field("settings_digest", pa.string()),
+    pa.field("steps", pa.int64()),
+    pa.field("guidance_scale", pa.float64()),
+    pa.field("scheduler", pa.string()),
+    pa.field("clip_score", pa.float64()),
+    pa.field("run_id", pa.string()),
+    pa.field("attempt", pa.int64()),
+    pa.field("render_ms", pa.float64()),
+    pa.field("finished_at", pa.string()),
+]
+INTERNAL_PREFIX = "_"  # _source_file, _source_row: tracing aids, not input columns
+
+
+def output_schema(input_schema: pa.Schema) -> pa.Schema:
+    names = {f.name for f in OUTPUT_FIELDS}
+    inputs = []
+    for f in input_schema:
+        if f.name in names or f.name.startswith(INTERNAL_PREFIX):
+            continue
+        if f.name == "bbox":  # normalised: [x0, y0, x1, y1] floats, whatever the input format
+            f = pa.field("bbox", pa.list_(pa.float64()))
+        inputs.append(f)
+    if "shard" not in {f.name for f in inputs}:
+        inputs.append(pa.field("shard", pa.string()))
+    return pa.schema(inputs + OUTPUT_FIELDS)
+
+
+class ManifestWriter:
+    def __init__(self, layout: Layout, run_id: str, schema: pa.Schema, part_rows: int = 1000, flush_s: float = 30.0):
+        self.layout, self.run_id, self.schema = layout, run_id, schema
+        self.part_rows, self.flush_s = part_rows, flush_s
+        self.pending: list[pa.Table] = []
+        self.pending_rows = 0
+        self.parts = 0
+        self.last_flush = time.monotonic()
+        self.rows = 0
+        self.status = collections.Counter()
+        self.error_codes = collections.Counter()
+        self.reused = 0
+        self.render_ms = 0.0
+
+    def add(self, batch: pa.Table) -> None:
+        table = pa.table({f.name: self._column(batch, f) for f in self.schema}, schema=self.schema)
+        self.rows += table.num_rows
+        self.status.update(table["status"].to_pylist())
+        self.error_codes.update(c for c in table["error_code"].to_pylist() if c)
+        self.reused += sum(1 for a in table["attempt"].to_pylist() if a == 0)
+        self.render_ms += sum(ms or 0.0 for ms, a in zip(table["render_ms"].to_pylist(), table["attempt"].to_pylist()) if a)
+        self.pending.append(table)
+        self.pending_rows += table.num_rows
+        if self.pending_rows >= self.part_rows or time.monotonic() - self.last_flush >= self.flush_s:
+            self.flush()
+
+    @staticmethod
+    def _column(batch: pa.Table, field: pa.Field) -> pa.ChunkedArray | pa.Array:
+        if field.name not in batch.column_names:
+            return pa.nulls(batch.num_rows, field.type)
+        column = batch[field.name]
+        if column.type == field.type:
+            return column
+        if pa.types.is_null(column.type):
+            return pa.nulls(batch.num_rows, field.type)
+        return column.cast(field.type)
+
+    def flush(self) -> None:
+        self.last_flush = time.monotonic()
+        if not self.pending:
+            return
+        table = pa.concat_tables(self.pending)
+        sink = io.BytesIO()
+        pq.write_table(table, sink)
+        storage.write_bytes(self.layout.manifest_part(self.run_id, self.parts), sink.getvalue())
+        self.parts += 1
+        self.pending, self.pending_rows = [], 0
