@@ -5,7 +5,11 @@
 
 Every input row flows through every stage exactly once, as data: rows that fail early, or
 that are carried over from an earlier run, pass the later stages untouched (payloads empty).
-Blocks hold raw uint8 bytes, never PIL objects.
+Blocks hold raw uint8 bytes, never PIL objects, in pyarrow Tables (see `pipeline.blocks`).
+
+Ray fuses the CPU stage into the model actor when both ask for the same resources (a CPU-only
+cluster with `cpus_per_actor == cpu_stage_cpus`); the defaults differ, and a GPU actor never
+fuses, so fetch/decode/preprocess overlap with the model instead of running inside it.
 """
 
 from __future__ import annotations
@@ -63,13 +67,6 @@ def _read_manifest_file(
             yield resume_batch(table, state_index)
 
 
-def _model_actor_args() -> dict:
-    # Its presence alone matters: Ray never fuses an operator that has a remote-args function,
-    # so fetch/decode/preprocess stay in CPU tasks instead of running inside the model actor
-    # (which they would on a CPU-only cluster, where both ask for the same resources).
-    return {}
-
-
 def build_dataset(
     cfg: RenderConfig, plan: manifest_mod.ManifestPlan, ctx: RunContext, duplicates: set[str], state: pa.Table | None
 ) -> ray.data.Dataset:
@@ -89,6 +86,10 @@ def build_dataset(
     )
     if cfg.limit is not None:
         rows = rows.limit(cfg.limit)
+    # One block per model batch: Ray merges a task's outputs into blocks of up to 128 MiB, so a
+    # whole manifest file would otherwise reach the model, and the driver, as one block; rows
+    # would then be written (and a killed run would keep its work) only at the very end.
+    rows = rows.repartition(target_num_rows_per_block=cfg.batch_size)
 
     policy = InputPolicy(manifest_dir=plan.base_dir, allow_roots=tuple(cfg.allow_root), allow_http=cfg.allow_http)
     prepared = rows.map_batches(
@@ -108,7 +109,6 @@ def build_dataset(
         batch_format="pyarrow",
         num_gpus=ctx.gpus_per_actor,
         num_cpus=cfg.cpus_per_actor,
-        ray_remote_args_fn=_model_actor_args,
         fn_constructor_kwargs=dict(
             model_uri=cfg.model, steps=cfg.steps, guidance_scale=cfg.guidance_scale,
             scheduler=cfg.scheduler, torch_threads=cfg.torch_threads,

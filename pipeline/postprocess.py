@@ -9,6 +9,7 @@ Every row leaves with its final output-manifest fields; payload columns are drop
 
 from __future__ import annotations
 
+import time
 from datetime import datetime, timezone
 
 import numpy as np
@@ -39,6 +40,7 @@ def finish_batch(
     attempt, clip_score = [1] * n, [None] * n
     codes, messages, render_ms = col["error_code"], col["error_message"], col["render_ms"]
     width, height, crop_box = col["width"], col["height"], col["crop_box"]
+    postprocess_ms = [0.0] * n
     for i in range(n):
         if col["action"][i] == "reuse":  # carried from an earlier run: its results, attempt 0
             status[i], output_uri[i] = prev["status"][i], prev["output_uri"][i]
@@ -48,6 +50,7 @@ def finish_batch(
             clip_score[i] = prev["clip_score"][i]
             continue
         if not codes[i]:
+            start = time.perf_counter()
             h, w = height[i], width[i]
             context = np.frombuffer(batch["context_raw"][i].as_py(), dtype=np.uint8).reshape(h, w, 3)
             hole_bits = np.frombuffer(batch["hole_bits"][i].as_py(), dtype=np.uint8)
@@ -57,6 +60,7 @@ def finish_batch(
             uri = layout.image(col["pair_id"][i], images.EXTENSIONS[image_format])
             storage.write_bytes(uri, images.encode_image(final, image_format, quality=quality))
             status[i], output_uri[i] = "ok", uri
+            postprocess_ms[i] = (time.perf_counter() - start) * 1000
         finished_at[i] = _now()
     batch = batch.drop_columns([c for c in batch.column_names if c in (*PAYLOAD_COLUMNS, "rendered", "action") or c.startswith("prev_")])
     return set_columns(
@@ -79,5 +83,6 @@ def finish_batch(
             "steps": pa.array([steps] * n, pa.int64()),
             "guidance_scale": pa.array([guidance_scale] * n, pa.float64()),
             "scheduler": pa.array([scheduler] * n, pa.string()),
+            "postprocess_ms": pa.array(postprocess_ms, pa.float64()),
         },
     )

@@ -9,10 +9,13 @@ Payloads travel as raw uint8 bytes (shapes are known from `width`/`height` and t
 sizes), never as PIL objects, and are empty for rows that are not rendered:
 `context_raw` (H*W*3, the whole photo for the paste-back), `hole_bits` (np.packbits of the
 H*W region), `model_context` (R*R*3), `model_hole` (R*R), `model_product` (S*S*3),
-`model_product_alpha` (S*S), plus `width`, `height`, `crop_box`.
+`model_product_alpha` (S*S), plus `width`, `height`, `crop_box` and `prepare_ms` (this
+stage's time per row, summed into the run record; not an output-manifest column).
 """
 
 from __future__ import annotations
+
+import time
 
 import numpy as np
 import pyarrow as pa
@@ -72,9 +75,11 @@ def prepare_batch(
     height = batch["prev_height"].to_pylist() if "prev_height" in batch.column_names else [None] * n
     crop_box = batch["prev_crop_box"].to_pylist() if "prev_crop_box" in batch.column_names else [None] * n
     codes, messages = col["error_code"], col["error_message"]
+    prepare_ms = [0.0] * n
     for i in range(n):
         if col["action"][i] != "render" or codes[i]:
             continue
+        start = time.perf_counter()
         try:
             row = prepare_pair(
                 col["context_uri"][i], col["product_uri"][i], col["mask_uri"][i], col["bbox"][i],
@@ -87,6 +92,8 @@ def prepare_batch(
         except Exception as e:  # noqa: BLE001 - a file no check foresaw must fail its row, not the job
             codes[i], messages[i] = "prepare_failed", f"{type(e).__name__}: {e}"[:500]
             continue
+        finally:
+            prepare_ms[i] = (time.perf_counter() - start) * 1000
         for c in PAYLOAD_COLUMNS:
             payload[c][i] = row[c]
         width[i], height[i], crop_box[i] = row["width"], row["height"], row["crop_box"]
@@ -94,6 +101,6 @@ def prepare_batch(
     columns.update(
         error_code=pa.array(codes, pa.string()), error_message=pa.array(messages, pa.string()),
         width=pa.array(width, pa.int64()), height=pa.array(height, pa.int64()),
-        crop_box=pa.array(crop_box, pa.list_(pa.int64())),
+        crop_box=pa.array(crop_box, pa.list_(pa.int64())), prepare_ms=pa.array(prepare_ms, pa.float64()),
     )
     return set_columns(batch, columns)

@@ -16,6 +16,7 @@ import json
 import logging
 import os
 import platform
+import resource
 import secrets
 import sys
 import time
@@ -227,6 +228,8 @@ def run_render(cfg: RenderConfig) -> RunResult:
             "run_id": p.run_id, "exit_code": exit_code, "message": message, "started_at": started_wall.isoformat(),
             "finished_at": datetime.now(timezone.utc).isoformat(), "elapsed_s": round(elapsed, 3),
             "rows_per_s": round(writer.rows / max(elapsed, 1e-9), 3), "counts": counts,
+            "stage_seconds": {k: round(v, 3) for k, v in writer.stage_seconds.items()},
+            "driver_peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
             "model": {"uri": cfg.model, "digest": p.model_digest, "resolution": p.resolution},
             "settings": cfg.settings(p.resolution), "settings_digest": p.settings_digest,
             "manifest": {"uri": cfg.manifest, "files": len(p.plan.files), "rows": p.plan.num_rows},

@@ -60,30 +60,39 @@ def _save(array: np.ndarray, path: str, fmt: str) -> None:
         f.write(buffer.getvalue())
 
 
-def make_catalog(folder: str, n_pairs: int = 36, bad_rows: bool = True, seed: int = 0, manifest_name: str = "manifest.parquet") -> str:
-    """Write images under `folder` and a Parquet manifest with relative paths; returns its path."""
+def make_catalog(
+    folder: str, n_pairs: int = 36, bad_rows: bool = True, seed: int = 0, manifest_name: str = "manifest.parquet",
+    sizes: list[tuple[int, int]] | None = None, unique_images: int | None = None,
+) -> str:
+    """Write images under `folder` and a Parquet manifest with relative paths; returns its path.
+
+    `sizes` cycles the context sizes (default: a varied set up to 512 px); `unique_images`
+    caps how many distinct image sets are drawn (rows then cycle over them, each its own pair):
+    benchmarks use it to make large manifests quickly.
+    """
     rng = np.random.default_rng(seed)
+    sizes = sizes or SIZES
     os.makedirs(os.path.join(folder, "images"), exist_ok=True)
-    rows = []
-    for i in range(n_pairs):
-        width, height = SIZES[i % len(SIZES)]
-        pair_id = f"pair-{i:04d}"
-        context_rel, product_rel = f"images/{pair_id}-context.jpg", f"images/{pair_id}-product.png"
+    sets = []
+    for i in range(min(n_pairs, unique_images or n_pairs)):
+        width, height = sizes[i % len(sizes)]
+        context_rel, product_rel = f"images/set-{i:04d}-context.jpg", f"images/set-{i:04d}-product.png"
         _save(scene(width, height, rng), os.path.join(folder, context_rel), "JPEG")
         _save(product(int(rng.integers(96, 200)), rng), os.path.join(folder, product_rel), "PNG")
         bw, bh = int(width * rng.uniform(0.2, 0.45)), int(height * rng.uniform(0.2, 0.45))
         x0, y0 = int(rng.integers(0, width - bw)), int(rng.integers(0, height - bh))
-        row = {"pair_id": pair_id, "context_uri": context_rel, "product_uri": product_rel, "mask_uri": None, "bbox": None,
-               "category": ["chair", "lamp", "rug", "vase"][i % 4]}
+        region = {"mask_uri": None, "bbox": [float(x0), float(y0), float(x0 + bw), float(y0 + bh)]}
         if i % 2:
             mask = Image.new("L", (width, height), 0)
             ImageDraw.Draw(mask).ellipse([x0, y0, x0 + bw, y0 + bh], fill=255)
-            mask_rel = f"images/{pair_id}-mask.png"
+            mask_rel = f"images/set-{i:04d}-mask.png"
             mask.save(os.path.join(folder, mask_rel))
-            row["mask_uri"] = mask_rel
-        else:
-            row["bbox"] = [float(x0), float(y0), float(x0 + bw), float(y0 + bh)]
-        rows.append(row)
+            region = {"mask_uri": mask_rel, "bbox": None}
+        sets.append({"context_uri": context_rel, "product_uri": product_rel, **region})
+    rows = [
+        {"pair_id": f"pair-{i:04d}", **sets[i % len(sets)], "category": ["chair", "lamp", "rug", "vase"][i % 4]}
+        for i in range(n_pairs)
+    ]
     if bad_rows:
         rows.append({"pair_id": "bad-missing-context", "context_uri": "images/does-not-exist.jpg",
                      "product_uri": rows[0]["product_uri"], "mask_uri": None, "bbox": [10.0, 10.0, 60.0, 60.0], "category": "chair"})

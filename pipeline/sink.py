@@ -2,7 +2,8 @@
 
 Rows arrive from the last stage (images already written); `ManifestWriter` casts them to one
 schema (the input columns as the plan typed them, then the output columns of DESIGN.md) and
-writes `manifest/<run_id>/part-NNNNN.parquet` every `part_rows` rows or `flush_s` seconds,
+writes `manifest/<run_id>/part-NNNNN.parquet` (columns outside the schema, such as the
+stages' timings, are summed for the run record and not written) every `part_rows` rows or `flush_s` seconds,
 so a killed run loses at most the rows of one unflushed part (their pairs are rendered again
 by the next run; never lost). It also keeps the run's counts for the summary.
 """
@@ -70,15 +71,19 @@ class ManifestWriter:
         self.status = collections.Counter()
         self.error_codes = collections.Counter()
         self.reused = 0
-        self.render_ms = 0.0
+        # per-stage busy time (seconds, summed over rows rendered in this run)
+        self.stage_seconds = {"prepare": 0.0, "render": 0.0, "postprocess": 0.0}
 
     def add(self, batch: pa.Table) -> None:
+        attempts = batch["attempt"].to_pylist()
+        for stage, column in (("prepare", "prepare_ms"), ("render", "render_ms"), ("postprocess", "postprocess_ms")):
+            if column in batch.column_names:
+                self.stage_seconds[stage] += sum(ms or 0.0 for ms, a in zip(batch[column].to_pylist(), attempts) if a) / 1000
         table = pa.table({f.name: self._column(batch, f) for f in self.schema}, schema=self.schema)
         self.rows += table.num_rows
         self.status.update(table["status"].to_pylist())
         self.error_codes.update(c for c in table["error_code"].to_pylist() if c)
-        self.reused += sum(1 for a in table["attempt"].to_pylist() if a == 0)
-        self.render_ms += sum(ms or 0.0 for ms, a in zip(table["render_ms"].to_pylist(), table["attempt"].to_pylist()) if a)
+        self.reused += sum(1 for a in attempts if a == 0)
         self.pending.append(table)
         self.pending_rows += table.num_rows
         if self.pending_rows >= self.part_rows or time.monotonic() - self.last_flush >= self.flush_s:

@@ -72,3 +72,16 @@ def tiny_model_dir(tmp_path_factory) -> str:
     out = str(tmp_path_factory.mktemp("models") / "dtc-tiny")
     assert main(["--preset", "tiny", "--out", out]) == 0
     return out
+
+
+@pytest.fixture(scope="session")
+def ray_address(s3_endpoint):
+    """One local Ray per test session (2 CPUs, as on CI); returns its address so that
+    subprocess drivers (`python -m jobs.render --address ...`) join the same cluster.
+    Started after the S3 endpoint so its workers inherit the AWS_* settings, as the nodes of a
+    real cluster carry theirs."""
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray.get_runtime_context().gcs_address
+    ray.shutdown()
