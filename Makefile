@@ -23,6 +23,7 @@ test: $(VENV_STAMP)
 
 bench: $(VENV_STAMP)
 	$(PY) bench/model.py
+	$(PY) bench/pipeline.py
 
 clean:
 	rm -rf .venv build *.egg-info

@@ -68,7 +68,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def load_config(argv: list[str] | None = None) -> RenderConfig:
     """Defaults < YAML file < flags. Raises ConfigError for a bad file or key."""
-    flags = vars(build_parser().parse_args(argv))
+    return config_from_flags(vars(build_parser().parse_args(argv)))
+
+
+def config_from_flags(flags: dict) -> RenderConfig:
+    """RenderConfig from parsed flags (only those given) and the `--config` YAML they name."""
+    flags = dict(flags)
     values: dict = {}
     if "config" in flags:
         import yaml

@@ -12,6 +12,7 @@ import hashlib
 import json
 import re
 from dataclasses import dataclass, field
+from datetime import date
 
 __all__ = ["ConfigError", "RenderConfig", "SAFE_NAME_RE", "IMAGE_FORMATS"]
 
@@ -28,6 +29,8 @@ class ConfigError(ValueError):
 class RenderConfig:
     # -- where --------------------------------------------------------------------------------
     manifest: str = ""  # Parquet/CSV/JSONL file, folder (hive partitions welcome) or glob; local or s3://
+    partition_range: tuple[str, str] | None = None  # backfill: only partition_key= folders in [start, end]
+    partition_key: str = "dt"  # the hive partition key of partition_range (values YYYY-MM-DD)
     output: str = ""  # local folder or s3://bucket/prefix; everything the run writes stays under it
     model: str = ""  # DTC checkpoint folder or s3:// prefix (jobs.make_model writes one)
     # -- what: the settings digest covers these, so changing one re-renders every pair ------------
@@ -69,6 +72,17 @@ class RenderConfig:
         for name in ("manifest", "output", "model"):
             if not getattr(self, name):
                 raise ConfigError(f"--{name} is required")
+        if self.partition_range is not None:
+            start, end = self.partition_range
+            for value in (start, end):
+                if not re.fullmatch(r"\d{4}-\d{2}-\d{2}", str(value)):
+                    raise ConfigError(f"dates must be YYYY-MM-DD, got {value!r}")
+                try:
+                    date.fromisoformat(str(value))
+                except ValueError as e:
+                    raise ConfigError(f"{value!r} is not a date: {e}") from e
+            if start > end:
+                raise ConfigError(f"--start {start} is after --end {end}")
         if self.steps < 1 or self.steps > 1000:
             raise ConfigError(f"--steps must be in 1..1000, got {self.steps}")
         if not 0 <= self.guidance_scale <= 50:
@@ -125,6 +139,8 @@ class RenderConfig:
         """JSON-safe copy for runs/<run_id>.json (holds no credentials: none are settings)."""
         record = dataclasses.asdict(self)
         record["actors"] = list(self.actors)
+        if self.partition_range is not None:
+            record["partition_range"] = list(self.partition_range)
         return record
 
     @classmethod

@@ -14,7 +14,6 @@ fuses, so fetch/decode/preprocess overlap with the model instead of running insi
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -27,7 +26,7 @@ from pipeline.fetch import InputPolicy
 from pipeline.postprocess import finish_batch
 from pipeline.prepare import prepare_batch
 from pipeline.render import DTCRenderer
-from pipeline.resume import StateIndex, resume_batch
+from pipeline.resume import StateIndex, planned_batches
 
 __all__ = ["RunContext", "build_dataset"]
 
@@ -60,11 +59,8 @@ def _read_manifest_file(
             _STATE_INDEXES.clear()
             _STATE_INDEXES[key] = StateIndex(ray.get(state_ref[0]))
         state_index = _STATE_INDEXES[key]
-    for i in (int(v) for v in files["file_index"]):
-        one = dataclasses.replace(plan, files=(plan.files[i],), file_rows=(plan.file_rows[i],), default_shards=(plan.default_shards[i],))
-        for batch in manifest_mod.iter_batches(one, batch_size=batch_rows):
-            table = manifest_mod.validate_rows(batch, plan.base_dir, duplicates)
-            yield resume_batch(table, state_index)
+    for i in files["file_index"]:
+        yield from planned_batches(plan, int(i), duplicates, state_index, batch_rows)
 
 
 def build_dataset(

@@ -55,6 +55,7 @@ __all__ = [
     "duplicate_pair_ids",
     "validate_rows",
     "stable_seed",
+    "file_folder",
 ]
 
 # pair_id, shard and run_id name objects under --output: this charset (and no leading dot)
@@ -79,7 +80,7 @@ class ManifestPlan:
     uri: str  # as given by the user
     format: str  # "parquet" | "csv" | "json"
     files: tuple[str, ...]  # absolute local paths or s3:// URIs, in read order
-    base_dir: str  # relative context/product/mask paths resolve against this folder
+    base_dir: str  # the folder given (or the file's folder): the allowlist's default root. Row paths resolve against each file's own folder (file_folder)
     schema: pa.Schema  # every file's columns, known ones in canonical types (see _canonical_type)
     num_rows: int
     file_rows: tuple[int, ...]  # rows per file, aligned with `files` (work splitting, progress)
@@ -100,14 +101,33 @@ def stable_seed(pair_id: str) -> int:
 # -- planning ------------------------------------------------------------------------------
 
 
-def plan_manifest(uri: str) -> ManifestPlan:
+def _partition_value(file: str, key: str) -> str | None:
+    """The value of the innermost `key=value` folder in a file's path, if any."""
+    for part in reversed(file.replace(os.sep, "/").split("/")[:-1]):
+        name, sep, value = part.partition("=")
+        if sep and name == key:
+            return value
+    return None
+
+
+def plan_manifest(uri: str, partition_range: tuple[str, str, str] | None = None) -> ManifestPlan:
     """Find the manifest's files and check their schemas; reads footers/headers, never the table.
+
+    `partition_range=(key, start, end)` keeps only files under a `key=value` folder with
+    `start <= value <= end` (a date-range backfill over `dt=YYYY-MM-DD/` partitions).
 
     Parquet row counts come from the footers. CSV and JSON have no footer: their typed columns
     are streamed once (bounded memory) to count rows, which also surfaces a bad value deep in
     the file (e.g. `seed=abc` on line 900000) now rather than half-way through the job.
     """
     files, base_dir = _find_files(uri)
+    if partition_range is not None:
+        # A backfill: only the hive partitions `key=value` with start <= value <= end (ISO
+        # dates compare as strings).
+        key, start, end = partition_range
+        files = [f for f in files if (v := _partition_value(f, key)) is not None and start <= v <= end]
+        if not files:
+            raise ManifestError(f"manifest {uri} has no {key}= partition between {start} and {end}")
     formats = {_format_of(f) for f in files}
     if len(formats) != 1:
         raise ManifestError(f"manifest {uri} mixes formats ({', '.join(sorted(formats))}); use one format per manifest")
@@ -193,6 +213,12 @@ def _absolute(uri: str) -> str:
     if uri.startswith("file://"):
         uri = uri[len("file://") :]
     return os.path.abspath(uri)
+
+
+def file_folder(file: str) -> str:
+    """The folder of one manifest file: its rows' relative paths resolve against it, so a
+    partition folder (`dt=2026-11-26/`) carries its own images beside its manifest."""
+    return _parent(file)
 
 
 def _parent(uri: str) -> str:

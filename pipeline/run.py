@@ -90,9 +90,16 @@ def _check_inputs(cfg: RenderConfig) -> _Prepared:
             parent = os.path.dirname(parent)
         if not os.path.isdir(parent):
             raise ConfigError(f"--output {cfg.output} cannot be created: {parent} is a file")
-    plan = plan_manifest(cfg.manifest)
+    partitions = None if cfg.partition_range is None else (cfg.partition_key, *cfg.partition_range)
+    plan = plan_manifest(cfg.manifest, partition_range=partitions)
     check_checkpoint(cfg.model, required=("unet", "vae", "hint_encoder", "image_encoder", "image_projection"))
     resolution, product_size, digest = _model_info(cfg.model)
+    if cfg.run_id is not None:
+        layout = Layout(cfg.output)
+        if storage.exists(layout.run_record(cfg.run_id)) or storage.list_files(layout.manifest_dir(cfg.run_id)):
+            # A run's manifest must hold each input row once: a second attempt under the same id
+            # would add rows beside the first attempt's. Retries take a new id (e.g. a suffix).
+            raise ConfigError(f"--run-id {cfg.run_id} was already used under {cfg.output}; choose another")
     return _Prepared(cfg, plan, resolution, product_size, digest, cfg.settings_digest(resolution), cfg.run_id or new_run_id())
 
 
@@ -144,7 +151,47 @@ def _summary(p: _Prepared, writer, elapsed: float, exit_code: int, layout: Layou
     return "\n".join(lines)
 
 
-def run_render(cfg: RenderConfig) -> RunResult:
+def _reusable(p: _Prepared, layout: Layout):
+    """The state rows this run may reuse (None with --force)."""
+    from pipeline.resume import reusable_state
+
+    if p.cfg.force:
+        return None
+    images_dir = storage.join(layout.output, "images")
+    existing = {storage.join(images_dir, rel) for rel, _, _ in storage.list_files(images_dir)}
+    return reusable_state(load_state(layout, exclude_run=p.run_id), p.model_digest, p.settings_digest, existing, p.cfg.retry_failed)
+
+
+def _dry_run(p: _Prepared, layout: Layout) -> RunResult:
+    """Count per shard what a run would do, on the driver, without Ray and without writing."""
+    import collections
+
+    from pipeline.resume import StateIndex, planned_batches
+
+    state = _reusable(p, layout)
+    index = StateIndex(state) if state is not None and state.num_rows else None
+    duplicates = duplicate_pair_ids(p.plan)
+    shards: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
+    for i in range(len(p.plan.files)):
+        for batch in planned_batches(p.plan, i, duplicates, index, 65536):
+            for shard, action, code, prev in zip(
+                batch["shard"].to_pylist(), batch["action"].to_pylist(), batch["error_code"].to_pylist(), batch["prev_status"].to_pylist()
+            ):
+                kind = "invalid" if code else "pending" if action == "render" else "done" if prev == "ok" else "failed"
+                shards[shard][kind] += 1
+    kinds = ("pending", "done", "failed", "invalid")
+    print(f"[dtc] dry run: {p.plan.num_rows} rows in {len(p.plan.files)} file(s) under {p.cfg.manifest}; nothing is rendered")
+    print(f"  {'shard':<28}" + "".join(f"{k:>10}" for k in kinds))
+    for shard in sorted(shards):
+        print(f"  {shard:<28}" + "".join(f"{shards[shard][k]:>10}" for k in kinds))
+    totals = {k: sum(c[k] for c in shards.values()) for k in kinds}
+    print(f"  {'total':<28}" + "".join(f"{totals[k]:>10}" for k in kinds), flush=True)
+    return RunResult(EXIT_OK, run_id=None, counts={"shards": {s: dict(c) for s, c in shards.items()}, **totals})
+
+
+def run_render(cfg: RenderConfig, dry_run: bool = False) -> RunResult:
+    """Render the manifest (see the module docstring). `dry_run`: print per-shard counts of
+    pending/done/failed/invalid rows and return, without Ray, lock or writes."""
     started_wall = datetime.now(timezone.utc)
     # 1. refuse bad input before any work (exit 2, nothing written)
     try:
@@ -154,6 +201,11 @@ def run_render(cfg: RenderConfig) -> RunResult:
     except storage.StorageError as e:
         return RunResult(EXIT_ERROR, message=str(e))
     layout = Layout(cfg.output)
+    if dry_run:
+        try:
+            return _dry_run(p, layout)
+        except storage.StorageError as e:
+            return RunResult(EXIT_ERROR, message=str(e))
 
     # 2. one run per output
     lock = OutputLock(layout, p.run_id, stale_after_s=cfg.lock_stale_s)
@@ -171,13 +223,7 @@ def run_render(cfg: RenderConfig) -> RunResult:
     exit_code, message = EXIT_ERROR, ""
     try:
         # 3. resume: what earlier runs already did with this model and these settings
-        from pipeline.resume import reusable_state
-
-        state = None
-        if not cfg.force:
-            images_dir = storage.join(layout.output, "images")
-            existing = {storage.join(images_dir, rel) for rel, _, _ in storage.list_files(images_dir)}
-            state = reusable_state(load_state(layout, exclude_run=p.run_id), p.model_digest, p.settings_digest, existing, cfg.retry_failed)
+        state = _reusable(p, layout)
         duplicates = duplicate_pair_ids(p.plan)
         total = p.plan.num_rows if cfg.limit is None else min(cfg.limit, p.plan.num_rows)
         print(
@@ -223,6 +269,7 @@ def run_render(cfg: RenderConfig) -> RunResult:
         counts = {
             "rows": writer.rows, "ok": writer.status.get("ok", 0), "failed": writer.status.get("failed", 0),
             "reused": writer.reused, "error_codes": dict(writer.error_codes), "manifest_parts": writer.parts,
+            "shards": {shard: dict(c) for shard, c in sorted(writer.shards.items())},
         }
         record = {
             "run_id": p.run_id, "exit_code": exit_code, "message": message, "started_at": started_wall.isoformat(),

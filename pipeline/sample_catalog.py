@@ -62,7 +62,7 @@ def _save(array: np.ndarray, path: str, fmt: str) -> None:
 
 def make_catalog(
     folder: str, n_pairs: int = 36, bad_rows: bool = True, seed: int = 0, manifest_name: str = "manifest.parquet",
-    sizes: list[tuple[int, int]] | None = None, unique_images: int | None = None,
+    sizes: list[tuple[int, int]] | None = None, unique_images: int | None = None, pair_prefix: str = "pair",
 ) -> str:
     """Write images under `folder` and a Parquet manifest with relative paths; returns its path.
 
@@ -90,7 +90,7 @@ def make_catalog(
             region = {"mask_uri": mask_rel, "bbox": None}
         sets.append({"context_uri": context_rel, "product_uri": product_rel, **region})
     rows = [
-        {"pair_id": f"pair-{i:04d}", **sets[i % len(sets)], "category": ["chair", "lamp", "rug", "vase"][i % 4]}
+        {"pair_id": f"{pair_prefix}-{i:04d}", **sets[i % len(sets)], "category": ["chair", "lamp", "rug", "vase"][i % 4]}
         for i in range(n_pairs)
     ]
     if bad_rows:

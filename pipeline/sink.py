@@ -71,6 +71,7 @@ class ManifestWriter:
         self.status = collections.Counter()
         self.error_codes = collections.Counter()
         self.reused = 0
+        self.shards: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
         # per-stage busy time (seconds, summed over rows rendered in this run)
         self.stage_seconds = {"prepare": 0.0, "render": 0.0, "postprocess": 0.0}
 
@@ -84,6 +85,9 @@ class ManifestWriter:
         self.status.update(table["status"].to_pylist())
         self.error_codes.update(c for c in table["error_code"].to_pylist() if c)
         self.reused += sum(1 for a in attempts if a == 0)
+        for shard, status, attempt in zip(table["shard"].to_pylist(), table["status"].to_pylist(), attempts):
+            self.shards[shard][status] += 1
+            self.shards[shard]["reused" if attempt == 0 else "rendered"] += 1
         self.pending.append(table)
         self.pending_rows += table.num_rows
         if self.pending_rows >= self.part_rows or time.monotonic() - self.last_flush >= self.flush_s:

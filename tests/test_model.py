@@ -58,6 +58,12 @@ def tiny(tiny_model_dir):
     return load_pipeline(tiny_model_dir)
 
 
+def test_tiny_preset_is_small():
+    pipe = build_preset("tiny")
+    params = sum(p.numel() for m in pipe.components.values() if isinstance(m, torch.nn.Module) for p in m.parameters())
+    assert params < 5_000_000 and pipe.hint_encoder.num_film_sites == 5
+
+
 def test_fresh_dtc_predicts_the_stock_unets_noise(tiny, tiny_model_dir):
     stock = UNet2DConditionModel.from_pretrained(tiny_model_dir, subfolder="unet").eval()
     assert type(stock) is UNet2DConditionModel

@@ -193,6 +193,8 @@ def test_most_rows_failing_exits_3_with_outputs(ray_address, tmp_path):
     assert table.num_rows == 8 and table["status"].to_pylist().count("failed") == 6
     record = json.loads((output / "runs" / "most.json").read_text())
     assert record["exit_code"] == 3 and record["counts"]["failed"] == 6
+    # a run id names one run: using it again is refused before any work
+    assert render(["--manifest", path, "--output", str(output), "--model", _tiny_model(), "--run-id", "most", *FAST]) == 2
 
 
 def _subprocess_render(args: list[str], log_path) -> subprocess.Popen:
