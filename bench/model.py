@@ -13,13 +13,19 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
+import sys
 import time
 
-import torch
-from torch.utils.flop_counter import FlopCounterMode
+# Run as `python bench/model.py`: the script's folder comes first on sys.path, and its sibling
+# bench/pipeline.py would shadow the `pipeline` package.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from pipeline.model.presets import build_preset
+import torch  # noqa: E402
+from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
+
+from pipeline.model.presets import build_preset  # noqa: E402
 
 
 def emit(**record) -> None:

@@ -15,6 +15,13 @@ import os
 import sys
 
 
+def _random_weights_config(out: str) -> str:
+    path = os.path.join(out, "render.yaml")
+    with open(path, "w") as f:
+        f.write("# written by jobs.demo: its metric extractors have random weights\nmetrics_random_weights: true\n")
+    return path
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m jobs.demo", description=__doc__.split("\n")[0])
     parser.add_argument("--out", default="demo_out", help="folder for catalog, model and output")
@@ -37,15 +44,23 @@ def main(argv: list[str] | None = None) -> int:
         if make_model(["--preset", "tiny", "--out", model]) != 0:
             return 1
 
+    from pipeline.quality import save_random_extractors
+
+    # Random-weight extractors: the demo shows the metrics machinery, and its report says in
+    # large type that the figures mean nothing. Real runs pass the standard Inception weights
+    # file and a CLIP ViT-B/32 folder.
+    inception, clip = save_random_extractors(os.path.join(args.out, "model", "metrics"))
+
     from jobs.render import main as render
 
     flags = [
         "--manifest", manifest, "--output", os.path.join(args.out, "output"), "--model", model,
         "--steps", "20", "--batch-size", "4", "--image-format", "png", "--cpus-per-actor", "0.5",
         "--torch-threads", "2", "--max-failed-fraction", "0.1",
+        "--inception-weights", inception, "--clip-model", clip, "--config", _random_weights_config(args.out),
     ]
     code = render(flags + (["--force"] if args.force else []))
-    print(f"\n[demo] look at {os.path.join(args.out, 'output', 'images')} and the manifest parts beside it")
+    print(f"\n[demo] look at {os.path.join(args.out, 'output', 'images')} and the QA page {os.path.join(args.out, 'output', 'report')}/*/index.html")
     print("[demo] the 2 failed rows are deliberate: a missing photo (image_missing) and a bbox outside the photo (bad_bbox)")
     return code
 

@@ -59,10 +59,11 @@ class RenderConfig:
     allow_http: bool = False  # fetch http(s):// inputs (off: internal metadata endpoints are a risk)
     max_pixels: int = 50_000_000  # images above this fail with too_large before being decoded
     # -- metrics (METRICS.md) -----------------------------------------------------------------------
-    no_metrics: bool = False
-    inception_weights: str | None = None
-    clip_model: str | None = None
-    fid_reference: str | None = None
+    no_metrics: bool = False  # render only; without weights metrics are skipped anyway (and the summary says so)
+    inception_weights: str | None = None  # pt_inception-2015-12-05 weights file (path or s3://): FID/KID
+    clip_model: str | None = None  # CLIP ViT-B/32 folder (path or s3://): region CLIP score
+    fid_reference: str | None = None  # reserved: reference statistics for FID (not implemented; refused)
+    metrics_random_weights: bool = False  # the extractors are random (demo): reports say so in large type
     # -- cluster and bookkeeping ---------------------------------------------------------------------
     address: str | None = None  # Ray address; default RAY_ADDRESS or a local cluster
     lock_stale_s: float = 300.0  # a _lock whose heartbeat is older than this is taken over
@@ -114,6 +115,8 @@ class RenderConfig:
             raise ConfigError(f"feather_px must be in 0..64, got {self.feather_px}")
         if self.max_pixels < 1:
             raise ConfigError(f"max_pixels must be >= 1, got {self.max_pixels}")
+        if self.fid_reference:
+            raise ConfigError("--fid-reference is not supported yet: FID compares against the shard's own context crops")
         if self.output.startswith(("http://", "https://")):
             raise ConfigError(f"--output must be a local folder or s3://bucket/prefix, got {self.output!r}")
         return self

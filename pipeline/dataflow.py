@@ -42,6 +42,8 @@ class RunContext:
     resolution: int
     product_size: int
     gpus_per_actor: float
+    inception_weights: str | None = None  # None: no FID/KID features
+    clip_model: str | None = None  # None: no CLIP scores
 
 
 _STATE_INDEXES: dict[str, StateIndex] = {}
@@ -108,6 +110,7 @@ def build_dataset(
         fn_constructor_kwargs=dict(
             model_uri=cfg.model, steps=cfg.steps, guidance_scale=cfg.guidance_scale,
             scheduler=cfg.scheduler, torch_threads=cfg.torch_threads,
+            inception_weights=ctx.inception_weights, clip_model=ctx.clip_model,
         ),
     )
     return rendered.map_batches(

@@ -37,7 +37,8 @@ def finish_batch(
     col = {c: batch[c].to_pylist() for c in ("pair_id", "action", "error_code", "error_message", "width", "height", "crop_box", "render_ms")}
     prev = {c: batch[f"prev_{c}"].to_pylist() for c in CARRIED_COLUMNS}
     status, output_uri, finished_at = ["failed"] * n, [None] * n, [None] * n
-    attempt, clip_score = [1] * n, [None] * n
+    attempt = [1] * n
+    clip_score = batch["clip_score"].to_pylist() if "clip_score" in batch.column_names else [None] * n
     codes, messages, render_ms = col["error_code"], col["error_message"], col["render_ms"]
     width, height, crop_box = col["width"], col["height"], col["crop_box"]
     postprocess_ms = [0.0] * n

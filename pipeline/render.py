@@ -41,6 +41,8 @@ class DTCRenderer:
         scheduler: str = "ddim",
         device: str | None = None,
         torch_threads: int | None = None,
+        inception_weights: str | None = None,
+        clip_model: str | None = None,
     ):
         import torch
 
@@ -53,6 +55,12 @@ class DTCRenderer:
             torch.set_num_threads(torch_threads)
         # 2. the model, once per actor
         self.pipe = load_pipeline(model_uri, device=self.device, scheduler=scheduler)
+        # 3. metric extractors beside the model, on the same device (METRICS.md: batched, never per row on the driver)
+        self.quality = None
+        if inception_weights or clip_model:
+            from pipeline.quality import QualityExtractor
+
+            self.quality = QualityExtractor(inception_weights, clip_model, self.device)
         self.steps, self.guidance_scale = steps, guidance_scale
         self.resolution = self.pipe.config.resolution
         self.model_calls = 0  # for tests and logs: how many pipeline calls this actor made
@@ -118,7 +126,15 @@ class DTCRenderer:
             per_pair = (time.perf_counter() - start) * 1000 / len(todo)
             for i in todo:
                 render_ms[i] = per_pair
-        # 4. output: drop the model inputs, add the renders
+        # 4. metric features of the renders, before any lossy encoding
+        done = [j for j in range(len(todo)) if j not in errors]
+        quality = {c: [None] * n for c in ("feat_gen", "feat_real", "clip_score", "clip_floor")}
+        if self.quality is not None and done:
+            context, hole, product, _ = self._inputs(payloads, np.asarray(done))
+            for column, values in self.quality(rendered[done], context, hole, product).items():
+                for j, value in zip(done, values):
+                    quality[column][todo[j]] = value
+        # 5. output: drop the model inputs, add the renders
         out_bytes: list[bytes] = [b""] * n
         messages = batch["error_message"].to_pylist()
         for j, i in enumerate(todo):
@@ -134,5 +150,9 @@ class DTCRenderer:
                 "render_ms": pa.array(render_ms, pa.float64()),
                 "error_code": pa.array(codes, pa.string()),
                 "error_message": pa.array(messages, pa.string()),
+                "feat_gen": pa.array(quality["feat_gen"], pa.binary()),
+                "feat_real": pa.array(quality["feat_real"], pa.binary()),
+                "clip_score": pa.array(quality["clip_score"], pa.float64()),
+                "clip_floor": pa.array(quality["clip_floor"], pa.float64()),
             },
         )

@@ -69,6 +69,34 @@ def _model_info(uri: str) -> tuple[int, int, str]:
     return int(index.get("resolution", 512)), int(index.get("product_size", 224)), model_digest(uri)
 
 
+def _metrics_protocol(cfg: RenderConfig, resolution: int) -> dict | None:
+    """What every metrics file records (METRICS.md), or None when metrics are skipped."""
+    if cfg.no_metrics or not (cfg.inception_weights or cfg.clip_model):
+        return None
+    import hashlib
+
+    protocol = {
+        "extractor": "FID Inception v3 (pt_inception-2015-12-05), pool3 2048-d" if cfg.inception_weights else None,
+        "inception_weights": cfg.inception_weights,
+        "inception_sha256": hashlib.sha256(storage.read_bytes(cfg.inception_weights)).hexdigest() if cfg.inception_weights else None,
+        "resize": "TF1-compatible bilinear to 299",
+        "dtype": "float32, TF32 off; features stored as float16, statistics as float64",
+        "features_from": f"decoded output window at {resolution}x{resolution} (uint8, before image encoding)",
+        "real_side": "the shard's own context photos, same crop window as the render",
+        "image_format": cfg.image_format,
+        "clip_backbone": cfg.clip_model,
+        "clip_backbone_sha256": model_digest(cfg.clip_model) if cfg.clip_model else None,
+        "clip_preprocessing": "output cropped to the region's bbox, padded square (grey); product padded square; "
+        "bicubic 224, CLIP mean/std; score = 100 * cosine",
+        "clip_floor": "product vs the next pair's product in the model batch",
+        "kid": {"kernel": "(x.y/d + 1)^3", "subsets": 100, "max_subset_size": 1000, "estimator": "unbiased MMD^2"},
+        "reference": "none (real side = context crops)",
+        "random_weights": cfg.metrics_random_weights,
+        "versions": _versions(),
+    }
+    return protocol
+
+
 @dataclass
 class _Prepared:
     cfg: RenderConfig
@@ -78,6 +106,7 @@ class _Prepared:
     model_digest: str
     settings_digest: str
     run_id: str
+    metrics_protocol: dict | None
 
 
 def _check_inputs(cfg: RenderConfig) -> _Prepared:
@@ -100,7 +129,15 @@ def _check_inputs(cfg: RenderConfig) -> _Prepared:
             # A run's manifest must hold each input row once: a second attempt under the same id
             # would add rows beside the first attempt's. Retries take a new id (e.g. a suffix).
             raise ConfigError(f"--run-id {cfg.run_id} was already used under {cfg.output}; choose another")
-    return _Prepared(cfg, plan, resolution, product_size, digest, cfg.settings_digest(resolution), cfg.run_id or new_run_id())
+    try:
+        protocol = _metrics_protocol(cfg, resolution)
+    except FileNotFoundError as e:
+        raise ConfigError(f"metrics weights not found: {e}") from e
+    except CheckpointError as e:
+        raise ConfigError(f"--clip-model: {e}") from e
+    return _Prepared(
+        cfg, plan, resolution, product_size, digest, cfg.settings_digest(resolution), cfg.run_id or new_run_id(), protocol
+    )
 
 
 def _init_ray(address: str | None):
@@ -130,7 +167,7 @@ def _progress(writer, total: int, started: float, last: list[float]) -> None:
     )
 
 
-def _summary(p: _Prepared, writer, elapsed: float, exit_code: int, layout: Layout) -> str:
+def _summary(p: _Prepared, writer, elapsed: float, exit_code: int, layout: Layout, summary: dict | None) -> str:
     rendered = writer.rows - writer.reused
     ok = writer.status.get("ok", 0)
     failed = writer.status.get("failed", 0)
@@ -146,8 +183,20 @@ def _summary(p: _Prepared, writer, elapsed: float, exit_code: int, layout: Layou
         f"  images     {storage.join(layout.output, 'images')}",
         f"  manifest   {layout.manifest_dir(p.run_id)}",
         f"  run record {layout.run_record(p.run_id)}",
-        "  metrics    skipped (this build renders without metrics)" if not p.cfg.no_metrics else "  metrics    off (--no-metrics)",
+        f"  report     {layout.report(p.run_id)}",
     ]
+    if p.cfg.no_metrics:
+        lines.append("  metrics    off (--no-metrics)")
+    elif p.metrics_protocol is None:
+        lines.append("  metrics    SKIPPED: no --inception-weights / --clip-model given, so no FID, KID or CLIP figures")
+    elif summary is not None:
+        g = summary["global"]
+        fid = "n/a" if g["fid"] is None else f"{g['fid']:.2f}"
+        clip = g["clip"]["mean"]
+        lines.append(
+            f"  metrics    FID {fid} (N={g['n']}), CLIP {'n/a' if clip is None else f'{clip:.2f}'}"
+            f"{'  [RANDOM-WEIGHT EXTRACTORS: meaningless]' if p.cfg.metrics_random_weights else ''}  -> {layout.metrics_dir(p.run_id)}"
+        )
     return "\n".join(lines)
 
 
@@ -189,6 +238,19 @@ def _dry_run(p: _Prepared, layout: Layout) -> RunResult:
     return RunResult(EXIT_OK, run_id=None, counts={"shards": {s: dict(c) for s, c in shards.items()}, **totals})
 
 
+def _write_report(layout: Layout, run_id: str, summary: dict | None) -> None:
+    import io
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from pipeline.report import render_report
+
+    parts = [storage.join(layout.manifest_dir(run_id), rel) for rel, _, _ in storage.list_files(layout.manifest_dir(run_id))]
+    rows = pa.concat_tables([pq.read_table(io.BytesIO(storage.read_bytes(p))) for p in parts if p.endswith(".parquet")])
+    storage.write_bytes(layout.report(run_id), render_report(run_id, rows, summary).encode())
+
+
 def run_render(cfg: RenderConfig, dry_run: bool = False) -> RunResult:
     """Render the manifest (see the module docstring). `dry_run`: print per-shard counts of
     pending/done/failed/invalid rows and return, without Ray, lock or writes."""
@@ -219,6 +281,12 @@ def run_render(cfg: RenderConfig, dry_run: bool = False) -> RunResult:
     from pipeline.sink import ManifestWriter, output_schema
 
     writer = ManifestWriter(layout, p.run_id, output_schema(p.plan.schema), part_rows=cfg.manifest_part_rows)
+    metrics = None
+    if p.metrics_protocol is not None:
+        from pipeline.shard_metrics import MetricsAccumulator
+
+        metrics = MetricsAccumulator(layout, p.run_id)
+    metrics_summary = None
     start = time.monotonic()
     exit_code, message = EXIT_ERROR, ""
     try:
@@ -240,16 +308,26 @@ def run_render(cfg: RenderConfig, dry_run: bool = False) -> RunResult:
         gpus = cfg.gpus_per_actor
         if gpus is None:
             gpus = 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
-        ctx = RunContext(p.run_id, layout.output, p.model_digest, p.settings_digest, p.resolution, p.product_size, gpus)
+        ctx = RunContext(
+            p.run_id, layout.output, p.model_digest, p.settings_digest, p.resolution, p.product_size, gpus,
+            inception_weights=None if metrics is None else cfg.inception_weights,
+            clip_model=None if metrics is None else cfg.clip_model,
+        )
         dataset = build_dataset(cfg, p.plan, ctx, duplicates, state)
         last = [0.0]
         for batch in dataset.iter_batches(batch_format="pyarrow", batch_size=None):
+            if metrics is not None:
+                metrics.add(batch)
             writer.add(batch)
             _progress(writer, total, start, last)
         writer.flush()
 
-        # 5. bookkeeping
+        # 5. bookkeeping: state, metrics, report
         compact_state(layout)
+        shard_counts = {shard: dict(c) for shard, c in writer.shards.items()}
+        if metrics is not None:
+            metrics_summary = metrics.finalize(shard_counts, p.metrics_protocol)
+        _write_report(layout, p.run_id, metrics_summary)
         failed_fraction = writer.status.get("failed", 0) / max(writer.rows, 1)
         exit_code = EXIT_TOO_MANY_FAILED if failed_fraction > cfg.max_failed_fraction else EXIT_OK
         if exit_code == EXIT_TOO_MANY_FAILED:
@@ -287,7 +365,7 @@ def run_render(cfg: RenderConfig, dry_run: bool = False) -> RunResult:
         except Exception as e:  # noqa: BLE001
             log.error("could not write the run record: %s", e)
         lock.release()
-        print(_summary(p, writer, elapsed, exit_code, layout), flush=True)
+        print(_summary(p, writer, elapsed, exit_code, layout, metrics_summary), flush=True)
         if message:
             print(f"  note       {message}", flush=True)
     return RunResult(exit_code, run_id=p.run_id, message=message, counts=counts, record_uri=layout.run_record(p.run_id))

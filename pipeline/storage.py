@@ -75,7 +75,9 @@ def filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
 def read_bytes(uri: str) -> bytes:
     fs, path = filesystem(uri)
     try:
-        with fs.open_input_stream(path) as f:
+        # open_input_file knows the size and reads in large ranged requests; the streaming
+        # reader is ~50x slower on large S3 objects (a 100 MB model file: 26 s vs 0.3 s).
+        with fs.open_input_file(path) as f:
             return f.read()
     except FileNotFoundError:
         raise

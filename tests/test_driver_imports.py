@@ -7,7 +7,8 @@ import sys
 DRIVER_MODULES = [
     "pipeline.config", "pipeline.storage", "pipeline.manifest", "pipeline.state", "pipeline.resume", "pipeline.sink",
     "pipeline.geometry", "pipeline.fetch", "pipeline.images", "pipeline.prepare", "pipeline.postprocess",
-    "pipeline.dataflow", "pipeline.run", "pipeline.model.checkpoint", "jobs.render",
+    "pipeline.dataflow", "pipeline.run", "pipeline.model.checkpoint", "jobs.render", "jobs.backfill",
+    "pipeline.metrics", "pipeline.shard_metrics", "pipeline.report", "pipeline.quality",
 ]
 
 
