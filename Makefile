@@ -24,6 +24,8 @@ test: $(VENV_STAMP)
 bench: $(VENV_STAMP)
 	$(PY) bench/model.py
 	$(PY) bench/pipeline.py
+	$(PY) bench/metrics.py
+	$(PY) bench/serve.py
 
 clean:
 	rm -rf .venv build *.egg-info

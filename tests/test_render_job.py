@@ -153,7 +153,7 @@ def test_local_paths_bad_rows_fail_with_distinct_codes(ray_address, tmp_path):
     assert check_ok_rows(table, str(tmp_path / "catalog")) == 6
     assert {r["category"] for r in good} <= {"chair", "lamp", "rug", "vase"}  # pass-through column kept
     # nothing escaped the output: only the layout's folders exist
-    assert sorted(os.listdir(output)) == ["images", "manifest", "runs", "state"]
+    assert sorted(os.listdir(output)) == ["images", "manifest", "report", "runs", "state"]
     assert sorted(os.listdir(output / "images")) == sorted(f"{r['pair_id']}.png" for r in good)
 
 

@@ -1,0 +1,102 @@
+"""Data-path benchmark: CPU cost per pair of everything around the model, vs the codec floor.
+
+    python bench/data_path.py [--pairs 24] [--resolution 512] [--format jpeg]
+
+Path (what the CPU stages do for one pair, minus the model): fetch + decode the 1024^2 JPEG
+context and the RGBA PNG product, region from the bbox, preprocess (crop window, resize to the
+working resolution, product on grey at 224), then the paste-back of a rendered window and the
+encode of the output, including the payload round trip through raw bytes that the Ray blocks
+carry. Floor (same run, same files): one full decode of each input and one encode of the output
+in the same format and quality. Prints one JSON line; target: ratio <= 1.5.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import numpy as np  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from pipeline import images  # noqa: E402
+from pipeline.fetch import InputPolicy  # noqa: E402
+from pipeline.prepare import prepare_pair  # noqa: E402
+from pipeline.sample_catalog import product, scene  # noqa: E402
+
+
+def make_inputs(folder: str, pairs: int) -> list[tuple[str, str, list[float]]]:
+    rng = np.random.default_rng(0)
+    out = []
+    for i in range(pairs):
+        context_path, product_path = os.path.join(folder, f"c{i}.jpg"), os.path.join(folder, f"p{i}.png")
+        photo = scene(1024, 1024, rng)
+        noise = rng.integers(-12, 12, photo.shape)  # photo-like entropy, so JPEG sizes are realistic
+        Image.fromarray((photo + noise).clip(0, 255).astype(np.uint8)).save(context_path, quality=90)
+        Image.fromarray(product(768, rng)).save(product_path)
+        x0, y0 = rng.integers(50, 500, 2)
+        out.append((context_path, product_path, [float(x0), float(y0), float(x0 + 350), float(y0 + 300)]))
+    return out
+
+
+def floor_cost(context_path: str, product_path: str, fmt: str, quality: int) -> None:
+    with open(context_path, "rb") as f:
+        context = np.asarray(Image.open(io.BytesIO(f.read())).convert("RGB"))
+    with open(product_path, "rb") as f:
+        np.asarray(Image.open(io.BytesIO(f.read())).convert("RGBA"))
+    images.encode_image(context, fmt, quality=quality)
+
+
+def path_cost(context_path: str, product_path: str, bbox, policy: InputPolicy, resolution: int, fmt: str, quality: int) -> None:
+    row = prepare_pair(context_path, product_path, None, bbox, policy=policy, resolution=resolution, product_size=224,
+                       max_pixels=50_000_000, crop_margin=0.25)
+    h, w = row["height"], row["width"]
+    # what finish_batch does with the payloads (the model's output stands in as the input crop)
+    context = np.frombuffer(row["context_raw"], dtype=np.uint8).reshape(h, w, 3)
+    hole = np.unpackbits(np.frombuffer(row["hole_bits"], dtype=np.uint8), count=h * w).reshape(h, w).astype(bool)
+    rendered = np.frombuffer(row["model_context"], dtype=np.uint8).reshape(resolution, resolution, 3)
+    final = images.postprocess(context, rendered, hole, tuple(row["crop_box"]), feather_px=4)
+    images.encode_image(final, fmt, quality=quality)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--pairs", type=int, default=24)
+    parser.add_argument("--resolution", type=int, default=512)
+    parser.add_argument("--format", default="jpeg", choices=("jpeg", "png", "webp"))
+    parser.add_argument("--quality", type=int, default=92)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="dtc-datapath-") as folder:
+        inputs = make_inputs(folder, args.pairs)
+        policy = InputPolicy(manifest_dir=folder)
+        for c, p, b in inputs[:2]:  # warm-up (imports, allocator)
+            floor_cost(c, p, args.format, args.quality)
+            path_cost(c, p, b, policy, args.resolution, args.format, args.quality)
+        # interleaved, so both sides see the same machine state
+        floor_s = path_s = 0.0
+        for c, p, b in inputs:
+            start = time.perf_counter()
+            floor_cost(c, p, args.format, args.quality)
+            floor_s += time.perf_counter() - start
+            start = time.perf_counter()
+            path_cost(c, p, b, policy, args.resolution, args.format, args.quality)
+            path_s += time.perf_counter() - start
+    n = len(inputs)
+    print(json.dumps({
+        "bench": "data_path", "pairs": n, "context": "1024x1024 JPEG", "product": "768x768 RGBA PNG",
+        "resolution": args.resolution, "format": args.format, "quality": args.quality,
+        "path_ms_per_pair": round(path_s / n * 1000, 2), "floor_ms_per_pair": round(floor_s / n * 1000, 2),
+        "ratio": round(path_s / floor_s, 3), "target_max_ratio": 1.5, "meets_target": path_s / floor_s <= 1.5,
+        "cpu": platform.processor() or platform.machine(),
+    }), flush=True)
+
+
+if __name__ == "__main__":
+    main()
