@@ -26,6 +26,8 @@ bench: $(VENV_STAMP)
 	$(PY) bench/pipeline.py
 	$(PY) bench/metrics.py
 	$(PY) bench/serve.py
+	$(PY) bench/data_path.py
+	$(PY) bench/scale.py
 
 clean:
 	rm -rf .venv build *.egg-info

@@ -68,6 +68,7 @@ class RenderConfig:
     address: str | None = None  # Ray address; default RAY_ADDRESS or a local cluster
     lock_stale_s: float = 300.0  # a _lock whose heartbeat is older than this is taken over
     manifest_part_rows: int = 1000  # output-manifest rows per part file (flushed at least every 30 s)
+    fault_injection: dict | None = None  # chaos tests only (YAML): see pipeline.render.DTCRenderer
 
     def validate(self) -> "RenderConfig":
         for name in ("manifest", "output", "model"):

@@ -111,6 +111,7 @@ def build_dataset(
             model_uri=cfg.model, steps=cfg.steps, guidance_scale=cfg.guidance_scale,
             scheduler=cfg.scheduler, torch_threads=cfg.torch_threads,
             inception_weights=ctx.inception_weights, clip_model=ctx.clip_model,
+            output=ctx.output, run_id=ctx.run_id, fault=cfg.fault_injection,
         ),
     )
     return rendered.map_batches(

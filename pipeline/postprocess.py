@@ -37,7 +37,8 @@ def finish_batch(
     col = {c: batch[c].to_pylist() for c in ("pair_id", "action", "error_code", "error_message", "width", "height", "crop_box", "render_ms")}
     prev = {c: batch[f"prev_{c}"].to_pylist() for c in CARRIED_COLUMNS}
     status, output_uri, finished_at = ["failed"] * n, [None] * n, [None] * n
-    attempt = [1] * n
+    # attempts at rendering the pair in this run (> 1 after worker deaths)
+    attempt = batch["render_attempts"].to_pylist() if "render_attempts" in batch.column_names else [1] * n
     clip_score = batch["clip_score"].to_pylist() if "clip_score" in batch.column_names else [None] * n
     codes, messages, render_ms = col["error_code"], col["error_message"], col["render_ms"]
     width, height, crop_box = col["width"], col["height"], col["crop_box"]
@@ -63,7 +64,9 @@ def finish_batch(
             status[i], output_uri[i] = "ok", uri
             postprocess_ms[i] = (time.perf_counter() - start) * 1000
         finished_at[i] = _now()
-    batch = batch.drop_columns([c for c in batch.column_names if c in (*PAYLOAD_COLUMNS, "rendered", "action") or c.startswith("prev_")])
+    batch = batch.drop_columns(
+        [c for c in batch.column_names if c in (*PAYLOAD_COLUMNS, "rendered", "action", "render_attempts") or c.startswith("prev_")]
+    )
     return set_columns(
         batch,
         {

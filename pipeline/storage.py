@@ -133,8 +133,12 @@ def list_files(prefix: str) -> list[tuple[str, int, int]]:
         infos = fs.get_file_info(pafs.FileSelector(root, recursive=True, allow_not_found=True))
     except OSError as e:
         raise StorageError(f"cannot list {prefix}: {e}") from e
+    head = root + "/"
+    # Slicing the known prefix off is ~5x faster than relpath on 500k files (bench/scale.py).
     return sorted(
-        (posixpath.relpath(i.path, root), i.size, i.mtime_ns or 0) for i in infos if i.type == pafs.FileType.File
+        (i.path[len(head) :] if i.path.startswith(head) else posixpath.relpath(i.path, root), i.size, i.mtime_ns or 0)
+        for i in infos
+        if i.type == pafs.FileType.File
     )
 
 
