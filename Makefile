@@ -22,12 +22,7 @@ test: $(VENV_STAMP)
 	$(PY) -m pytest -q tests
 
 bench: $(VENV_STAMP)
-	$(PY) bench/model.py
-	$(PY) bench/pipeline.py
-	$(PY) bench/metrics.py
-	$(PY) bench/serve.py
-	$(PY) bench/data_path.py
-	$(PY) bench/scale.py
+	$(PY) bench/run_all.py
 
 clean:
 	rm -rf .venv build *.egg-info

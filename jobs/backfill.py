@@ -17,7 +17,7 @@ import logging
 import sys
 from datetime import datetime, timezone
 
-from jobs.render import EXIT_USAGE, build_parser, config_from_flags
+from jobs.render import EXIT_USAGE, build_parser, config_from_flags, finish
 from pipeline.config import ConfigError
 
 BACKFILL_KEYS = ("manifest_root", "start", "end", "dry_run", "partition_key")
@@ -54,12 +54,7 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USAGE
     from pipeline.run import run_render
 
-    result = run_render(cfg, dry_run=backfill["dry_run"])
-    if result.exit_code == EXIT_USAGE:
-        print(f"backfill: {result.message}", file=sys.stderr)
-    elif result.exit_code == 1:
-        print(f"backfill: failed: {result.message}", file=sys.stderr)
-    return result.exit_code
+    return finish(run_render(cfg, dry_run=backfill["dry_run"]), "backfill")
 
 
 if __name__ == "__main__":

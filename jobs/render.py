@@ -111,11 +111,15 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USAGE
     from pipeline.run import run_render
 
-    result = run_render(cfg)
+    return finish(run_render(cfg), "render")
+
+
+def finish(result, prog: str) -> int:
+    """The job's exit code; a refusal or a failure also gets its one line on stderr."""
     if result.exit_code == EXIT_USAGE:
-        print(f"render: {result.message}", file=sys.stderr)
+        print(f"{prog}: {result.message}", file=sys.stderr)
     elif result.exit_code == 1:
-        print(f"render: failed: {result.message}", file=sys.stderr)
+        print(f"{prog}: failed: {result.message}", file=sys.stderr)
     return result.exit_code
 
 

@@ -68,6 +68,10 @@ class ManifestWriter:
         self.parts = 0
         self.last_flush = time.monotonic()
         self.rows = 0
+        # steady-state throughput: rows after the first batch over the time since it arrived
+        self.first_at: float | None = None
+        self.first_rows = 0
+        self.last_at: float | None = None
         self.status = collections.Counter()
         self.error_codes = collections.Counter()
         self.reused = 0
@@ -76,6 +80,10 @@ class ManifestWriter:
         self.stage_seconds = {"prepare": 0.0, "render": 0.0, "postprocess": 0.0}
 
     def add(self, batch: pa.Table) -> None:
+        now = time.monotonic()
+        if self.first_at is None:
+            self.first_at, self.first_rows = now, batch.num_rows
+        self.last_at = now
         attempts = batch["attempt"].to_pylist()
         for stage, column in (("prepare", "prepare_ms"), ("render", "render_ms"), ("postprocess", "postprocess_ms")):
             if column in batch.column_names:
@@ -92,6 +100,11 @@ class ManifestWriter:
         self.pending_rows += table.num_rows
         if self.pending_rows >= self.part_rows or time.monotonic() - self.last_flush >= self.flush_s:
             self.flush()
+
+    def steady_rows_per_s(self) -> float | None:
+        if self.first_at is None or self.last_at == self.first_at:
+            return None
+        return (self.rows - self.first_rows) / (self.last_at - self.first_at)
 
     @staticmethod
     def _column(batch: pa.Table, field: pa.Field) -> pa.ChunkedArray | pa.Array:

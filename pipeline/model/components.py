@@ -73,6 +73,20 @@ class DTCHintAdapter(ModelMixin, ConfigMixin):
         return self.net(hint)
 
 
+def encode_down(module, sample: torch.Tensor, emb: torch.Tensor, encoder_hidden_states: torch.Tensor):
+    """conv_in and the down blocks of a UNet (or of its hint-encoder copy): (sample, skips),
+    the skips collected exactly as diffusers' UNet2DConditionModel collects them."""
+    sample = module.conv_in(sample)
+    skips: tuple[torch.Tensor, ...] = (sample,)
+    for block in module.down_blocks:
+        if getattr(block, "has_cross_attention", False):
+            sample, res = block(hidden_states=sample, temb=emb, encoder_hidden_states=encoder_hidden_states)
+        else:
+            sample, res = block(hidden_states=sample, temb=emb)
+        skips += res
+    return sample, skips
+
+
 def _per_block(value, n: int) -> tuple:
     return tuple(value) if isinstance(value, (list, tuple)) else (value,) * n
 
@@ -231,15 +245,8 @@ class DTCHintEncoder(ModelMixin, ConfigMixin):
     ) -> FilmParams:
         timesteps = timestep.expand(sample.shape[0]) if timestep.ndim else timestep[None].expand(sample.shape[0])
         emb = self.time_embedding(self.time_proj(timesteps).to(dtype=sample.dtype))
-        sample = self.conv_in(sample)
-        skips = [sample]
-        for block in self.down_blocks:
-            if getattr(block, "has_cross_attention", False):
-                sample, res = block(hidden_states=sample, temb=emb, encoder_hidden_states=encoder_hidden_states)
-            else:
-                sample, res = block(hidden_states=sample, temb=emb)
-            skips += res
-        skips.append(self.mid_block(sample, emb, encoder_hidden_states=encoder_hidden_states))
+        sample, down = encode_down(self, sample, emb, encoder_hidden_states)
+        skips = [*down, self.mid_block(sample, emb, encoder_hidden_states=encoder_hidden_states)]
 
         film: FilmParams = []
         for h, head in zip(skips, self.film_heads):
@@ -285,14 +292,7 @@ class DTCUNet2DConditionModel(UNet2DConditionModel):
         emb = self.time_embedding(self.get_time_embed(sample=sample, timestep=timestep))
 
         # 2. down: collect skips exactly as the stock UNet does
-        sample = self.conv_in(sample)
-        skips: tuple[torch.Tensor, ...] = (sample,)
-        for block in self.down_blocks:
-            if getattr(block, "has_cross_attention", False):
-                sample, res = block(hidden_states=sample, temb=emb, encoder_hidden_states=encoder_hidden_states)
-            else:
-                sample, res = block(hidden_states=sample, temb=emb)
-            skips += res
+        sample, skips = encode_down(self, sample, emb, encoder_hidden_states)
         if len(skip_film) != len(skips) + 1:
             raise ValueError(f"skip_film has {len(skip_film)} sites, this UNet has {len(skips) + 1}")
 
