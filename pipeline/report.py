@@ -17,6 +17,7 @@ import random
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 from PIL import Image, ImageDraw
 
 from pipeline import images, storage
@@ -92,14 +93,20 @@ def _fmt(value, digits: int = 2) -> str:
 def render_report(run_id: str, rows: pa.Table, summary: dict | None, sample_size: int = 8, seed: int = 0) -> str:
     """The page as a string. `rows`: the run's output manifest; `summary`: summary.json's
     content, or None when metrics were skipped."""
-    table = rows.to_pylist()
-    status = collections.Counter(r["status"] for r in table)
-    codes = collections.Counter(r["error_code"] for r in table if r["error_code"])
-    ok = [r for r in table if r["status"] == "ok"]
-    scored = sorted((r for r in ok if r.get("clip_score") is not None), key=lambda r: r["clip_score"])
-    lowest = scored[:sample_size]
+    # Counts and scores with pyarrow; only the rows shown become Python objects (a run's
+    # manifest can hold millions of rows, and the driver's memory must not grow with them).
+    status = collections.Counter(dict(zip(*(c.to_pylist() for c in pc.value_counts(rows["status"]).flatten()))))
+    failed_codes = pc.drop_null(rows["error_code"])
+    codes = collections.Counter(
+        dict(zip(*(c.to_pylist() for c in pc.value_counts(failed_codes).flatten()))) if len(failed_codes) else {}
+    )
+    ok = rows.filter(pc.equal(rows["status"], "ok"))
+    scored = ok.filter(pc.is_valid(ok["clip_score"]))
+    scores = scored["clip_score"].to_numpy(zero_copy_only=False).tolist() if scored.num_rows else []
+    lowest = scored.take(pc.sort_indices(scored["clip_score"])[:sample_size]).to_pylist() if scored.num_rows else []
     rng = random.Random(seed)
-    sample = rng.sample(ok, min(sample_size, len(ok)))
+    sample = ok.take(sorted(rng.sample(range(ok.num_rows), min(sample_size, ok.num_rows)))).to_pylist()
+    total = rows.num_rows
     esc = html.escape
     parts = [
         "<!doctype html><html><head><meta charset='utf-8'>",
@@ -119,7 +126,7 @@ def render_report(run_id: str, rows: pa.Table, summary: dict | None, sample_size
         )
     parts.append("<h2>Rows</h2><table id='counts'><tr><th>status</th><th>rows</th></tr>")
     parts += [f"<tr><td>{esc(k)}</td><td>{v}</td></tr>" for k, v in sorted(status.items())]
-    parts.append(f"<tr><td>total</td><td>{len(table)}</td></tr></table>")
+    parts.append(f"<tr><td>total</td><td>{total}</td></tr></table>")
     if codes:
         parts.append("<h3>Failures by error code</h3><table id='error-codes'><tr><th>error_code</th><th>rows</th></tr>")
         parts += [f"<tr><td>{esc(k)}</td><td>{v}</td></tr>" for k, v in codes.most_common()]
@@ -146,7 +153,7 @@ def render_report(run_id: str, rows: pa.Table, summary: dict | None, sample_size
         parts.append("</table>")
         parts.append("<h2>CLIP region score</h2>")
         parts.append("<p>Red dashed line: the floor (product vs an unrelated product of the shard).</p>")
-        parts.append(_histogram_svg([r["clip_score"] for r in scored], g.get("clip_floor")))
+        parts.append(_histogram_svg(scores, g.get("clip_floor")))
     for title, chosen, anchor in (("Lowest CLIP scores", lowest, "lowest"), ("Random sample", sample, "sample")):
         if not chosen:
             continue

@@ -127,3 +127,6 @@ class ManifestWriter:
         storage.write_bytes(self.layout.manifest_part(self.run_id, self.parts), sink.getvalue())
         self.parts += 1
         self.pending, self.pending_rows = [], 0
+        # Hand freed Arrow buffers back to the OS: the driver sees thousands of small tables,
+        # and a retaining allocator would otherwise make its memory grow with the row count.
+        pa.default_memory_pool().release_unused()

@@ -145,7 +145,9 @@ class OutputLock:
 
 def _read_parquet(uri: str, columns: list[str] | None = None) -> pa.Table:
     fs, path = storage.filesystem(uri)
-    return pq.read_table(path, filesystem=fs, columns=columns)
+    # Single-threaded: many small files, and per-thread arena growth would make the driver's
+    # memory scale with the number of parts read.
+    return pq.read_table(path, filesystem=fs, columns=columns, use_threads=False)
 
 
 def _compacted_runs(layout: Layout) -> list[str]:
@@ -184,8 +186,8 @@ def load_state(layout: Layout, exclude_run: str | None = None) -> pa.Table:
             continue
         for rel, _, _ in storage.list_files(layout.manifest_dir(run)):
             if rel.endswith(".parquet"):
-                table = _read_parquet(storage.join(layout.manifest_dir(run), rel))
-                parts.append(table.select([c for c in STATE_COLUMNS]).cast(_state_schema()))
+                table = _read_parquet(storage.join(layout.manifest_dir(run), rel), STATE_COLUMNS)
+                parts.append(table.cast(_state_schema()))
     # duplicate_pair_id rows are not state: those pair_ids name several inputs at once
     tables = [t.filter(pc.not_equal(t.column("error_code").fill_null(""), "duplicate_pair_id")) for t in parts]
     if not tables:
