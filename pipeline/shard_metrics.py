@@ -137,6 +137,9 @@ class MetricsAccumulator:
 
 def _kid(features: pa.Table, seed: int = 0) -> tuple[float | None, float | None, int | None]:
     rows = features.filter(pc.is_valid(features["feat_gen"]))
+    # KID draws random subsets by row index: fix the row order (by pair_id) so the figure
+    # does not depend on the order rows arrived in or shard files were read back.
+    rows = rows.take(pc.sort_indices(rows, sort_keys=[("pair_id", "ascending")]))
     if rows.num_rows < 2:
         return None, None, None
     if rows.num_rows > KID_MAX_ROWS:
