@@ -59,7 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("--inception-weights", help="pt_inception-2015-12-05 weights file (path or s3://)")
     add("--clip-model", help="CLIP ViT-B/32 folder (path or s3://)")
     add("--fid-reference", help="reference statistics for FID (path or s3://)")
-    add("--allow-root", action="append", help="extra local folder inputs may come from (repeatable)")
+    add("--allow-root", action="append", help="extra local folder inputs may come from; an s3://bucket/prefix limits S3 inputs to such prefixes (repeatable)")
     add("--allow-http", action="store_true", help="allow http(s):// inputs")
     add("--max-pixels", type=int, help="refuse images above this many pixels (default 50M)")
     add("--address", help="Ray address (default RAY_ADDRESS or a local cluster)")

@@ -55,7 +55,7 @@ class RenderConfig:
     run_id: str | None = None  # default: UTC time + random suffix
     max_failed_fraction: float = 0.05  # above it the run exits 3: a nightly must not show green
     # -- inputs allowed ---------------------------------------------------------------------------
-    allow_root: list[str] = field(default_factory=list)  # extra local folders inputs may come from
+    allow_root: list[str] = field(default_factory=list)  # extra local folders inputs may come from; s3:// prefixes narrow S3
     allow_http: bool = False  # fetch http(s):// inputs (off: internal metadata endpoints are a risk)
     max_pixels: int = 50_000_000  # images above this fail with too_large before being decoded
     # -- metrics (METRICS.md) -----------------------------------------------------------------------

@@ -1,9 +1,11 @@
 """Fetching input images under the URI allowlist (DESIGN.md "Inputs allowed"). No torch.
 
 Allowed by default: `s3://` URIs, and local paths (plain or `file://`) that resolve, after
-symlinks and `..`, inside the manifest's folder or an `--allow-root`. `http(s)://` only with
-`--allow-http`; any other scheme is refused. A refused URI is a failed row
-(`uri_not_allowed`), never a fetch: no request leaves for `http://169.254.169.254/`.
+symlinks and `..`, inside the manifest's folder or an `--allow-root`. An `--allow-root` that is
+an `s3://bucket/prefix` narrows S3 too: once one is given, only S3 URIs under such a prefix
+(or under the manifest's own S3 folder) are read. `http(s)://` only with `--allow-http`; any
+other scheme is refused. A refused URI is a failed row (`uri_not_allowed`), never a fetch:
+no request leaves for `http://169.254.169.254/`.
 """
 
 from __future__ import annotations
@@ -29,15 +31,29 @@ class InputPolicy:
     allow_http: bool = False
 
     def local_roots(self) -> list[str]:
-        roots = [r for r in (self.manifest_dir, *self.allow_roots) if not storage.is_s3(r) and "://" not in r]
+        roots = [r for r in (self.manifest_dir, *self.allow_roots) if "://" not in r]
         return [os.path.realpath(r) for r in roots]
+
+    def s3_roots(self) -> list[str]:
+        """The S3 prefixes inputs are limited to; empty = every bucket (the default)."""
+        explicit = [r.rstrip("/") for r in self.allow_roots if storage.is_s3(r) and r[len("s3://") :].strip("/")]
+        if explicit and storage.is_s3(self.manifest_dir) and self.manifest_dir[len("s3://") :].strip("/"):
+            explicit.append(self.manifest_dir.rstrip("/"))
+        return explicit
 
     def check(self, uri: str) -> str:
         """The URI to read, or RowError(uri_not_allowed)."""
         if storage.is_s3(uri):
-            bucket = uri[len("s3://") :].split("/", 1)[0]
+            bucket, _, key = uri[len("s3://") :].partition("/")
             if not bucket:
                 raise RowError("uri_not_allowed", f"{uri!r} names no bucket")
+            roots = self.s3_roots()
+            if roots:
+                # S3 keys are literal, but a `..` segment must not look like it leaves a prefix.
+                if any(part in (".", "..") for part in key.split("/")):
+                    raise RowError("uri_not_allowed", f"{uri} has a '.' or '..' key segment")
+                if not any(uri == root or uri.startswith(root + "/") for root in roots):
+                    raise RowError("uri_not_allowed", f"{uri} is outside every allowed S3 prefix ({', '.join(roots)})")
             return uri
         if uri.startswith(("http://", "https://")):
             if not self.allow_http:

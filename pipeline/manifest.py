@@ -33,6 +33,7 @@ import os
 import posixpath
 import re
 import sys
+import time
 from collections.abc import Callable, Iterator, Set
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -192,7 +193,7 @@ def _find_files(uri: str) -> tuple[list[str], str]:
     uri = _absolute(uri)
     filesystem, path = storage.filesystem(uri)
     try:
-        info = filesystem.get_file_info(path)
+        info = storage.retry_transient(lambda: filesystem.get_file_info(path))
     except OSError as e:
         raise _storage_problem(uri, e) from e
     if info.type == pafs.FileType.NotFound:
@@ -331,20 +332,30 @@ _T = TypeVar("_T")
 
 
 def _read_file(file: str, read: Callable[[], _T], csv_names: list[str] | None = None) -> _T:
-    """Run `read()`, turning pyarrow's errors into messages that name the file (and, for CSV,
-    the column: pyarrow only gives its number)."""
+    """Run `read()` (again after a transient S3 error), turning pyarrow's errors into messages
+    that name the file (and, for CSV, the column: pyarrow only gives its number)."""
     try:
-        return read()
-    except FileNotFoundError as e:
-        raise ManifestError(f"manifest file {file} does not exist") from e
-    except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError) as e:
-        message = str(e)
+        return storage.retry_transient(read)
+    except Exception as e:
+        mapped = _file_error(file, e, csv_names)
+        if mapped is e:
+            raise
+        raise mapped from e
+
+
+def _file_error(file: str, error: Exception, csv_names: list[str] | None) -> Exception:
+    """The ManifestError / StorageError a read error of `file` means (others: itself)."""
+    if isinstance(error, FileNotFoundError):
+        return ManifestError(f"manifest file {file} does not exist")
+    if isinstance(error, (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError)):
+        message = str(error)
         found = re.search(r"CSV column #(\d+)", message)
         if found and csv_names and int(found.group(1)) < len(csv_names):
             message = f"column {csv_names[int(found.group(1))]}: {message}"
-        raise ManifestError(f"manifest file {file} cannot be read: {message}") from e
-    except OSError as e:
-        raise _storage_problem(file, e) from e
+        return ManifestError(f"manifest file {file} cannot be read: {message}")
+    if isinstance(error, OSError):
+        return _storage_problem(file, error)
+    return error
 
 
 def _storage_problem(uri: str, error: OSError) -> Exception:
@@ -459,24 +470,51 @@ def _scan(plan: ManifestPlan, columns: list[str] | None, batch_size: int) -> Ite
     filesystem = storage.filesystem(plan.files[0])[0]
     file_format = _file_format(plan.format, plan.schema.names)
     for index, file in enumerate(plan.files):
-        fragment = _make_fragment(file_format, file, filesystem)
-        # The plan's schema makes the scanner cast each file's columns to the unified types and
-        # fill the columns a file lacks with nulls.
-        scanner = ds.Scanner.from_fragment(fragment, schema=plan.schema, columns=columns, batch_size=batch_size)
-        batches = _read_file(file, scanner.to_batches)
-        names = fragment.physical_schema.names if plan.format == "csv" else None
-        row = 0
-        while True:
-            batch = _read_file(file, lambda: next(batches, None), names)
-            if batch is None:
+        row = 0  # rows of this file already yielded
+        for attempt in range(1, storage.TRANSIENT_ATTEMPTS + 1):
+            try:
+                for batch in _scan_file(plan, file, file_format, filesystem, columns, batch_size, skip=row):
+                    if columns is None:
+                        batch = batch.append_column(SOURCE_FILE, pa.array([file] * batch.num_rows, pa.string()))
+                        batch = batch.append_column(SOURCE_ROW, pa.array(np.arange(row, row + batch.num_rows, dtype=np.int64)))
+                    row += batch.num_rows
+                    yield index, batch
                 break
-            if batch.num_rows == 0:
-                continue
-            if columns is None:
-                batch = batch.append_column(SOURCE_FILE, pa.array([file] * batch.num_rows, pa.string()))
-                batch = batch.append_column(SOURCE_ROW, pa.array(np.arange(row, row + batch.num_rows, dtype=np.int64)))
-            row += batch.num_rows
-            yield index, batch
+            except storage.StorageError as e:
+                # A stream cut by a transient S3 error cannot be resumed: scan the file again
+                # and skip the rows already handed out.
+                if attempt == storage.TRANSIENT_ATTEMPTS or not storage.is_transient(e.__cause__):
+                    raise
+                time.sleep(0.1 * 2 ** (attempt - 1))
+
+
+def _scan_file(
+    plan: ManifestPlan, file: str, file_format: ds.FileFormat, filesystem: pafs.FileSystem,
+    columns: list[str] | None, batch_size: int, skip: int,
+) -> Iterator[pa.RecordBatch]:
+    """The non-empty batches of one file from row `skip` on."""
+    fragment = _make_fragment(file_format, file, filesystem)
+    # The plan's schema makes the scanner cast each file's columns to the unified types and
+    # fill the columns a file lacks with nulls.
+    scanner = ds.Scanner.from_fragment(fragment, schema=plan.schema, columns=columns, batch_size=batch_size)
+    batches = _read_file(file, scanner.to_batches)
+    names = _read_file(file, lambda: fragment.physical_schema.names) if plan.format == "csv" else None
+    while True:
+        try:
+            batch = next(batches, None)
+        except Exception as e:
+            mapped = _file_error(file, e, names)
+            if mapped is e:
+                raise
+            raise mapped from e
+        if batch is None:
+            return
+        if skip >= batch.num_rows:
+            skip -= batch.num_rows
+            continue
+        batch, skip = batch.slice(skip), 0
+        if batch.num_rows:
+            yield batch
 
 
 # -- row validation ------------------------------------------------------------------------

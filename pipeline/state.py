@@ -147,7 +147,7 @@ def _read_parquet(uri: str, columns: list[str] | None = None) -> pa.Table:
     fs, path = storage.filesystem(uri)
     # Single-threaded: many small files, and per-thread arena growth would make the driver's
     # memory scale with the number of parts read.
-    return pq.read_table(path, filesystem=fs, columns=columns, use_threads=False)
+    return storage.retry_transient(lambda: pq.read_table(path, filesystem=fs, columns=columns, use_threads=False))
 
 
 def _compacted_runs(layout: Layout) -> list[str]:
@@ -213,7 +213,7 @@ def compact_state(layout: Layout) -> int:
     if not storage.is_s3(layout.state):
         os.makedirs(os.path.dirname(path), exist_ok=True)
     tmp = f"{path}.tmp-{uuid.uuid4().hex[:6]}" if not storage.is_s3(layout.state) else path
-    pq.write_table(state, tmp, filesystem=fs)
+    storage.retry_transient(lambda: pq.write_table(state, tmp, filesystem=fs))
     if tmp != path:
         os.replace(tmp, path)
     # done.json lists the runs folded in; written after done.parquet so a kill in between only

@@ -13,7 +13,11 @@ from __future__ import annotations
 import functools
 import os
 import posixpath
+import random
+import time
 import uuid
+from collections.abc import Callable
+from typing import TypeVar
 from urllib.parse import urlparse
 
 import pyarrow.fs as pafs
@@ -29,7 +33,19 @@ __all__ = [
     "delete",
     "list_files",
     "sync_to_local",
+    "is_transient",
+    "retry_transient",
+    "s3_max_attempts",
 ]
+
+_T = TypeVar("_T")
+# Errors S3 means to be retried that the AWS SDK cannot retry itself: when a 503 SlowDown or
+# 500 answers a ranged GET, the SDK writes the error body into the caller's fixed-size buffer,
+# fails with "Failed to flush response stream" and classes that as a non-retryable
+# INTERNAL_FAILURE (apache/doris#61636 and milvus-io/milvus#49872 retry it the same way).
+TRANSIENT_MARKERS = ("Failed to flush response stream", "SlowDown", "InternalError", "ServiceUnavailable",
+                     "HTTP status 500", "HTTP status 502", "HTTP status 503", "HTTP status 504")
+TRANSIENT_ATTEMPTS = 6
 
 
 class StorageError(RuntimeError):
@@ -48,7 +64,7 @@ def join(base: str, *parts: str) -> str:
 
 
 @functools.lru_cache(maxsize=8)
-def _s3(endpoint: str | None, region: str | None) -> pafs.S3FileSystem:
+def _s3(endpoint: str | None, region: str | None, max_attempts: int) -> pafs.S3FileSystem:
     kwargs: dict = {}
     if endpoint:
         parsed = urlparse(endpoint)
@@ -56,9 +72,22 @@ def _s3(endpoint: str | None, region: str | None) -> pafs.S3FileSystem:
         kwargs["scheme"] = parsed.scheme or "https"
     if region:
         kwargs["region"] = region
-    # Retries with backoff on throttling (SlowDown) and 5xx answers.
-    kwargs["retry_strategy"] = pafs.AwsStandardS3RetryStrategy(max_attempts=8)
+    # Retries with backoff on throttling (SlowDown), 5xx answers and refused connections.
+    kwargs["retry_strategy"] = pafs.AwsStandardS3RetryStrategy(max_attempts=max_attempts)
     return pafs.S3FileSystem(**kwargs)
+
+
+def s3_max_attempts() -> int:
+    """Attempts per S3 request: `DTC_S3_MAX_ATTEMPTS` (default 8: an endpoint that is down is
+    reported after ~50 s of backoff; lower it to fail fast)."""
+    value = os.environ.get("DTC_S3_MAX_ATTEMPTS", "8")
+    try:
+        attempts = int(value)
+    except ValueError:
+        raise StorageError(f"DTC_S3_MAX_ATTEMPTS must be an integer, got {value!r}") from None
+    if attempts < 1:
+        raise StorageError(f"DTC_S3_MAX_ATTEMPTS must be >= 1, got {attempts}")
+    return attempts
 
 
 def filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
@@ -66,19 +95,41 @@ def filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
     if is_s3(uri):
         endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
         region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
-        return _s3(endpoint, region), uri[len("s3://") :]
+        return _s3(endpoint, region, s3_max_attempts()), uri[len("s3://") :]
     if uri.startswith("file://"):
         uri = uri[len("file://") :]
     return pafs.LocalFileSystem(), os.path.abspath(uri)
 
 
+def is_transient(error: BaseException) -> bool:
+    """An S3 error worth retrying after a pause (throttling, 5xx), by its message."""
+    return isinstance(error, OSError) and any(marker in str(error) for marker in TRANSIENT_MARKERS)
+
+
+def retry_transient(fn: Callable[[], _T], attempts: int = TRANSIENT_ATTEMPTS) -> _T:
+    """`fn()`, tried again with jittered exponential backoff (0.1 s doubling, 5 s cap) while it
+    fails with a transient S3 error; any other error, or the last one, propagates unchanged."""
+    for attempt in range(1, attempts + 1):
+        try:
+            return fn()
+        except OSError as e:
+            if attempt == attempts or not is_transient(e):
+                raise
+            time.sleep(min(5.0, 0.1 * 2 ** (attempt - 1)) * random.uniform(0.5, 1.0))
+    raise AssertionError("unreachable")
+
+
 def read_bytes(uri: str) -> bytes:
     fs, path = filesystem(uri)
-    try:
+
+    def read() -> bytes:
         # open_input_file knows the size and reads in large ranged requests; the streaming
         # reader is ~50x slower on large S3 objects (a 100 MB model file: 26 s vs 0.3 s).
         with fs.open_input_file(path) as f:
             return f.read()
+
+    try:
+        return retry_transient(read)
     except FileNotFoundError:
         raise
     except OSError as e:
@@ -93,8 +144,12 @@ def write_bytes(uri: str, data: bytes) -> None:
     fs, path = filesystem(uri)
     try:
         if is_s3(uri):
-            with fs.open_output_stream(path) as f:
-                f.write(data)
+
+            def put() -> None:
+                with fs.open_output_stream(path) as f:
+                    f.write(data)
+
+            retry_transient(put)
             return
         os.makedirs(os.path.dirname(path), exist_ok=True)
         tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
@@ -112,7 +167,7 @@ def write_bytes(uri: str, data: bytes) -> None:
 def exists(uri: str) -> bool:
     fs, path = filesystem(uri)
     try:
-        return fs.get_file_info(path).type != pafs.FileType.NotFound
+        return retry_transient(lambda: fs.get_file_info(path)).type != pafs.FileType.NotFound
     except OSError as e:
         raise StorageError(f"cannot stat {uri}: {e}") from e
 
@@ -130,7 +185,7 @@ def list_files(prefix: str) -> list[tuple[str, int, int]]:
     fs, root = filesystem(prefix)
     root = root.rstrip("/")
     try:
-        infos = fs.get_file_info(pafs.FileSelector(root, recursive=True, allow_not_found=True))
+        infos = retry_transient(lambda: fs.get_file_info(pafs.FileSelector(root, recursive=True, allow_not_found=True)))
     except OSError as e:
         raise StorageError(f"cannot list {prefix}: {e}") from e
     head = root + "/"

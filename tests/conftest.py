@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-sys.path.insert(0, os.path.dirname(__file__))  # tests/parts.py
+sys.path.insert(0, os.path.dirname(__file__))  # tests/parts.py, tests/s3proxy.py
 
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -28,16 +28,19 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="session")
-def s3_endpoint():
-    """moto's S3 server on 127.0.0.1 (never all interfaces); AWS_* env points every client at it."""
+def s3_proxy():
+    """moto's S3 server on 127.0.0.1 (never all interfaces) behind a loopback proxy that can
+    inject S3's 503 SlowDown / 500 errors (tests/s3proxy.py; off unless a test sets
+    `fail_every`). AWS_* env points every client at the proxy."""
     from moto.server import ThreadedMotoServer
+    from s3proxy import FlakyS3Proxy
 
     port = free_port()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
     server.start()
-    endpoint = f"http://127.0.0.1:{port}"
+    proxy = FlakyS3Proxy(f"http://127.0.0.1:{port}").start()
     env = {
-        "AWS_ENDPOINT_URL": endpoint,
+        "AWS_ENDPOINT_URL": proxy.endpoint,
         "AWS_ACCESS_KEY_ID": "testing",
         "AWS_SECRET_ACCESS_KEY": S3_SECRET,
         "AWS_DEFAULT_REGION": "us-east-1",
@@ -45,13 +48,19 @@ def s3_endpoint():
     }
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
-    yield endpoint
+    yield proxy
+    proxy.stop()
     server.stop()
     for k, v in saved.items():
         if v is None:
             os.environ.pop(k, None)
         else:
             os.environ[k] = v
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint(s3_proxy) -> str:
+    return s3_proxy.endpoint
 
 
 @pytest.fixture
