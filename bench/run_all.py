@@ -4,7 +4,8 @@
 
 Each bench prints JSON lines; this runs them one after another (ratios inside a bench are
 measured in the same run), keeps their JSON lines verbatim, and writes the page with the date,
-the machine and the exact commands. On a machine with a GPU, `bench/model.py` adds the sd15
+the machine and the exact commands. With `--only`, the other benches' sections already on the
+page are kept as they were (each section says when it was run). On a machine with a GPU, `bench/model.py` adds the sd15
 images/s and MFU lines; the GPU command is on the page either way.
 """
 
@@ -26,6 +27,7 @@ BENCHES = {
     "pipeline": ["bench/pipeline.py"],
     "metrics": ["bench/metrics.py"],
     "serve": ["bench/serve.py"],
+    "soak": ["bench/soak.py"],
 }
 GPU_COMMAND = "python bench/model.py --gpu-batches 1,2,4,8,16 --steps 40   # on the GPU node; add --compile to try torch.compile"
 
@@ -38,6 +40,21 @@ def machine() -> str:
     except (OSError, subprocess.TimeoutExpired):
         pass
     return f"{platform.node()}: {os.cpu_count()} CPUs, {platform.machine()}, Python {platform.python_version()}, GPU {gpu}"
+
+
+def _sections(path: str) -> dict[str, list[str]]:
+    """The `## name` sections of an existing page, as lines (empty when there is no page)."""
+    if not os.path.exists(path):
+        return {}
+    sections: dict[str, list[str]] = {}
+    current = None
+    for line in open(path).read().splitlines():
+        if line.startswith("## "):
+            current = line[3:].strip()
+            sections[current] = []
+        if current is not None:
+            sections[current].append(line)
+    return sections
 
 
 def main() -> None:
@@ -68,8 +85,11 @@ def main() -> None:
         f"    {GPU_COMMAND}",
         "",
     ]
-    for name, command, started, status, lines in sections:
-        page += [f"## {name}", "", f"`{command}` (started {started}, {status})", "", "```json", *lines, "```", ""]
+    kept = _sections(args.out) if args.only else {}
+    ran = {name: [f"## {name}", "", f"`{command}` (started {started}, {status})", "", "```json", *lines, "```", ""]
+           for name, command, started, status, lines in sections}
+    for name in BENCHES:
+        page += ran.get(name) or kept.get(name) or []
     with open(args.out, "w") as f:
         f.write("\n".join(page))
     print(f"[bench] wrote {args.out}")

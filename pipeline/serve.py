@@ -122,7 +122,7 @@ class ServeArgs(BaseModel):
     max_steps: int = Field(100, ge=1)  # a request's `steps` cap: 1000 steps would hold the GPU for minutes
     api_token: SecretStr | None = None  # when set (or api_token_env), requests need "Authorization: Bearer <token>"
     api_token_env: str | None = None  # name of an env var holding the token (keeps it out of the Serve config)
-    allow_roots: list[str] = Field(default_factory=list)  # local folders JSON requests may name
+    allow_roots: list[str] = Field(default_factory=list)  # local folders (or s3:// prefixes) JSON requests may name
     allow_http: bool = False  # fetch http(s):// URIs (off: internal metadata endpoints are a risk)
     # -- resources ------------------------------------------------------------------------------
     num_gpus: float = Field(0, ge=0)  # per replica; 1 on GPU nodes (0 default: a GPU ask on a CPU node waits forever)
@@ -378,10 +378,10 @@ class DTCServer:
         # 1. settings, token, allowlist
         self.args = args
         self._token = self._api_token(args)
-        roots = [os.path.realpath(root) for root in args.allow_roots]
-        # InputPolicy always allows its manifest folder; a server has none, so the first root
-        # stands in for it, and without roots "s3://" (never a local root) does.
-        self.policy = InputPolicy(roots[0] if roots else "s3://", tuple(roots[1:]), args.allow_http)
+        roots = [root if "://" in root else os.path.realpath(root) for root in args.allow_roots]
+        # A server has no manifest folder: "s3://" stands in for it (no local root, no S3 prefix),
+        # so only the roots given are allowed; an s3:// root limits S3 to such prefixes.
+        self.policy = InputPolicy("s3://", tuple(roots), args.allow_http)
         # 2. the model, in the one thread that will ever run it. The device follows what Ray
         # gave this replica (a config file may override num_gpus), not a guess.
         self.device = "cuda" if ray.get_gpu_ids() else "cpu"

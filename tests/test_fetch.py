@@ -45,6 +45,9 @@ def test_an_s3_allow_root_narrows_s3_to_its_prefixes(tmp_path):
     # a local manifest: only the named prefixes; a bare "s3://" root (the Serve app's) narrows nothing
     assert InputPolicy(str(tmp_path), allow_roots=("s3://photos/approved",)).s3_roots() == ["s3://photos/approved"]
     assert InputPolicy("s3://", allow_roots=()).check("s3://b/k") == "s3://b/k"
+    serve = InputPolicy("s3://", allow_roots=("s3://b/ok", str(tmp_path)))  # how the Serve app builds it
+    assert serve.check("s3://b/ok/k") == "s3://b/ok/k" and serve.local_roots() == [os.path.realpath(tmp_path)]
+    assert "outside every allowed S3 prefix" in _refused(serve, "s3://b/other/k")
 
 
 def test_a_refused_uri_is_never_fetched(tmp_path):
