@@ -7,6 +7,11 @@ FLOPs are counted with `torch.utils.flop_counter.FlopCounterMode` on one denoisi
 encoder + main UNet, CFG batch of 2B), the VAE encode and decode, and the image encoder, at
 the preset's real sizes; nothing is assumed. MFU divides achieved FLOP/s by `--peak-tflops`
 (default: 989, the H100/H200 SXM dense bf16 datasheet figure).
+
+On a GPU the model runs as the render job runs it there: bf16, SDPA attention, channels_last
+(`pipeline.model.loading.optimize_pipeline`), `--compile` optional. A `host_syncs` line first
+counts the host-GPU synchronisations of one call with torch's sync debug mode, at two step
+counts: `per_step` must be 0 (the denoising loop never waits for the GPU).
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ import torch  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
 from pipeline.model.presets import build_preset  # noqa: E402
+from pipeline.model.loading import optimize_pipeline  # noqa: E402
 
 
 def emit(**record) -> None:
@@ -99,15 +105,38 @@ def bench_tiny_cpu(steps: int) -> None:
              guidance_scale=5.0, seconds_per_step=round(per_step, 5), images_per_s=round(batch / per_call, 3))
 
 
+def host_syncs(pipe, steps: int = 4) -> None:
+    """How many times one call makes the host wait for the GPU, inside the denoising loop and in
+    all (torch's sync debug mode warns once per sync; the loop should have none)."""
+    import warnings
+
+    image, hole, product = make_batch(pipe, 2)
+    gens = [torch.Generator().manual_seed(i) for i in range(2)]
+    latents_only = dict(num_inference_steps=steps, generator=gens, output_type="latent")
+    counts = {}
+    for name, call in (("steps_" + str(steps), latents_only), ("steps_" + str(steps * 2), dict(latents_only, num_inference_steps=steps * 2))):
+        torch.cuda.synchronize()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                pipe(image, hole, product, **call)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+        counts[name] = sum("synchroniz" in str(w.message) for w in caught)
+    # Syncs before the loop (hint geometry on the CPU) are per call; a sync per step would make
+    # the count grow with the steps.
+    emit(bench="host_syncs", **counts, per_step=(counts[f"steps_{steps * 2}"] - counts[f"steps_{steps}"]) / steps)
+
+
 def bench_gpu(preset: str, steps: int, batches: list[int], peak_tflops: float, flops_per_image: float, compile_unet: bool) -> None:
     device, dtype = "cuda", torch.bfloat16
     with torch.device(device):
         pipe = build_preset(preset)
     pipe.to(dtype=dtype)
     pipe.set_progress_bar_config(disable=True)
-    if compile_unet:
-        pipe.unet = torch.compile(pipe.unet)
-        pipe.hint_encoder = torch.compile(pipe.hint_encoder)
+    optimize_pipeline(pipe, compile_model=compile_unet, channels_last=True)
+    host_syncs(pipe)
     for batch in batches:
         image, hole, product = make_batch(pipe, batch)
         gens = lambda: [torch.Generator().manual_seed(i) for i in range(batch)]  # noqa: E731

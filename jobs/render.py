@@ -48,6 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
     add("--gpus-per-actor", type=float, help="GPUs per model actor (default: 1 if the cluster has GPUs, else 0)")
     add("--cpus-per-actor", type=float, help="CPUs reserved per model actor (default 1)")
     add("--torch-threads", type=int, help="torch threads in a CPU model actor")
+    add("--compile", action="store_true", help="torch.compile the UNet and hint encoder (GPU; slow first batches)")
+    add("--channels-last", action="store_true", help="channels_last memory format for the convolutions (GPU)")
     add("--image-format", choices=("jpeg", "png", "webp"), help="output image format (default jpeg)")
     add("--jpeg-quality", type=int, help="JPEG/WebP quality (default 92)")
     add("--limit", type=int, help="render at most N manifest rows")

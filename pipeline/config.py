@@ -48,6 +48,8 @@ class RenderConfig:
     cpus_per_actor: float = 1.0  # a fraction keeps small machines from starving the read stages
     torch_threads: int | None = None  # torch threads inside a CPU actor (Ray sets 1 for fractional CPUs)
     cpu_stage_cpus: float = 0.5  # per fetch/decode/postprocess task; fractional so stages overlap
+    compile: bool = False  # torch.compile the UNet and hint encoder in each actor (GPU: minutes of warm-up, then faster steps)
+    channels_last: bool = False  # NHWC convolutions for UNet, hint encoder and VAE (faster on GPU tensor cores)
     # -- which rows --------------------------------------------------------------------------------
     limit: int | None = None  # render at most this many manifest rows (in manifest order)
     force: bool = False  # re-render pairs that are already done

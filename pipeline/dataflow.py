@@ -110,6 +110,7 @@ def build_dataset(
         fn_constructor_kwargs=dict(
             model_uri=cfg.model, steps=cfg.steps, guidance_scale=cfg.guidance_scale,
             scheduler=cfg.scheduler, torch_threads=cfg.torch_threads,
+            compile_model=cfg.compile, channels_last=cfg.channels_last,
             inception_weights=ctx.inception_weights, clip_model=ctx.clip_model,
             output=ctx.output, run_id=ctx.run_id, fault=cfg.fault_injection,
         ),

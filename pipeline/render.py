@@ -83,10 +83,13 @@ class DTCRenderer:
         output: str | None = None,
         run_id: str | None = None,
         fault: dict | None = None,
+        compile_model: bool = False,
+        channels_last: bool = False,
     ):
         """`output`/`run_id` enable the crash ledger (the render job); `fault` injects faults
         for chaos tests only: {"crash_on_pair": id, "crash_once_marker": path, "oom_over": n,
-        "oom_pair": id} (see `_inject`)."""
+        "oom_pair": id} (see `_inject`). `compile_model` / `channels_last`: the GPU speed
+        options of `pipeline.model.loading.optimize_pipeline`."""
         import torch
 
         from pipeline.model.loading import load_pipeline
@@ -98,6 +101,10 @@ class DTCRenderer:
             torch.set_num_threads(torch_threads)
         # 2. the model, once per actor
         self.pipe = load_pipeline(model_uri, device=self.device, scheduler=scheduler)
+        if compile_model or channels_last:
+            from pipeline.model.loading import optimize_pipeline
+
+            optimize_pipeline(self.pipe, compile_model=compile_model, channels_last=channels_last)
         # 3. metric extractors beside the model, on the same device (METRICS.md: batched, never per row on the driver)
         self.quality = None
         if inception_weights or clip_model:

@@ -282,3 +282,23 @@ def test_missing_or_malformed_checkpoint_is_one_clear_error(tiny_model_dir, tmp_
     (broken / "model_index.json").unlink()
     with pytest.raises(CheckpointError, match="model_index.json is missing"):
         load_pipeline(str(broken))
+
+
+def test_attention_is_sdpa_and_channels_last_keeps_the_output(tiny_model_dir):
+    from diffusers.models.attention_processor import AttnProcessor2_0
+
+    from pipeline.model.loading import optimize_pipeline
+
+    plain = load_pipeline(tiny_model_dir)
+    # SDPA (F.scaled_dot_product_attention: flash / memory-efficient kernels on GPU) everywhere
+    for module in (plain.unet, plain.hint_encoder, plain.vae):
+        processors = getattr(module, "attn_processors", {})
+        assert all(isinstance(p, AttnProcessor2_0) for p in processors.values()), module.__class__.__name__
+    assert plain.unet.attn_processors and plain.image_encoder.config._attn_implementation == "sdpa"
+
+    image, hole, product = _inputs(plain, 2)
+    expected = _render(plain, image, hole, product, [5, 6], steps=2)
+    fast = optimize_pipeline(load_pipeline(tiny_model_dir), channels_last=True)
+    assert fast.unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+    got = _render(fast, image, hole, product, [5, 6], steps=2)
+    assert np.abs(got.astype(int) - expected.astype(int)).max() <= 1  # same kernels up to rounding

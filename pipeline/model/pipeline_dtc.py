@@ -249,15 +249,19 @@ class DTCPipeline(DiffusionPipeline):
             dtype=dtype,
         ) * self.scheduler.init_noise_sigma
 
-        # 7. denoising loop
-        for t in self.progress_bar(self.scheduler.timesteps):
+        # 7. denoising loop. The schedulers index their CPU tables with the timestep: they get
+        # a CPU copy and the networks the device one, as a GPU scalar used as a CPU index would
+        # make every step wait for the GPU (a host sync).
+        timesteps = self.scheduler.timesteps
+        cpu_timesteps = timesteps.cpu()
+        for i in self.progress_bar(range(len(cpu_timesteps))):
             model_input = torch.cat([latents, latents]) if do_cfg else latents
-            model_input = self.scheduler.scale_model_input(model_input, t)
-            noise = self.predict_noise(model_input, t, masked_image_latents, hole_latent, hint_latents, context)
+            model_input = self.scheduler.scale_model_input(model_input, cpu_timesteps[i])
+            noise = self.predict_noise(model_input, timesteps[i], masked_image_latents, hole_latent, hint_latents, context)
             if do_cfg:
                 noise_uncond, noise_cond = noise.chunk(2)
                 noise = noise_uncond + guidance_scale * (noise_cond - noise_uncond)
-            latents = self.scheduler.step(noise, t, latents).prev_sample
+            latents = self.scheduler.step(noise, cpu_timesteps[i], latents).prev_sample
 
         if output_type == "latent":
             return DTCPipelineOutput(images=latents) if return_dict else (latents,)
