@@ -1,4 +1,5 @@
-"""Per-row image work in numpy + PIL (no torch): decode, region, crop window, pre/postprocess, encode.
+"""Per-row image work in numpy + PIL (torch only for its uint8 resize kernels, imported lazily in
+the workers): decode, region, crop window, pre/postprocess, encode.
 
     context = decode_image(context_bytes)                         # H x W x 3 uint8, EXIF applied
     product = decode_image(product_bytes, keep_alpha=True)        # h x w x 4 uint8
@@ -28,6 +29,7 @@ from PIL import Image, ImageFilter, ImageOps
 __all__ = [
     "EXTENSIONS",
     "MIN_REGION_PX",
+    "resize_uint8",
     "RowError",
     "decode_image",
     "decode_mask",
@@ -71,7 +73,8 @@ def decode_image(data: bytes, *, max_pixels: int = 50_000_000, keep_alpha: bool 
     The pixel count is checked from the header before any pixel is decoded (`too_large`).
     EXIF orientation is applied. Grayscale, palette (with transparency), CMYK, 16-bit (scaled
     to 8 bits, not clipped), LA and RGBA inputs are handled; without alpha in the file, alpha
-    is 255. Truncated or non-image bytes raise `image_unreadable`.
+    is 255. Truncated or non-image bytes raise `image_unreadable`. The array may be read-only
+    (Pillow's own buffer, not a copy): copy it before writing into it.
     """
     image = _open(data, max_pixels)
     try:
@@ -83,8 +86,11 @@ def decode_image(data: bytes, *, max_pixels: int = 50_000_000, keep_alpha: bool 
             raise RowError("image_unreadable", "32-bit float images are not supported")
         # convert("RGBA") also turns a palette/L/RGB `transparency` key into a real alpha
         # channel, and Pillow undoes the Adobe inversion of CMYK JPEGs when reading them.
+        mode = "RGBA" if keep_alpha else "RGB"
+        if image.mode == mode:  # the common case: one copy out of Pillow, none through convert()
+            return np.asarray(image)
         try:
-            return np.array(image.convert("RGBA" if keep_alpha else "RGB"), dtype=np.uint8)
+            return np.asarray(image.convert(mode))
         except ValueError as e:
             raise RowError("image_unreadable", f"cannot convert a {image.mode} image to RGB ({e})") from e
     finally:
@@ -292,21 +298,19 @@ def preprocess(
         raise ValueError(f"product must be h x w x 4 (RGBA), got shape {product_rgba.shape}")
     crop_box = crop_window(hole, width, height, margin)
 
-    # 1. context window. Bilinear after an integer box reduce (reducing_gap): antialiased, and
-    # about one pass over the output; LANCZOS over a 1024^2 window cost more than decoding the
-    # photo (bench/data_path.py). The model sees this window only; the output keeps the photo.
-    window = Image.fromarray(crop(context, crop_box))
-    context_in = np.asarray(window.resize((resolution, resolution), Image.Resampling.BILINEAR, reducing_gap=1.0))
+    # 1. context window, antialiased bilinear (PIL's filter, torch's uint8 kernel: see
+    # `resize_uint8`). The model sees this window only; the output keeps the photo.
+    context_in = resize_uint8(crop(context, crop_box), resolution, resolution, "bilinear")
 
-    # 2. hole, by coverage (BOX averages areas exactly)
-    hole_window = Image.fromarray(crop(hole, crop_box).astype(np.uint8) * 255)
-    hole_in = np.asarray(hole_window.resize((resolution, resolution), Image.Resampling.BOX)) > 0
+    # 2. hole, by coverage: a model pixel is hole when any photo pixel overlapping it is (the
+    # max over the exact overlap windows of an adaptive pool)
+    hole_in = _coverage(crop(hole, crop_box), resolution)
 
     # 3. product: alpha cuts it out. Resized first as RGBA (PIL premultiplies alpha, so no colour
     # fringes), then composited on grey and padded: the per-pixel work runs at 224^2, not at
     # the product shot's size.
     alpha = product_rgba[..., 3]
-    if not (alpha >= 128).any():
+    if alpha.max() < 128:
         raise RowError("product_transparent", "product image is fully transparent (no pixel with alpha >= 128)")
     product_in, alpha_in = _square_resize(product_rgba, product_size)
     return {
@@ -323,7 +327,10 @@ def _square_resize(rgba: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]
     height, width = rgba.shape[:2]
     scale = size / max(height, width)
     fit = (max(1, round(width * scale)), max(1, round(height * scale)))
-    small = np.asarray(Image.fromarray(rgba, "RGBA").resize(fit, Image.Resampling.BICUBIC, reducing_gap=1.0))
+    if rgba[..., 3].min() == 255:  # opaque (a JPEG product shot): no premultiplied-alpha pass needed
+        small = resize_uint8(rgba, fit[0], fit[1], "bicubic")
+    else:
+        small = np.asarray(Image.fromarray(rgba, "RGBA").resize(fit, Image.Resampling.BICUBIC, reducing_gap=1.0))
     a = small[..., 3:4].astype(np.uint16)
     rgb = ((small[..., :3].astype(np.uint16) * a + NEUTRAL_GREY * (255 - a) + 127) // 255).astype(np.uint8)
     top, left = (size - fit[1]) // 2, (size - fit[0]) // 2
@@ -359,10 +366,6 @@ def postprocess(
     if hole.shape != (height, width):
         raise ValueError(f"hole is {hole.shape} but context is {context.shape[:2]}")
 
-    resized = rendered
-    if rendered.shape[0] != side:
-        resized = np.asarray(Image.fromarray(rendered).resize((side, side), Image.Resampling.BICUBIC))
-
     result = context.copy()
     box = _bounding_box(hole)
     if box is None:
@@ -380,13 +383,59 @@ def postprocess(
     alpha = alpha[bt - top : bb - top, bl - left : br - left]
     region = hole[bt:bb, bl:br]
 
-    original = context[bt:bb, bl:br]
-    new = resized[bt - y0 : bb - y0, bl - x0 : br - x0].astype(np.float32)
-    blended = original + alpha[..., None] * (new - original)
-    blended = np.rint(blended).clip(0, 255).astype(np.uint8)
-    # np.where rather than trusting float math: outside the region the original stays bit-exact.
-    result[bt:bb, bl:br] = np.where(region[..., None], blended, original)
+    original = context[bt:bb, bl:br].astype(np.uint16)
+    resized = rendered if rendered.shape[0] == side else resize_uint8(rendered, side, side, "bicubic")
+    new = resized[bt - y0 : bb - y0, bl - x0 : br - x0]
+    # Integer blend with weights in 0..255: where the weight is 0 (everything outside the
+    # region) (original * 255 + 127) // 255 is the original, bit for bit.
+    weight = (np.rint(alpha * 255).astype(np.uint16) * region)[..., None]
+    blended = (original * (255 - weight) + new * weight + 127) // 255
+    result[bt:bb, bl:br] = blended.astype(np.uint8)
     return result
+
+
+def resize_uint8(array: np.ndarray, width: int, height: int, mode: str) -> np.ndarray:
+    """H x W x C uint8 -> height x width x C uint8, antialiased "bilinear" or "bicubic".
+
+    PIL's resampling filters, computed by torch's uint8 kernels (`F.interpolate(...,
+    antialias=True)` on a channels-last uint8 tensor, written to match PIL's `Image.resize`:
+    equal within 2 levels, tests/test_images.py) at 4-5x PIL's speed on one thread: resizes
+    were half the CPU cost of a pair around the model (bench/data_path.py). torch is imported
+    here, in the workers' CPU stages; the driver never calls this. Channels are filtered
+    independently: an RGBA image is not premultiplied as PIL does, so pass opaque ones only."""
+    import torch
+    import torch.nn.functional as F
+
+    if array.dtype != np.uint8 or array.ndim != 3:
+        raise ValueError(f"resize_uint8 needs H x W x C uint8, got {array.dtype} {array.shape}")
+    if array.shape[:2] == (height, width):
+        return np.ascontiguousarray(array)
+    # A C-contiguous H x W x C array is a channels-last tensor, the layout of torch's fast
+    # uint8 kernels (and of their output, so the result comes back without a copy).
+    with warnings.catch_warnings():  # a read-only array is only read here
+        warnings.simplefilter("ignore", UserWarning)
+        tensor = torch.from_numpy(np.ascontiguousarray(array))
+    out = F.interpolate(tensor.permute(2, 0, 1).unsqueeze(0), size=(height, width), mode=mode, antialias=True)
+    return np.ascontiguousarray(out[0].permute(1, 2, 0).numpy())
+
+
+def _coverage(hole: np.ndarray, size: int) -> np.ndarray:
+    """H x W bool -> size x size bool: true where any source pixel overlapping the output pixel
+    is true. Output pixel i spans [i*n/size, (i+1)*n/size) of n source pixels, so it sees
+    pixels floor(i*n/size) .. ceil((i+1)*n/size)-1. Separable, one axis at a time: an OR of the
+    k-th pixel of every window, for k up to the longest window (a few gathers, not a loop over
+    pixels)."""
+
+    def along(values: np.ndarray, axis: int) -> np.ndarray:
+        n = values.shape[axis]
+        i = np.arange(size)
+        start, end = (i * n) // size, -(-(i + 1) * n // size)
+        out = np.take(values, start, axis=axis)
+        for k in range(1, int((end - start).max())):
+            out |= np.take(values, np.minimum(start + k, end - 1), axis=axis)
+        return out
+
+    return along(along(np.asarray(hole, dtype=bool), 1), 0)
 
 
 def _feathered_alpha(region: np.ndarray, feather_px: int) -> np.ndarray:

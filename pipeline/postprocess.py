@@ -54,10 +54,11 @@ def finish_batch(
         if not codes[i]:
             start = time.perf_counter()
             h, w = height[i], width[i]
-            context = np.frombuffer(batch["context_raw"][i].as_py(), dtype=np.uint8).reshape(h, w, 3)
-            hole_bits = np.frombuffer(batch["hole_bits"][i].as_py(), dtype=np.uint8)
-            hole = np.unpackbits(hole_bits, count=h * w).reshape(h, w).astype(bool)
-            rendered = np.frombuffer(batch["rendered"][i].as_py(), dtype=np.uint8).reshape(resolution, resolution, 3)
+            # as_buffer(): views of the block's memory; as_py() would copy each photo once more
+            context = np.frombuffer(batch["context_raw"][i].as_buffer(), dtype=np.uint8).reshape(h, w, 3)
+            hole_bits = np.frombuffer(batch["hole_bits"][i].as_buffer(), dtype=np.uint8)
+            hole = np.unpackbits(hole_bits, count=h * w).reshape(h, w).view(bool)
+            rendered = np.frombuffer(batch["rendered"][i].as_buffer(), dtype=np.uint8).reshape(resolution, resolution, 3)
             final = images.postprocess(context, rendered, hole, tuple(crop_box[i]), feather_px=feather_px)
             uri = layout.image(col["pair_id"][i], images.EXTENSIONS[image_format])
             storage.write_bytes(uri, images.encode_image(final, image_format, quality=quality))
