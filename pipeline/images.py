@@ -323,19 +323,21 @@ def preprocess(
 
 
 def _square_resize(rgba: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
-    """Fit the product in size x size (aspect kept), on neutral grey, centred: (rgb, alpha)."""
+    """Fit the product in size x size (aspect kept), on neutral grey, centred: (rgb, alpha).
+
+    Resized with premultiplied alpha (Pillow's "RGBa"), so transparent pixels lend no colour to
+    the edge; then "over" neutral grey: colour + grey * (1 - alpha)."""
     height, width = rgba.shape[:2]
     scale = size / max(height, width)
     fit = (max(1, round(width * scale)), max(1, round(height * scale)))
-    if rgba[..., 3].min() == 255:  # opaque (a JPEG product shot): no premultiplied-alpha pass needed
-        small = resize_uint8(rgba, fit[0], fit[1], "bicubic")
-    else:
-        small = np.asarray(Image.fromarray(rgba, "RGBA").resize(fit, Image.Resampling.BICUBIC, reducing_gap=1.0))
+    if rgba[..., 3].min() < 255:  # an opaque shot (a JPEG) is its own premultiplied form
+        rgba = np.asarray(Image.fromarray(rgba, "RGBA").convert("RGBa"))
+    small = resize_uint8(rgba, fit[0], fit[1], "bicubic")
     a = small[..., 3:4].astype(np.uint16)
-    rgb = ((small[..., :3].astype(np.uint16) * a + NEUTRAL_GREY * (255 - a) + 127) // 255).astype(np.uint8)
+    over = (small[..., :3].astype(np.uint16) * 255 + NEUTRAL_GREY * (255 - a) + 127) // 255
     top, left = (size - fit[1]) // 2, (size - fit[0]) // 2
     out_rgb = np.full((size, size, 3), NEUTRAL_GREY, dtype=np.uint8)
-    out_rgb[top : top + fit[1], left : left + fit[0]] = rgb
+    out_rgb[top : top + fit[1], left : left + fit[0]] = np.minimum(over, 255).astype(np.uint8)
     out_alpha = np.zeros((size, size), dtype=np.uint8)
     out_alpha[top : top + fit[1], left : left + fit[0]] = small[..., 3]
     return out_rgb, out_alpha
@@ -384,8 +386,7 @@ def postprocess(
     region = hole[bt:bb, bl:br]
 
     original = context[bt:bb, bl:br].astype(np.uint16)
-    resized = rendered if rendered.shape[0] == side else resize_uint8(rendered, side, side, "bicubic")
-    new = resized[bt - y0 : bb - y0, bl - x0 : br - x0]
+    new = resize_uint8(rendered, side, side, "bicubic", keep=(bl - x0, bt - y0, br - x0, bb - y0))
     # Integer blend with weights in 0..255: where the weight is 0 (everything outside the
     # region) (original * 255 + 127) // 255 is the original, bit for bit.
     weight = (np.rint(alpha * 255).astype(np.uint16) * region)[..., None]
@@ -394,8 +395,13 @@ def postprocess(
     return result
 
 
-def resize_uint8(array: np.ndarray, width: int, height: int, mode: str) -> np.ndarray:
-    """H x W x C uint8 -> height x width x C uint8, antialiased "bilinear" or "bicubic".
+def resize_uint8(
+    array: np.ndarray, width: int, height: int, mode: str, keep: tuple[int, int, int, int] | None = None
+) -> np.ndarray:
+    """H x W x C uint8 -> height x width x C uint8, antialiased "bilinear" or "bicubic";
+    with `keep` = (left, top, right, bottom), only that part of the result (the kernels write
+    channels-first: turning the result back to H x W x C costs as much as the resize, so only
+    the pixels wanted are turned).
 
     PIL's resampling filters, computed by torch's uint8 kernels (`F.interpolate(...,
     antialias=True)` on a channels-last uint8 tensor, written to match PIL's `Image.resize`:
@@ -409,14 +415,19 @@ def resize_uint8(array: np.ndarray, width: int, height: int, mode: str) -> np.nd
     if array.dtype != np.uint8 or array.ndim != 3:
         raise ValueError(f"resize_uint8 needs H x W x C uint8, got {array.dtype} {array.shape}")
     if array.shape[:2] == (height, width):
+        if keep is not None:
+            array = array[keep[1] : keep[3], keep[0] : keep[2]]
         return np.ascontiguousarray(array)
     # A C-contiguous H x W x C array is a channels-last tensor, the layout of torch's fast
     # uint8 kernels (and of their output, so the result comes back without a copy).
     with warnings.catch_warnings():  # a read-only array is only read here
         warnings.simplefilter("ignore", UserWarning)
         tensor = torch.from_numpy(np.ascontiguousarray(array))
-    out = F.interpolate(tensor.permute(2, 0, 1).unsqueeze(0), size=(height, width), mode=mode, antialias=True)
-    return np.ascontiguousarray(out[0].permute(1, 2, 0).numpy())
+    out = F.interpolate(tensor.permute(2, 0, 1).unsqueeze(0), size=(height, width), mode=mode, antialias=True)[0]
+    if keep is not None:
+        left, top, right, bottom = keep
+        out = out[:, top:bottom, left:right]
+    return out.permute(1, 2, 0).contiguous().numpy()
 
 
 def _coverage(hole: np.ndarray, size: int) -> np.ndarray:

@@ -373,6 +373,10 @@ def test_resize_uint8_equals_pils_resample(mode, resample, shape, size):
     assert got.shape == expected.shape and got.dtype == np.uint8
     diff = np.abs(got.astype(int) - expected)
     assert diff.max() <= 2 and diff.mean() < 0.02, (diff.max(), diff.mean())
+    # `keep` returns that part of the same result
+    left, top = size[0] // 3, size[1] // 4
+    kept = resize_uint8(image, size[0], size[1], mode, keep=(left, top, size[0] - 1, size[1]))
+    assert np.array_equal(kept, got[top:, left : size[0] - 1])
     # a non-contiguous view (a crop of a bigger photo) gives the same pixels as its copy
     photo = np.random.default_rng(1).integers(0, 256, (200, 300, 3), dtype=np.uint8)
     assert np.array_equal(resize_uint8(photo[20:150, 40:170], 64, 64, mode), resize_uint8(photo[20:150, 40:170].copy(), 64, 64, mode))
