@@ -27,7 +27,6 @@ import os
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 
 import psutil
@@ -118,7 +117,6 @@ def main() -> None:
         count = RowCounter(os.path.join(output, "manifest", "soak"))
         samples = []
         start = time.monotonic()
-        stop = threading.Event()
         while job.poll() is None:
             try:
                 own = memory(job.pid)
@@ -130,7 +128,7 @@ def main() -> None:
             if len(samples) % args.print_every == 1:
                 emit(bench="soak_sample", t=sample["t"], rows=sample["rows"], driver=own, workers_rss_mb=sample["workers_rss_mb"],
                      model_actors=[{k: w[k] for k in ("rss", "anon", "shmem")} for w in sample["workers"].values() if "DTCRenderer" in w["role"]])
-            stop.wait(args.interval)
+            time.sleep(args.interval)
         code = job.wait()
         log.close()
         if code != 0:

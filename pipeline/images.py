@@ -302,13 +302,11 @@ def preprocess(
     # `resize_uint8`). The model sees this window only; the output keeps the photo.
     context_in = resize_uint8(crop(context, crop_box), resolution, resolution, "bilinear")
 
-    # 2. hole, by coverage: a model pixel is hole when any photo pixel overlapping it is (the
-    # max over the exact overlap windows of an adaptive pool)
+    # 2. hole, by coverage: a model pixel is hole when any photo pixel overlapping it is
     hole_in = _coverage(crop(hole, crop_box), resolution)
 
-    # 3. product: alpha cuts it out. Resized first as RGBA (PIL premultiplies alpha, so no colour
-    # fringes), then composited on grey and padded: the per-pixel work runs at 224^2, not at
-    # the product shot's size.
+    # 3. product: alpha cuts it out. Resized with premultiplied alpha (no colour fringes), then
+    # composited on grey and padded: the per-pixel work runs at 224^2, not at the shot's size.
     alpha = product_rgba[..., 3]
     if alpha.max() < 128:
         raise RowError("product_transparent", "product image is fully transparent (no pixel with alpha >= 128)")
@@ -408,7 +406,8 @@ def resize_uint8(
     equal within 2 levels, tests/test_images.py) at 4-5x PIL's speed on one thread: resizes
     were half the CPU cost of a pair around the model (bench/data_path.py). torch is imported
     here, in the workers' CPU stages; the driver never calls this. Channels are filtered
-    independently: an RGBA image is not premultiplied as PIL does, so pass opaque ones only."""
+    independently: an RGBA image is not premultiplied as PIL does, so pass an opaque or an
+    already premultiplied one."""
     import torch
     import torch.nn.functional as F
 
@@ -418,8 +417,8 @@ def resize_uint8(
         if keep is not None:
             array = array[keep[1] : keep[3], keep[0] : keep[2]]
         return np.ascontiguousarray(array)
-    # A C-contiguous H x W x C array is a channels-last tensor, the layout of torch's fast
-    # uint8 kernels (and of their output, so the result comes back without a copy).
+    # A C-contiguous H x W x C array is a channels-last tensor, the layout torch's fast uint8
+    # kernels read (they write channels-first: hence `keep`).
     with warnings.catch_warnings():  # a read-only array is only read here
         warnings.simplefilter("ignore", UserWarning)
         tensor = torch.from_numpy(np.ascontiguousarray(array))

@@ -26,6 +26,7 @@ Storage that cannot be reached (e.g. S3 access denied or down) raises `StorageEr
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -33,7 +34,6 @@ import os
 import posixpath
 import re
 import sys
-import time
 from collections.abc import Callable, Iterator, Set
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -334,8 +334,15 @@ _T = TypeVar("_T")
 def _read_file(file: str, read: Callable[[], _T], csv_names: list[str] | None = None) -> _T:
     """Run `read()` (again after a transient S3 error), turning pyarrow's errors into messages
     that name the file (and, for CSV, the column: pyarrow only gives its number)."""
-    try:
+    with _file_errors(file, csv_names):
         return storage.retry_transient(read)
+
+
+@contextlib.contextmanager
+def _file_errors(file: str, csv_names: list[str] | None = None) -> Iterator[None]:
+    """Re-raise a read error of `file` as the ManifestError / StorageError it means."""
+    try:
+        yield
     except Exception as e:
         mapped = _file_error(file, e, csv_names)
         if mapped is e:
@@ -485,7 +492,7 @@ def _scan(plan: ManifestPlan, columns: list[str] | None, batch_size: int) -> Ite
                 # and skip the rows already handed out.
                 if attempt == storage.TRANSIENT_ATTEMPTS or not storage.is_transient(e.__cause__):
                     raise
-                time.sleep(0.1 * 2 ** (attempt - 1))
+                storage.transient_pause(attempt)
 
 
 def _scan_file(
@@ -500,13 +507,8 @@ def _scan_file(
     batches = _read_file(file, scanner.to_batches)
     names = _read_file(file, lambda: fragment.physical_schema.names) if plan.format == "csv" else None
     while True:
-        try:
+        with _file_errors(file, names):
             batch = next(batches, None)
-        except Exception as e:
-            mapped = _file_error(file, e, names)
-            if mapped is e:
-                raise
-            raise mapped from e
         if batch is None:
             return
         if skip >= batch.num_rows:

@@ -162,20 +162,6 @@ def _rss_mb() -> float:
         return 0.0
 
 
-def _release_heap() -> None:
-    """Give the heap's free pages back to the OS (glibc `malloc_trim`; nothing elsewhere).
-
-    Streaming frees many small Arrow/Ray buffers that glibc keeps; without this the state
-    compaction after it allocates on top, and the driver's peak RSS grew with the manifest
-    (bench/pipeline.py: 1k -> 5k rows)."""
-    import ctypes
-
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
-
-
 def _progress(writer, total: int, started: float, last: list[float]) -> None:
     now = time.monotonic()
     if now - last[0] < 10 and writer.rows < total:
@@ -358,15 +344,15 @@ def run_render(cfg: RenderConfig, dry_run: bool = False) -> RunResult:
                 rss_samples.append([writer.rows, round(_rss_mb(), 1)])
                 mark = next(marks, None)
         writer.flush()
-        dataset = state = batch = None  # the stream's buffers can go before compaction
-        _release_heap()
+        # The stream's buffers go before compaction allocates on top of them: the system pool's
+        # release_unused() is glibc's malloc_trim, which also returns what Ray and Python freed
+        # (without it the driver's peak RSS grew with the manifest: bench/pipeline.py 1k -> 5k).
+        dataset = state = batch = None
+        pa.default_memory_pool().release_unused()
 
         # 5. bookkeeping: state, metrics, report
         compact_state(layout)
-        import pyarrow as pa
-
         pa.default_memory_pool().release_unused()  # give compaction's buffers back before the report
-        _release_heap()
         shard_counts = {shard: dict(c) for shard, c in writer.shards.items()}
         if metrics is not None:
             metrics_summary = metrics.finalize(shard_counts, p.metrics_protocol)

@@ -35,6 +35,7 @@ __all__ = [
     "sync_to_local",
     "is_transient",
     "retry_transient",
+    "transient_pause",
     "s3_max_attempts",
 ]
 
@@ -106,16 +107,22 @@ def is_transient(error: BaseException) -> bool:
     return isinstance(error, OSError) and any(marker in str(error) for marker in TRANSIENT_MARKERS)
 
 
+def transient_pause(attempt: int) -> None:
+    """The wait after failed attempt `attempt` (1, 2, ...): jittered exponential backoff,
+    0.1 s doubling, capped at 5 s."""
+    time.sleep(min(5.0, 0.1 * 2 ** (attempt - 1)) * random.uniform(0.5, 1.0))
+
+
 def retry_transient(fn: Callable[[], _T], attempts: int = TRANSIENT_ATTEMPTS) -> _T:
-    """`fn()`, tried again with jittered exponential backoff (0.1 s doubling, 5 s cap) while it
-    fails with a transient S3 error; any other error, or the last one, propagates unchanged."""
+    """`fn()`, tried again after `transient_pause` while it fails with a transient S3 error;
+    any other error, or the last one, propagates unchanged."""
     for attempt in range(1, attempts + 1):
         try:
             return fn()
         except OSError as e:
             if attempt == attempts or not is_transient(e):
                 raise
-            time.sleep(min(5.0, 0.1 * 2 ** (attempt - 1)) * random.uniform(0.5, 1.0))
+            transient_pause(attempt)
     raise AssertionError("unreachable")
 
 
