@@ -26,11 +26,13 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import numpy as np  # noqa: E402
+import pyarrow as pa  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from pipeline import images  # noqa: E402
 from pipeline.fetch import InputPolicy  # noqa: E402
-from pipeline.prepare import prepare_pair  # noqa: E402
+from pipeline.blocks import PAYLOAD_TYPE  # noqa: E402
+from pipeline.prepare import PAYLOAD_COLUMNS, prepare_pair  # noqa: E402
 from pipeline.sample_catalog import product, scene  # noqa: E402
 
 
@@ -60,10 +62,11 @@ def path_cost(context_path: str, product_path: str, bbox, policy: InputPolicy, r
     row = prepare_pair(context_path, product_path, None, bbox, policy=policy, resolution=resolution, product_size=224,
                        max_pixels=50_000_000, crop_margin=0.25)
     h, w = row["height"], row["width"]
+    block = {c: pa.array([row[c]], PAYLOAD_TYPE) for c in PAYLOAD_COLUMNS}  # prepare_batch's copy into the block
     # what finish_batch does with the payloads (the model's output stands in as the input crop)
-    context = np.frombuffer(row["context_raw"], dtype=np.uint8).reshape(h, w, 3)
-    hole = np.unpackbits(np.frombuffer(row["hole_bits"], dtype=np.uint8), count=h * w).reshape(h, w).astype(bool)
-    rendered = np.frombuffer(row["model_context"], dtype=np.uint8).reshape(resolution, resolution, 3)
+    context = np.frombuffer(block["context_raw"][0].as_buffer(), dtype=np.uint8).reshape(h, w, 3)
+    hole = np.unpackbits(np.frombuffer(block["hole_bits"][0].as_buffer(), dtype=np.uint8), count=h * w).reshape(h, w).view(bool)
+    rendered = np.frombuffer(block["model_context"][0].as_buffer(), dtype=np.uint8).reshape(resolution, resolution, 3)
     final = images.postprocess(context, rendered, hole, tuple(row["crop_box"]), feather_px=4)
     images.encode_image(final, fmt, quality=quality)
 

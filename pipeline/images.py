@@ -2,13 +2,14 @@
 the workers): decode, region, crop window, pre/postprocess, encode.
 
     context = decode_image(context_bytes)                         # H x W x 3 uint8, EXIF applied
-    product = decode_image(product_bytes, keep_alpha=True)        # h x w x 4 uint8
+    product = decode_image(product_bytes, keep_alpha=True, premultiply=True)  # h x w x 4 uint8
     hole = region_from_bbox(bbox, W, H)  or  decode_mask(mask_bytes) + check_region(hole, W, H)
     model_inputs = preprocess(context, hole, product, resolution=512)
     final = postprocess(context, rendered, hole, model_inputs["crop_box"])
     data = encode_image(final, "jpeg")
 
-Arrays in, arrays out (never PIL objects: they would defeat Ray's memory accounting). A bad
+Arrays in, arrays out (never PIL objects in Ray blocks: they would defeat its memory
+accounting), but for `postprocess`, whose Pillow image goes straight to `encode_image`. A bad
 input raises `RowError(code, message)`, which the stage turns into a failed row; a wrong
 argument (a programming error) raises ValueError.
 
@@ -67,15 +68,21 @@ class RowError(Exception):
 # -- decoding ------------------------------------------------------------------------------
 
 
-def decode_image(data: bytes, *, max_pixels: int = 50_000_000, keep_alpha: bool = False) -> np.ndarray:
+def decode_image(
+    data: bytes, *, max_pixels: int = 50_000_000, keep_alpha: bool = False, premultiply: bool = False
+) -> np.ndarray:
     """Encoded bytes -> H x W x 3 uint8 RGB (H x W x 4 RGBA with `keep_alpha`), as displayed.
 
     The pixel count is checked from the header before any pixel is decoded (`too_large`).
     EXIF orientation is applied. Grayscale, palette (with transparency), CMYK, 16-bit (scaled
     to 8 bits, not clipped), LA and RGBA inputs are handled; without alpha in the file, alpha
-    is 255. Truncated or non-image bytes raise `image_unreadable`. The array may be read-only
-    (Pillow's own buffer, not a copy): copy it before writing into it.
+    is 255. With `premultiply` (and `keep_alpha`) the colours come multiplied by alpha
+    (Pillow's "RGBa"), the form `preprocess` takes a product in. Truncated or non-image bytes
+    raise `image_unreadable`. The array may be read-only (Pillow's own buffer, not a copy):
+    copy it before writing into it.
     """
+    if premultiply and not keep_alpha:
+        raise ValueError("premultiply needs keep_alpha")
     image = _open(data, max_pixels)
     try:
         if image.mode in _SIXTEEN_BIT_MODES:
@@ -87,14 +94,32 @@ def decode_image(data: bytes, *, max_pixels: int = 50_000_000, keep_alpha: bool 
         # convert("RGBA") also turns a palette/L/RGB `transparency` key into a real alpha
         # channel, and Pillow undoes the Adobe inversion of CMYK JPEGs when reading them.
         mode = "RGBA" if keep_alpha else "RGB"
-        if image.mode == mode:  # the common case: one copy out of Pillow, none through convert()
-            return np.asarray(image)
         try:
-            return np.asarray(image.convert(mode))
+            pixels = image if image.mode == mode else image.convert(mode)  # the common case: no copy
+            # Pillow premultiplies from RGBA only; an image without alpha is its own premultiplied form.
+            if premultiply and image.has_transparency_data:
+                pixels = pixels.convert("RGBa")
         except ValueError as e:
-            raise RowError("image_unreadable", f"cannot convert a {image.mode} image to RGB ({e})") from e
+            raise RowError("image_unreadable", f"cannot convert a {image.mode} image to {mode} ({e})") from e
+        return _pixels(pixels)
     finally:
         image.close()
+
+
+def _pixels(image: Image.Image) -> np.ndarray:
+    """np.asarray(image), without its copy for 4-byte modes (RGBA, premultiplied RGBa): Pillow
+    lends those pixels through the Arrow C interface, and the read-only array keeps them alive
+    after the image is closed. RGB is stored as 4 bytes too, so its H x W x 3 array needs the
+    copy; an image Pillow split over several memory blocks (over 16 MB) cannot be lent."""
+    if image.mode in ("RGBA", "RGBa"):
+        import pyarrow as pa
+
+        try:
+            pixels = pa.array(image).values  # fixed_size_list<uint8>[4] -> its uint8 values
+        except ValueError:  # several blocks
+            return np.asarray(image)
+        return np.frombuffer(pixels.buffers()[1], dtype=np.uint8, count=len(pixels), offset=pixels.offset).reshape(image.height, image.width, 4)
+    return np.asarray(image)
 
 
 def decode_mask(data: bytes, *, max_pixels: int = 50_000_000) -> np.ndarray:
@@ -274,14 +299,15 @@ def crop(image: np.ndarray, box: tuple[int, int, int, int]) -> np.ndarray:
 def preprocess(
     context: np.ndarray,
     hole: np.ndarray,
-    product_rgba: np.ndarray,
+    product: np.ndarray,
     resolution: int,
     product_size: int = 224,
     margin: float = 0.25,
 ) -> dict:
     """Full photo + region + product -> the model's inputs for one pair.
 
-    Returns `context` (R x R x 3 uint8, the window resized: box reduce + bilinear), `hole` (R x R bool),
+    `product` is h x w x 4 uint8 with premultiplied alpha, as `decode_image(..., keep_alpha=True,
+    premultiply=True)` gives it (an opaque RGBA array is its own premultiplied form). Returns `context` (R x R x 3 uint8, the window resized: box reduce + bilinear), `hole` (R x R bool),
     `product` (S x S x 3 uint8: composited on neutral grey with its alpha, padded to a square
     with grey, resized), `product_alpha` (S x S bool, alpha >= 128 after the same pad/resize)
     and `crop_box` (the window in photo pixels, 4 ints; `margin` as in `crop_window`).
@@ -294,8 +320,8 @@ def preprocess(
     height, width = context.shape[:2]
     if hole.shape != (height, width):
         raise ValueError(f"hole is {hole.shape} but context is {context.shape[:2]}")
-    if product_rgba.ndim != 3 or product_rgba.shape[2] != 4:
-        raise ValueError(f"product must be h x w x 4 (RGBA), got shape {product_rgba.shape}")
+    if product.ndim != 3 or product.shape[2] != 4:
+        raise ValueError(f"product must be h x w x 4 (premultiplied RGBA), got shape {product.shape}")
     crop_box = crop_window(hole, width, height, margin)
 
     # 1. context window, antialiased bilinear (PIL's filter, torch's uint8 kernel: see
@@ -307,10 +333,9 @@ def preprocess(
 
     # 3. product: alpha cuts it out. Resized with premultiplied alpha (no colour fringes), then
     # composited on grey and padded: the per-pixel work runs at 224^2, not at the shot's size.
-    alpha = product_rgba[..., 3]
-    if alpha.max() < 128:
+    if product[..., 3].max() < 128:
         raise RowError("product_transparent", "product image is fully transparent (no pixel with alpha >= 128)")
-    product_in, alpha_in = _square_resize(product_rgba, product_size)
+    product_in, alpha_in = _square_resize(product, product_size)
     return {
         "context": np.ascontiguousarray(context_in),
         "hole": np.ascontiguousarray(hole_in),
@@ -321,21 +346,21 @@ def preprocess(
 
 
 def _square_resize(rgba: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
-    """Fit the product in size x size (aspect kept), on neutral grey, centred: (rgb, alpha).
-
-    Resized with premultiplied alpha (Pillow's "RGBa"), so transparent pixels lend no colour to
+    """Fit the premultiplied product in size x size (aspect kept), on neutral grey, centred:
+    (rgb, alpha). Resizing premultiplied colours keeps transparent pixels from lending colour to
     the edge; then "over" neutral grey: colour + grey * (1 - alpha)."""
     height, width = rgba.shape[:2]
     scale = size / max(height, width)
     fit = (max(1, round(width * scale)), max(1, round(height * scale)))
-    if rgba[..., 3].min() < 255:  # an opaque shot (a JPEG) is its own premultiplied form
-        rgba = np.asarray(Image.fromarray(rgba, "RGBA").convert("RGBa"))
     small = resize_uint8(rgba, fit[0], fit[1], "bicubic")
-    a = small[..., 3:4].astype(np.uint16)
-    over = (small[..., :3].astype(np.uint16) * 255 + NEUTRAL_GREY * (255 - a) + 127) // 255
+    # (colour * 255 + grey * (255 - a) + 127) // 255 = colour + (grey * (255 - a) + 127) // 255
+    grey_part = ((NEUTRAL_GREY * (255 - np.arange(256)) + 127) // 255).astype(np.uint16)
+    over = small[..., :3].astype(np.uint16)  # in place from here: numpy's mixed-type broadcasts are slow
+    over += np.take(grey_part, small[..., 3])[..., None]
+    np.minimum(over, 255, out=over)
     top, left = (size - fit[1]) // 2, (size - fit[0]) // 2
     out_rgb = np.full((size, size, 3), NEUTRAL_GREY, dtype=np.uint8)
-    out_rgb[top : top + fit[1], left : left + fit[0]] = np.minimum(over, 255).astype(np.uint8)
+    out_rgb[top : top + fit[1], left : left + fit[0]] = over
     out_alpha = np.zeros((size, size), dtype=np.uint8)
     out_alpha[top : top + fit[1], left : left + fit[0]] = small[..., 3]
     return out_rgb, out_alpha
@@ -347,8 +372,9 @@ def postprocess(
     hole: np.ndarray,
     crop_box: tuple[int, int, int, int],
     feather_px: int = 4,
-) -> np.ndarray:
-    """Put the rendered window back into the full photo; H x W x 3 uint8.
+) -> Image.Image:
+    """Put the rendered window back into the full photo: an RGB Pillow image, H x W, the form
+    `encode_image` takes without copying the photo again (np.asarray() gives its pixels).
 
     The window is resized to its size in the photo and blended with an alpha that is 0 outside
     the region and ramps up inside it: 1/feather_px on the region's edge, 1 from feather_px
@@ -366,67 +392,58 @@ def postprocess(
     if hole.shape != (height, width):
         raise ValueError(f"hole is {hole.shape} but context is {context.shape[:2]}")
 
-    result = context.copy()
+    result = Image.fromarray(context)  # the photo's one copy on this path, into Pillow's memory
     box = _bounding_box(hole)
     if box is None:
         return result
     if box[0] < x0 or box[1] < y0 or box[2] > x1 or box[3] > y1:
         raise ValueError(f"crop_box {crop_box} does not contain the region {box}: use crop_window")
-    # The alpha is computed on the region's bounding box grown by the feather, within the photo,
+    # The weight is computed on the region's bounding box grown by the feather, within the photo,
     # so the erosion sees the real pixels around the region; it is non-zero only on the region,
     # which lies inside the window, so blending within the window covers every changed pixel.
     pad = feather_px + 1
     left, top = max(box[0] - pad, 0), max(box[1] - pad, 0)
     right, bottom = min(box[2] + pad, width), min(box[3] + pad, height)
-    alpha = _feathered_alpha(hole[top:bottom, left:right], feather_px)
+    weight = _feather_weight(hole[top:bottom, left:right], feather_px)
     bl, bt, br, bb = max(left, x0), max(top, y0), min(right, x1), min(bottom, y1)
-    alpha = alpha[bt - top : bb - top, bl - left : br - left]
-    region = hole[bt:bb, bl:br]
-
-    original = context[bt:bb, bl:br].astype(np.uint16)
-    new = resize_uint8(rendered, side, side, "bicubic", keep=(bl - x0, bt - y0, br - x0, bb - y0))
-    # Integer blend with weights in 0..255: where the weight is 0 (everything outside the
-    # region) (original * 255 + 127) // 255 is the original, bit for bit.
-    weight = (np.rint(alpha * 255).astype(np.uint16) * region)[..., None]
-    blended = (original * (255 - weight) + new * weight + 127) // 255
-    result[bt:bb, bl:br] = blended.astype(np.uint8)
+    weight = weight[bt - top : bb - top, bl - left : br - left]
+    new = resize_uint8(rendered, side, side, "bicubic")[bt - y0 : bb - y0, bl - x0 : br - x0]
+    # Integer blend, (original * (255 - weight) + new * weight + 127) // 255 per channel, done
+    # by Pillow's masked paste, which computes exactly that in C (tests/test_images.py) at 2x
+    # numpy's speed. Where the weight is 0 (everything outside the region) it is the
+    # original, bit for bit.
+    result.paste(Image.fromarray(new), (bl, bt), Image.fromarray(weight))
     return result
 
 
-def resize_uint8(
-    array: np.ndarray, width: int, height: int, mode: str, keep: tuple[int, int, int, int] | None = None
-) -> np.ndarray:
-    """H x W x C uint8 -> height x width x C uint8, antialiased "bilinear" or "bicubic";
-    with `keep` = (left, top, right, bottom), only that part of the result (the kernels write
-    channels-first: turning the result back to H x W x C costs as much as the resize, so only
-    the pixels wanted are turned).
+def resize_uint8(array: np.ndarray, width: int, height: int, mode: str) -> np.ndarray:
+    """H x W x C uint8 -> height x width x C uint8, antialiased "bilinear" or "bicubic".
 
-    PIL's resampling filters, computed by torch's uint8 kernels (`F.interpolate(...,
-    antialias=True)` on a channels-last uint8 tensor, written to match PIL's `Image.resize`:
-    equal within 2 levels, tests/test_images.py) at 4-5x PIL's speed on one thread: resizes
-    were half the CPU cost of a pair around the model (bench/data_path.py). torch is imported
-    here, in the workers' CPU stages; the driver never calls this. Channels are filtered
-    independently: an RGBA image is not premultiplied as PIL does, so pass an opaque or an
-    already premultiplied one."""
+    PIL's resampling filters, computed by torch's uint8 kernels (the ones `F.interpolate(...,
+    antialias=True)` runs on a channels-last uint8 tensor, written to match PIL's
+    `Image.resize`: equal within 2 levels, tests/test_images.py) at 4-5x PIL's speed on one
+    thread: resizes were half the CPU cost of a pair around the model (bench/data_path.py).
+    torch is imported here, in the workers' CPU stages; the driver never calls this. Channels
+    are filtered independently: an RGBA image is not premultiplied as PIL does, so pass an
+    opaque or an already premultiplied one."""
     import torch
-    import torch.nn.functional as F
 
     if array.dtype != np.uint8 or array.ndim != 3:
         raise ValueError(f"resize_uint8 needs H x W x C uint8, got {array.dtype} {array.shape}")
     if array.shape[:2] == (height, width):
-        if keep is not None:
-            array = array[keep[1] : keep[3], keep[0] : keep[2]]
         return np.ascontiguousarray(array)
-    # A C-contiguous H x W x C array is a channels-last tensor, the layout torch's fast uint8
-    # kernels read (they write channels-first: hence `keep`).
+    # A C-contiguous H x W x C array is a channels-last tensor, the layout the fast uint8 kernels
+    # read. F.interpolate would return a new channels-first tensor, and turning that back to
+    # H x W x C costs as much as the resize; the kernels' `out=` form writes straight into a
+    # channels-last view of the numpy array we return instead (same pixels, tested).
     with warnings.catch_warnings():  # a read-only array is only read here
         warnings.simplefilter("ignore", UserWarning)
-        tensor = torch.from_numpy(np.ascontiguousarray(array))
-    out = F.interpolate(tensor.permute(2, 0, 1).unsqueeze(0), size=(height, width), mode=mode, antialias=True)[0]
-    if keep is not None:
-        left, top, right, bottom = keep
-        out = out[:, top:bottom, left:right]
-    return out.permute(1, 2, 0).contiguous().numpy()
+        source = torch.from_numpy(np.ascontiguousarray(array)).permute(2, 0, 1).unsqueeze(0)
+    result = np.empty((height, width, array.shape[2]), dtype=np.uint8)
+    target = torch.from_numpy(result).permute(2, 0, 1).unsqueeze(0)
+    kernel = {"bilinear": torch.ops.aten._upsample_bilinear2d_aa, "bicubic": torch.ops.aten._upsample_bicubic2d_aa}[mode]
+    kernel.out(source, [height, width], False, None, None, out=target)
+    return result
 
 
 def _coverage(hole: np.ndarray, size: int) -> np.ndarray:
@@ -434,7 +451,17 @@ def _coverage(hole: np.ndarray, size: int) -> np.ndarray:
     is true. Output pixel i spans [i*n/size, (i+1)*n/size) of n source pixels, so it sees
     pixels floor(i*n/size) .. ceil((i+1)*n/size)-1. Separable, one axis at a time: an OR of the
     k-th pixel of every window, for k up to the longest window (a few gathers, not a loop over
-    pixels)."""
+    pixels). A rectangle (every bbox region) covers the rectangle of output pixels
+    floor(start*size/n) .. ceil(end*size/n)-1 on each axis, found without the gathers."""
+    hole = np.asarray(hole, dtype=bool)
+    box = _bounding_box(hole)
+    if box is None:
+        return np.zeros((size, size), dtype=bool)
+    x0, y0, x1, y1 = box
+    if hole[y0:y1, x0:x1].all():
+        (height, width), out = hole.shape, np.zeros((size, size), dtype=bool)
+        out[(y0 * size) // height : -(-(y1 * size) // height), (x0 * size) // width : -(-(x1 * size) // width)] = True
+        return out
 
     def along(values: np.ndarray, axis: int) -> np.ndarray:
         n = values.shape[axis]
@@ -445,39 +472,62 @@ def _coverage(hole: np.ndarray, size: int) -> np.ndarray:
             out |= np.take(values, np.minimum(start + k, end - 1), axis=axis)
         return out
 
-    return along(along(np.asarray(hole, dtype=bool), 1), 0)
+    return along(along(hole, 1), 0)
 
 
-def _feathered_alpha(region: np.ndarray, feather_px: int) -> np.ndarray:
-    """Mean of the region and its first feather_px-1 erosions: 0 outside, ramping to 1 inside."""
-    total = region.astype(np.float32)
+def _feather_weight(region: np.ndarray, feather_px: int) -> np.ndarray:
+    """Blend weight 0..255 (uint8): round(255 * k / feather_px), where k counts the region and
+    its first feather_px-1 erosions holding the pixel: 0 outside, ramping to 255 inside."""
+    steps = max(feather_px, 1)
+    levels = (np.arange(steps + 1, dtype=np.uint16) * 510 + steps) // (2 * steps)  # k -> round(255 k / steps)
+    levels = levels.astype(np.uint8)
+    box = _bounding_box(region)
+    if box is not None and region[box[1] : box[3], box[0] : box[2]].all():
+        # A rectangle (every bbox region): each erosion moves every side with a non-region
+        # pixel beyond it in by one, so k = min(steps, 1 + distance to the nearest such side),
+        # per axis, then the smaller of the two axes. Same weights as the erosions (tested).
+        def ramp(n: int, start: int, end: int) -> np.ndarray:
+            position = np.arange(n)
+            distance = np.full(n, steps)
+            if start > 0:
+                distance = np.minimum(distance, position - start)
+            if end < n:
+                distance = np.minimum(distance, end - 1 - position)
+            inside = (position >= start) & (position < end)
+            return levels[np.where(inside, np.minimum(distance + 1, steps), 0)]
+
+        # levels rise with k, so the weight of the smaller k is the smaller weight
+        (height, width), (x0, y0, x1, y1) = region.shape, box
+        return np.minimum(ramp(height, y0, y1)[:, None], ramp(width, x0, x1)[None, :])
+    count = region.astype(np.uint8)
     mask = region.astype(bool)
     for _ in range(feather_px - 1):
-        # 3x3 erosion as the AND of nine shifted views of an edge-replicated copy: the crop's
-        # edge (the photo's border, or pixels known to be outside the region) never erodes by
-        # itself. Vectorised: ~50x faster than PIL's MinFilter on a large region.
-        padded = np.pad(mask, 1, mode="edge")
-        h, w = mask.shape
-        eroded = padded[1 : 1 + h, 1 : 1 + w].copy()
-        for dy in (0, 1, 2):
-            for dx in (0, 1, 2):
-                eroded &= padded[dy : dy + h, dx : dx + w]
-        mask = eroded
-        total += mask
-    return total / max(feather_px, 1)
+        # 3x3 erosion, separable: 1x3 then 3x1, each the AND of three shifted views of an
+        # edge-replicated copy, so the crop's edge (the photo's border, or pixels known to be
+        # outside the region) never erodes by itself. ~50x faster than PIL's MinFilter.
+        padded = np.pad(mask, ((0, 0), (1, 1)), mode="edge")
+        mask = padded[:, :-2] & padded[:, 1:-1] & padded[:, 2:]
+        padded = np.pad(mask, ((1, 1), (0, 0)), mode="edge")
+        mask = padded[:-2] & padded[1:-1] & padded[2:]
+        count += mask
+    return levels[count]
 
 
 # -- encoding ------------------------------------------------------------------------------
 
 
-def encode_image(array: np.ndarray, fmt: str, quality: int = 90) -> bytes:
-    """H x W x 3 uint8 -> JPEG, PNG (lossless, compress_level 1 for speed) or WebP bytes."""
+def encode_image(image: np.ndarray | Image.Image, fmt: str, quality: int = 90) -> bytes:
+    """H x W x 3 uint8 array (or `postprocess`'s RGB image) -> JPEG, PNG (lossless,
+    compress_level 1 for speed) or WebP bytes."""
     if fmt not in EXTENSIONS:
         raise ValueError(f"image format must be one of {sorted(EXTENSIONS)}, got {fmt!r}")
-    if array.dtype != np.uint8 or array.ndim != 3 or array.shape[2] != 3:
-        raise ValueError(f"image must be H x W x 3 uint8, got {array.dtype} {array.shape}")
+    if isinstance(image, np.ndarray):
+        if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
+            raise ValueError(f"image must be H x W x 3 uint8, got {image.dtype} {image.shape}")
+        image = Image.fromarray(image)
+    elif image.mode != "RGB":
+        raise ValueError(f"image must be an RGB image, got mode {image.mode}")
     buffer = io.BytesIO()
-    image = Image.fromarray(array)
     if fmt == "jpeg":
         image.save(buffer, format="JPEG", quality=quality)
     elif fmt == "png":

@@ -6,7 +6,8 @@ the bbox, and cut the model's inputs (square window around the region, resized t
 working resolution; product on grey at 224). A problem becomes the row's `error_code`.
 
 Payloads travel as raw uint8 bytes (shapes are known from `width`/`height` and the model's
-sizes), never as PIL objects, and are empty for rows that are not rendered:
+sizes; `prepare_pair` returns them as memoryviews of its arrays), never as PIL objects, and are
+empty for rows that are not rendered:
 `context_raw` (H*W*3, the whole photo for the paste-back), `hole_bits` (np.packbits of the
 H*W region), `model_context` (R*R*3), `model_hole` (R*R), `model_product` (S*S*3),
 `model_product_alpha` (S*S), plus `width`, `height`, `crop_box` and `prepare_ms` (this
@@ -39,6 +40,11 @@ def _region(row_mask_uri, row_bbox, width: int, height: int, policy: InputPolicy
     return images.region_from_bbox(list(row_bbox), width, height)
 
 
+def _raw(array: np.ndarray) -> memoryview:
+    """The array's bytes without a copy: pa.array copies each payload once, into the block."""
+    return memoryview(np.ascontiguousarray(array)).cast("B")
+
+
 def prepare_pair(
     context_uri: str, product_uri: str, mask_uri: str | None, bbox, *, policy: InputPolicy,
     resolution: int, product_size: int, max_pixels: int, crop_margin: float,
@@ -47,15 +53,15 @@ def prepare_pair(
     context = images.decode_image(fetch(context_uri, policy), max_pixels=max_pixels)
     height, width = context.shape[:2]
     hole = _region(mask_uri, bbox, width, height, policy, max_pixels)
-    product = images.decode_image(fetch(product_uri, policy), max_pixels=max_pixels, keep_alpha=True)
+    product = images.decode_image(fetch(product_uri, policy), max_pixels=max_pixels, keep_alpha=True, premultiply=True)
     model = images.preprocess(context, hole, product, resolution, product_size, margin=crop_margin)
     return {
-        "context_raw": context.tobytes(),
-        "hole_bits": np.packbits(hole).tobytes(),
-        "model_context": model["context"].tobytes(),
-        "model_hole": model["hole"].astype(np.uint8).tobytes(),
-        "model_product": model["product"].tobytes(),
-        "model_product_alpha": model["product_alpha"].astype(np.uint8).tobytes(),
+        "context_raw": _raw(context),
+        "hole_bits": _raw(np.packbits(hole)),
+        "model_context": _raw(model["context"]),
+        "model_hole": _raw(model["hole"].view(np.uint8)),  # bool is one byte, 0 or 1
+        "model_product": _raw(model["product"]),
+        "model_product_alpha": _raw(model["product_alpha"].view(np.uint8)),
         "width": width,
         "height": height,
         "crop_box": list(model["crop_box"]),

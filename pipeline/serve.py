@@ -535,7 +535,7 @@ class DTCServer:
         else:
             hole = images.region_from_bbox(request.bbox, width, height)
         product_bytes = request.product if request.product is not None else fetch(request.product_uri, policy)
-        product = images.decode_image(product_bytes, max_pixels=args.max_pixels, keep_alpha=True)
+        product = images.decode_image(product_bytes, max_pixels=args.max_pixels, keep_alpha=True, premultiply=True)
         model = images.preprocess(context, hole, product, self.resolution, self.product_size, margin=RENDER_DEFAULTS.crop_margin)
         seed = request.seed if request.seed is not None else default_seed(context_bytes, product_bytes, mask_bytes, request.bbox)
         return Job(model, context, hole, seed, request.steps, request.guidance_scale, request.image_format)

@@ -105,6 +105,35 @@ def test_la_and_rgba_keep_alpha():
     assert np.array_equal(decode_image(_encode(Image.fromarray(rgba)), keep_alpha=True), rgba)
 
 
+def test_premultiplied_decode():
+    # Pillow's own premultiplication for images with alpha (RGBA, LA, a palette's transparent
+    # index); an image without alpha comes back as is, alpha 255.
+    rgba = np.random.default_rng(5).integers(0, 256, (6, 9, 4), dtype=np.uint8)
+    expected = np.asarray(Image.fromarray(rgba).convert("RGBa"))
+    assert np.array_equal(decode_image(_encode(Image.fromarray(rgba)), keep_alpha=True, premultiply=True), expected)
+    la = Image.fromarray(rgba[..., [0, 3]], "LA")
+    assert np.array_equal(decode_image(_encode(la), keep_alpha=True, premultiply=True), np.asarray(la.convert("RGBA").convert("RGBa")))
+    palette = Image.fromarray(rgba[..., :3]).convert("P", palette=Image.Palette.ADAPTIVE, colors=4)
+    palette.info["transparency"] = 0
+    out = decode_image(_encode(palette), keep_alpha=True, premultiply=True)
+    assert (out[np.asarray(palette) == 0] == 0).all() and (out[np.asarray(palette) != 0][:, 3] == 255).all()
+    opaque = _noise(6, 9)
+    out = decode_image(_encode(Image.fromarray(opaque)), keep_alpha=True, premultiply=True)
+    assert np.array_equal(out[..., :3], opaque) and (out[..., 3] == 255).all()
+    with pytest.raises(ValueError):
+        decode_image(_encode(Image.fromarray(opaque)), premultiply=True)
+
+
+@pytest.mark.parametrize("side", [300, 2100])  # one Pillow memory block (lent, no copy); several (copied)
+def test_rgba_pixels_outlive_the_image(side):
+    import gc
+
+    rgba = np.random.default_rng(side).integers(0, 256, (side, side // 3, 4), dtype=np.uint8)
+    out = decode_image(_encode(Image.fromarray(rgba)), keep_alpha=True)  # the image is closed inside
+    gc.collect()
+    assert out.shape == rgba.shape and out.flags.c_contiguous and np.array_equal(out, rgba)
+
+
 def test_cmyk_jpeg_decodes_to_rgb():
     cmyk = Image.new("CMYK", (16, 16), (0, 255, 255, 0))  # pure red in CMYK
     out = decode_image(_encode(cmyk, "JPEG", quality=95))
@@ -267,8 +296,8 @@ def test_crop_window_region_longer_than_short_side():
 def test_preprocess_shapes_and_product_compositing():
     context = _noise(120, 160)
     hole = _hole(160, 120, (40, 30, 100, 90))
-    product = np.zeros((40, 20, 4), np.uint8)  # 20 wide, 40 high
-    product[..., 0] = 255
+    product = np.zeros((40, 20, 4), np.uint8)  # 20 wide, 40 high, premultiplied
+    product[:20, :, 0] = 255
     product[:20, :, 3] = 255  # top half opaque red, bottom half transparent
     out = preprocess(context, hole, product, resolution=64, product_size=32)
     assert out["crop_box"] == (25, 15, 115, 105)
@@ -301,7 +330,7 @@ def test_postprocess_outside_is_exact_inside_changes(feather_px):
     hole[20:30, 30:45] = False  # not a rectangle
     crop_box = crop_window(hole, 130, 90)
     rendered = np.full((64, 64, 3), (10, 200, 30), np.uint8)
-    out = postprocess(context, rendered, hole, crop_box, feather_px=feather_px)
+    out = np.asarray(postprocess(context, rendered, hole, crop_box, feather_px=feather_px))
     assert out.dtype == np.uint8 and out.shape == context.shape
     assert np.array_equal(out[~hole], context[~hole])
     deep_inside = (slice(40, 60), slice(50, 80))
@@ -314,13 +343,60 @@ def test_postprocess_outside_is_exact_inside_changes(feather_px):
         assert np.abs(edge - expected).max() <= 1
 
 
+def _reference_postprocess(context, rendered, hole, crop_box, feather_px):
+    # The blend written out plainly: 3x3 erosions by nine shifts, weight = round(255 k / n) of
+    # the erosion count k, (original * (255 - w) + new * w + 127) // 255 on every pixel.
+    count, mask = hole.astype(int), hole.copy()
+    for _ in range(feather_px - 1):
+        padded = np.pad(mask, 1, mode="edge")
+        mask = np.logical_and.reduce([padded[dy : dy + hole.shape[0], dx : dx + hole.shape[1]] for dy in range(3) for dx in range(3)])
+        count += mask
+    steps = max(feather_px, 1)
+    weight = ((count * 510 + steps) // (2 * steps))[..., None]
+    x0, y0, x1, y1 = crop_box
+    big = resize_uint8(rendered, x1 - x0, y1 - y0, "bicubic").astype(int)
+    new = np.zeros(context.shape, int)
+    ys, xs = np.mgrid[0 : context.shape[0], 0 : context.shape[1]]
+    inside = (ys >= y0) & (ys < y1) & (xs >= x0) & (xs < x1)
+    new[inside] = big[ys[inside] - y0, xs[inside] - x0]
+    return ((context.astype(int) * (255 - weight) + new * weight + 127) // 255).astype(np.uint8)
+
+
+@pytest.mark.parametrize("feather_px", [0, 1, 3, 4, 6])
+def test_postprocess_equals_the_plain_blend(feather_px):
+    rng = np.random.default_rng(feather_px)
+    context = rng.integers(0, 256, (70, 90, 3), dtype=np.uint8)
+    ragged = np.zeros((70, 90), bool)
+    ragged[10:60, 0:50] = True  # touches the photo's left border
+    ragged |= rng.random((70, 90)) < 0.02  # specks outside, holes inside
+    ragged[30:40, 20:30] = False
+    # rectangles (the direct path): inside, on one border, on two, thinner than the feather
+    holes = [ragged] + [_hole(90, 70, box) for box in [(20, 15, 61, 50), (0, 30, 40, 70), (50, 0, 90, 70), (30, 20, 33, 60)]]
+    for hole in holes:
+        crop_box = crop_window(hole, 90, 70)
+        rendered = rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)
+        out = np.asarray(postprocess(context, rendered, hole, crop_box, feather_px=feather_px))
+        assert np.array_equal(out, _reference_postprocess(context, rendered, hole, crop_box, feather_px))
+
+
+def test_pillow_masked_paste_is_the_integer_blend():
+    # postprocess relies on it: every (original, weight) pair, random new values.
+    original, weight = (v.astype(np.uint8) for v in np.meshgrid(np.arange(256), np.arange(256)))
+    new = np.random.default_rng(0).integers(0, 256, (256, 256, 3), dtype=np.uint8)
+    base = np.repeat(original[..., None], 3, axis=2)
+    image = Image.fromarray(base)
+    image.paste(Image.fromarray(new), (0, 0), Image.fromarray(weight))
+    w = weight.astype(int)[..., None]
+    assert np.array_equal(np.asarray(image), (base.astype(int) * (255 - w) + new * w + 127) // 255)
+
+
 def test_postprocess_region_on_photo_border_and_oversized_window():
     context = _noise(100, 300, seed=2)
     hole = _hole(300, 100, (50, 10, 250, 100))  # touches the bottom border, longer than 100
     crop_box = crop_window(hole, 300, 100)
     assert crop_box == (50, -50, 250, 150)
     rendered = np.full((32, 32, 3), 77, np.uint8)
-    out = postprocess(context, rendered, hole, crop_box, feather_px=4)
+    out = np.asarray(postprocess(context, rendered, hole, crop_box, feather_px=4))
     assert np.array_equal(out[~hole], context[~hole])
     assert (out[99, 100:200] == 77).all()  # the photo's border is not a seam: fully rendered
     assert not (out[10, 100:200] == 77).all()  # the region's top edge is feathered
@@ -332,7 +408,7 @@ def test_preprocess_postprocess_round_trip_with_padding():
     product = np.full((16, 16, 4), 255, np.uint8)
     inputs = preprocess(context, hole, product, resolution=32, product_size=16)
     assert inputs["crop_box"][1] < 0  # padded vertically
-    out = postprocess(context, inputs["context"], hole, inputs["crop_box"])
+    out = np.asarray(postprocess(context, inputs["context"], hole, inputs["crop_box"]))
     assert out.shape == context.shape and np.array_equal(out[~hole], context[~hole])
 
 
@@ -349,6 +425,7 @@ def test_encode_image(fmt):
     if fmt == "png":
         assert np.array_equal(decoded, pixels)
     assert encode_image(pixels, fmt) == data  # deterministic bytes
+    assert encode_image(Image.fromarray(pixels), fmt) == data  # postprocess's Pillow image: the same bytes
     assert EXTENSIONS[fmt] in ("jpg", "png", "webp")
 
 
@@ -357,6 +434,8 @@ def test_encode_image_rejects_bad_input():
         encode_image(_noise(4, 4), "gif")
     with pytest.raises(ValueError):
         encode_image(np.zeros((4, 4), np.uint8), "png")
+    with pytest.raises(ValueError):
+        encode_image(Image.new("RGBA", (4, 4)), "png")
 
 
 @pytest.mark.parametrize("mode, resample", [("bilinear", Image.Resampling.BILINEAR), ("bicubic", Image.Resampling.BICUBIC)])
@@ -373,25 +452,40 @@ def test_resize_uint8_equals_pils_resample(mode, resample, shape, size):
     assert got.shape == expected.shape and got.dtype == np.uint8
     diff = np.abs(got.astype(int) - expected)
     assert diff.max() <= 2 and diff.mean() < 0.02, (diff.max(), diff.mean())
-    # `keep` returns that part of the same result
-    left, top = size[0] // 3, size[1] // 4
-    kept = resize_uint8(image, size[0], size[1], mode, keep=(left, top, size[0] - 1, size[1]))
-    assert np.array_equal(kept, got[top:, left : size[0] - 1])
+    # the kernels' out= form, written into a channels-last array, gives F.interpolate's pixels
+    import torch
+    import torch.nn.functional as F
+
+    reference = F.interpolate(torch.from_numpy(image).permute(2, 0, 1)[None], size=size[::-1], mode=mode, antialias=True)
+    assert got.flags.c_contiguous and np.array_equal(got, reference[0].permute(1, 2, 0).numpy())
     # a non-contiguous view (a crop of a bigger photo) gives the same pixels as its copy
     photo = np.random.default_rng(1).integers(0, 256, (200, 300, 3), dtype=np.uint8)
     assert np.array_equal(resize_uint8(photo[20:150, 40:170], 64, 64, mode), resize_uint8(photo[20:150, 40:170].copy(), 64, 64, mode))
 
 
+def _brute_coverage(hole, size):
+    height, width = hole.shape
+    expected = np.zeros((size, size), bool)
+    for i in range(size):
+        rows = hole[(i * height) // size : -(-(i + 1) * height // size)].any(axis=0)
+        for j in range(size):
+            expected[i, j] = rows[(j * width) // size : -(-(j + 1) * width // size)].any()
+    return expected
+
+
 def test_model_hole_is_exact_coverage():
-    # A model pixel is hole iff a photo pixel overlapping its area is: brute force on random holes.
+    # A model pixel is hole iff a photo pixel overlapping its area is: brute force on random
+    # holes (the gathers) and random rectangles (the direct path every bbox region takes).
     from pipeline.images import _coverage
 
     rng = np.random.default_rng(2)
     for height, width, size in [(525, 525, 128), (97, 130, 128), (300, 300, 512), (5, 700, 64)]:
         hole = rng.random((height, width)) < 0.003
-        expected = np.zeros((size, size), bool)
-        for i in range(size):
-            rows = hole[(i * height) // size : -(-(i + 1) * height // size)].any(axis=0)
-            for j in range(size):
-                expected[i, j] = rows[(j * width) // size : -(-(j + 1) * width // size)].any()
-        assert np.array_equal(_coverage(hole, size), expected)
+        assert np.array_equal(_coverage(hole, size), _brute_coverage(hole, size))
+        for _ in range(3):
+            x0, x1 = sorted(rng.integers(0, width, 2))
+            y0, y1 = sorted(rng.integers(0, height, 2))
+            rectangle = np.zeros((height, width), bool)
+            rectangle[y0 : y1 + 1, x0 : x1 + 1] = True
+            assert np.array_equal(_coverage(rectangle, size), _brute_coverage(rectangle, size))
+    assert not _coverage(np.zeros((40, 30), bool), 16).any()
