@@ -10,10 +10,12 @@ driver holds rows, never images or the whole manifest, so its RSS must not grow 
 number of rows by more than 10% (`rss_growth`, measured in the same invocation).
 
 Efficiency: the same pairs, batch size (16) and torch threads (1, what Ray gives a fractional
-actor) rendered twice in this invocation: by the job (steady-state rows/s once the first batch
-is out: Ray start-up and model load are not throughput) and by the fastest honest model-only
-loop (inputs prepared beforehand, untimed; one pipeline call per batch). The model cost per
-batch is reported; the target (>= 0.85) is set for >= 0.5 s per batch.
+actor) rendered twice in this invocation: by the job (steady-state rows/s once the first model
+call is out, on the model's clock: Ray start-up and model load are not throughput) and by the
+fastest honest model-only loop (inputs prepared beforehand, untimed; one pipeline call per
+batch). The model cost per batch is reported; the target (>= 0.85) is set for >= 0.5 s per
+batch. `efficiency_on_arrivals` is the same ratio on the driver's clock (batch arrivals), which
+Ray Data's bunched hand-over skews.
 """
 
 from __future__ import annotations
@@ -91,7 +93,7 @@ def run_size(rows: int, steps: int, model: str, work: str, tag: str = "size") ->
         record = json.load(f)
     return {
         "bench": "pipeline", "rows": rows, "steps": steps, "wall_s": round(wall, 2), "rows_per_s": record["rows_per_s"],
-        "steady_rows_per_s": record["steady_rows_per_s"], "manifest": manifest,
+        "steady_rows_per_s": record["steady_rows_per_s"], "arrival_rows_per_s": record["arrival_rows_per_s"], "manifest": manifest,
         "stage_seconds": record["stage_seconds"], "driver_peak_rss_mb": record["driver_peak_rss_mb"],
         "ok": record["counts"]["ok"], "failed": record["counts"]["failed"],
     }
@@ -124,7 +126,8 @@ def main() -> None:
             efficiency = job["steady_rows_per_s"] / loop_rps
             emit(bench="pipeline_efficiency", rows=args.efficiency_rows, steps=args.efficiency_steps, batch_size=16,
                  torch_threads=1, pipeline_rows_per_s=round(job["steady_rows_per_s"], 3), model_only_rows_per_s=round(loop_rps, 3),
-                 model_seconds_per_batch=round(per_batch, 3), efficiency=round(efficiency, 3), target=0.85,
+                 model_seconds_per_batch=round(per_batch, 3), efficiency=round(efficiency, 3),
+                 efficiency_on_arrivals=round(job["arrival_rows_per_s"] / loop_rps, 3), target=0.85,
                  meets_target=efficiency >= 0.85 and per_batch >= 0.5)
 
 

@@ -383,7 +383,7 @@ def run_render(cfg: RenderConfig, dry_run: bool = False) -> RunResult:
             "finished_at": datetime.now(timezone.utc).isoformat(), "elapsed_s": round(elapsed, 3),
             "rows_per_s": round(writer.rows / max(elapsed, 1e-9), 3), "counts": counts,
             "stage_seconds": {k: round(v, 3) for k, v in writer.stage_seconds.items()},
-            "steady_rows_per_s": writer.steady_rows_per_s(),
+            "steady_rows_per_s": writer.steady_rows_per_s(), "arrival_rows_per_s": writer.arrival_rows_per_s(),
             "driver_peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
             "driver_rss_mb_by_rows": rss_samples, "driver_rss_mb_at_end": round(_rss_mb(), 1),
             "model": {"uri": cfg.model, "digest": p.model_digest, "resolution": p.resolution},

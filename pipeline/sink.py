@@ -68,9 +68,16 @@ class ManifestWriter:
         self.parts = 0
         self.last_flush = time.monotonic()
         self.rows = 0
-        # steady-state throughput: rows after the first batch over the time since it arrived
-        self.first_at: float | None = None
+        # steady-state throughput on the model's clock (render_ended_at): the rows of the model
+        # calls that ended after the first one, over the time from its end to the last one's
+        self.first_end: float | None = None
         self.first_rows = 0
+        self.last_end: float | None = None
+        self.model_rows = 0
+        # the same on the driver's clock (batch arrivals), for comparison: Ray Data hands the
+        # batches over in bunches, the first one late, which overstates it
+        self.first_at: float | None = None
+        self.first_at_rows = 0
         self.last_at: float | None = None
         self.status = collections.Counter()
         self.error_codes = collections.Counter()
@@ -82,8 +89,12 @@ class ManifestWriter:
     def add(self, batch: pa.Table) -> None:
         now = time.monotonic()
         if self.first_at is None:
-            self.first_at, self.first_rows = now, batch.num_rows
+            self.first_at, self.first_at_rows = now, batch.num_rows
         self.last_at = now
+        if "render_ended_at" in batch.column_names:
+            for ended, rows in collections.Counter(batch["render_ended_at"].to_pylist()).items():
+                if ended is not None:
+                    self._model_call(ended, rows)
         attempts = batch["attempt"].to_pylist()
         for stage, column in (("prepare", "prepare_ms"), ("render", "render_ms"), ("postprocess", "postprocess_ms")):
             if column in batch.column_names:
@@ -101,10 +112,28 @@ class ManifestWriter:
         if self.pending_rows >= self.part_rows or time.monotonic() - self.last_flush >= self.flush_s:
             self.flush()
 
+    def _model_call(self, ended: float, rows: int) -> None:
+        """`rows` rendered by a model call that ended at `ended` (a call's rows may come in parts)."""
+        self.model_rows += rows
+        if self.first_end is None or ended < self.first_end:
+            self.first_end, self.first_rows = ended, 0
+        if ended == self.first_end:
+            self.first_rows += rows
+        self.last_end = ended if self.last_end is None else max(self.last_end, ended)
+
     def steady_rows_per_s(self) -> float | None:
+        """Rows/s rendered once the first model call is out (model load and the pipeline's
+        start-up are not throughput), on the model's clock; None before two calls ended. With
+        several actors, the others' first calls count: a conservative figure."""
+        if self.first_end is None or self.last_end == self.first_end:
+            return None
+        return (self.model_rows - self.first_rows) / (self.last_end - self.first_end)
+
+    def arrival_rows_per_s(self) -> float | None:
+        """The same on the driver's clock: rows after the first arriving batch over the time since."""
         if self.first_at is None or self.last_at == self.first_at:
             return None
-        return (self.rows - self.first_rows) / (self.last_at - self.first_at)
+        return (self.rows - self.first_at_rows) / (self.last_at - self.first_at)
 
     @staticmethod
     def _column(batch: pa.Table, field: pa.Field) -> pa.ChunkedArray | pa.Array:

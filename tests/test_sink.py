@@ -1,0 +1,40 @@
+"""pipeline.sink.ManifestWriter's run figures: steady-state throughput on the model's clock."""
+
+from __future__ import annotations
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipeline.sink import ManifestWriter, output_schema
+from pipeline.state import Layout
+
+
+def _batch(pair_ids: list[str], ended: list[float | None]) -> pa.Table:
+    return pa.table({
+        "pair_id": pair_ids, "status": ["ok"] * len(pair_ids), "attempt": [1] * len(pair_ids), "shard": ["s"] * len(pair_ids),
+        "render_started_at": [None if e is None else e - 1.0 for e in ended], "render_ended_at": pa.array(ended, pa.float64()),
+    })
+
+
+def test_steady_throughput_runs_on_the_model_clock(tmp_path):
+    writer = ManifestWriter(Layout(str(tmp_path)), "r1", output_schema(pa.schema([("pair_id", pa.string())])), part_rows=4)
+    # Model calls of 4 rows ending at t = 10 (the first: model load, not throughput), 12, 14, 16,
+    # handed to the driver out of order, a call's rows split over two batches, a reused row
+    # (no model call) among them.
+    writer.add(_batch(["a", "b"], [12.0, 12.0]))
+    writer.add(_batch(["c", "d", "e", "f", "r"], [12.0, 12.0, 10.0, 10.0, None]))
+    writer.add(_batch(["g", "h"], [10.0, 10.0]))
+    writer.add(_batch(["i", "j", "k", "l", "m", "n", "o", "p"], [16.0] * 4 + [14.0] * 4))
+    assert writer.steady_rows_per_s() == 12 / (16.0 - 10.0)
+    assert writer.arrival_rows_per_s() is not None  # the driver's clock, kept for comparison
+    writer.flush()
+    written = pa.concat_tables(pq.read_table(tmp_path / "manifest" / "r1" / f"part-{i:05d}.parquet") for i in range(writer.parts))
+    assert written.num_rows == 17 and "render_ended_at" not in written.column_names  # a figure, not an output column
+
+
+def test_no_steady_figure_before_two_model_calls(tmp_path):
+    writer = ManifestWriter(Layout(str(tmp_path)), "r1", output_schema(pa.schema([("pair_id", pa.string())])))
+    assert writer.steady_rows_per_s() is None
+    writer.add(_batch(["a", "b"], [5.0, 5.0]))
+    writer.add(_batch(["c"], [None]))  # reused rows only
+    assert writer.steady_rows_per_s() is None
