@@ -118,7 +118,8 @@ def _pixels(image: Image.Image) -> np.ndarray:
             pixels = pa.array(image).values  # fixed_size_list<uint8>[4] -> its uint8 values
         except ValueError:  # several blocks
             return np.asarray(image)
-        return np.frombuffer(pixels.buffers()[1], dtype=np.uint8, count=len(pixels), offset=pixels.offset).reshape(image.height, image.width, 4)
+        flat = np.frombuffer(pixels.buffers()[1], dtype=np.uint8, count=len(pixels), offset=pixels.offset)
+        return flat.reshape(image.height, image.width, 4)
     return np.asarray(image)
 
 
@@ -307,10 +308,12 @@ def preprocess(
     """Full photo + region + product -> the model's inputs for one pair.
 
     `product` is h x w x 4 uint8 with premultiplied alpha, as `decode_image(..., keep_alpha=True,
-    premultiply=True)` gives it (an opaque RGBA array is its own premultiplied form). Returns `context` (R x R x 3 uint8, the window resized: box reduce + bilinear), `hole` (R x R bool),
-    `product` (S x S x 3 uint8: composited on neutral grey with its alpha, padded to a square
-    with grey, resized), `product_alpha` (S x S bool, alpha >= 128 after the same pad/resize)
-    and `crop_box` (the window in photo pixels, 4 ints; `margin` as in `crop_window`).
+    premultiply=True)` gives it (an opaque RGBA array is its own premultiplied form).
+
+    Returns `context` (R x R x 3 uint8, the window resized, antialiased bilinear), `hole` (R x R
+    bool), `product` (S x S x 3 uint8: resized to fit, composited on neutral grey with its alpha,
+    centred on a grey square), `product_alpha` (S x S bool, alpha >= 128 after the same resize
+    and padding) and `crop_box` (the window in photo pixels, 4 ints; `margin` as in `crop_window`).
 
     The hole is resized by coverage (a model pixel is hole when any of its area is), not by
     nearest neighbour, which can drop a thin region entirely when the window shrinks ~10x; a
