@@ -9,10 +9,9 @@ Input columns (from `pipeline.prepare`): raw uint8 bytes `model_context` (R*R*3)
 `model_hole` (R*R), `model_product` (S*S*3), `model_product_alpha` (S*S), plus `seed`,
 `error_code` and `action` ("render" rows without an error are rendered; the rest pass
 through untouched). Output: the same batch without the `model_*` inputs, plus `rendered`
-(R*R*3 raw uint8 bytes, empty for rows not rendered), `render_ms`, and the model call's
-`render_started_at` / `render_ended_at` (epoch seconds, on every row of the call: the sink's
-steady-state throughput runs on this clock); a pair that does not fit in GPU memory even alone
-gets `error_code="oom"`.
+(R*R*3 raw uint8 bytes, empty for rows not rendered), `render_ms`, and `render_ended_at` (when
+the row's model call ended, epoch seconds: the sink's steady-state throughput runs on this
+clock); a pair that does not fit in GPU memory even alone gets `error_code="oom"`.
 """
 
 from __future__ import annotations
@@ -187,12 +186,11 @@ class DTCRenderer:
         rendered = np.zeros((len(todo), self.resolution, self.resolution, 3), dtype=np.uint8)
         errors: dict[int, str] = {}
         render_ms = [0.0] * n
-        started_at: list[float | None] = [None] * n
         ended_at: list[float | None] = [None] * n
         attempts = [1] * n
         # 3. one batched model call (split only on GPU out-of-memory; pair by pair after a death)
         if todo:
-            start, started = time.perf_counter(), time.time()
+            start = time.perf_counter()
             batch_key = "batch:" + "\n".join(payloads["pair_id"])
             earlier = self.ledger.begin(batch_key) if self.ledger else 0
             if earlier == 0:
@@ -212,7 +210,7 @@ class DTCRenderer:
                 self.ledger.end(batch_key)
             per_pair, ended = (time.perf_counter() - start) * 1000 / len(todo), time.time()
             for i in todo:
-                render_ms[i], started_at[i], ended_at[i] = per_pair, started, ended
+                render_ms[i], ended_at[i] = per_pair, ended
         # 4. metric features of the renders, before any lossy encoding
         done = [j for j in range(len(todo)) if j not in errors]
         quality = {c: [None] * n for c in ("feat_gen", "feat_real", "clip_score", "clip_floor")}
@@ -240,7 +238,6 @@ class DTCRenderer:
                 "rendered": pa.array(out_bytes, PAYLOAD_TYPE),
                 "render_attempts": pa.array(attempts, pa.int64()),
                 "render_ms": pa.array(render_ms, pa.float64()),
-                "render_started_at": pa.array(started_at, pa.float64()),
                 "render_ended_at": pa.array(ended_at, pa.float64()),
                 "error_code": pa.array(codes, pa.string()),
                 "error_message": pa.array(messages, pa.string()),

@@ -12,7 +12,7 @@ from pipeline.state import Layout
 def _batch(pair_ids: list[str], ended: list[float | None]) -> pa.Table:
     return pa.table({
         "pair_id": pair_ids, "status": ["ok"] * len(pair_ids), "attempt": [1] * len(pair_ids), "shard": ["s"] * len(pair_ids),
-        "render_started_at": [None if e is None else e - 1.0 for e in ended], "render_ended_at": pa.array(ended, pa.float64()),
+        "render_ended_at": pa.array(ended, pa.float64()),
     })
 
 
