@@ -25,7 +25,8 @@ import math
 import warnings
 
 import numpy as np
-from PIL import Image, ImageFilter, ImageOps
+import pyarrow as pa
+from PIL import Image, ImageOps
 
 __all__ = [
     "EXTENSIONS",
@@ -112,8 +113,6 @@ def _pixels(image: Image.Image) -> np.ndarray:
     after the image is closed. RGB is stored as 4 bytes too, so its H x W x 3 array needs the
     copy; an image Pillow split over several memory blocks (over 16 MB) cannot be lent."""
     if image.mode in ("RGBA", "RGBa"):
-        import pyarrow as pa
-
         try:
             pixels = pa.array(image).values  # fixed_size_list<uint8>[4] -> its uint8 values
         except ValueError:  # several blocks
@@ -247,6 +246,15 @@ def _bounding_box(hole: np.ndarray) -> tuple[int, int, int, int] | None:
         return None
     cols = np.flatnonzero(hole.any(axis=0))
     return int(cols[0]), int(rows[0]), int(cols[-1]) + 1, int(rows[-1]) + 1
+
+
+def _filled_box(hole: np.ndarray) -> tuple[int, int, int, int] | None:
+    """The bounding box of a region that is a rectangle (every bbox region), else None: the
+    direct paths of `_coverage` and `_feather_weight`."""
+    box = _bounding_box(hole)
+    if box is None or not hole[box[1] : box[3], box[0] : box[2]].all():
+        return None
+    return box
 
 
 # -- crop window -----------------------------------------------------------------------------
@@ -457,12 +465,9 @@ def _coverage(hole: np.ndarray, size: int) -> np.ndarray:
     pixels). A rectangle (every bbox region) covers the rectangle of output pixels
     floor(start*size/n) .. ceil(end*size/n)-1 on each axis, found without the gathers."""
     hole = np.asarray(hole, dtype=bool)
-    box = _bounding_box(hole)
-    if box is None:
-        return np.zeros((size, size), dtype=bool)
-    x0, y0, x1, y1 = box
-    if hole[y0:y1, x0:x1].all():
-        (height, width), out = hole.shape, np.zeros((size, size), dtype=bool)
+    box = _filled_box(hole)
+    if box is not None:
+        (x0, y0, x1, y1), (height, width), out = box, hole.shape, np.zeros((size, size), dtype=bool)
         out[(y0 * size) // height : -(-(y1 * size) // height), (x0 * size) // width : -(-(x1 * size) // width)] = True
         return out
 
@@ -484,8 +489,8 @@ def _feather_weight(region: np.ndarray, feather_px: int) -> np.ndarray:
     steps = max(feather_px, 1)
     levels = (np.arange(steps + 1, dtype=np.uint16) * 510 + steps) // (2 * steps)  # k -> round(255 k / steps)
     levels = levels.astype(np.uint8)
-    box = _bounding_box(region)
-    if box is not None and region[box[1] : box[3], box[0] : box[2]].all():
+    box = _filled_box(region)
+    if box is not None:
         # A rectangle (every bbox region): each erosion moves every side with a non-region
         # pixel beyond it in by one, so k = min(steps, 1 + distance to the nearest such side),
         # per axis, then the smaller of the two axes. Same weights as the erosions (tested).
