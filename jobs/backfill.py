@@ -13,12 +13,10 @@ Takes every option of `jobs.render`; exit codes are the same.
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 from datetime import datetime, timezone
 
-from jobs.render import EXIT_USAGE, build_parser, config_from_flags, finish
-from pipeline.config import ConfigError
+from jobs.render import build_parser, run_job
 
 BACKFILL_KEYS = ("manifest_root", "start", "end", "dry_run", "partition_key")
 
@@ -38,7 +36,6 @@ def parse_args(argv: list[str] | None) -> tuple[dict, dict]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     backfill, flags = parse_args(argv)
     flags["manifest"] = backfill["manifest_root"]
     flags["partition_range"] = (backfill["start"], backfill["end"])
@@ -46,15 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     if "run_id" not in flags and not backfill["dry_run"]:
         stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
         flags["run_id"] = f"backfill-{backfill['start']}_{backfill['end']}-{stamp}"
-    try:
-        cfg = config_from_flags(flags)
-        cfg.validate()
-    except ConfigError as e:
-        print(f"backfill: {e}", file=sys.stderr)
-        return EXIT_USAGE
-    from pipeline.run import run_render
-
-    return finish(run_render(cfg, dry_run=backfill["dry_run"]), "backfill")
+    return run_job(flags, "backfill", dry_run=backfill["dry_run"])
 
 
 if __name__ == "__main__":

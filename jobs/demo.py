@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
         if make_model(["--preset", "tiny", "--out", model]) != 0:
             return 1
 
-    from pipeline.quality import save_random_extractors
+    from pipeline.metrics.extract import save_random_extractors
 
     # Random-weight extractors: the demo shows the metrics machinery, and its report says in
     # large type that the figures mean nothing. Real runs pass the standard Inception weights

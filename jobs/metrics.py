@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import io
 import sys
 
 
@@ -24,18 +23,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out-id", help="id of the merged figures (default: the run id, or merged-<first>-<n>)")
     args = parser.parse_args(argv)
 
-    import pyarrow.parquet as pq
-
     from pipeline import storage
-    from pipeline.config import SAFE_NAME_RE
-    from pipeline.report import render_report
-    from pipeline.shard_metrics import recompute
-    from pipeline.state import Layout
+    from pipeline.metrics.report import render_report
+    from pipeline.metrics.shards import recompute
+    from pipeline.output.layout import Layout
+    from pipeline.schema import EXIT_ERROR, EXIT_OK, EXIT_REFUSED, name_problem
 
-    for run_id in [*args.run_id, *([args.out_id] if args.out_id else [])]:
-        if not SAFE_NAME_RE.match(run_id):
-            print(f"metrics: {run_id!r} is not a valid run id", file=sys.stderr)
-            return 2
+    for kind, value in [*(("--run-id", r) for r in args.run_id), *([("--out-id", args.out_id)] if args.out_id else [])]:
+        if problem := name_problem(kind, value):
+            print(f"metrics: {problem}", file=sys.stderr)
+            return EXIT_REFUSED
+    repeated = sorted({r for r in args.run_id if args.run_id.count(r) > 1})
+    if repeated:  # merging a run with itself would count its pairs twice
+        print(f"metrics: --run-id {', '.join(repeated)} given more than once; name each run once", file=sys.stderr)
+        return EXIT_REFUSED
     out_id = args.out_id or (args.run_id[0] if len(args.run_id) == 1 else f"merged-{args.run_id[0]}-{len(args.run_id)}")
     layout = Layout(args.output)
     try:
@@ -43,26 +44,27 @@ def main(argv: list[str] | None = None) -> int:
         tables = []
         for run_id in args.run_id:
             for rel, _, _ in storage.list_files(layout.manifest_dir(run_id)):
-                table = pq.read_table(io.BytesIO(storage.read_bytes(storage.join(layout.manifest_dir(run_id), rel))))
+                table = storage.read_parquet(storage.join(layout.manifest_dir(run_id), rel))
                 tables.append(table)
                 for shard, status in zip(table["shard"].to_pylist(), table["status"].to_pylist()):
                     counts[shard][status] += 1
         summary = recompute(layout, args.run_id, out_id, {s: dict(c) for s, c in counts.items()})
     except FileNotFoundError as e:
         print(f"metrics: {e}", file=sys.stderr)
-        return 2
+        return EXIT_REFUSED
     except (storage.StorageError, OSError, ValueError) as e:
         print(f"metrics: failed: {e}", file=sys.stderr)
-        return 1
+        return EXIT_ERROR
     import pyarrow as pa
 
     if tables:
         storage.write_bytes(layout.report(out_id), render_report(out_id, pa.concat_tables(tables, promote_options="permissive"), summary).encode())
     g = summary["global"]
     fid = "n/a" if g["fid"] is None else f"{g['fid']:.3f}"
-    print(f"metrics {out_id}: FID {fid} (N={g['n']}), KID {g['kid_mean']}, CLIP {g['clip']['mean']}; "
+    warning = "  [RANDOM-WEIGHT EXTRACTORS: meaningless]" if summary["protocol"].get("random_weights") else ""
+    print(f"metrics {out_id}: FID {fid} (N={g['n']}), KID {g['kid_mean']}, CLIP {g['clip']['mean']}{warning}; "
           f"{len(summary['shards'])} shard(s) -> {layout.metrics_dir(out_id)}/summary.json")
-    return 0
+    return EXIT_OK
 
 
 if __name__ == "__main__":

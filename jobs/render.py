@@ -17,8 +17,7 @@ import logging
 import sys
 
 from pipeline.config import ConfigError, RenderConfig
-
-EXIT_USAGE = 2
+from pipeline.schema import EXIT_ERROR, EXIT_REFUSED, IMAGE_FORMATS, SCHEDULERS
 
 
 def _actors(text: str) -> tuple[int, int]:
@@ -42,7 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("--model", help="DTC checkpoint folder or s3:// prefix")
     add("--steps", type=int, help="denoising steps (default 40)")
     add("--guidance-scale", type=float, help="classifier-free guidance scale (default 5)")
-    add("--scheduler", choices=("ddim", "dpmpp"), help="sampler (default ddim)")
+    add("--scheduler", choices=SCHEDULERS, help="sampler (default ddim)")
     add("--batch-size", type=int, help="pairs per model call (default 8)")
     add("--actors", type=_actors, help="model actor pool MIN,MAX (default 1,1)")
     add("--gpus-per-actor", type=float, help="GPUs per model actor (default: 1 if the cluster has GPUs, else 0)")
@@ -50,7 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("--torch-threads", type=int, help="torch threads in a CPU model actor")
     add("--compile", action="store_true", help="torch.compile the UNet and hint encoder (GPU; slow first batches)")
     add("--channels-last", action="store_true", help="channels_last memory format for the convolutions (GPU)")
-    add("--image-format", choices=("jpeg", "png", "webp"), help="output image format (default jpeg)")
+    add("--image-format", choices=IMAGE_FORMATS, help="output image format (default jpeg)")
     add("--jpeg-quality", type=int, help="JPEG/WebP quality (default 92)")
     add("--limit", type=int, help="render at most N manifest rows")
     add("--force", action="store_true", help="re-render pairs that are already done")
@@ -64,13 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
     add("--allow-root", action="append", help="extra local folder inputs may come from; an s3://bucket/prefix limits S3 inputs to such prefixes (repeatable)")
     add("--allow-http", action="store_true", help="allow http(s):// inputs")
     add("--max-pixels", type=int, help="refuse images above this many pixels (default 50M)")
-    add("--address", help="Ray address (default RAY_ADDRESS or a local cluster)")
+    add("--address", help="Ray cluster to join, or auto for the one `ray start` runs here (default RAY_ADDRESS, else a local Ray of its own)")
     return parser
-
-
-def load_config(argv: list[str] | None = None) -> RenderConfig:
-    """Defaults < YAML file < flags. Raises ConfigError for a bad file or key."""
-    return config_from_flags(vars(build_parser().parse_args(argv)))
 
 
 def config_from_flags(flags: dict) -> RenderConfig:
@@ -94,7 +88,10 @@ def config_from_flags(flags: dict) -> RenderConfig:
     if unknown:
         raise ConfigError(f"unknown option(s) {unknown} (see --help)")
     if "actors" in values and not isinstance(values["actors"], tuple):
-        values["actors"] = _actors(str(values["actors"]).strip("[]() ").replace(" ", ""))
+        try:
+            values["actors"] = _actors(str(values["actors"]).strip("[]() ").replace(" ", ""))
+        except (ValueError, argparse.ArgumentTypeError) as e:
+            raise ConfigError(f"actors must be MIN,MAX or N, got {values['actors']!r}") from e
     if isinstance(values.get("allow_root"), str):
         values["allow_root"] = [values["allow_root"]]
     try:
@@ -104,23 +101,28 @@ def config_from_flags(flags: dict) -> RenderConfig:
 
 
 def main(argv: list[str] | None = None) -> int:
+    return run_job(vars(build_parser().parse_args(argv)), "render")
+
+
+def run_job(flags: dict, prog: str, dry_run: bool = False) -> int:
+    """Flags -> RenderConfig -> `run_render` -> exit code (jobs.render and jobs.backfill)."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        cfg = load_config(argv)
+        cfg = config_from_flags(flags)
         cfg.validate()
     except ConfigError as e:
-        print(f"render: {e}", file=sys.stderr)
-        return EXIT_USAGE
+        print(f"{prog}: {e}", file=sys.stderr)
+        return EXIT_REFUSED
     from pipeline.run import run_render
 
-    return finish(run_render(cfg), "render")
+    return finish(run_render(cfg, dry_run=dry_run), prog)
 
 
 def finish(result, prog: str) -> int:
     """The job's exit code; a refusal or a failure also gets its one line on stderr."""
-    if result.exit_code == EXIT_USAGE:
+    if result.exit_code == EXIT_REFUSED:
         print(f"{prog}: {result.message}", file=sys.stderr)
-    elif result.exit_code == 1:
+    elif result.exit_code == EXIT_ERROR:
         print(f"{prog}: failed: {result.message}", file=sys.stderr)
     return result.exit_code
 

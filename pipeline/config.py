@@ -1,8 +1,14 @@
-"""Typed settings of a render run. Driver-side: no torch.
+"""Typed settings of a render run, and the run's spec. Driver-side: no torch.
 
 `RenderConfig` is what `jobs.render` builds from flags and `--config FILE` (YAML, same keys as
 the flags with `_` for `-`; flags win). `validate()` raises `ConfigError` with one message
-naming the bad value: the job turns it into exit code 2 before any work starts.
+naming the bad value (a wrong type included): the job turns it into exit code 2 before any
+work starts. The settings are one flat dataclass, grouped by comments, because its field names
+are the YAML keys and the flags, one to one.
+
+`RunSpec` is what the driver learns once, before any work, from the config, the manifest and
+the model (`pipeline.run` builds it): frozen, small and picklable, it is all the stages know
+about the run.
 """
 
 from __future__ import annotations
@@ -11,14 +17,18 @@ import dataclasses
 import hashlib
 import json
 import re
+import types
+import typing
 from dataclasses import dataclass, field
 from datetime import date
+from typing import TYPE_CHECKING
 
-__all__ = ["ConfigError", "RenderConfig", "SAFE_NAME_RE", "IMAGE_FORMATS"]
+from pipeline.schema import IMAGE_FORMATS, SCHEDULERS, name_problem
 
-SAFE_NAME_RE = re.compile(r"^(?!\.)[A-Za-z0-9._=-]{1,200}$")  # pair_id, run_id and shard charset
-IMAGE_FORMATS = ("jpeg", "png", "webp")
-SCHEDULERS = ("ddim", "dpmpp")
+if TYPE_CHECKING:
+    from pipeline.manifest import ManifestPlan
+
+__all__ = ["ConfigError", "RenderConfig", "RunSpec"]
 
 
 class ConfigError(ValueError):
@@ -70,9 +80,10 @@ class RenderConfig:
     address: str | None = None  # Ray address; default RAY_ADDRESS or a local cluster
     lock_stale_s: float = 300.0  # a _lock whose heartbeat is older than this is taken over
     manifest_part_rows: int = 1000  # output-manifest rows per part file (flushed at least every 30 s)
-    fault_injection: dict | None = None  # chaos tests only (YAML): see pipeline.render.DTCRenderer
+    fault_injection: dict | None = None  # chaos tests only (YAML): see pipeline.stages.faults
 
     def validate(self) -> "RenderConfig":
+        self._check_types()
         for name in ("manifest", "output", "model"):
             if not getattr(self, name):
                 raise ConfigError(f"--{name} is required")
@@ -110,8 +121,8 @@ class RenderConfig:
             raise ConfigError(f"--limit must be >= 0, got {self.limit}")
         if not 0 <= self.max_failed_fraction <= 1:
             raise ConfigError(f"--max-failed-fraction must be in 0..1, got {self.max_failed_fraction}")
-        if self.run_id is not None and not SAFE_NAME_RE.match(self.run_id):
-            raise ConfigError(f"--run-id must be 1-200 chars of [A-Za-z0-9._=-] not starting with '.', got {self.run_id!r}")
+        if self.run_id is not None and (problem := name_problem("--run-id", self.run_id)):
+            raise ConfigError(problem)
         if not 0 <= self.crop_margin <= 4:
             raise ConfigError(f"crop_margin must be in 0..4, got {self.crop_margin}")
         if not 0 <= self.feather_px <= 64:
@@ -152,3 +163,52 @@ class RenderConfig:
     @classmethod
     def keys(cls) -> set[str]:
         return {f.name for f in dataclasses.fields(cls)}
+
+    def _check_types(self) -> None:
+        """Every field against its annotation: a YAML `steps: twenty` is one clear line, not a
+        TypeError deep in the run. Whole numbers pass as floats (`guidance_scale: 5`)."""
+        hints = typing.get_type_hints(type(self))
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if not _has_type(value, hints[f.name]):
+                expected = getattr(hints[f.name], "__name__", str(hints[f.name]))
+                raise ConfigError(f"{f.name} must be {expected}, got {type(value).__name__} {value!r}")
+
+
+def _has_type(value, hint) -> bool:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_has_type(value, a) for a in args)
+    if hint is type(None):
+        return value is None
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if origin is tuple:
+        return isinstance(value, tuple) and len(value) == len(args) and all(map(_has_type, value, args))
+    if origin is list:
+        return isinstance(value, list) and all(_has_type(v, args[0]) for v in value)
+    return isinstance(value, origin or hint)
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """One run, as the driver fixed it before any work: what every stage and the sink share."""
+
+    cfg: RenderConfig  # validated; `output` absolute for local folders
+    plan: ManifestPlan
+    run_id: str
+    model_digest: str  # sha256 over the checkpoint's weight files
+    settings_digest: str  # RenderConfig.settings_digest at the model's resolution
+    resolution: int  # the model's working resolution (R)
+    product_size: int  # the image encoder's input size (S)
+    metrics_protocol: dict | None  # what every metrics file records; None: no metrics
+
+    @property
+    def output(self) -> str:
+        return self.cfg.output
+
+    @property
+    def with_metrics(self) -> bool:
+        return self.metrics_protocol is not None

@@ -16,7 +16,7 @@ import urllib.request
 from dataclasses import dataclass, field
 
 from pipeline import storage
-from pipeline.images import RowError
+from pipeline.schema import RowError
 
 __all__ = ["InputPolicy", "fetch"]
 

@@ -1,9 +1,9 @@
-"""Input manifests: planning, streaming and row validation. Driver-side: no torch, no diffusers.
+"""Input manifests: planning and streaming. Driver-side: no torch, no diffusers.
 
     plan = plan_manifest("s3://catalog/manifests/")     # schemas and row counts only
     duplicates = duplicate_pair_ids(plan)                # streams the pair_id column alone
     for batch in iter_batches(plan, batch_size=4096):    # bounded memory, adds `shard`
-        rows = validate_rows(batch, plan.base_dir, duplicates)
+        rows = rows.validate_rows(batch, file_folder(plan.files[i]), duplicates)
 
 A manifest is one file, a folder (read recursively, hive partitions such as
 `dt=2026-11-26/part-0.parquet` included) or a glob (`*` within a folder name, `**` across
@@ -14,7 +14,7 @@ Two kinds of problems, two ways out:
 - the manifest as a whole is unusable (missing or unreadable, no rows, a required column
   missing or of the wrong type): `plan_manifest` raises `ManifestError` with one message naming
   the problem, and the job exits 2 before any work;
-- one row is bad: `validate_rows` gives it an `error_code` and an `error_message`, and the job
+- one row is bad: `pipeline.rows.validate_rows` gives it an `error_code` and an `error_message`, and the job
   carries on (the row becomes a `failed` row of the output manifest).
 
 CSV has no types, so every CSV column is read as a string except `seed` (int64): a pair_id
@@ -48,20 +48,13 @@ import pyarrow.fs as pafs
 from pipeline import storage
 
 __all__ = [
-    "PAIR_ID_RE",
     "ManifestError",
     "ManifestPlan",
     "plan_manifest",
     "iter_batches",
     "duplicate_pair_ids",
-    "validate_rows",
-    "stable_seed",
     "file_folder",
 ]
-
-# pair_id, shard and run_id name objects under --output: this charset (and no leading dot)
-# keeps every key inside it. `\Z` rather than `$` so that "id\n" does not match.
-PAIR_ID_RE = re.compile(r"(?!\.)[A-Za-z0-9._=-]{1,200}\Z")
 
 REQUIRED_COLUMNS = ("pair_id", "context_uri", "product_uri")
 STRING_COLUMNS = ("pair_id", "context_uri", "product_uri", "mask_uri", "shard")
@@ -88,15 +81,6 @@ class ManifestPlan:
     has_mask: bool  # a mask_uri column exists
     has_bbox: bool  # a bbox column exists
     default_shards: tuple[str, ...]  # per file: innermost hive partition "key=value", else the file's stem
-
-
-def stable_seed(pair_id: str) -> int:
-    """Default seed: the first 8 bytes of sha256(pair_id), big-endian, masked to 63 bits.
-
-    Stable across processes and Python versions (unlike `hash()`), and non-negative int64.
-    """
-    digest = hashlib.sha256(pair_id.encode("utf-8")).digest()
-    return int.from_bytes(digest[:8], "big") & (2**63 - 1)
 
 
 # -- planning ------------------------------------------------------------------------------
@@ -517,180 +501,3 @@ def _scan_file(
         batch, skip = batch.slice(skip), 0
         if batch.num_rows:
             yield batch
-
-
-# -- row validation ------------------------------------------------------------------------
-
-
-def validate_rows(batch: Any, base_dir: str | ManifestPlan, duplicates: Set[str] = frozenset()) -> Any:
-    """Check each row and normalise the columns later stages rely on. A bad row becomes data.
-
-    `batch`: a dict of numpy arrays (Ray's "numpy" format), a pandas DataFrame, or a pyarrow
-    Table/RecordBatch; the same kind comes back (a Table for a RecordBatch), with every input
-    column kept and these set:
-    - `error_code`, `error_message`: "" when the row is fine, else the first problem found:
-      `invalid_pair_id`, `duplicate_pair_id`, `missing_uri`, `region_missing`,
-      `region_ambiguous`, `bad_bbox`, `invalid_shard`;
-    - `context_uri`, `product_uri`, `mask_uri`: relative paths resolved against `base_dir`
-      (URIs with a scheme and absolute paths are kept: the allowlist judges them later);
-      None when empty;
-    - `bbox`: `[x0, y0, x1, y1]` floats or None (whether it lies inside the photo is only known
-      after decoding: `pipeline.images.region_from_bbox`);
-    - `seed`: int64, the given one or `stable_seed(pair_id)`;
-    - `shard`: as given (`iter_batches` already filled the default).
-    """
-    base = base_dir.base_dir if isinstance(base_dir, ManifestPlan) else base_dir
-    columns, num_rows = _columns(batch)
-    absent = [None] * num_rows
-    pair_ids = columns.get("pair_id", absent)
-    masks = columns.get("mask_uri", absent)
-    bboxes = columns.get("bbox", absent)
-    seeds = columns.get("seed", absent)
-    shards = columns.get("shard", absent)
-    context_uris = columns.get("context_uri", absent)
-    product_uris = columns.get("product_uri", absent)
-
-    out: dict[str, list] = {k: [] for k in ("error_code", "error_message", "context_uri", "product_uri", "mask_uri", "bbox", "seed", "shard")}
-    for i in range(num_rows):
-        pair_id = _text(pair_ids[i])
-        context_uri, product_uri, mask_uri = (_text(v) for v in (context_uris[i], product_uris[i], masks[i]))
-        context_uri, product_uri, mask_uri = (_resolve(u, base) if u and u.strip() else None for u in (context_uri, product_uri, mask_uri))
-        shard = _text(shards[i])
-        bbox_given = not _missing(bboxes[i]) and not (isinstance(bboxes[i], str) and not bboxes[i].strip())
-        bbox, bbox_problem = _parse_bbox(bboxes[i]) if bbox_given else (None, None)
-
-        code, message = "", ""
-        if pair_id is None or not PAIR_ID_RE.match(pair_id):
-            code = "invalid_pair_id"
-            message = f"pair_id {_show(pair_id)} must be 1-200 characters of [A-Za-z0-9._=-], not starting with '.'"
-        elif pair_id in duplicates:
-            code, message = "duplicate_pair_id", f"pair_id {pair_id!r} occurs more than once in the manifest"
-        elif context_uri is None or product_uri is None:
-            empty = "context_uri" if context_uri is None else "product_uri"
-            code, message = "missing_uri", f"{empty} is empty"
-        elif mask_uri is None and not bbox_given:
-            code, message = "region_missing", "neither mask_uri nor bbox is given: one marks the region to repaint"
-        elif mask_uri is not None and bbox_given:
-            code, message = "region_ambiguous", "both mask_uri and bbox are given: give one"
-        elif bbox_problem:
-            code, message = "bad_bbox", bbox_problem
-        elif shard is None or not PAIR_ID_RE.match(shard):
-            code = "invalid_shard"
-            message = f"shard {_show(shard)} must be 1-200 characters of [A-Za-z0-9._=-], not starting with '.'"
-
-        out["error_code"].append(code)
-        out["error_message"].append(message)
-        out["context_uri"].append(context_uri)
-        out["product_uri"].append(product_uri)
-        out["mask_uri"].append(mask_uri)
-        out["bbox"].append(bbox)
-        out["seed"].append(_seed(seeds[i], pair_id))
-        out["shard"].append(shard)
-    return _attach(batch, out)
-
-
-def _columns(batch: Any) -> tuple[dict[str, list], int]:
-    """Every column as a list of Python values, whatever the batch format."""
-    if isinstance(batch, (pa.Table, pa.RecordBatch)):
-        return {name: batch.column(name).to_pylist() for name in batch.schema.names}, batch.num_rows
-    pandas = sys.modules.get("pandas")  # imported by the caller if it passes a DataFrame
-    if pandas is not None and isinstance(batch, pandas.DataFrame):
-        return {name: batch[name].tolist() for name in batch.columns}, len(batch)
-    if isinstance(batch, dict):
-        columns = {name: list(values) for name, values in batch.items()}  # a 2-D bbox array gives rows
-        lengths = {len(v) for v in columns.values()}
-        if len(lengths) > 1:
-            raise ValueError(f"batch columns have different lengths: {sorted(lengths)}")
-        return columns, lengths.pop() if lengths else 0
-    raise TypeError(f"batch must be a dict of numpy arrays, a pandas DataFrame or a pyarrow Table, got {type(batch).__name__}")
-
-
-def _attach(batch: Any, out: dict[str, list]) -> Any:
-    if isinstance(batch, (pa.Table, pa.RecordBatch)):
-        table = pa.Table.from_batches([batch]) if isinstance(batch, pa.RecordBatch) else batch
-        types = {"bbox": pa.list_(pa.float64()), "seed": pa.int64()}
-        for name, values in out.items():
-            column = pa.array(values, types.get(name, pa.string()))
-            index = table.schema.get_field_index(name)
-            table = table.set_column(index, name, column) if index >= 0 else table.append_column(name, column)
-        return table
-    arrays = {}
-    for name, values in out.items():
-        if name == "seed":
-            arrays[name] = np.asarray(values, dtype=np.int64)
-        else:
-            arrays[name] = np.empty(len(values), dtype=object)
-            arrays[name][:] = values
-    if isinstance(batch, dict):
-        return {**batch, **arrays}
-    result = batch.copy()
-    for name, values in arrays.items():
-        result[name] = values
-    return result
-
-
-def _missing(value: Any) -> bool:
-    """None, NaN (pandas/numpy nulls) and pandas.NA."""
-    if value is None:
-        return True
-    if isinstance(value, (float, np.floating)):
-        return math.isnan(value)
-    return type(value).__name__ == "NAType"
-
-
-def _text(value: Any) -> str | None:
-    if _missing(value):
-        return None
-    if isinstance(value, bytes):
-        return value.decode("utf-8", errors="replace")
-    return str(value)
-
-
-def _show(value: str | None) -> str:
-    if value is None:
-        return "(null)"
-    return repr(value if len(value) <= 60 else value[:57] + "...")
-
-
-def _resolve(uri: str, base: str) -> str:
-    """Relative paths join the manifest's folder; anything with a scheme or absolute stays."""
-    if "://" in uri or uri.startswith(("file:", "/")):
-        return uri
-    if storage.is_s3(base):
-        bucket_and_key = posixpath.normpath(posixpath.join(base[len("s3://") :], uri))
-        return "s3://" + bucket_and_key
-    return os.path.normpath(os.path.join(base, uri))
-
-
-def _parse_bbox(value: Any) -> tuple[list[float] | None, str | None]:
-    """(bbox, None) or (None, why it is bad). Accepts a sequence or a JSON array string."""
-    raw = value
-    if isinstance(value, str):
-        try:
-            value = json.loads(value)
-        except ValueError:
-            return None, f"bbox {_show(raw)} is not a JSON array [x0, y0, x1, y1]"
-    try:
-        values = list(value)
-    except TypeError:
-        return None, f"bbox {_show(str(raw))} is not a list [x0, y0, x1, y1]"
-    if len(values) != 4 or any(isinstance(v, (bool, np.bool_, str)) or _missing(v) for v in values):
-        return None, f"bbox {_show(str(raw))} must be 4 numbers [x0, y0, x1, y1]"
-    try:
-        x0, y0, x1, y1 = (float(v) for v in values)
-    except (TypeError, ValueError):
-        return None, f"bbox {_show(str(raw))} must be 4 numbers [x0, y0, x1, y1]"
-    if not all(math.isfinite(v) for v in (x0, y0, x1, y1)):
-        return None, f"bbox {[x0, y0, x1, y1]} has a value that is not finite"
-    if min(x0, y0, x1, y1) < 0:
-        return None, f"bbox {[x0, y0, x1, y1]} has a negative coordinate"
-    if x1 <= x0 or y1 <= y0:
-        return None, f"bbox {[x0, y0, x1, y1]} is empty or inverted: need x0 < x1 and y0 < y1"
-    return [x0, y0, x1, y1], None
-
-
-def _seed(value: Any, pair_id: str | None) -> int:
-    if _missing(value):
-        return stable_seed(pair_id or "")
-    # Ray turns an int64 column with nulls into float64; those are whole numbers.
-    return int(value)

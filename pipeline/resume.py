@@ -10,19 +10,12 @@ gets `action="render"`. `--force` reuses nothing.
 
 from __future__ import annotations
 
-import dataclasses
-from collections.abc import Iterator
-
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from pipeline import manifest
-from pipeline.state import STATE_COLUMNS
+from pipeline.schema import CARRIED_COLUMNS, PREV, RENDER, REUSE
 
-__all__ = ["reusable_state", "StateIndex", "resume_batch", "planned_batches", "CARRIED_COLUMNS"]
-
-# Results copied from the earlier row into a reused row.
-CARRIED_COLUMNS = [c for c in STATE_COLUMNS if c not in ("pair_id", "seed", "model_digest", "settings_digest", "run_id")]
+__all__ = ["reusable_state", "StateIndex", "resume_batch"]
 
 
 def reusable_state(
@@ -63,26 +56,12 @@ def resume_batch(batch: pa.Table, index: StateIndex | None) -> pa.Table:
             row = index.rows.get(pair_id)
             if row is not None and not code and index.seeds[row] == seed:
                 take[i] = row
-    batch = batch.append_column("action", pa.array(["render" if t is None else "reuse" for t in take], pa.string()))
+    batch = batch.append_column("action", pa.array([RENDER if t is None else REUSE for t in take], pa.string()))
     if index is None:
         carried = {c: pa.nulls(n, pa.string()) for c in CARRIED_COLUMNS}
     else:
         rows = index.state.take(pa.array(take, pa.int64()))  # null index -> null row
         carried = {c: rows[c] for c in CARRIED_COLUMNS}
     for c in CARRIED_COLUMNS:
-        batch = batch.append_column(f"prev_{c}", carried[c])
+        batch = batch.append_column(PREV + c, carried[c])
     return batch
-
-
-def planned_batches(
-    plan: manifest.ManifestPlan, file_index: int, duplicates: set[str], index: StateIndex | None, batch_rows: int
-) -> Iterator[pa.Table]:
-    """One manifest file, streamed: validated rows with their resume action (what the read
-    stage of the Ray graph yields, and what `--dry-run` counts on the driver)."""
-    one = dataclasses.replace(
-        plan, files=(plan.files[file_index],), file_rows=(plan.file_rows[file_index],),
-        default_shards=(plan.default_shards[file_index],),
-    )
-    for batch in manifest.iter_batches(one, batch_size=batch_rows):
-        rows = manifest.validate_rows(batch, manifest.file_folder(plan.files[file_index]), duplicates)
-        yield resume_batch(rows, index)

@@ -3,37 +3,39 @@
     result = run_render(RenderConfig(manifest=..., output=..., model=...))
     sys.exit(result.exit_code)
 
-Steps: check config, manifest and model before anything is written (exit 2) -> take the
-output's `_lock` (exit 2 while another run holds it) -> plan resume from the state -> stream
-the pairs through the Ray Data graph, writing manifest parts as rows arrive, with progress
-lines -> compact the state, write `runs/<run_id>.json`, print the summary. Exit 0, or 3 when
-the failed fraction is above `--max-failed-fraction`; 1 for anything unexpected (storage down).
+`RenderRun` is the driver as steps: `check` (config, output, manifest and model, before
+anything is written: exit 2) -> `lock` (exit 2 while another run holds the output) -> `resume`
+(what earlier runs already did) -> `stream` (the pairs through the Ray Data graph, manifest
+parts written as rows arrive, progress lines) -> `finalize` (state, metrics, report) ->
+`close` (run record, lock, summary). Exit 0, or 3 when the failed fraction is above
+`--max-failed-fraction`; 1 for anything unexpected (storage down).
 """
 
 from __future__ import annotations
 
-import json
+import dataclasses
 import logging
 import os
-import platform
-import resource
 import secrets
-import sys
 import time
+import uuid
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
-from pipeline import storage
-from pipeline.config import ConfigError, RenderConfig
-from pipeline.manifest import ManifestError, ManifestPlan, duplicate_pair_ids, plan_manifest
-from pipeline.model.checkpoint import CheckpointError, check_checkpoint, model_digest
-from pipeline.state import Layout, LockHeld, OutputLock, compact_state, load_state
+from pipeline import record, storage
+from pipeline.config import ConfigError, RenderConfig, RunSpec
+from pipeline.manifest import ManifestError, duplicate_pair_ids, plan_manifest
+from pipeline.model.checkpoint import CheckpointError, check_dtc_checkpoint, model_digest
+from pipeline.output.layout import Layout
+from pipeline.output.lock import LockHeld, OutputLock
+from pipeline.output.sink import ManifestWriter
+from pipeline.output.state import compact_state, load_state
+from pipeline.output.stats import RunStats
+from pipeline.schema import EXIT_ERROR, EXIT_OK, EXIT_REFUSED, EXIT_TOO_MANY_FAILED, output_schema
 
-__all__ = ["RunResult", "run_render", "new_run_id"]
+__all__ = ["RunResult", "RenderRun", "run_render", "check", "new_run_id"]
 
 log = logging.getLogger("dtc.render")
-
-EXIT_OK, EXIT_ERROR, EXIT_REFUSED, EXIT_TOO_MANY_FAILED = 0, 1, 2, 3
 
 
 @dataclass
@@ -49,354 +51,221 @@ def new_run_id() -> str:
     return datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ") + "-" + secrets.token_hex(3)
 
 
-def _versions() -> dict:
-    from importlib.metadata import PackageNotFoundError, version
-
-    out = {"python": platform.python_version()}
-    for name in ("ray", "torch", "diffusers", "transformers", "pyarrow", "pillow"):
-        try:
-            out[name] = version(name)
-        except PackageNotFoundError:
-            out[name] = None
-    return out
-
-
-def _model_info(uri: str) -> tuple[int, int, str]:
-    """(resolution, product_size, digest) from the checkpoint, without loading it."""
-    index = json.loads(storage.read_bytes(storage.join(uri, "model_index.json")))
-    if index.get("_class_name") != "DTCPipeline":
-        raise CheckpointError(f"{uri} holds a {index.get('_class_name')!r}, not a DTCPipeline")
-    return int(index.get("resolution", 512)), int(index.get("product_size", 224)), model_digest(uri)
-
-
-def _metrics_protocol(cfg: RenderConfig, resolution: int) -> dict | None:
-    """What every metrics file records (METRICS.md), or None when metrics are skipped."""
-    if cfg.no_metrics or not (cfg.inception_weights or cfg.clip_model):
-        return None
-    import hashlib
-
-    protocol = {
-        "extractor": "FID Inception v3 (pt_inception-2015-12-05), pool3 2048-d" if cfg.inception_weights else None,
-        "inception_weights": cfg.inception_weights,
-        "inception_sha256": hashlib.sha256(storage.read_bytes(cfg.inception_weights)).hexdigest() if cfg.inception_weights else None,
-        "resize": "TF1-compatible bilinear to 299",
-        "dtype": "float32, TF32 off; features stored as float16, statistics as float64",
-        "features_from": f"decoded output window at {resolution}x{resolution} (uint8, before image encoding)",
-        "real_side": "the shard's own context photos, same crop window as the render",
-        "image_format": cfg.image_format,
-        "clip_backbone": cfg.clip_model,
-        "clip_backbone_sha256": model_digest(cfg.clip_model) if cfg.clip_model else None,
-        "clip_preprocessing": "output cropped to the region's bbox, padded square (grey); product padded square; "
-        "bicubic 224, CLIP mean/std; score = 100 * cosine",
-        "clip_floor": "product vs the next pair's product in the model batch",
-        "kid": {"kernel": "(x.y/d + 1)^3", "subsets": 100, "max_subset_size": 1000, "estimator": "unbiased MMD^2"},
-        "reference": "none (real side = context crops)",
-        "random_weights": cfg.metrics_random_weights,
-        "versions": _versions(),
-    }
-    return protocol
-
-
-@dataclass
-class _Prepared:
-    cfg: RenderConfig
-    plan: ManifestPlan
-    resolution: int
-    product_size: int
-    model_digest: str
-    settings_digest: str
-    run_id: str
-    metrics_protocol: dict | None
-
-
-def _check_inputs(cfg: RenderConfig) -> _Prepared:
-    """Everything that can refuse the run (exit 2) happens here, before any write."""
-    cfg.validate()
-    if not storage.is_s3(cfg.output):
-        cfg.output = os.path.abspath(cfg.output)
-        parent = cfg.output
-        while not os.path.exists(parent):
-            parent = os.path.dirname(parent)
-        if not os.path.isdir(parent):
-            raise ConfigError(f"--output {cfg.output} cannot be created: {parent} is a file")
-    partitions = None if cfg.partition_range is None else (cfg.partition_key, *cfg.partition_range)
-    plan = plan_manifest(cfg.manifest, partition_range=partitions)
-    check_checkpoint(cfg.model, required=("unet", "vae", "hint_encoder", "image_encoder", "image_projection"))
-    resolution, product_size, digest = _model_info(cfg.model)
-    if cfg.run_id is not None:
-        layout = Layout(cfg.output)
-        if storage.exists(layout.run_record(cfg.run_id)) or storage.list_files(layout.manifest_dir(cfg.run_id)):
-            # A run's manifest must hold each input row once: a second attempt under the same id
-            # would add rows beside the first attempt's. Retries take a new id (e.g. a suffix).
-            raise ConfigError(f"--run-id {cfg.run_id} was already used under {cfg.output}; choose another")
-    try:
-        protocol = _metrics_protocol(cfg, resolution)
-    except FileNotFoundError as e:
-        raise ConfigError(f"metrics weights not found: {e}") from e
-    except CheckpointError as e:
-        raise ConfigError(f"--clip-model: {e}") from e
-    return _Prepared(
-        cfg, plan, resolution, product_size, digest, cfg.settings_digest(resolution), cfg.run_id or new_run_id(), protocol
-    )
-
-
-def _init_ray(address: str | None):
-    import ray
-
-    if ray.is_initialized():
-        return ray
-    address = address or os.environ.get("RAY_ADDRESS")
-    if address:
-        ray.init(address=address, log_to_driver=True)
-    else:
-        ray.init(include_dashboard=False, log_to_driver=True)
-    return ray
-
-
-def _rss_mb() -> float:
-    """Current resident set size of this process (Linux /proc; 0 elsewhere)."""
-    try:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
-    except (OSError, ValueError, IndexError):
-        return 0.0
-
-
-def _progress(writer, total: int, started: float, last: list[float]) -> None:
-    now = time.monotonic()
-    if now - last[0] < 10 and writer.rows < total:
-        return
-    last[0] = now
-    elapsed = now - started
-    ok, failed = writer.status.get("ok", 0), writer.status.get("failed", 0)
-    print(
-        f"[dtc] {writer.rows}/{total} rows  ok {ok}  failed {failed}  reused {writer.reused}  "
-        f"{writer.rows / max(elapsed, 1e-9):.2f} rows/s  {elapsed:.0f}s",
-        flush=True,
-    )
-
-
-def _summary(p: _Prepared, writer, elapsed: float, exit_code: int, layout: Layout, summary: dict | None) -> str:
-    rendered = writer.rows - writer.reused
-    ok = writer.status.get("ok", 0)
-    failed = writer.status.get("failed", 0)
-    lines = [
-        "",
-        f"DTC render {p.run_id}: {'finished' if exit_code in (0, 3) else 'FAILED'} in {elapsed:.1f}s (exit {exit_code})",
-        f"  rows       {writer.rows}  (ok {ok}, failed {failed}; reused from earlier runs {writer.reused})",
-        f"  rendered   {rendered} rows this run, {rendered / max(elapsed, 1e-9):.2f} rows/s",
-    ]
-    if writer.error_codes:
-        lines.append("  failures   " + ", ".join(f"{code} {n}" for code, n in writer.error_codes.most_common()))
-    lines += [
-        f"  images     {storage.join(layout.output, 'images')}",
-        f"  manifest   {layout.manifest_dir(p.run_id)}",
-        f"  run record {layout.run_record(p.run_id)}",
-        f"  report     {layout.report(p.run_id)}",
-    ]
-    if p.cfg.no_metrics:
-        lines.append("  metrics    off (--no-metrics)")
-    elif p.metrics_protocol is None:
-        lines.append("  metrics    SKIPPED: no --inception-weights / --clip-model given, so no FID, KID or CLIP figures")
-    elif summary is not None:
-        g = summary["global"]
-        fid = "n/a" if g["fid"] is None else f"{g['fid']:.2f}"
-        clip = g["clip"]["mean"]
-        lines.append(
-            f"  metrics    FID {fid} (N={g['n']}), CLIP {'n/a' if clip is None else f'{clip:.2f}'}"
-            f"{'  [RANDOM-WEIGHT EXTRACTORS: meaningless]' if p.cfg.metrics_random_weights else ''}  -> {layout.metrics_dir(p.run_id)}"
-        )
-    return "\n".join(lines)
-
-
-def _reusable(p: _Prepared, layout: Layout):
-    """The state rows this run may reuse (None with --force)."""
-    from pipeline.resume import reusable_state
-
-    if p.cfg.force:
-        return None
-    images_dir = storage.join(layout.output, "images")
-    existing = {storage.join(images_dir, rel) for rel, _, _ in storage.list_files(images_dir)}
-    return reusable_state(load_state(layout, exclude_run=p.run_id), p.model_digest, p.settings_digest, existing, p.cfg.retry_failed)
-
-
-def _dry_run(p: _Prepared, layout: Layout) -> RunResult:
-    """Count per shard what a run would do, on the driver, without Ray and without writing."""
-    import collections
-
-    from pipeline.resume import StateIndex, planned_batches
-
-    state = _reusable(p, layout)
-    index = StateIndex(state) if state is not None and state.num_rows else None
-    duplicates = duplicate_pair_ids(p.plan)
-    shards: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
-    for i in range(len(p.plan.files)):
-        for batch in planned_batches(p.plan, i, duplicates, index, 65536):
-            for shard, action, code, prev in zip(
-                batch["shard"].to_pylist(), batch["action"].to_pylist(), batch["error_code"].to_pylist(), batch["prev_status"].to_pylist()
-            ):
-                kind = "invalid" if code else "pending" if action == "render" else "done" if prev == "ok" else "failed"
-                shards[shard][kind] += 1
-    kinds = ("pending", "done", "failed", "invalid")
-    print(f"[dtc] dry run: {p.plan.num_rows} rows in {len(p.plan.files)} file(s) under {p.cfg.manifest}; nothing is rendered")
-    print(f"  {'shard':<28}" + "".join(f"{k:>10}" for k in kinds))
-    for shard in sorted(shards):
-        print(f"  {shard:<28}" + "".join(f"{shards[shard][k]:>10}" for k in kinds))
-    totals = {k: sum(c[k] for c in shards.values()) for k in kinds}
-    print(f"  {'total':<28}" + "".join(f"{totals[k]:>10}" for k in kinds), flush=True)
-    return RunResult(EXIT_OK, run_id=None, counts={"shards": {s: dict(c) for s, c in shards.items()}, **totals})
-
-
-def _write_report(layout: Layout, run_id: str, summary: dict | None) -> None:
-    import io
-
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    from pipeline.report import render_report
-
-    parts = [storage.join(layout.manifest_dir(run_id), rel) for rel, _, _ in storage.list_files(layout.manifest_dir(run_id))]
-    columns = ["pair_id", "status", "error_code", "clip_score", "shard", "context_uri", "product_uri", "output_uri", "mask_uri", "bbox"]
-    tables = [pq.read_table(io.BytesIO(storage.read_bytes(p)), use_threads=False) for p in parts if p.endswith(".parquet")]
-    rows = pa.concat_tables([t.select([c for c in columns if c in t.column_names]) for t in tables], promote_options="permissive")
-    storage.write_bytes(layout.report(run_id), render_report(run_id, rows, summary).encode())
-
-
 def run_render(cfg: RenderConfig, dry_run: bool = False) -> RunResult:
     """Render the manifest (see the module docstring). `dry_run`: print per-shard counts of
     pending/done/failed/invalid rows and return, without Ray, lock or writes."""
     import pyarrow as pa
 
     # The driver handles thousands of small tables; Arrow's default arena allocator keeps what
-    # they freed, so its RSS grew ~8% from 400 to 2,000 rows, against ~2% with the system
-    # allocator (bench/pipeline.py measures this). Driver only: workers keep the default.
+    # they freed, and its RSS grew with the rows (bench/pipeline.py measures this). Driver only.
     pa.set_memory_pool(pa.system_memory_pool())
-    started_wall = datetime.now(timezone.utc)
-    # 1. refuse bad input before any work (exit 2, nothing written)
     try:
-        p = _check_inputs(cfg)
+        spec = check(cfg)
+        if dry_run:
+            from pipeline.dry_run import dry_run_counts
+
+            return dry_run_counts(spec)
     except (ConfigError, ManifestError, CheckpointError) as e:
         return RunResult(EXIT_REFUSED, message=str(e))
     except storage.StorageError as e:
         return RunResult(EXIT_ERROR, message=str(e))
-    layout = Layout(cfg.output)
-    if dry_run:
+    return RenderRun(spec).run()
+
+
+def check(cfg: RenderConfig) -> RunSpec:
+    """Everything that can refuse the run (exit 2) happens here, before any write."""
+    cfg.validate()
+    if not storage.is_s3(cfg.output):
+        cfg = dataclasses.replace(cfg, output=os.path.abspath(cfg.output))
+        _check_writable(cfg.output)
+    partitions = None if cfg.partition_range is None else (cfg.partition_key, *cfg.partition_range)
+    plan = plan_manifest(cfg.manifest, partition_range=partitions)
+    index = check_dtc_checkpoint(cfg.model)
+    resolution, product_size = int(index.get("resolution", 512)), int(index.get("product_size", 224))
+    if cfg.run_id is not None:
+        layout = Layout(cfg.output)
+        if storage.exists(layout.run_record(cfg.run_id)) or storage.list_files(layout.manifest_dir(cfg.run_id)):
+            # A run's manifest must hold each input row once: a second attempt under the same id
+            # would add rows beside the first attempt's. Retries take a new id (e.g. a suffix).
+            raise ConfigError(f"--run-id {cfg.run_id} was already used under {cfg.output}; choose another")
+    from pipeline.metrics.shards import metrics_protocol
+
+    try:
+        protocol = metrics_protocol(cfg, resolution)
+    except FileNotFoundError as e:
+        raise ConfigError(f"metrics weights not found: {e}") from e
+    except CheckpointError as e:
+        raise ConfigError(f"--clip-model: {e}") from e
+    digest = model_digest(cfg.model)
+    return RunSpec(cfg, plan, cfg.run_id or new_run_id(), digest, cfg.settings_digest(resolution), resolution, product_size, protocol)
+
+
+def _check_writable(output: str) -> None:
+    """A local --output that cannot be created or written is refused now (exit 2, nothing
+    written), not when the lock is first written. The probe file is removed at once."""
+    parent = output
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise ConfigError(f"--output {output} cannot be created: {parent} is a file")
+    probe = os.path.join(parent, f".dtc-write-probe-{uuid.uuid4().hex[:8]}")
+    try:
+        with open(probe, "wb"):
+            pass
+        os.unlink(probe)
+    except OSError as e:
+        raise ConfigError(f"--output {output} cannot be written: {parent}: {e.strerror or e}") from e
+
+
+def _init_ray(address: str | None):
+    """Ray, joined at `address` (or RAY_ADDRESS, which `ray job submit` sets for its
+    entrypoint); with neither, a fresh local Ray of this process's own, never a cluster some
+    earlier `ray start` left running on the machine (`--address auto` joins that one)."""
+    import ray
+
+    if ray.is_initialized():
+        return ray
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, log_to_driver=False)
+    else:
+        ray.init(address="local", include_dashboard=False, log_to_driver=False)
+    return ray
+
+
+class RenderRun:
+    """The driver of one run (see the module docstring); `run()` takes every step."""
+
+    def __init__(self, spec: RunSpec):
+        self.spec = spec
+        self.layout = Layout(spec.output)
+        self.stats = RunStats()
+        self.writer = ManifestWriter(self.layout, spec.run_id, output_schema(spec.plan.schema), part_rows=spec.cfg.manifest_part_rows)
+        self.metrics = None
+        self.metrics_summary: dict | None = None
+        self.report_written = False
+        self.progress: record.Progress | None = None
+        self.exit_code, self.message = EXIT_ERROR, ""
+        self.started_at = datetime.now(timezone.utc)
+        self.start = time.monotonic()
+
+    def run(self) -> RunResult:
+        lock = OutputLock(self.layout, self.spec.run_id, stale_after_s=self.spec.cfg.lock_stale_s)
         try:
-            return _dry_run(p, layout)
+            lock.acquire()
+        except LockHeld as e:
+            return RunResult(EXIT_REFUSED, run_id=self.spec.run_id, message=str(e))
         except storage.StorageError as e:
-            return RunResult(EXIT_ERROR, message=str(e))
+            return RunResult(EXIT_ERROR, run_id=self.spec.run_id, message=str(e))
+        try:
+            state, duplicates = self.resume()
+            self.stream(state, duplicates)
+            self.finalize()
+        except (storage.StorageError, OSError) as e:
+            self.message = f"storage error: {e}"
+            log.error(self.message)
+        except Exception as e:  # noqa: BLE001 - the run record and summary must still be written
+            text = str(e).strip()
+            self.message = f"{type(e).__name__}: {text.splitlines()[-1] if text else ''}"[:500]
+            log.exception("render run failed")
+        finally:
+            self.close(lock)
+        return RunResult(
+            self.exit_code, run_id=self.spec.run_id, message=self.message,
+            counts={**self.stats.counts(), "manifest_parts": self.writer.parts},
+            record_uri=self.layout.run_record(self.spec.run_id),
+        )
 
-    # 2. one run per output
-    lock = OutputLock(layout, p.run_id, stale_after_s=cfg.lock_stale_s)
-    try:
-        lock.acquire()
-    except LockHeld as e:
-        return RunResult(EXIT_REFUSED, run_id=p.run_id, message=str(e))
-    except storage.StorageError as e:
-        return RunResult(EXIT_ERROR, run_id=p.run_id, message=str(e))
-
-    from pipeline.sink import ManifestWriter, output_schema
-
-    writer = ManifestWriter(layout, p.run_id, output_schema(p.plan.schema), part_rows=cfg.manifest_part_rows)
-    metrics = None
-    if p.metrics_protocol is not None:
-        from pipeline.shard_metrics import MetricsAccumulator
-
-        metrics = MetricsAccumulator(layout, p.run_id)
-    metrics_summary = None
-    rss_samples: list[list] = []  # [rows written, driver RSS MB] at 25/50/75/100% of the rows
-    start = time.monotonic()
-    exit_code, message = EXIT_ERROR, ""
-    try:
-        # 3. resume: what earlier runs already did with this model and these settings
-        state = _reusable(p, layout)
-        duplicates = duplicate_pair_ids(p.plan)
-        total = p.plan.num_rows if cfg.limit is None else min(cfg.limit, p.plan.num_rows)
+    def resume(self):
+        """(reusable state rows, duplicated pair_ids): what earlier runs did with this model
+        and these settings; None state with --force."""
+        spec = self.spec
+        state = None if spec.cfg.force else reusable(spec)
+        duplicates = duplicate_pair_ids(spec.plan)
+        total = spec.plan.num_rows if spec.cfg.limit is None else min(spec.cfg.limit, spec.plan.num_rows)
+        self.progress = record.Progress(total)
         print(
-            f"[dtc] run {p.run_id}: {total} rows from {len(p.plan.files)} manifest file(s); "
-            f"{0 if state is None else state.num_rows} pairs reusable; model sha256:{p.model_digest[:12]}; "
-            f"output {layout.output}",
+            f"[dtc] run {spec.run_id}: {total} rows from {len(spec.plan.files)} manifest file(s); "
+            f"{0 if state is None else state.num_rows} pairs reusable; model sha256:{spec.model_digest[:12]}; "
+            f"output {self.layout.output}",
             flush=True,
         )
+        return state, duplicates
 
-        # 4. the Ray Data graph, rows streamed back to the sink
-        ray = _init_ray(cfg.address)
-        from pipeline.dataflow import RunContext, build_dataset
+    def stream(self, state, duplicates: set[str]) -> None:
+        """The Ray Data graph, its blocks into the sink, the stats and the metrics."""
+        import pyarrow as pa
 
-        gpus = cfg.gpus_per_actor
+        ray = _init_ray(self.spec.cfg.address)
+        from pipeline.dataflow import build_dataset
+
+        gpus = self.spec.cfg.gpus_per_actor
         if gpus is None:
             gpus = 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
-        ctx = RunContext(
-            p.run_id, layout.output, p.model_digest, p.settings_digest, p.resolution, p.product_size, gpus,
-            inception_weights=None if metrics is None else cfg.inception_weights,
-            clip_model=None if metrics is None else cfg.clip_model,
-        )
-        dataset = build_dataset(cfg, p.plan, ctx, duplicates, state)
-        last = [0.0]
-        marks = iter(sorted({max(1, total * k // 4) for k in (1, 2, 3, 4)}))
-        mark = next(marks, None)
+        if self.spec.with_metrics:
+            from pipeline.metrics.shards import MetricsAccumulator
+
+            self.metrics = MetricsAccumulator(self.layout, self.spec.run_id)
+        dataset = build_dataset(self.spec, gpus, duplicates, state)
         for batch in dataset.iter_batches(batch_format="pyarrow", batch_size=None):
-            if metrics is not None:
-                metrics.add(batch)
-            writer.add(batch)
-            _progress(writer, total, start, last)
-            while mark is not None and writer.rows >= mark:  # driver memory over the run (a leak shows here)
-                rss_samples.append([writer.rows, round(_rss_mb(), 1)])
-                mark = next(marks, None)
-        writer.flush()
+            if self.metrics is not None:
+                self.metrics.add(batch)
+            self.writer.add(batch)
+            self.stats.add(batch)
+            self.progress.update(self.stats)
+        self.writer.flush()
         # The stream's buffers go before compaction allocates on top of them: the system pool's
         # release_unused() is glibc's malloc_trim, which also returns what Ray and Python freed
         # (without it the driver's peak RSS grew with the manifest: bench/pipeline.py 1k -> 5k).
-        dataset = state = batch = None
+        del dataset, state, batch
         pa.default_memory_pool().release_unused()
 
-        # 5. bookkeeping: state, metrics, report
-        compact_state(layout)
+    def finalize(self) -> None:
+        """State, metrics and report; the exit code from the failed fraction."""
+        import pyarrow as pa
+
+        cfg = self.spec.cfg
+        compact_state(self.layout)
         pa.default_memory_pool().release_unused()  # give compaction's buffers back before the report
-        shard_counts = {shard: dict(c) for shard, c in writer.shards.items()}
-        if metrics is not None:
-            metrics_summary = metrics.finalize(shard_counts, p.metrics_protocol)
-        _write_report(layout, p.run_id, metrics_summary)
-        failed_fraction = writer.status.get("failed", 0) / max(writer.rows, 1)
-        exit_code = EXIT_TOO_MANY_FAILED if failed_fraction > cfg.max_failed_fraction else EXIT_OK
-        if exit_code == EXIT_TOO_MANY_FAILED:
-            message = f"{failed_fraction:.1%} of rows failed (limit --max-failed-fraction {cfg.max_failed_fraction:.1%})"
-    except (storage.StorageError, OSError) as e:
-        message = f"storage error: {e}"
-        log.error(message)
-    except Exception as e:  # noqa: BLE001 - the run record and summary must still be written
-        message = f"{type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ''}"[:500]
-        log.exception("render run failed")
-    finally:
+        if self.metrics is not None:
+            shard_counts = {shard: dict(c) for shard, c in self.stats.shards.items()}
+            self.metrics_summary = self.metrics.finalize(shard_counts, self.spec.metrics_protocol)
+        from pipeline.metrics.report import write_report
+
+        write_report(self.layout, self.spec.run_id, self.metrics_summary, settings=cfg.settings(self.spec.resolution))
+        self.report_written = True
+        fraction = self.stats.failed_fraction
+        self.exit_code = EXIT_TOO_MANY_FAILED if fraction > cfg.max_failed_fraction else EXIT_OK
+        if self.exit_code == EXIT_TOO_MANY_FAILED:
+            self.message = f"{fraction:.1%} of rows failed (limit --max-failed-fraction {cfg.max_failed_fraction:.1%})"
+
+    def close(self, lock: OutputLock) -> None:
+        """Last part, run record, lock, summary: whatever happened before."""
         try:
-            writer.flush()
+            self.writer.flush()
         except Exception as e:  # noqa: BLE001
             log.error("could not flush the last manifest part: %s", e)
-        elapsed = time.monotonic() - start
-        counts = {
-            "rows": writer.rows, "ok": writer.status.get("ok", 0), "failed": writer.status.get("failed", 0),
-            "reused": writer.reused, "error_codes": dict(writer.error_codes), "manifest_parts": writer.parts,
-            "shards": {shard: dict(c) for shard, c in sorted(writer.shards.items())},
-        }
-        record = {
-            "run_id": p.run_id, "exit_code": exit_code, "message": message, "started_at": started_wall.isoformat(),
-            "finished_at": datetime.now(timezone.utc).isoformat(), "elapsed_s": round(elapsed, 3),
-            "rows_per_s": round(writer.rows / max(elapsed, 1e-9), 3), "counts": counts,
-            "stage_seconds": {k: round(v, 3) for k, v in writer.stage_seconds.items()},
-            "steady_rows_per_s": writer.steady_rows_per_s(), "arrival_rows_per_s": writer.arrival_rows_per_s(),
-            "driver_peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
-            "driver_rss_mb_by_rows": rss_samples, "driver_rss_mb_at_end": round(_rss_mb(), 1),
-            "model": {"uri": cfg.model, "digest": p.model_digest, "resolution": p.resolution},
-            "settings": cfg.settings(p.resolution), "settings_digest": p.settings_digest,
-            "manifest": {"uri": cfg.manifest, "files": len(p.plan.files), "rows": p.plan.num_rows},
-            "config": cfg.to_record(), "versions": _versions(), "host": platform.node(), "argv": sys.argv,
-        }
+        elapsed = time.monotonic() - self.start
+        run = record.run_record(
+            self.spec, self.stats, exit_code=self.exit_code, message=self.message, started_at=self.started_at,
+            elapsed=elapsed, manifest_parts=self.writer.parts, rss_samples=self.progress.rss_samples if self.progress else [],
+        )
         try:
-            storage.write_bytes(layout.run_record(p.run_id), json.dumps(record, indent=1, default=str).encode())
+            record.write_run_record(self.spec, run)
         except Exception as e:  # noqa: BLE001
             log.error("could not write the run record: %s", e)
         lock.release()
-        print(_summary(p, writer, elapsed, exit_code, layout, metrics_summary), flush=True)
-        if message:
-            print(f"  note       {message}", flush=True)
-    return RunResult(exit_code, run_id=p.run_id, message=message, counts=counts, record_uri=layout.run_record(p.run_id))
+        print(record.summary_text(self.spec, self.stats, elapsed, self.exit_code, self.metrics_summary, self.report_written), flush=True)
+        if self.message:
+            print(f"  note       {self.message}", flush=True)
+
+
+def reusable(spec: RunSpec):
+    """The state rows this run may reuse: this model and settings, ok rows whose image exists,
+    failed rows unless --retry-failed (`resume.reusable_state`)."""
+    from pipeline.resume import reusable_state
+
+    layout = Layout(spec.output)
+    existing = {storage.join(layout.images_dir, rel) for rel, _, _ in storage.list_files(layout.images_dir)}
+    state = load_state(layout, exclude_run=spec.run_id)
+    return reusable_state(state, spec.model_digest, spec.settings_digest, existing, spec.cfg.retry_failed)

@@ -20,7 +20,9 @@ from collections.abc import Callable
 from typing import TypeVar
 from urllib.parse import urlparse
 
+import pyarrow as pa
 import pyarrow.fs as pafs
+import pyarrow.parquet as pq
 
 __all__ = [
     "StorageError",
@@ -29,6 +31,8 @@ __all__ = [
     "filesystem",
     "read_bytes",
     "write_bytes",
+    "read_parquet",
+    "write_parquet",
     "exists",
     "delete",
     "list_files",
@@ -169,6 +173,30 @@ def write_bytes(uri: str, data: bytes) -> None:
                 os.unlink(tmp)
     except OSError as e:
         raise StorageError(f"cannot write {uri}: {e}") from e
+
+
+def read_parquet(uri: str, columns: list[str] | None = None) -> pa.Table:
+    """A Parquet object as a Table, reading only `columns` when given (column chunks, not the
+    whole object); FileNotFoundError when absent. Single-threaded: readers open many small
+    files, and per-thread arena growth would make the driver's memory scale with their number."""
+    fs, path = filesystem(uri)
+    try:
+        return retry_transient(lambda: pq.read_table(path, filesystem=fs, columns=columns, use_threads=False))
+    except FileNotFoundError:
+        raise
+    except OSError as e:
+        if "NoSuchKey" in str(e) or "does not exist" in str(e):
+            raise FileNotFoundError(uri) from e
+        raise StorageError(f"cannot read {uri}: {e}") from e
+
+
+def write_parquet(uri: str, table: pa.Table) -> None:
+    """Write a Table as one Parquet object, atomically (see `write_bytes`)."""
+    import io
+
+    sink = io.BytesIO()
+    pq.write_table(table, sink)
+    write_bytes(uri, sink.getvalue())
 
 
 def exists(uri: str) -> bool:

@@ -1,30 +1,38 @@
-"""Shared fixtures: a real S3 endpoint on loopback (moto's server), the tiny DTC model.
+"""Shared fixtures: a real S3 endpoint on loopback (moto's server), the tiny DTC model, one
+local Ray per session.
 
-Ray is started by the tests that need it (`ray_session`), once per test session.
+Two tiers: tests/unit/ needs no Ray, S3 endpoint or browser (`make test-unit`, or
+`pytest -m "not integration"`); everything under tests/integration/ is marked `integration`
+here. `make test` (and CI) runs both.
 """
 
 from __future__ import annotations
 
 import os
-import socket
 import sys
 
 import pytest
 
-sys.path.insert(0, os.path.dirname(__file__))  # tests/parts.py, tests/s3proxy.py
+sys.path.insert(0, os.path.dirname(__file__))  # tests/helpers.py, tests/parts.py, tests/s3proxy.py
+
+from helpers import S3_SECRET, free_port  # noqa: E402
 
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
 
-S3_SECRET = "test-secret-key-4f1c0de"
+INTEGRATION_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "integration")
+SLOW_FIXTURES = {"s3_proxy", "s3_endpoint", "s3_bucket", "ray_address"}
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def pytest_collection_modifyitems(config, items):
+    """Mark tests/integration/ `integration`; a unit test asking for Ray or S3 is a mistake."""
+    for item in items:
+        if str(item.fspath).startswith(INTEGRATION_DIR):
+            item.add_marker(pytest.mark.integration)
+        elif SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
+            raise pytest.UsageError(f"{item.nodeid} is a unit test but uses {sorted(SLOW_FIXTURES & set(item.fixturenames))}")
 
 
 @pytest.fixture(scope="session")

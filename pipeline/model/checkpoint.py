@@ -24,13 +24,18 @@ import uuid
 
 from pipeline import storage
 
-__all__ = ["CheckpointError", "check_checkpoint", "model_digest", "write_digest", "local_checkpoint", "DIGEST_FILE"]
+__all__ = [
+    "CheckpointError", "check_checkpoint", "check_dtc_checkpoint", "model_digest", "write_digest", "local_checkpoint",
+    "DIGEST_FILE", "DTC_COMPONENTS",
+]
 
 DIGEST_FILE = "dtc_digest.json"
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt")
 # Components without weights (their folder holds only a config).
 CONFIG_ONLY = {"scheduler": "scheduler_config.json", "tokenizer": "tokenizer_config.json", "feature_extractor": "preprocessor_config.json"}
 SYNC_MARKER = ".dtc_sync.json"
+# What a DTC folder holds (model_index.json names them); the render job refuses one without them.
+DTC_COMPONENTS = ("vae", "unet", "hint_encoder", "hint_adapter", "image_encoder", "image_projection", "scheduler")
 
 
 class CheckpointError(ValueError):
@@ -97,6 +102,18 @@ def write_digest(folder: str) -> str:
     record = {"algorithm": "sha256", "digest": digest, "files": [[rel, size] for rel, size in weights]}
     storage.write_bytes(os.path.join(folder, DIGEST_FILE), json.dumps(record, indent=1).encode())
     return digest
+
+
+def check_dtc_checkpoint(uri: str) -> dict:
+    """`check_checkpoint` for a DTC folder: its model_index.json, or CheckpointError naming
+    the problem (a missing component, another pipeline class)."""
+    index = check_checkpoint(uri, required=DTC_COMPONENTS)
+    if index.get("_class_name") != "DTCPipeline":
+        raise CheckpointError(
+            f"{uri} holds a {index.get('_class_name')!r}, not a DTCPipeline; "
+            "build one with `python -m jobs.make_model --from-parts ...`"
+        )
+    return index
 
 
 def model_digest(uri: str) -> str:

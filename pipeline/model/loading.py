@@ -12,12 +12,10 @@ import json
 
 import torch
 
-from pipeline.model.checkpoint import CheckpointError, check_checkpoint, local_checkpoint, write_digest
+from pipeline.model.checkpoint import CheckpointError, check_dtc_checkpoint, local_checkpoint, write_digest
 from pipeline.model.pipeline_dtc import DTCPipeline
 
 __all__ = ["load_pipeline", "save_pipeline", "default_dtype", "optimize_pipeline"]
-
-COMPONENTS = ("vae", "unet", "hint_encoder", "hint_adapter", "image_encoder", "image_projection", "scheduler")
 
 
 def default_dtype(device: str | torch.device) -> torch.dtype:
@@ -34,12 +32,7 @@ def load_pipeline(
 ) -> DTCPipeline:
     """A ready-to-run DTCPipeline from a local folder or an `s3://` prefix."""
     folder = local_checkpoint(uri, cache_dir)
-    index = check_checkpoint(folder, required=COMPONENTS)
-    if index.get("_class_name") != "DTCPipeline":
-        raise CheckpointError(
-            f"{uri} holds a {index.get('_class_name')!r}, not a DTCPipeline; "
-            "build one with `python -m jobs.make_model --from-parts ...`"
-        )
+    check_dtc_checkpoint(folder)
     try:
         pipe = DTCPipeline.from_pretrained(folder, dtype=dtype or default_dtype(device))
     except (OSError, ValueError, KeyError, json.JSONDecodeError) as e:

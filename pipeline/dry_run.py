@@ -1,0 +1,60 @@
+"""`--dry-run`: what a run would do, counted per shard on the driver, without Ray and without writing.
+
+A row counts as `invalid` when it would fail before any fetch: a bad row (`rows.validate_rows`)
+or an input URI the allowlist refuses (`fetch.InputPolicy.check`, the same check the prepare
+stage makes); `done` / `failed` when an earlier run's result would be reused; `pending` when
+it would be rendered.
+"""
+
+from __future__ import annotations
+
+import collections
+
+from pipeline.config import RunSpec
+from pipeline.fetch import InputPolicy
+from pipeline.manifest import duplicate_pair_ids
+from pipeline.resume import StateIndex
+from pipeline.schema import EXIT_OK, RENDER, RowError
+
+__all__ = ["dry_run_counts"]
+
+KINDS = ("pending", "done", "failed", "invalid")
+
+
+def _refused(policy: InputPolicy, uris) -> bool:
+    for uri in uris:
+        if uri:
+            try:
+                policy.check(uri)
+            except RowError:
+                return True
+    return False
+
+
+def dry_run_counts(spec: RunSpec):
+    from pipeline.run import RunResult, reusable
+    from pipeline.stages.read_stage import planned_batches
+
+    cfg, plan = spec.cfg, spec.plan
+    state = None if cfg.force else reusable(spec)
+    index = StateIndex(state) if state is not None and state.num_rows else None
+    duplicates = duplicate_pair_ids(plan)
+    policy = InputPolicy(manifest_dir=plan.base_dir, allow_roots=tuple(cfg.allow_root), allow_http=cfg.allow_http)
+    shards: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
+    for i in range(len(plan.files)):
+        for batch in planned_batches(plan, i, duplicates, index, 65536):
+            columns = [batch[c].to_pylist() for c in ("shard", "action", "error_code", "prev_status")]
+            uris = zip(*(batch[c].to_pylist() for c in ("context_uri", "product_uri", "mask_uri")))
+            for (shard, action, code, prev), row_uris in zip(zip(*columns), uris):
+                if code or (action == RENDER and _refused(policy, row_uris)):
+                    kind = "invalid"
+                else:
+                    kind = "pending" if action == RENDER else "done" if prev == "ok" else "failed"
+                shards[shard][kind] += 1
+    print(f"[dtc] dry run: {plan.num_rows} rows in {len(plan.files)} file(s) under {cfg.manifest}; nothing is rendered")
+    print(f"  {'shard':<28}" + "".join(f"{k:>10}" for k in KINDS))
+    for shard in sorted(shards):
+        print(f"  {shard:<28}" + "".join(f"{shards[shard][k]:>10}" for k in KINDS))
+    totals = {k: sum(c[k] for c in shards.values()) for k in KINDS}
+    print(f"  {'total':<28}" + "".join(f"{totals[k]:>10}" for k in KINDS), flush=True)
+    return RunResult(EXIT_OK, run_id=None, counts={"shards": {s: dict(c) for s, c in shards.items()}, **totals})

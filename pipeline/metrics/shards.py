@@ -1,0 +1,283 @@
+"""Per-shard and per-run quality figures: accumulated on the driver, stored, recomputable. No torch.
+
+During a run, `MetricsAccumulator.add` takes each batch of finished rows (rendered in this run,
+status ok): float64 sufficient statistics per shard and side (n, sum, sum of outer products),
+CLIP scores, and the raw fp16 features, flushed to `metrics/<run_id>/features/part-*.parquet`.
+At the end `finalize` writes, per shard, `shard=<s>.json` (FID@N labelled with N, KID mean ±
+std, CLIP mean/p10/p50/p90, lowest-scoring pairs, the protocol), `shard=<s>.real.npz` /
+`shard=<s>.gen.npz` (the statistics) and `shard=<s>.features.parquet` (raw features, which KID
+needs), then `summary.json`: the global FID from merged statistics, the global KID from
+subsets drawn across shards, CLIP, and the per-shard table.
+
+`recompute(layout, run_ids)` rebuilds the same figures from those files alone (`jobs.metrics`),
+merging several runs shard by shard.
+"""
+
+from __future__ import annotations
+
+import collections
+import hashlib
+import json
+import time
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from pipeline import storage
+from pipeline.metrics.stats import ClipStats, FeatureStats, fid_from_stats, kid
+from pipeline.output.layout import Layout
+
+__all__ = ["MetricsAccumulator", "compute_summary", "recompute", "metrics_protocol", "FEATURE_DIM"]
+
+FEATURE_DIM = 2048
+KID_SUBSETS = 100
+KID_MAX_SUBSET = 1000
+KID_MAX_ROWS = 10_000  # features read back per KID estimate (per shard, and across shards)
+LOWEST = 10
+FEATURE_SCHEMA = pa.schema(
+    [("pair_id", pa.string()), ("shard", pa.string()), ("feat_real", pa.binary()), ("feat_gen", pa.binary()),
+     ("clip_score", pa.float64()), ("clip_floor", pa.float64())]
+)
+
+
+def _features(column: list[bytes]) -> np.ndarray:
+    return np.frombuffer(b"".join(column), dtype=np.float16).reshape(len(column), FEATURE_DIM).astype(np.float64)
+
+
+def metrics_protocol(cfg, resolution: int) -> dict | None:
+    """What every metrics file records (METRICS.md), or None when metrics are skipped.
+    `cfg` is the run's RenderConfig; reads the Inception weights once for their sha256."""
+    from pipeline.model.checkpoint import model_digest
+    from pipeline.record import versions
+
+    if cfg.no_metrics or not (cfg.inception_weights or cfg.clip_model):
+        return None
+    return {
+        "extractor": "FID Inception v3 (pt_inception-2015-12-05), pool3 2048-d" if cfg.inception_weights else None,
+        "inception_weights": cfg.inception_weights,
+        "inception_sha256": hashlib.sha256(storage.read_bytes(cfg.inception_weights)).hexdigest() if cfg.inception_weights else None,
+        "resize": "TF1-compatible bilinear to 299",
+        "dtype": "float32, TF32 off; features stored as float16, statistics as float64",
+        "features_from": f"decoded output window at {resolution}x{resolution} (uint8, before image encoding)",
+        "real_side": "the shard's own context photos, same crop window as the render",
+        "image_format": cfg.image_format,
+        "clip_backbone": cfg.clip_model,
+        "clip_backbone_sha256": model_digest(cfg.clip_model) if cfg.clip_model else None,
+        "clip_preprocessing": "output cropped to the region's bbox, padded square (grey); product padded square; "
+        "bicubic 224, CLIP mean/std; score = 100 * cosine",
+        "clip_floor": "product vs the next pair's product in the model batch",
+        "kid": {"kernel": "(x.y/d + 1)^3", "subsets": KID_SUBSETS, "max_subset_size": KID_MAX_SUBSET, "estimator": "unbiased MMD^2"},
+        "reference": "none (real side = context crops)",
+        "random_weights": cfg.metrics_random_weights,
+        "versions": versions(),
+    }
+
+
+class _Shard:
+    def __init__(self):
+        self.real: FeatureStats | None = None
+        self.gen: FeatureStats | None = None
+        self.clip = ClipStats()
+        self.floor = ClipStats()
+        self.lowest: list[tuple[float, str]] = []
+
+    def add(self, real: np.ndarray | None, gen: np.ndarray | None, clip: list[float], floor: list[float], ids: list[str]) -> None:
+        if real is not None and len(real):
+            r, g = FeatureStats.from_features(real), FeatureStats.from_features(gen)
+            self.real = r if self.real is None else self.real + r
+            self.gen = g if self.gen is None else self.gen + g
+        scored = [(s, p) for s, p in zip(clip, ids) if s is not None]
+        if scored:
+            self.clip = self.clip + ClipStats.from_scores([s for s, _ in scored])
+            self.lowest = sorted(self.lowest + scored)[:LOWEST]
+        floors = [f for f in floor if f is not None]
+        if floors:
+            self.floor = self.floor + ClipStats.from_scores(floors)
+
+
+class MetricsAccumulator:
+    def __init__(self, layout: Layout, run_id: str, part_rows: int = 2000):
+        self.layout, self.run_id, self.part_rows = layout, run_id, part_rows
+        self.shards: dict[str, _Shard] = collections.defaultdict(_Shard)
+        self.pending: list[pa.Table] = []
+        self.pending_rows = 0
+        self.parts = 0
+
+    def add(self, batch: pa.Table) -> None:
+        """Rows rendered in this run with status ok; the others carry no features."""
+        if "feat_gen" not in batch.column_names and "clip_score" not in batch.column_names:
+            return
+        keep = pc.and_(pc.equal(batch["status"], "ok"), pc.greater(batch["attempt"], 0))
+        rows = batch.filter(keep)
+        if rows.num_rows == 0:
+            return
+        columns = {name: rows[name] if name in rows.column_names else pa.nulls(rows.num_rows, FEATURE_SCHEMA.field(name).type)
+                   for name in FEATURE_SCHEMA.names}
+        table = pa.table(columns).cast(FEATURE_SCHEMA)
+        for shard in set(table["shard"].to_pylist()):
+            part = table.filter(pc.equal(table["shard"], shard))
+            has_features = part["feat_gen"].null_count == 0
+            real = _features(part["feat_real"].to_pylist()) if has_features else None
+            gen = _features(part["feat_gen"].to_pylist()) if has_features else None
+            self.shards[shard].add(real, gen, part["clip_score"].to_pylist(), part["clip_floor"].to_pylist(), part["pair_id"].to_pylist())
+        self.pending.append(table)
+        self.pending_rows += table.num_rows
+        if self.pending_rows >= self.part_rows:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self.pending:
+            return
+        part = storage.join(self.layout.metrics_dir(self.run_id), "features", f"part-{self.parts:05d}.parquet")
+        storage.write_parquet(part, pa.concat_tables(self.pending))
+        self.parts += 1
+        self.pending, self.pending_rows = [], 0
+
+    def finalize(self, counts: dict[str, dict], protocol: dict) -> dict:
+        """Write the shard files and summary.json; returns the summary."""
+        self.flush()
+        metrics_dir = self.layout.metrics_dir(self.run_id)
+        parts = [storage.join(metrics_dir, "features", rel) for rel, _, _ in storage.list_files(storage.join(metrics_dir, "features"))]
+        features = pa.concat_tables([storage.read_parquet(p) for p in parts]) if parts else FEATURE_SCHEMA.empty_table()
+        for shard, acc in self.shards.items():
+            base = storage.join(metrics_dir, f"shard={shard}")
+            if acc.real is not None:
+                storage.write_bytes(f"{base}.real.npz", acc.real.to_npz_bytes())
+                storage.write_bytes(f"{base}.gen.npz", acc.gen.to_npz_bytes())
+            storage.write_parquet(f"{base}.features.parquet", features.filter(pc.equal(features["shard"], shard)))
+        for p in parts:  # now held per shard
+            storage.delete(p)
+        summary = compute_summary(self.run_id, dict(self.shards), features, counts, protocol)
+        _write_summary(self.layout, self.run_id, summary)
+        return summary
+
+
+def _kid(features: pa.Table, seed: int = 0) -> tuple[float | None, float | None, int | None]:
+    rows = features.filter(pc.is_valid(features["feat_gen"]))
+    # KID draws random subsets by row index: fix the row order (by pair_id) so the figure
+    # does not depend on the order rows arrived in or shard files were read back.
+    rows = rows.take(pc.sort_indices(rows, sort_keys=[("pair_id", "ascending")]))
+    if rows.num_rows < 2:
+        return None, None, None
+    if rows.num_rows > KID_MAX_ROWS:
+        rng = np.random.default_rng(seed)
+        rows = rows.take(pa.array(np.sort(rng.choice(rows.num_rows, KID_MAX_ROWS, replace=False))))
+    real, gen = _features(rows["feat_real"].to_pylist()), _features(rows["feat_gen"].to_pylist())
+    # Half the rows per subset (up to 1000): subsets of all n rows would all be the same set
+    # and report a std of 0 for a small shard.
+    size = min(KID_MAX_SUBSET, max(2, rows.num_rows // 2))
+    mean, std = kid(real, gen, subset_size=size, subsets=KID_SUBSETS, seed=seed)
+    return mean, std, size
+
+
+def _fid(real: FeatureStats | None, gen: FeatureStats | None) -> float | None:
+    if real is None or real.n < 2 or gen.n < 2:
+        return None
+    return fid_from_stats(real, gen)
+
+
+def compute_summary(run_id: str, shards: dict, features: pa.Table, counts: dict[str, dict], protocol: dict) -> dict:
+    """The figures of summary.json from per-shard accumulators and the raw feature table."""
+    table, real_total, gen_total = [], None, None
+    clip_total, floor_total = ClipStats(), ClipStats()
+    lowest_total: list[tuple[float, str]] = []
+    for shard in sorted(set(shards) | set(counts)):
+        acc = shards.get(shard, _Shard())
+        kid_mean, kid_std, kid_size = _kid(features.filter(pc.equal(features["shard"], shard)))
+        clip = acc.clip.summary()
+        row = {
+            "shard": shard, "ok": counts.get(shard, {}).get("ok", 0), "failed": counts.get(shard, {}).get("failed", 0),
+            "n": 0 if acc.real is None else acc.real.n, "fid": _fid(acc.real, acc.gen),
+            "fid_label": f"FID@{0 if acc.real is None else acc.real.n}",
+            "kid_mean": kid_mean, "kid_std": kid_std, "kid_subset_size": kid_size, "kid_subsets": KID_SUBSETS if kid_size else None,
+            "clip": clip, "clip_floor": acc.floor.summary()["mean"],
+            "lowest": [{"pair_id": p, "clip_score": s} for s, p in acc.lowest],
+        }
+        table.append(row)
+        if acc.real is not None:
+            real_total = acc.real if real_total is None else real_total + acc.real
+            gen_total = acc.gen if gen_total is None else gen_total + acc.gen
+        clip_total, floor_total = clip_total + acc.clip, floor_total + acc.floor
+        lowest_total = sorted(lowest_total + acc.lowest)[:LOWEST]
+    kid_mean, kid_std, kid_size = _kid(features)
+    return {
+        "run_id": run_id,
+        "created_at": time.time(),
+        "protocol": protocol,
+        "global": {
+            "n": 0 if real_total is None else real_total.n, "fid": _fid(real_total, gen_total),
+            "fid_note": "global FID from merged per-shard float64 statistics",
+            "kid_mean": kid_mean, "kid_std": kid_std, "kid_subset_size": kid_size, "kid_subsets": KID_SUBSETS if kid_size else None,
+            "clip": clip_total.summary(), "clip_floor": floor_total.summary()["mean"],
+            "lowest": [{"pair_id": p, "clip_score": s} for s, p in lowest_total],
+        },
+        "shards": table,
+    }
+
+
+def _write_summary(layout: Layout, run_id: str, summary: dict) -> None:
+    metrics_dir = layout.metrics_dir(run_id)
+    for row in summary["shards"]:
+        record = {**row, "run_id": run_id, "protocol": summary["protocol"]}
+        storage.write_bytes(storage.join(metrics_dir, f"shard={row['shard']}.json"), json.dumps(record, indent=1).encode())
+    storage.write_bytes(storage.join(metrics_dir, "summary.json"), json.dumps(summary, indent=1).encode())
+
+
+def _load_run(layout: Layout, run_id: str) -> tuple[dict[str, _Shard], list[pa.Table], dict]:
+    """Per-shard accumulators rebuilt from a run's stored files (no features in memory)."""
+    metrics_dir = layout.metrics_dir(run_id)
+    files = {rel for rel, _, _ in storage.list_files(metrics_dir)}
+    if "summary.json" not in files:
+        raise FileNotFoundError(f"no metrics under {metrics_dir} (was the run made with metrics?)")
+    protocol = json.loads(storage.read_bytes(storage.join(metrics_dir, "summary.json")))["protocol"]
+    shards: dict[str, _Shard] = {}
+    tables = []
+    for rel in sorted(f for f in files if f.endswith(".features.parquet")):
+        shard = rel[len("shard=") : -len(".features.parquet")]
+        acc = shards[shard] = _Shard()
+        base = storage.join(metrics_dir, f"shard={shard}")
+        if f"shard={shard}.real.npz" in files:
+            acc.real = FeatureStats.from_npz_bytes(storage.read_bytes(f"{base}.real.npz"))
+            acc.gen = FeatureStats.from_npz_bytes(storage.read_bytes(f"{base}.gen.npz"))
+        features = storage.read_parquet(f"{base}.features.parquet").cast(FEATURE_SCHEMA)
+        acc.add(None, None, features["clip_score"].to_pylist(), features["clip_floor"].to_pylist(), features["pair_id"].to_pylist())
+        tables.append(features)
+    return shards, tables, protocol
+
+
+def recompute(layout: Layout, run_ids: list[str], out_id: str, counts: dict[str, dict]) -> dict:
+    """Figures of one run, or of several merged shard by shard, from stored files only."""
+    merged: dict[str, _Shard] = {}
+    tables: list[pa.Table] = []
+    protocols = []
+    for run_id in run_ids:
+        shards, run_tables, protocol = _load_run(layout, run_id)
+        protocols.append(protocol)
+        tables += run_tables
+        for shard, acc in shards.items():
+            if shard not in merged:
+                merged[shard] = acc
+                continue
+            into = merged[shard]
+            if acc.real is not None:
+                into.real = acc.real if into.real is None else into.real + acc.real
+                into.gen = acc.gen if into.gen is None else into.gen + acc.gen
+            into.clip, into.floor = into.clip + acc.clip, into.floor + acc.floor
+            into.lowest = sorted(into.lowest + acc.lowest)[:LOWEST]
+    keys = ("extractor", "inception_sha256", "resize", "dtype", "clip_backbone_sha256", "clip_preprocessing")
+    if any(tuple(p.get(k) for k in keys) != tuple(protocols[0].get(k) for k in keys) for p in protocols):
+        raise ValueError(f"runs {run_ids} used different metric protocols; their figures cannot be merged")
+    features = pa.concat_tables(tables) if tables else FEATURE_SCHEMA.empty_table()
+    is_merge = len(run_ids) > 1 or out_id != run_ids[0]
+    protocol = {**protocols[0], **({"merged_runs": run_ids} if is_merge else {})}
+    summary = compute_summary(out_id, merged, features, counts, protocol)
+    if is_merge:
+        # a merge gets its own folder, with the merged statistics beside its figures
+        metrics_dir = layout.metrics_dir(out_id)
+        for shard, acc in merged.items():
+            if acc.real is not None:
+                storage.write_bytes(storage.join(metrics_dir, f"shard={shard}.real.npz"), acc.real.to_npz_bytes())
+                storage.write_bytes(storage.join(metrics_dir, f"shard={shard}.gen.npz"), acc.gen.to_npz_bytes())
+    _write_summary(layout, out_id, summary)
+    return summary

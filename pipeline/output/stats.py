@@ -1,0 +1,112 @@
+"""A run's statistics, from the blocks that reach the driver: counts, failures, stage times,
+throughput. What the progress line, the summary and the run record print. No torch.
+
+    stats = RunStats()
+    stats.add(block)            # the finish stage's block (every row has `attempt`)
+    stats.steady_rows_per_s()   # rows/s after the first model call, on the model's clock
+"""
+
+from __future__ import annotations
+
+import collections
+import time
+
+import pyarrow as pa
+
+__all__ = ["RunStats"]
+
+# stage -> the column holding its busy time per row (ms), summed over the rows rendered here
+STAGE_TIMES = {"prepare": "prepare_ms", "render": "render_ms", "postprocess": "postprocess_ms"}
+
+
+class RunStats:
+    def __init__(self):
+        self.rows = 0
+        self.status: collections.Counter[str] = collections.Counter()
+        self.error_codes: collections.Counter[str] = collections.Counter()
+        self.reused = 0  # rows carried over from earlier runs (attempt 0)
+        self.shards: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
+        self.failed_pairs: list[tuple[str, str]] = []  # (pair_id, error_code), the first MAX_FAILED_LISTED
+        self.stage_seconds = {stage: 0.0 for stage in STAGE_TIMES}
+        # steady-state throughput on the model's clock (render_ended_at): the rows of the model
+        # calls that ended after the first one, over the time from its end to the last one's
+        self.first_end: float | None = None
+        self.first_rows = 0
+        self.last_end: float | None = None
+        self.model_rows = 0
+        # the same on the driver's clock (block arrivals), for comparison: Ray Data hands the
+        # blocks over in bunches, the first one late, which overstates it
+        self.first_at: float | None = None
+        self.first_at_rows = 0
+        self.last_at: float | None = None
+
+    MAX_FAILED_LISTED = 1000
+
+    @property
+    def ok(self) -> int:
+        return self.status.get("ok", 0)
+
+    @property
+    def failed(self) -> int:
+        return self.status.get("failed", 0)
+
+    @property
+    def failed_fraction(self) -> float:
+        return self.failed / max(self.rows, 1)
+
+    def add(self, batch: pa.Table) -> None:
+        now = time.monotonic()
+        if self.first_at is None:
+            self.first_at, self.first_at_rows = now, batch.num_rows
+        self.last_at = now
+        if "render_ended_at" in batch.column_names:
+            for ended, rows in collections.Counter(batch["render_ended_at"].to_pylist()).items():
+                if ended is not None:
+                    self._model_call(ended, rows)
+        attempts = batch["attempt"].to_pylist()
+        for stage, column in STAGE_TIMES.items():
+            if column in batch.column_names:
+                times = zip(batch[column].to_pylist(), attempts)
+                self.stage_seconds[stage] += sum(ms or 0.0 for ms, a in times if a) / 1000
+        status, codes = batch["status"].to_pylist(), batch["error_code"].to_pylist()
+        self.rows += batch.num_rows
+        self.status.update(status)
+        self.error_codes.update(c for c in codes if c)
+        self.reused += sum(1 for a in attempts if a == 0)
+        for pair_id, code in zip(batch["pair_id"].to_pylist(), codes):
+            if code and len(self.failed_pairs) < self.MAX_FAILED_LISTED:
+                self.failed_pairs.append((pair_id, code))
+        for shard, row_status, attempt in zip(batch["shard"].to_pylist(), status, attempts):
+            self.shards[shard][row_status] += 1
+            self.shards[shard]["reused" if attempt == 0 else "rendered"] += 1
+
+    def _model_call(self, ended: float, rows: int) -> None:
+        """`rows` rendered by a model call that ended at `ended` (a call's rows may come in parts)."""
+        self.model_rows += rows
+        if self.first_end is None or ended < self.first_end:
+            self.first_end, self.first_rows = ended, 0
+        if ended == self.first_end:
+            self.first_rows += rows
+        self.last_end = ended if self.last_end is None else max(self.last_end, ended)
+
+    def steady_rows_per_s(self) -> float | None:
+        """Rows/s rendered once the first model call is out (model load and the pipeline's
+        start-up are not throughput), on the model's clock; None before two calls ended. With
+        several actors, the others' first calls count: a conservative figure."""
+        if self.first_end is None or self.last_end == self.first_end:
+            return None
+        return (self.model_rows - self.first_rows) / (self.last_end - self.first_end)
+
+    def arrival_rows_per_s(self) -> float | None:
+        """The same on the driver's clock: rows after the first arriving block over the time since."""
+        if self.first_at is None or self.last_at == self.first_at:
+            return None
+        return (self.rows - self.first_at_rows) / (self.last_at - self.first_at)
+
+    def counts(self) -> dict:
+        """The run record's `counts`."""
+        return {
+            "rows": self.rows, "ok": self.ok, "failed": self.failed, "reused": self.reused,
+            "error_codes": dict(self.error_codes),
+            "shards": {shard: dict(c) for shard, c in sorted(self.shards.items())},
+        }

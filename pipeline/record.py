@@ -1,0 +1,140 @@
+"""What a run tells its user: the progress line, the one-screen summary, `runs/<run_id>.json`.
+
+Driver-side (no torch). The numbers come from `output.stats.RunStats`; the run's fixed facts
+from `config.RunSpec`.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import resource
+import sys
+import time
+from datetime import datetime, timezone
+
+from pipeline import storage
+from pipeline.config import RunSpec
+from pipeline.output.layout import Layout
+from pipeline.output.stats import RunStats
+from pipeline.schema import EXIT_OK, EXIT_TOO_MANY_FAILED
+
+__all__ = ["Progress", "versions", "rss_mb", "summary_text", "run_record"]
+
+PROGRESS_EVERY_S = 10.0
+
+
+def versions() -> dict:
+    """The library versions a run record and a metrics file carry."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {"python": platform.python_version()}
+    for name in ("ray", "torch", "diffusers", "transformers", "pyarrow", "pillow"):
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def rss_mb() -> float:
+    """Current resident set size of this process (Linux /proc; 0 elsewhere)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except (OSError, ValueError, IndexError):
+        return 0.0
+
+
+class Progress:
+    """A line every PROGRESS_EVERY_S seconds (and at the end), plus driver RSS samples at 25/50/75/100%
+    of the rows: a driver leak shows in the run record."""
+
+    def __init__(self, total: int):
+        self.total = total
+        self.started = time.monotonic()
+        self.last = 0.0
+        self.rss_samples: list[list] = []  # [rows written, driver RSS MB]
+        self._marks = iter(sorted({max(1, total * k // 4) for k in (1, 2, 3, 4)}))
+        self._mark = next(self._marks, None)
+
+    def update(self, stats: RunStats) -> None:
+        while self._mark is not None and stats.rows >= self._mark:
+            self.rss_samples.append([stats.rows, round(rss_mb(), 1)])
+            self._mark = next(self._marks, None)
+        now = time.monotonic()
+        if now - self.last < PROGRESS_EVERY_S and stats.rows < self.total:
+            return
+        self.last = now
+        elapsed = now - self.started
+        print(
+            f"[dtc] {stats.rows}/{self.total} rows  ok {stats.ok}  failed {stats.failed}  reused {stats.reused}  "
+            f"{stats.rows / max(elapsed, 1e-9):.2f} rows/s  {elapsed:.0f}s",
+            flush=True,
+        )
+
+
+def summary_text(
+    spec: RunSpec, stats: RunStats, elapsed: float, exit_code: int, metrics_summary: dict | None, report_written: bool
+) -> str:
+    """The one-screen summary printed at the end of a run."""
+    layout = Layout(spec.output)
+    rendered = stats.rows - stats.reused
+    finished = exit_code in (EXIT_OK, EXIT_TOO_MANY_FAILED)
+    lines = [
+        "",
+        f"DTC render {spec.run_id}: {'finished' if finished else 'FAILED'} in {elapsed:.1f}s (exit {exit_code})",
+        f"  rows       {stats.rows}  (ok {stats.ok}, failed {stats.failed}; reused from earlier runs {stats.reused})",
+        f"  rendered   {rendered} rows this run, {rendered / max(elapsed, 1e-9):.2f} rows/s",
+    ]
+    if stats.error_codes:
+        lines.append("  failures   " + ", ".join(f"{code} {n}" for code, n in stats.error_codes.most_common()))
+    lines += [
+        f"  images     {layout.images_dir}",
+        f"  manifest   {layout.manifest_dir(spec.run_id)}",
+        f"  run record {layout.run_record(spec.run_id)}",
+        f"  report     {layout.report(spec.run_id) if report_written else 'not written (see the note below)'}",
+    ]
+    lines.append(_metrics_line(spec, metrics_summary, layout))
+    return "\n".join(lines)
+
+
+def _metrics_line(spec: RunSpec, metrics_summary: dict | None, layout: Layout) -> str:
+    if spec.cfg.no_metrics:
+        return "  metrics    off (--no-metrics)"
+    if not spec.with_metrics:
+        return "  metrics    SKIPPED: no --inception-weights / --clip-model given, so no FID, KID or CLIP figures"
+    if metrics_summary is None:
+        return "  metrics    not computed (the run stopped first)"
+    g = metrics_summary["global"]
+    fid = "n/a" if g["fid"] is None else f"{g['fid']:.2f}"
+    clip = "n/a" if g["clip"]["mean"] is None else f"{g['clip']['mean']:.2f}"
+    warning = "  [RANDOM-WEIGHT EXTRACTORS: meaningless]" if spec.cfg.metrics_random_weights else ""
+    return f"  metrics    FID {fid} (N={g['n']}), CLIP {clip}{warning}  -> {layout.metrics_dir(spec.run_id)}"
+
+
+def run_record(
+    spec: RunSpec, stats: RunStats, *, exit_code: int, message: str, started_at: datetime, elapsed: float,
+    manifest_parts: int, rss_samples: list[list],
+) -> dict:
+    """`runs/<run_id>.json`: config, versions, model digest, counts, timings, exit status."""
+    cfg = spec.cfg
+    return {
+        "run_id": spec.run_id, "exit_code": exit_code, "message": message, "started_at": started_at.isoformat(),
+        "finished_at": datetime.now(timezone.utc).isoformat(), "elapsed_s": round(elapsed, 3),
+        "rows_per_s": round(stats.rows / max(elapsed, 1e-9), 3), "counts": {**stats.counts(), "manifest_parts": manifest_parts},
+        "stage_seconds": {k: round(v, 3) for k, v in stats.stage_seconds.items()},
+        "steady_rows_per_s": stats.steady_rows_per_s(), "arrival_rows_per_s": stats.arrival_rows_per_s(),
+        "driver_peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "driver_rss_mb_by_rows": rss_samples, "driver_rss_mb_at_end": round(rss_mb(), 1),
+        "model": {"uri": cfg.model, "digest": spec.model_digest, "resolution": spec.resolution},
+        "settings": cfg.settings(spec.resolution), "settings_digest": spec.settings_digest,
+        "manifest": {"uri": cfg.manifest, "files": len(spec.plan.files), "rows": spec.plan.num_rows},
+        "config": cfg.to_record(), "versions": versions(), "host": platform.node(), "argv": sys.argv,
+    }
+
+
+def write_run_record(spec: RunSpec, record: dict) -> None:
+    import json
+
+    storage.write_bytes(Layout(spec.output).run_record(spec.run_id), json.dumps(record, indent=1, default=str).encode())

@@ -1,0 +1,121 @@
+"""Row validation: each manifest row checked and normalised, a bad row turned into data.
+
+    rows = validate_rows(batch, manifest_folder, duplicates)   # a pyarrow Table back
+
+Arrow in, Arrow out: the read stage hands `manifest.iter_batches` batches straight here. A
+problem becomes the row's `error_code` and `error_message` (the row is later a `failed` row of
+the output manifest); the job carries on. Driver-safe: pyarrow only.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import posixpath
+from collections.abc import Set
+from typing import Any
+
+import pyarrow as pa
+
+from pipeline import storage
+from pipeline.schema import is_missing, name_problem, parse_bbox, set_columns
+
+__all__ = ["validate_rows", "stable_seed"]
+
+VALIDATED_TYPES = {
+    "error_code": pa.string(), "error_message": pa.string(), "context_uri": pa.string(), "product_uri": pa.string(),
+    "mask_uri": pa.string(), "bbox": pa.list_(pa.float64()), "seed": pa.int64(), "shard": pa.string(),
+}
+
+
+def stable_seed(pair_id: str) -> int:
+    """Default seed: the first 8 bytes of sha256(pair_id), big-endian, masked to 63 bits.
+
+    Stable across processes and Python versions (unlike `hash()`), and non-negative int64.
+    """
+    digest = hashlib.sha256(pair_id.encode("utf-8")).digest()
+    return int.from_bytes(digest[:8], "big") & (2**63 - 1)
+
+
+def validate_rows(batch: pa.Table | pa.RecordBatch, base_dir: str, duplicates: Set[str] = frozenset()) -> pa.Table:
+    """Check each row and normalise the columns later stages rely on. A bad row becomes data.
+
+    Every input column is kept and these are set:
+    - `error_code`, `error_message`: "" when the row is fine, else the first problem found:
+      `invalid_pair_id`, `duplicate_pair_id`, `missing_uri`, `region_missing`,
+      `region_ambiguous`, `bad_bbox`, `invalid_shard`;
+    - `context_uri`, `product_uri`, `mask_uri`: relative paths resolved against `base_dir` (the
+      manifest file's folder; URIs with a scheme and absolute paths are kept: the allowlist
+      judges them later); None when empty;
+    - `bbox`: `[x0, y0, x1, y1]` floats or None (whether it lies inside the photo is only known
+      after decoding: `regions.region_from_bbox`);
+    - `seed`: int64, the given one or `stable_seed(pair_id)`;
+    - `shard`: as given (`manifest.iter_batches` already filled the default).
+    """
+    table = pa.Table.from_batches([batch]) if isinstance(batch, pa.RecordBatch) else batch
+    absent = [None] * table.num_rows
+    column = {
+        name: table.column(name).to_pylist() if name in table.column_names else absent
+        for name in ("pair_id", "context_uri", "product_uri", "mask_uri", "bbox", "seed", "shard")
+    }
+    out: dict[str, list] = {name: [] for name in VALIDATED_TYPES}
+    for i in range(table.num_rows):
+        pair_id, shard = _text(column["pair_id"][i]), _text(column["shard"][i])
+        uris = [_text(column[name][i]) for name in ("context_uri", "product_uri", "mask_uri")]
+        context_uri, product_uri, mask_uri = (_resolve(u, base_dir) if u and u.strip() else None for u in uris)
+        raw_bbox = column["bbox"][i]
+        bbox_given = not is_missing(raw_bbox) and not (isinstance(raw_bbox, str) and not raw_bbox.strip())
+        bbox, bbox_problem = parse_bbox(raw_bbox) if bbox_given else (None, None)
+        code, message = _check(pair_id, context_uri, product_uri, mask_uri, bbox_given, bbox_problem, shard, duplicates)
+        for name, value in zip(out, (code, message, context_uri, product_uri, mask_uri, bbox, _seed(column["seed"][i], pair_id), shard)):
+            out[name].append(value)
+    return set_columns(table, {name: pa.array(values, VALIDATED_TYPES[name]) for name, values in out.items()})
+
+
+def _check(pair_id, context_uri, product_uri, mask_uri, bbox_given: bool, bbox_problem, shard, duplicates) -> tuple[str, str]:
+    """(error_code, message) of the row's first problem, ("", "") for a good row."""
+    problem = name_problem("pair_id", pair_id)
+    if problem:
+        return "invalid_pair_id", problem
+    if pair_id in duplicates:
+        return "duplicate_pair_id", f"pair_id {pair_id!r} occurs more than once in the manifest"
+    if context_uri is None or product_uri is None:
+        return "missing_uri", f"{'context_uri' if context_uri is None else 'product_uri'} is empty"
+    if mask_uri is None and not bbox_given:
+        return "region_missing", "neither mask_uri nor bbox is given: one marks the region to repaint"
+    if mask_uri is not None and bbox_given:
+        return "region_ambiguous", "both mask_uri and bbox are given: give one"
+    if bbox_problem:
+        return "bad_bbox", bbox_problem
+    problem = name_problem("shard", shard)
+    if problem:
+        return "invalid_shard", problem
+    return "", ""
+
+
+def _text(value: Any) -> str | None:
+    if is_missing(value):
+        return None
+    if isinstance(value, bytes):
+        return value.decode("utf-8", errors="replace")
+    return str(value)
+
+
+
+def _resolve(uri: str, base: str) -> str:
+    """Relative paths join the manifest's folder; anything with a scheme or absolute stays."""
+    if "://" in uri or uri.startswith(("file:", "/")):
+        return uri
+    if storage.is_s3(base):
+        bucket_and_key = posixpath.normpath(posixpath.join(base[len("s3://") :], uri))
+        return "s3://" + bucket_and_key
+    return os.path.normpath(os.path.join(base, uri))
+
+
+
+def _seed(value: Any, pair_id: str | None) -> int:
+    if is_missing(value):
+        return stable_seed(pair_id or "")
+    # Ray turns an int64 column with nulls into float64; those are whole numbers.
+    return int(value)
+

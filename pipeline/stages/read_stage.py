@@ -1,0 +1,66 @@
+"""The first stage: manifest files in, validated rows with their resume action out.
+
+Each task reads one manifest file (streamed in batches, bounded memory), validates its rows
+(`rows.validate_rows`: a bad row becomes data) and joins them against the reusable state of
+earlier runs (`resume.resume_batch`: `action` = render | reuse, and the carried result columns
+`prev_*` of reused rows). `planned_batches` is the same path on the driver, for `--dry-run`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import pyarrow as pa
+
+from pipeline import manifest
+from pipeline.resume import StateIndex, resume_batch
+from pipeline.rows import validate_rows
+
+__all__ = ["ReadConfig", "planned_batches", "read_files"]
+
+
+@dataclass(frozen=True)
+class ReadConfig:
+    plan: manifest.ManifestPlan  # the files to read, and the schema they are cast to
+    batch_rows: int = 64  # rows per yielded batch (a few model batches)
+    num_cpus: float = 0.5  # per task
+
+    def map_options(self) -> dict:
+        return {"batch_size": 1, "num_cpus": self.num_cpus}
+
+
+def planned_batches(
+    plan: manifest.ManifestPlan, file_index: int, duplicates: set[str], index: StateIndex | None, batch_rows: int
+) -> Iterator[pa.Table]:
+    """One manifest file, streamed: validated rows with their resume action."""
+    one = dataclasses.replace(
+        plan, files=(plan.files[file_index],), file_rows=(plan.file_rows[file_index],),
+        default_shards=(plan.default_shards[file_index],),
+    )
+    folder = manifest.file_folder(plan.files[file_index])
+    for batch in manifest.iter_batches(one, batch_size=batch_rows):
+        yield resume_batch(validate_rows(batch, folder, duplicates), index)
+
+
+_STATE_INDEXES: dict[str, StateIndex] = {}
+
+
+def read_files(files: dict, *, config: ReadConfig, duplicates_ref: list, state_ref: list) -> Iterator[pa.Table]:
+    """The stage (a generator `map_batches` function over blocks of `{"file_index": i}` rows).
+
+    The duplicate ids and the state arrive as object refs inside lists (Ray resolves only
+    top-level refs); each worker process builds the state's index once, not per file."""
+    import ray
+
+    duplicates = ray.get(duplicates_ref[0]) if duplicates_ref else set()
+    state_index = None
+    if state_ref:
+        key = state_ref[0].hex()
+        if key not in _STATE_INDEXES:  # once per worker process, not per file or batch
+            _STATE_INDEXES.clear()
+            _STATE_INDEXES[key] = StateIndex(ray.get(state_ref[0]))
+        state_index = _STATE_INDEXES[key]
+    for i in files["file_index"]:
+        yield from planned_batches(config.plan, int(i), duplicates, state_index, config.batch_rows)

@@ -1,0 +1,64 @@
+"""Helpers shared by test files (fixtures live in conftest.py)."""
+
+from __future__ import annotations
+
+import glob
+import io
+import os
+import socket
+
+import numpy as np
+import pyarrow as pa
+from PIL import Image
+
+from pipeline import images, regions, storage
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository
+S3_SECRET = "test-secret-key-4f1c0de"  # the moto endpoint's secret key: grepped for in every output
+# The render flags every integration test uses: 2 steps, PNG (pixels compare exactly), half-CPU actors.
+FAST = ["--steps", "2", "--batch-size", "4", "--image-format", "png", "--cpus-per-actor", "0.5", "--torch-threads", "1"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def png(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def read_manifest(output: str, run_id: str | None = None) -> pa.Table:
+    """All rows of one run (or of every run) under `output`."""
+    if storage.is_s3(output):
+        parts = [p for p, _, _ in storage.list_files(storage.join(output, "manifest")) if p.endswith(".parquet")]
+        parts = [storage.join(output, "manifest", p) for p in parts if run_id is None or p.startswith(run_id + "/")]
+        return pa.concat_tables([storage.read_parquet(p) for p in parts])
+    pattern = f"manifest/{run_id or '*'}/part-*.parquet"
+    return pa.concat_tables([storage.read_parquet(p) for p in sorted(glob.glob(os.path.join(output, pattern)))])
+
+
+def region_of_row(row: dict, width: int, height: int) -> np.ndarray:
+    """The region an output-manifest row was rendered into."""
+    mask = storage.read_bytes(row["mask_uri"]) if row["mask_uri"] else None
+    return regions.region_of(mask, row["bbox"], width, height)
+
+
+def check_ok_rows(table: pa.Table) -> int:
+    """Every ok image decodes, has the context's size, and keeps the context outside the region."""
+    checked = 0
+    for row in table.to_pylist():
+        if row["status"] != "ok":
+            continue
+        out = np.asarray(Image.open(io.BytesIO(storage.read_bytes(row["output_uri"]))).convert("RGB"))
+        context = images.decode_image(storage.read_bytes(row["context_uri"]))
+        assert out.shape == context.shape, (row["pair_id"], out.shape, context.shape)
+        assert (row["width"], row["height"]) == (context.shape[1], context.shape[0])
+        region = region_of_row(row, context.shape[1], context.shape[0])
+        assert np.array_equal(out[~region], context[~region]), f"{row['pair_id']}: pixels outside the region changed"
+        assert not np.array_equal(out[region], context[region]), f"{row['pair_id']}: region not rendered"
+        checked += 1
+    return checked

@@ -1,0 +1,244 @@
+"""The Serve app end to end: a real HTTP client against Serve on 127.0.0.1, the tiny DTC.
+
+One app is deployed for the whole module (with a token, a small body limit and an allowed
+root for JSON requests); tests only send requests to it. Images are PNG so pixels compare
+exactly.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import struct
+import time
+import zlib
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+import requests
+import yaml
+from PIL import Image
+
+from helpers import free_port
+from pipeline.sample_catalog import product, scene
+
+from helpers import ROOT  # noqa: E402
+TOKEN = "test-token-7d3e"
+MAX_BODY = 600_000
+STEPS = 2
+BBOX = [60, 40, 140, 120]  # in the 200 x 150 context
+
+
+def png(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def decode(data: bytes) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+
+
+def png_header_only(width: int, height: int) -> bytes:
+    """A PNG whose IHDR claims width x height (valid CRC) and which holds no pixel data."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)) + chunk(b"IEND", b"")
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory) -> dict:
+    """Context (200 x 150), product (RGBA) and mask as PNG bytes, also saved under an allowed root."""
+    rng = np.random.default_rng(7)
+    context = scene(200, 150, rng)
+    mask = np.zeros((150, 200), dtype=np.uint8)
+    mask[50:110, 30:100] = 255
+    files = {"context": png(context), "product": png(product(96, rng)), "mask": png(mask)}
+    root = tmp_path_factory.mktemp("serve-inputs")
+    for name, data in files.items():
+        (root / f"{name}.png").write_bytes(data)
+    return {**files, "context_array": context, "mask_array": mask > 0, "root": str(root)}
+
+
+@pytest.fixture(scope="module")
+def server(ray_address, tiny_model_dir, inputs):
+    """Serve on 127.0.0.1 with the DTC app; a requests Session carrying the token."""
+    from ray import serve
+
+    from pipeline.serve import app_builder
+
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port, "request_timeout_s": 120})
+    app = app_builder({
+        "model_uri": tiny_model_dir, "max_batch_size": "8", "batch_wait_timeout_s": "0.25", "steps": str(STEPS),
+        "guidance_scale": "3", "image_format": "png", "api_token": TOKEN, "allow_roots": inputs["root"],
+        "max_request_bytes": str(MAX_BODY), "num_cpus": "0.5", "num_gpus": "0",
+    })
+    serve.run(app, name="dtc", route_prefix="/")
+    session = requests.Session()
+    session.headers["Authorization"] = f"Bearer {TOKEN}"
+    base = f"http://127.0.0.1:{port}"
+    assert requests.get(f"{base}/healthz", timeout=60).status_code == 200
+    yield base, session
+    session.close()
+    serve.shutdown()
+
+
+def render(server, inputs, timeout: float = 120, **fields) -> requests.Response:
+    """POST a multipart render of the module's pair; `fields` add or replace form fields."""
+    base, session = server
+    files = {"context": ("context.png", inputs["context"], "image/png"), "product": ("product.png", inputs["product"], "image/png")}
+    data = {"bbox": json.dumps(BBOX)}
+    data.update({k: str(v) for k, v in fields.items()})
+    return session.post(f"{base}/v1/render", files=files, data=data, timeout=timeout)
+
+
+def stats(server) -> dict:
+    base, session = server
+    return session.get(f"{base}/v1/stats", timeout=30).json()
+
+
+def test_render_returns_the_context_size_with_outside_pixels_untouched(server, inputs, tiny_model_dir):
+    from pipeline.model.checkpoint import model_digest
+
+    response = render(server, inputs)
+    assert response.status_code == 200, response.text
+    assert response.headers["content-type"] == "image/png"
+    image = decode(response.content)
+    context = inputs["context_array"]
+    assert image.shape == context.shape
+    x0, y0, x1, y1 = BBOX
+    outside = np.ones(context.shape[:2], dtype=bool)
+    outside[y0:y1, x0:x1] = False
+    assert np.array_equal(image[outside], context[outside])
+    assert not np.array_equal(image[~outside], context[~outside])
+    assert response.headers["x-model-digest"] == model_digest(tiny_model_dir)
+    assert int(response.headers["x-batch-size"]) >= 1 and float(response.headers["x-render-ms"]) > 0
+    assert 0 <= int(response.headers["x-seed"]) < 2**63
+
+    # A mask region instead of a bbox; JPEG by request.
+    base, session = server
+    files = {name: (f"{name}.png", inputs[name], "image/png") for name in ("context", "product", "mask")}
+    masked = session.post(f"{base}/v1/render", files=files, data={"format": "jpeg"}, timeout=120)
+    assert masked.status_code == 200, masked.text
+    assert masked.headers["content-type"] == "image/jpeg"
+    assert decode(masked.content).shape == context.shape
+
+
+def test_same_request_gives_same_bytes_as_files_or_uris(server, inputs):
+    first, second = render(server, inputs), render(server, inputs)
+    assert first.status_code == second.status_code == 200
+    assert first.content == second.content
+    assert first.headers["x-seed"] == second.headers["x-seed"]  # default seed: a hash of the inputs
+
+    # The same pair named by URIs under the allowed root: same content, same seed, same bytes.
+    base, session = server
+    body = {"context_uri": os.path.join(inputs["root"], "context.png"), "product_uri": os.path.join(inputs["root"], "product.png"), "bbox": BBOX}
+    by_uri = session.post(f"{base}/v1/render", json=body, timeout=120)
+    assert by_uri.status_code == 200, by_uri.text
+    assert by_uri.headers["x-seed"] == first.headers["x-seed"]
+    assert by_uri.content == first.content
+
+    # A mask named by URI: same content as the uploaded mask, same bytes.
+    files = {name: (f"{name}.png", inputs[name], "image/png") for name in ("context", "product", "mask")}
+    uploaded = session.post(f"{base}/v1/render", files=files, timeout=120)
+    body = {name + "_uri": os.path.join(inputs["root"], f"{name}.png") for name in ("context", "product", "mask")}
+    named = session.post(f"{base}/v1/render", json=body, timeout=120)
+    assert uploaded.status_code == named.status_code == 200, named.text
+    assert named.content == uploaded.content
+
+    # An explicit seed is honoured and changes the render.
+    seeded = render(server, inputs, seed=12345)
+    assert seeded.headers["x-seed"] == "12345"
+    assert seeded.content != first.content
+
+
+def test_concurrent_requests_share_model_calls_and_match_renders_alone(server, inputs):
+    # 16 distinct requests (seeds), 4 of them with other steps: those form their own group.
+    options = [{"seed": 1000 + i, "steps": STEPS if i % 4 else STEPS + 1} for i in range(16)]
+    before = stats(server)
+    with ThreadPoolExecutor(16) as pool:
+        batched = list(pool.map(lambda o: render(server, inputs, **o), options))
+    after = stats(server)
+    assert all(r.status_code == 200 for r in batched), [r.text for r in batched if r.status_code != 200]
+    model_calls = after["model_calls"] - before["model_calls"]
+    batch_sizes = [int(r.headers["x-batch-size"]) for r in batched]
+    assert model_calls < len(options), (model_calls, batch_sizes)
+    assert max(batch_sizes) > 1 and max(batch_sizes) <= 8
+
+    for option, response in zip(options, batched):
+        alone = render(server, inputs, **option)
+        assert alone.headers["x-batch-size"] == "1"
+        difference = np.abs(decode(alone.content).astype(int) - decode(response.content).astype(int))
+        assert difference.max() <= 1, (option, response.headers["x-batch-size"], difference.max())
+
+
+BAD_REQUESTS = {
+    # name: (how to send it, expected status, expected code)
+    "no file": (lambda s, b, i: s.post(b, files={"product": ("p.png", i["product"])}, data={"bbox": json.dumps(BBOX)}), 400, "missing_file"),
+    "not an image": (lambda s, b, i: s.post(b, files={"context": ("c.png", b"hello, not a picture"), "product": ("p.png", i["product"])}, data={"bbox": json.dumps(BBOX)}), 400, "image_unreadable"),
+    "huge dimensions": (lambda s, b, i: s.post(b, files={"context": ("c.png", png_header_only(100_000, 100_000)), "product": ("p.png", i["product"])}, data={"bbox": json.dumps(BBOX)}), 413, "too_large"),
+    "no mask nor bbox": (lambda s, b, i: s.post(b, files={"context": ("c.png", i["context"]), "product": ("p.png", i["product"])}), 400, "region_missing"),
+    "bbox outside": (lambda s, b, i: s.post(b, files={"context": ("c.png", i["context"]), "product": ("p.png", i["product"])}, data={"bbox": "[500, 500, 600, 600]"}), 400, "bad_bbox"),
+    "bbox not json": (lambda s, b, i: s.post(b, files={"context": ("c.png", i["context"]), "product": ("p.png", i["product"])}, data={"bbox": "[1, 2"}), 400, "bad_bbox"),
+    "bad steps": (lambda s, b, i: s.post(b, files={"context": ("c.png", i["context"]), "product": ("p.png", i["product"])}, data={"bbox": json.dumps(BBOX), "steps": "0"}), 400, "bad_option"),
+    "bad json": (lambda s, b, i: s.post(b, data=b"{not json", headers={"Content-Type": "application/json"}), 400, "bad_json"),
+    "file scheme": (lambda s, b, i: s.post(b, json={"context_uri": "file:///etc/passwd", "product_uri": "file:///etc/passwd", "bbox": BBOX}), 400, "uri_not_allowed"),
+    "metadata host": (lambda s, b, i: s.post(b, json={"context_uri": "http://169.254.169.254/latest/meta-data/", "product_uri": "s3://b/p.png", "bbox": BBOX}), 400, "uri_not_allowed"),
+    "wrong token": (lambda s, b, i: requests.post(b, files={"context": ("c.png", i["context"]), "product": ("p.png", i["product"])}, data={"bbox": json.dumps(BBOX)}, headers={"Authorization": "Bearer nope"}), 401, "unauthorized"),
+    "no token": (lambda s, b, i: requests.get(b.replace("/v1/render", "/v1/stats")), 401, "unauthorized"),
+    "oversize body": (lambda s, b, i: s.post(b, files={"context": ("c.png", b"\0" * (MAX_BODY + 1)), "product": ("p.png", i["product"])}), 413, "body_too_large"),
+    "oversize chunked body": (lambda s, b, i: s.post(b, data=iter([b"\0" * 100_000] * 7), headers={"Content-Type": "application/json"}), 413, "body_too_large"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_REQUESTS))
+def test_bad_requests_get_their_status_and_code(server, inputs, case):
+    base, session = server
+    send, status, code = BAD_REQUESTS[case]
+    response = send(session, f"{base}/v1/render", inputs)
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"] == "application/json"
+    assert response.json()["code"] == code, response.json()
+    assert response.json()["message"]
+    health = requests.get(f"{base}/healthz", timeout=30)  # no token needed; the replica is still up
+    assert health.status_code == 200 and health.json()["status"] == "ok"
+
+
+def test_replica_survived_the_bad_requests(server, inputs):
+    counters = stats(server)
+    assert counters["errors"].get("uri_not_allowed", 0) >= 2
+    assert render(server, inputs).status_code == 200
+
+
+def test_args_are_coerced_from_strings_and_typos_refused():
+    from pydantic import ValidationError
+
+    from pipeline.serve import ServeArgs
+
+    args = ServeArgs.model_validate({"model_uri": "m", "max_batch_size": "4", "allow_http": "true", "allow_roots": "/a,/b", "num_gpus": "1"})
+    assert (args.max_batch_size, args.allow_http, args.allow_roots, args.num_gpus) == (4, True, ["/a", "/b"], 1.0)
+    assert "hunter2" not in repr(ServeArgs(model_uri="m", api_token="hunter2"))
+    for bad in ({"model_uri": "m", "max_batchsize": "4"}, {"model_uri": "m", "image_format": "gif"}, {"max_batch_size": 2}):
+        with pytest.raises(ValidationError):
+            ServeArgs.model_validate(bad)
+
+
+def test_serve_config_file_parses_and_names_this_app():
+    from ray.serve.schema import ServeDeploySchema
+
+    from pipeline.serve import ServeArgs
+
+    with open(os.path.join(ROOT, "infra", "serve.yaml")) as f:
+        config = ServeDeploySchema.parse_obj(yaml.safe_load(f))
+    (app,) = config.applications
+    assert app.import_path == "pipeline.serve:app_builder"
+    (deployment,) = app.deployments
+    assert deployment.name == "DTCServer"
+    assert deployment.ray_actor_options.num_gpus == 1
+    assert deployment.max_ongoing_requests >= app.args["max_batch_size"]
+    assert config.http_options.request_timeout_s
+    ServeArgs.model_validate(app.args)  # no typo in the args either

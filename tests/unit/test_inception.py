@@ -1,0 +1,137 @@
+"""pipeline.inception against the reference: torch-fidelity 0.4.0's FeatureExtractorInceptionV3.
+
+The oracle comes from the published wheel, downloaded (never installed: with torch_fidelity
+importable, `import torchmetrics` imports torchvision, which fails here) into
+`$DTC_WHEEL_CACHE` or `~/.cache/dtc-render/wheels`, unzipped beside it, and imported through
+an empty `torch_fidelity` package registered in `sys.modules` only while its module loads.
+Same random weights file, same uint8 images -> same pool3 features.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import os
+import shutil
+import subprocess
+import sys
+import types
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline import storage
+from pipeline.metrics.inception import FIDInceptionV3, load_inception, resize_bilinear_tf1, random_init_
+
+ORACLE_VERSION = "0.4.0"
+ORACLE_WHEEL = f"torch_fidelity-{ORACLE_VERSION}-py3-none-any.whl"
+# PyPI's sha256 of the wheel: the oracle must be the published code, not whatever is cached.
+ORACLE_WHEEL_SHA256 = "99f4c610ea16972628eceb26afb0008e528da2d44123db947b408750efbd35d4"
+STANDARD_NAME = "pt_inception-2015-12-05-6726825d.pth"
+
+
+def _wheel_cache() -> Path:
+    return Path(os.environ.get("DTC_WHEEL_CACHE") or Path.home() / ".cache" / "dtc-render" / "wheels")
+
+
+def _oracle_package_dir() -> Path:
+    """The unzipped `torch_fidelity/` folder of the pinned wheel (downloaded once per cache)."""
+    cache = _wheel_cache()
+    unzipped = cache / f"torch_fidelity-{ORACLE_VERSION}"
+    if (unzipped / "torch_fidelity" / "feature_extractor_inceptionv3.py").is_file():
+        return unzipped / "torch_fidelity"
+    wheel = cache / ORACLE_WHEEL
+    if not wheel.is_file():
+        cache.mkdir(parents=True, exist_ok=True)
+        command = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
+                   f"torch-fidelity=={ORACLE_VERSION}", "-d", str(cache)]  # fmt: skip
+        result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+        if result.returncode != 0 or not wheel.is_file():
+            reason = result.stderr.strip()[-300:]
+            pytest.skip(f"cannot download the torch-fidelity {ORACLE_VERSION} wheel (no network?): {reason}")
+    digest = hashlib.sha256(wheel.read_bytes()).hexdigest()
+    assert digest == ORACLE_WHEEL_SHA256, f"{wheel} has sha256 {digest}, not the published wheel's"
+    staging = cache / f".torch_fidelity-{ORACLE_VERSION}-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    with zipfile.ZipFile(wheel) as archive:
+        archive.extractall(staging, [n for n in archive.namelist() if n.startswith("torch_fidelity/")])
+    try:
+        staging.rename(unzipped)  # atomic: a concurrent run sees all of it or none
+    except OSError:
+        shutil.rmtree(staging, ignore_errors=True)  # another run got there first
+    return unzipped / "torch_fidelity"
+
+
+@pytest.fixture(scope="module")
+def oracle() -> types.ModuleType:
+    """torch_fidelity.feature_extractor_inceptionv3, imported without installing torch-fidelity."""
+    package_dir = _oracle_package_dir()
+    assert not any(m == "torch_fidelity" or m.startswith("torch_fidelity.") for m in sys.modules)
+    had_torchvision = "torchvision" in sys.modules
+    package = types.ModuleType("torch_fidelity")
+    package.__path__ = [str(package_dir)]
+    sys.modules["torch_fidelity"] = package
+    try:
+        module = importlib.import_module("torch_fidelity.feature_extractor_inceptionv3")
+    finally:
+        # Unregistered at once: torchmetrics probes for torch_fidelity and would take this
+        # half-package for an installed one in later tests of this process.
+        for name in [m for m in sys.modules if m == "torch_fidelity" or m.startswith("torch_fidelity.")]:
+            del sys.modules[name]
+    assert had_torchvision or "torchvision" not in sys.modules, "the oracle import pulled in torchvision"
+    return module
+
+
+@pytest.fixture(scope="module")
+def weights_file(tmp_path_factory) -> Path:
+    """A random-weights file in the standard file's layout (a plain state_dict)."""
+    path = tmp_path_factory.mktemp("inception") / STANDARD_NAME
+    torch.save(random_init_(FIDInceptionV3(), seed=0).state_dict(), path)
+    return path
+
+
+def test_resize_is_bit_exact_with_torch_fidelity(oracle):
+    g = torch.Generator().manual_seed(1)
+    for height, width in ((64, 80), (299, 299), (512, 333), (7, 5)):
+        x = torch.randint(0, 256, (2, 3, height, width), generator=g).float()
+        expected = oracle.interpolate_bilinear_2d_like_tensorflow1x(x, size=(299, 299), align_corners=False)
+        assert torch.equal(resize_bilinear_tf1(x, 299), expected), (height, width)
+
+
+def test_features_match_torch_fidelity(oracle, weights_file):
+    reference = oracle.FeatureExtractorInceptionV3(
+        "inception-v3-compat", ["2048"], feature_extractor_weights_path=str(weights_file)
+    )
+    ours = load_inception(str(weights_file), "cpu")
+    # Same state_dict keys and shapes as the file torch-fidelity (and pytorch-fid) load.
+    assert {k: v.shape for k, v in ours.state_dict().items()} == {
+        k: v.shape for k, v in reference.state_dict().items()
+    }
+
+    g = torch.Generator().manual_seed(2)
+    for shape in ((4, 3, 64, 80), (1, 3, 320, 301)):  # upsampling and downsampling to 299
+        images = torch.randint(0, 256, shape, generator=g, dtype=torch.uint8)
+        with torch.no_grad():
+            (expected,) = reference(images)
+            got = ours(images)
+        assert got.shape == (shape[0], 2048) and got.dtype == torch.float32
+        assert expected.std() > 0.05, "degenerate random weights: features collapsed"
+        assert shape[0] == 1 or (expected[0] - expected[1]).abs().max() > 1e-2, "features do not depend on the image"
+        torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
+
+    # The numpy entry point (N x H x W x 3, batched) gives the same features.
+    nhwc = images.permute(0, 2, 3, 1).numpy()
+    np.testing.assert_allclose(ours.features(nhwc), expected.numpy(), rtol=0, atol=1e-5)
+
+
+def test_bad_inputs_are_refused(weights_file, tmp_path):
+    model = load_inception(str(weights_file), "cpu")
+    with pytest.raises(ValueError, match=r"uint8 images N x 3 x H x W, got \(1, 3, 8, 8\) torch.float32"):
+        model(torch.zeros(1, 3, 8, 8))
+    wrong = tmp_path / "not-inception.pth"
+    torch.save({"fc.weight": torch.zeros(3, 3)}, wrong)
+    with pytest.raises(ValueError, match="not an FID Inception v3 state_dict"):
+        load_inception(str(wrong), "cpu")
