@@ -2,25 +2,53 @@
 
     python -m jobs.make_model --from-parts --sd-inpainting sd-inpaint/ --dinov2 dinov2-giant/ --out dtc/
 
+The parts it expects (local folders or `s3://` prefixes, in the layouts the hub ships):
+- `--sd-inpainting`: SD-1.5 inpainting in diffusers format, i.e. a download of
+  `stable-diffusion-v1-5/stable-diffusion-inpainting` (the mirror of
+  `runwayml/stable-diffusion-inpainting`, since removed from the hub): model_index.json plus
+  unet/ (9 input channels), vae/ and scheduler/; its text encoder, tokenizer and safety checker
+  are not used;
+- `--dinov2`: DINOv2 ViT-g/14 in transformers format, `facebook/dinov2-giant` (hidden size 1536;
+  other DINOv2 sizes work, the projection follows their width).
+
+What it builds:
 - main UNet: the SD-inpainting UNet, unchanged (input layout "sd", so no weight surgery);
 - hint encoder: a copy of that UNet's conv_in, time embedding, down and mid blocks, FiLM heads at 0;
-- hint adapter: fresh, last conv at 0; image projection: fresh `Linear(dinov2 hidden -> 768)`;
-- image encoder: the DINOv2 checkpoint as it is; VAE: the SD one or `--vae`; scheduler: DDIM
-  over the SD noise schedule.
-With the zero inits, the result predicts exactly the SD-inpainting UNet's noise.
+- hint adapter: fresh, last conv at 0; image projection: fresh `Linear(dinov2 hidden -> 768)` and
+  a random null embedding;
+- image encoder: the DINOv2 checkpoint as it is; VAE: the SD one or `--vae`; scheduler:
+  `presets.sd_scheduler()` (DDIM over the SD schedule, no x0 clipping), whatever scheduler class
+  and settings the SD folder ships; the folder's training schedule must be SD's.
+
+What that model is, and is not. With the zero inits, its noise prediction is exactly the
+SD-inpainting UNet's *for the same encoder_hidden_states* (tests/test_model.py checks it). But
+DTC never feeds it CLIP text embeddings: its context is a fresh, random projection of DINOv2
+tokens (and, for CFG, a random null embedding), an input the SD UNet has never seen, and the hint
+branch starts at zero, so the product has no trained path into the render. An assembled model is
+therefore not a usable inpainter, neither of the product nor of plain background: it is a warm
+start for the fine-tuning job (DTC_MODEL.md, "Training"), which trains the projection, the hint
+branch and the UNet together, and it renders usefully only after that.
+
+The paper says it starts from "Stable Diffusion v1-5"; read literally, that is the text-to-image
+checkpoint (`stable-diffusion-v1-5/stable-diffusion-v1-5`, 4 input channels) with 5 zero-initialised
+input channels added for the masked-image latents and the mask, in the `pbe` layout
+(`[latents, masked latents, mask = 1 keep]`). This module does not build that variant: it needs
+an inpainting UNet (9 channels) and keeps its weights bit-for-bit.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 
-from diffusers import AutoencoderKL, DDIMScheduler
+from diffusers import AutoencoderKL
 from transformers import Dinov2Model
 
 from pipeline.model.checkpoint import CheckpointError, check_checkpoint, local_checkpoint
 from pipeline.model.components import DTCHintAdapter, DTCHintEncoder, DTCImageProjection, DTCUNet2DConditionModel
 from pipeline.model.pipeline_dtc import DTCPipeline
+from pipeline.model.presets import SD_SCHEDULE, sd_scheduler
 
 __all__ = ["assemble_from_parts"]
 
@@ -37,6 +65,26 @@ def _check_dinov2(folder: str, uri: str) -> None:
         raise CheckpointError(f"{uri}: no weights file (model.safetensors or pytorch_model.bin)")
 
 
+def _check_training_schedule(folder: str, uri: str) -> None:
+    """The SD folder's scheduler config may be any class (SD ships PNDM) and may lack sampling
+    settings (`clip_sample`, ...): those are replaced by `sd_scheduler()`. Its *training* schedule
+    is what the UNet learnt to denoise, so where the config states one it must be SD's."""
+    with open(os.path.join(folder, "scheduler", "scheduler_config.json")) as f:
+        config = json.load(f)
+    if config.get("trained_betas") is not None:
+        raise CheckpointError(
+            f"{uri}/scheduler sets trained_betas; DTC needs SD-1.x's betas (scaled_linear, 0.00085..0.012)"
+        )
+    for key in ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "prediction_type"):
+        value, expected = config.get(key, SD_SCHEDULE[key]), SD_SCHEDULE[key]
+        if isinstance(expected, float):
+            same = isinstance(value, (int, float)) and math.isclose(value, expected)
+        else:
+            same = value == expected
+        if not same:
+            raise CheckpointError(f"{uri}/scheduler has {key}={value!r}; the SD-1.x schedule has {expected!r}")
+
+
 def assemble_from_parts(
     sd_inpainting: str,
     dinov2: str,
@@ -44,9 +92,14 @@ def assemble_from_parts(
     film_mode: str = "spatial",
     product_size: int = 224,
 ) -> DTCPipeline:
-    """An untrained DTC from an SD-inpainting pipeline folder and a DINOv2 folder (local or s3://)."""
+    """An untrained DTC from an SD-inpainting pipeline folder and a DINOv2 folder (local or s3://).
+
+    Untrained means: the SD-inpainting UNet's noise for the same context, but a context (projected
+    DINOv2 tokens) that UNet has never seen; see the module docstring before rendering with it.
+    """
     sd_dir = local_checkpoint(sd_inpainting)
     check_checkpoint(sd_dir, required=("unet", "vae", "scheduler"))
+    _check_training_schedule(sd_dir, sd_inpainting)
     unet = DTCUNet2DConditionModel.from_pretrained(sd_dir, subfolder="unet")
     if unet.config.in_channels != 9:
         raise CheckpointError(
@@ -63,7 +116,6 @@ def assemble_from_parts(
     patch = image_encoder.config.patch_size
     if product_size % patch:
         raise ValueError(f"product_size must be a multiple of the DINOv2 patch size {patch}, got {product_size}")
-    scheduler = DDIMScheduler.from_pretrained(sd_dir, subfolder="scheduler")
     pipe = DTCPipeline(
         vae=vae_model,
         unet=unet,
@@ -73,7 +125,7 @@ def assemble_from_parts(
         image_projection=DTCImageProjection(
             image_encoder.config.hidden_size, unet.config.cross_attention_dim, (product_size // patch) ** 2 + 1
         ),
-        scheduler=scheduler,
+        scheduler=sd_scheduler(),
         input_layout="sd",
         resolution=unet.config.sample_size * 2 ** (len(vae_model.config.block_out_channels) - 1),
         product_size=product_size,

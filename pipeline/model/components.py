@@ -10,26 +10,73 @@
   `s * (1 + gamma) + beta` to its 12 down skips and the mid output. Its weights are a stock
   UNet's, unchanged: `UNet2DConditionModel.from_pretrained` loads the same folder.
 
-With zero-initialised FiLM heads a fresh DTC computes exactly what its main UNet computes.
+With zero-initialised FiLM heads a fresh DTC computes exactly what its main UNet computes, for
+the same `encoder_hidden_states`. That makes a DTC assembled from SD-inpainting weights a faithful
+warm start, not a working model: its context (projected DINOv2 tokens) is new to that UNet and its
+hint branch adds nothing until trained (see `assemble`).
+
+Training: every module here is trainable. The main UNet and the hint encoder support diffusers'
+gradient checkpointing (`enable_gradient_checkpointing()`): as in `UNet2DConditionModel` and
+`ControlNetModel`, the model class only declares support and diffusers' resnet / transformer
+blocks recompute their activations in the backward pass, which the FiLM walk below calls
+unchanged. The adapter (three strided convs on pixels) and the projection (one Linear) hold a few
+tens of MB of activations per 512^2 sample against the UNet's gigabytes: they do not need it and
+do not offer it.
 """
 
 from __future__ import annotations
 
+import inspect
+
 import torch
-from torch import nn
 from diffusers import UNet2DConditionModel
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.embeddings import TimestepEmbedding, Timesteps
 from diffusers.models.modeling_utils import ModelMixin
 from diffusers.models.unets.unet_2d_blocks import get_down_block, get_mid_block
 from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
+from torch import nn
 
 FilmParams = list[tuple[torch.Tensor, torch.Tensor]]
+
+# UNet2DConditionModel settings that `encode_down`, the hint encoder and the FiLM forward do not
+# implement. Each must keep diffusers' default (SD-1.x configs do); otherwise the hint encoder
+# would not be a copy and the FiLM walk would silently compute something other than the UNet.
+UNMIRRORED_UNET_SETTINGS = (
+    "center_input_sample",
+    "dropout",
+    "dual_cross_attention",
+    "class_embed_type",
+    "num_class_embeds",
+    "addition_embed_type",
+    "encoder_hid_dim",
+    "encoder_hid_dim_type",
+    "time_embedding_type",
+    "time_embedding_dim",
+    "time_embedding_act_fn",
+    "timestep_post_act",
+    "time_cond_proj_dim",
+    "conv_in_kernel",
+    "attention_type",
+    "cross_attention_norm",
+    "resnet_skip_time_act",
+    "resnet_out_scale_factor",
+)
+
+
+def check_sd_style(unet_config) -> None:
+    """Refuse a UNet config that sets any of `UNMIRRORED_UNET_SETTINGS` away from its default."""
+    defaults = inspect.signature(UNet2DConditionModel.__init__).parameters
+    for key in UNMIRRORED_UNET_SETTINGS:
+        value, default = unet_config.get(key, defaults[key].default), defaults[key].default
+        if value != default:
+            raise ValueError(f"DTC supports SD-style UNets only; this UNet sets {key}={value!r} (SD's: {default!r})")
 
 
 class DTCImageProjection(ModelMixin, ConfigMixin):
     """`Linear(image_hidden_size -> cross_attention_dim)` over every DINOv2 token, and the
-    null context used for the unconditional CFG branch."""
+    null context used for the unconditional CFG branch. Trained from scratch: until then its
+    output is a context the SD UNet has never seen."""
 
     @register_to_config
     def __init__(self, image_hidden_size: int = 1536, cross_attention_dim: int = 768, num_tokens: int = 257):
@@ -98,7 +145,12 @@ class DTCHintEncoder(ModelMixin, ConfigMixin):
     `film_mode="spatial"` (default): `[gamma, beta] = Conv1x1(h)` per site, one value per pixel.
     `film_mode="channel"`: `[gamma, beta] = Linear(mean_hw(h))`, one value per channel.
     Every head starts at zero, so a fresh encoder leaves the main UNet untouched.
+
+    Gradient checkpointing is diffusers' own: the down and mid blocks carry the
+    `gradient_checkpointing` flag that `enable_gradient_checkpointing()` sets.
     """
+
+    _supports_gradient_checkpointing = True
 
     @register_to_config
     def __init__(
@@ -205,12 +257,10 @@ class DTCHintEncoder(ModelMixin, ConfigMixin):
         return len(self.film_heads)
 
     @classmethod
-    def from_unet(cls, unet: UNet2DConditionModel, film_mode: str = "spatial") -> "DTCHintEncoder":
+    def from_unet(cls, unet: UNet2DConditionModel, film_mode: str = "spatial") -> DTCHintEncoder:
         """A hint encoder whose encoder weights are a copy of `unet`'s (fresh FiLM heads)."""
         cfg = unet.config
-        for key in ("class_embed_type", "addition_embed_type", "encoder_hid_dim_type", "time_cond_proj_dim"):
-            if cfg.get(key) is not None:
-                raise ValueError(f"DTC supports SD-style UNets only; this UNet sets {key}={cfg.get(key)!r}")
+        check_sd_style(cfg)
         encoder = cls(
             in_channels=cfg.in_channels,
             down_block_types=tuple(cfg.down_block_types),
@@ -268,8 +318,9 @@ class DTCUNet2DConditionModel(UNet2DConditionModel):
 
     diffusers' UNet accepts only *additive* residuals (ControlNet's), and FiLM multiplies the
     skip by `1 + gamma`, so the down/mid/up walk is written out here for the SD-style configs
-    DTC uses (positional time embedding, no class or added embeddings). Weights and config are
-    the stock UNet's; without `skip_film` this is the stock forward.
+    DTC uses (`check_sd_style`: positional time embedding, no class or added embeddings). Weights
+    and config are the stock UNet's; without `skip_film` this is the stock forward. Gradient
+    checkpointing is inherited: the walk calls the stock blocks, which checkpoint themselves.
     """
 
     def forward(  # type: ignore[override]
@@ -319,7 +370,9 @@ class DTCUNet2DConditionModel(UNet2DConditionModel):
                     upsample_size=upsample_size,
                 )
             else:
-                sample = block(hidden_states=sample, temb=emb, res_hidden_states_tuple=res_samples, upsample_size=upsample_size)
+                sample = block(
+                    hidden_states=sample, temb=emb, res_hidden_states_tuple=res_samples, upsample_size=upsample_size
+                )
 
         # 6. out
         if self.conv_norm_out is not None:

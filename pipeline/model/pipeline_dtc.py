@@ -22,8 +22,14 @@ from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
 from transformers import Dinov2Model
 
-from pipeline.geometry import largest_inscribed_rectangle
-from pipeline.model.components import DTCHintAdapter, DTCHintEncoder, DTCImageProjection, DTCUNet2DConditionModel
+from pipeline.model.components import (
+    DTCHintAdapter,
+    DTCHintEncoder,
+    DTCImageProjection,
+    DTCUNet2DConditionModel,
+    check_sd_style,
+)
+from pipeline.regions import largest_inscribed_rectangle
 
 # DINOv2 was trained on ImageNet-normalised inputs.
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -49,7 +55,9 @@ def _as_image_batch(value, name: str, size: int) -> torch.Tensor:
             raise ValueError(f"{name} as uint8 must be (B, H, W, 3), got shape {tuple(tensor.shape)}")
         tensor = tensor.permute(0, 3, 1, 2).float() / 255.0
     elif tensor.ndim != 4 or tensor.shape[1] != 3:
-        raise ValueError(f"{name} must be (B, 3, H, W) floats in [0, 1] or (B, H, W, 3) uint8, got shape {tuple(tensor.shape)}")
+        raise ValueError(
+            f"{name} must be (B, 3, H, W) floats in [0, 1] or (B, H, W, 3) uint8, got shape {tuple(tensor.shape)}"
+        )
     if tuple(tensor.shape[-2:]) != (size, size):
         raise ValueError(f"{name} must be {size}x{size} (the model's size), got {tensor.shape[-2]}x{tensor.shape[-1]}")
     return tensor
@@ -100,6 +108,7 @@ class DTCPipeline(DiffusionPipeline):
         super().__init__()
         if input_layout not in INPUT_LAYOUTS:
             raise ValueError(f"input_layout must be one of {INPUT_LAYOUTS}, got {input_layout!r}")
+        check_sd_style(unet.config)  # the FiLM walk implements SD-style UNets only
         self.register_modules(
             vae=vae,
             unet=unet,
@@ -136,7 +145,9 @@ class DTCPipeline(DiffusionPipeline):
         tokens = self.image_encoder(pixel_values=(product - mean) / std).last_hidden_state
         return self.image_projection(tokens)
 
-    def build_hint(self, hole: torch.Tensor, product: torch.Tensor, product_alpha: torch.Tensor | None) -> torch.Tensor:
+    def build_hint(
+        self, hole: torch.Tensor, product: torch.Tensor, product_alpha: torch.Tensor | None
+    ) -> torch.Tensor:
         """Product pixels ([-1, 1]) resized into the largest rectangle inside each hole, 0 elsewhere.
 
         The aspect ratio is not kept (paper). Only opaque product pixels go in when an alpha is given.
@@ -146,9 +157,10 @@ class DTCPipeline(DiffusionPipeline):
         holes = hole[:, 0].bool().cpu().numpy()
         for i in range(batch):  # once per pair, before the denoising loop
             y0, x0, y1, x1 = largest_inscribed_rectangle(holes[i])
-            pixels = F.interpolate(product[i : i + 1] * 2 - 1, size=(y1 - y0, x1 - x0), mode="bilinear", antialias=True)
+            box = (y1 - y0, x1 - x0)
+            pixels = F.interpolate(product[i : i + 1] * 2 - 1, size=box, mode="bilinear", antialias=True)
             if product_alpha is not None:
-                alpha = F.interpolate(product_alpha[i : i + 1], size=(y1 - y0, x1 - x0), mode="bilinear", antialias=True)
+                alpha = F.interpolate(product_alpha[i : i + 1], size=box, mode="bilinear", antialias=True)
                 pixels = pixels * (alpha >= 0.5)
             hint[i, :, y0:y1, x0:x1] = pixels[0]
         return hint
@@ -170,7 +182,8 @@ class DTCPipeline(DiffusionPipeline):
     ) -> torch.Tensor:
         """One DTC noise prediction: hint encoder -> FiLM parameters -> main UNet."""
         film = self.hint_encoder(self.unet_input(latents, hint_latents, hole), timestep, context)
-        return self.unet(self.unet_input(latents, masked_image_latents, hole), timestep, context, skip_film=film).sample
+        unet_input = self.unet_input(latents, masked_image_latents, hole)
+        return self.unet(unet_input, timestep, context, skip_film=film).sample
 
     # -- call ----------------------------------------------------------------------------------
 
@@ -257,7 +270,9 @@ class DTCPipeline(DiffusionPipeline):
         for i in self.progress_bar(range(len(cpu_timesteps))):
             model_input = torch.cat([latents, latents]) if do_cfg else latents
             model_input = self.scheduler.scale_model_input(model_input, cpu_timesteps[i])
-            noise = self.predict_noise(model_input, timesteps[i], masked_image_latents, hole_latent, hint_latents, context)
+            noise = self.predict_noise(
+                model_input, timesteps[i], masked_image_latents, hole_latent, hint_latents, context
+            )
             if do_cfg:
                 noise_uncond, noise_cond = noise.chunk(2)
                 noise = noise_uncond + guidance_scale * (noise_cond - noise_uncond)

@@ -1,6 +1,10 @@
 """Model presets: `tiny` (tests and the demo: < 5M parameters, 128 px) and `sd15` (the paper's
-sizes: SD-1.5 inpainting UNet, SD VAE, DINOv2-g/14 at 224, 512 px). Both are random-init;
-real weights come from `assemble.assemble_from_parts` (then fine-tuning) or a trained folder.
+sizes: SD-1.5 inpainting UNet, SD VAE, DINOv2-g/14 at 224, 512 px). Both are random-init: they
+fix shapes, not behaviour. Real weights come from `assemble.assemble_from_parts` (an untrained
+warm start, see there for what it does and does not compute) and then fine-tuning, or from a
+trained folder.
+
+`sd_scheduler()` is the one place a DTC's scheduler is built (presets and assembly alike).
 """
 
 from __future__ import annotations
@@ -14,7 +18,10 @@ from pipeline.model.pipeline_dtc import DTCPipeline
 
 PRESETS = ("tiny", "sd15")
 
-# Stable Diffusion 1.x noise schedule (runwayml/stable-diffusion-inpainting's scheduler config).
+# Stable Diffusion 1.x noise schedule as DDIM samples it. The training half (betas, 1000 steps,
+# epsilon) is what SD-1.5 inpainting was trained on; the sampling half is what SD's DDIM uses:
+# no x0 clipping (latents are not bounded by 1), the last step lands on alphas_cumprod[0] (not
+# 1), and the timesteps end at 1, not 0 (steps_offset), as in the original LDM DDIM sampler.
 SD_SCHEDULE = dict(
     num_train_timesteps=1000,
     beta_start=0.00085,
@@ -25,6 +32,13 @@ SD_SCHEDULE = dict(
     steps_offset=1,
     prediction_type="epsilon",
 )
+
+
+def sd_scheduler() -> DDIMScheduler:
+    """DDIM over `SD_SCHEDULE`, built from these values alone and never from a source folder's
+    scheduler config: SD folders ship a PNDM config without `clip_sample`, and DDIM's default for
+    a missing `clip_sample` is True, which clamps the predicted x0 to [-1, 1] at every step."""
+    return DDIMScheduler(**SD_SCHEDULE)
 
 
 def dinov2_config(preset: str) -> Dinov2Config:
@@ -115,7 +129,7 @@ def build_preset(preset: str, seed: int = 0, film_mode: str = "spatial") -> DTCP
         hint_adapter=DTCHintAdapter(latent_channels=vae.config.latent_channels),
         image_encoder=image_encoder,
         image_projection=DTCImageProjection(dino_cfg.hidden_size, unet.config.cross_attention_dim, num_tokens),
-        scheduler=DDIMScheduler(**SD_SCHEDULE),
+        scheduler=sd_scheduler(),
         input_layout="sd",
         resolution=unet.config.sample_size * 2 ** (len(vae.config.block_out_channels) - 1),
         product_size=product_size,
