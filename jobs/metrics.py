@@ -6,14 +6,59 @@
 One run: its shard files, `summary.json` and report are rewritten from
 `metrics/<run_id>/shard=*.{real,gen}.npz` and `shard=*.features.parquet` alone. Several runs:
 shards of the same name are merged (statistics added, features pooled) into
-`metrics/<out-id>/`. Exit 0 done, 2 bad usage or no metrics for a run id, 1 other errors.
+`metrics/<out-id>/` and `report/<out-id>/`. Figures made with random-weight extractors keep
+their warning (summary.json's `protocol.random_weights`, the report's banner, the printed line).
+Exit 0 done, 2 bad usage (a run id given twice included) or no metrics for a run id, 1 other errors.
 """
 
 from __future__ import annotations
 
 import argparse
-import collections
+import json
 import sys
+
+
+def _usage_problem(run_ids: list[str], out_id: str | None) -> str | None:
+    from pipeline.schema import name_problem
+
+    for kind, value in [*(("--run-id", r) for r in run_ids), *([("--out-id", out_id)] if out_id else [])]:
+        if problem := name_problem(kind, value):
+            return problem
+    repeated = sorted({r for r in run_ids if run_ids.count(r) > 1})
+    if repeated:  # merging a run with itself would count its pairs twice
+        return f"--run-id {', '.join(repeated)} given more than once; name each run once"
+    return None
+
+
+def _shard_counts(layout, run_ids: list[str]) -> dict[str, dict[str, int]]:
+    """{shard: {status: rows}} over the runs' output manifests."""
+    from pipeline.metrics.report import read_manifest_rows
+
+    rows = read_manifest_rows(layout, run_ids, columns=("shard", "status"))
+    counts: dict[str, dict[str, int]] = {}
+    for row in rows.group_by(["shard", "status"]).aggregate([("status", "count")]).to_pylist():
+        counts.setdefault(row["shard"], {})[row["status"]] = row["status_count"]
+    return counts
+
+
+def _settings(layout, run_ids: list[str]) -> dict | None:
+    """The settings the runs' records hold (`runs/<run_id>.json`); where merged runs differ, each
+    run's value. None when no record is there."""
+    from pipeline import storage
+
+    per_run = {}
+    for run_id in run_ids:
+        if storage.exists(layout.run_record(run_id)):
+            per_run[run_id] = json.loads(storage.read_bytes(layout.run_record(run_id))).get("settings") or {}
+    if not per_run:
+        return None
+    keys = list(dict.fromkeys(k for settings in per_run.values() for k in settings))
+    merged = {}
+    for key in keys:
+        values = {run_id: settings.get(key) for run_id, settings in per_run.items()}
+        same = len({json.dumps(v) for v in values.values()}) == 1
+        merged[key] = next(iter(values.values())) if same else "; ".join(f"{r}: {v}" for r, v in values.items())
+    return merged
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -24,46 +69,33 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     from pipeline import storage
-    from pipeline.metrics.report import render_report
+    from pipeline.metrics.report import write_report
     from pipeline.metrics.shards import recompute
     from pipeline.output.layout import Layout
-    from pipeline.schema import EXIT_ERROR, EXIT_OK, EXIT_REFUSED, name_problem
+    from pipeline.schema import EXIT_ERROR, EXIT_OK, EXIT_REFUSED
 
-    for kind, value in [*(("--run-id", r) for r in args.run_id), *([("--out-id", args.out_id)] if args.out_id else [])]:
-        if problem := name_problem(kind, value):
-            print(f"metrics: {problem}", file=sys.stderr)
-            return EXIT_REFUSED
-    repeated = sorted({r for r in args.run_id if args.run_id.count(r) > 1})
-    if repeated:  # merging a run with itself would count its pairs twice
-        print(f"metrics: --run-id {', '.join(repeated)} given more than once; name each run once", file=sys.stderr)
+    run_ids = args.run_id
+    if problem := _usage_problem(run_ids, args.out_id):
+        print(f"metrics: {problem}", file=sys.stderr)
         return EXIT_REFUSED
-    out_id = args.out_id or (args.run_id[0] if len(args.run_id) == 1 else f"merged-{args.run_id[0]}-{len(args.run_id)}")
+    out_id = args.out_id or (run_ids[0] if len(run_ids) == 1 else f"merged-{run_ids[0]}-{len(run_ids)}")
     layout = Layout(args.output)
     try:
-        counts: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
-        tables = []
-        for run_id in args.run_id:
-            for rel, _, _ in storage.list_files(layout.manifest_dir(run_id)):
-                table = storage.read_parquet(storage.join(layout.manifest_dir(run_id), rel))
-                tables.append(table)
-                for shard, status in zip(table["shard"].to_pylist(), table["status"].to_pylist()):
-                    counts[shard][status] += 1
-        summary = recompute(layout, args.run_id, out_id, {s: dict(c) for s, c in counts.items()})
+        summary = recompute(layout, run_ids, out_id, _shard_counts(layout, run_ids))
+        report = write_report(layout, out_id, summary, settings=_settings(layout, run_ids), run_ids=run_ids)
     except FileNotFoundError as e:
         print(f"metrics: {e}", file=sys.stderr)
         return EXIT_REFUSED
     except (storage.StorageError, OSError, ValueError) as e:
         print(f"metrics: failed: {e}", file=sys.stderr)
         return EXIT_ERROR
-    import pyarrow as pa
-
-    if tables:
-        storage.write_bytes(layout.report(out_id), render_report(out_id, pa.concat_tables(tables, promote_options="permissive"), summary).encode())
     g = summary["global"]
     fid = "n/a" if g["fid"] is None else f"{g['fid']:.3f}"
     warning = "  [RANDOM-WEIGHT EXTRACTORS: meaningless]" if summary["protocol"].get("random_weights") else ""
-    print(f"metrics {out_id}: FID {fid} (N={g['n']}), KID {g['kid_mean']}, CLIP {g['clip']['mean']}{warning}; "
-          f"{len(summary['shards'])} shard(s) -> {layout.metrics_dir(out_id)}/summary.json")
+    print(
+        f"metrics {out_id}: FID {fid} (N={g['n']}), KID {g['kid_mean']}, CLIP {g['clip']['mean']}{warning}; "
+        f"{len(summary['shards'])} shard(s) -> {layout.metrics_dir(out_id)}/summary.json, {report}"
+    )
     return EXIT_OK
 
 

@@ -36,8 +36,14 @@ KID_MAX_SUBSET = 1000
 KID_MAX_ROWS = 10_000  # features read back per KID estimate (per shard, and across shards)
 LOWEST = 10
 FEATURE_SCHEMA = pa.schema(
-    [("pair_id", pa.string()), ("shard", pa.string()), ("feat_real", pa.binary()), ("feat_gen", pa.binary()),
-     ("clip_score", pa.float64()), ("clip_floor", pa.float64())]
+    [
+        ("pair_id", pa.string()),
+        ("shard", pa.string()),
+        ("feat_real", pa.binary()),
+        ("feat_gen", pa.binary()),
+        ("clip_score", pa.float64()),
+        ("clip_floor", pa.float64()),
+    ]
 )
 
 
@@ -53,10 +59,11 @@ def metrics_protocol(cfg, resolution: int) -> dict | None:
 
     if cfg.no_metrics or not (cfg.inception_weights or cfg.clip_model):
         return None
+    weights = cfg.inception_weights
     return {
-        "extractor": "FID Inception v3 (pt_inception-2015-12-05), pool3 2048-d" if cfg.inception_weights else None,
-        "inception_weights": cfg.inception_weights,
-        "inception_sha256": hashlib.sha256(storage.read_bytes(cfg.inception_weights)).hexdigest() if cfg.inception_weights else None,
+        "extractor": "FID Inception v3 (pt_inception-2015-12-05), pool3 2048-d" if weights else None,
+        "inception_weights": weights,
+        "inception_sha256": hashlib.sha256(storage.read_bytes(weights)).hexdigest() if weights else None,
         "resize": "TF1-compatible bilinear to 299",
         "dtype": "float32, TF32 off; features stored as float16, statistics as float64",
         "features_from": f"decoded output window at {resolution}x{resolution} (uint8, before image encoding)",
@@ -67,14 +74,25 @@ def metrics_protocol(cfg, resolution: int) -> dict | None:
         "clip_preprocessing": "output cropped to the region's bbox, padded square (grey); product padded square; "
         "bicubic 224, CLIP mean/std; score = 100 * cosine",
         "clip_floor": "product vs the next pair's product in the model batch",
-        "kid": {"kernel": "(x.y/d + 1)^3", "subsets": KID_SUBSETS, "max_subset_size": KID_MAX_SUBSET, "estimator": "unbiased MMD^2"},
+        "kid": {
+            "kernel": "(x.y/d + 1)^3",
+            "subsets": KID_SUBSETS,
+            "max_subset_size": KID_MAX_SUBSET,
+            "estimator": "unbiased MMD^2",
+        },
         "reference": "none (real side = context crops)",
         "random_weights": cfg.metrics_random_weights,
         "versions": versions(),
     }
 
 
+def _sum(a: FeatureStats | None, b: FeatureStats | None) -> FeatureStats | None:
+    return b if a is None else a if b is None else a + b
+
+
 class _Shard:
+    """A shard's accumulated figures (or a run's: shards merged)."""
+
     def __init__(self):
         self.real: FeatureStats | None = None
         self.gen: FeatureStats | None = None
@@ -82,18 +100,27 @@ class _Shard:
         self.floor = ClipStats()
         self.lowest: list[tuple[float, str]] = []
 
-    def add(self, real: np.ndarray | None, gen: np.ndarray | None, clip: list[float], floor: list[float], ids: list[str]) -> None:
+    def add(
+        self, real: np.ndarray | None, gen: np.ndarray | None, clip: list, floor: list, pair_ids: list[str]
+    ) -> None:
         if real is not None and len(real):
-            r, g = FeatureStats.from_features(real), FeatureStats.from_features(gen)
-            self.real = r if self.real is None else self.real + r
-            self.gen = g if self.gen is None else self.gen + g
-        scored = [(s, p) for s, p in zip(clip, ids) if s is not None]
+            self.real = _sum(self.real, FeatureStats.from_features(real))
+            self.gen = _sum(self.gen, FeatureStats.from_features(gen))
+        scored = [(s, p) for s, p in zip(clip, pair_ids) if s is not None]
         if scored:
             self.clip = self.clip + ClipStats.from_scores([s for s, _ in scored])
             self.lowest = sorted(self.lowest + scored)[:LOWEST]
         floors = [f for f in floor if f is not None]
         if floors:
             self.floor = self.floor + ClipStats.from_scores(floors)
+
+    def merged(self, other: _Shard) -> _Shard:
+        """Both shards' figures as one (statistics and CLIP values added, lowest pairs pooled)."""
+        out = _Shard()
+        out.real, out.gen = _sum(self.real, other.real), _sum(self.gen, other.gen)
+        out.clip, out.floor = self.clip + other.clip, self.floor + other.floor
+        out.lowest = sorted(self.lowest + other.lowest)[:LOWEST]
+        return out
 
 
 class MetricsAccumulator:
@@ -108,19 +135,21 @@ class MetricsAccumulator:
         """Rows rendered in this run with status ok; the others carry no features."""
         if "feat_gen" not in batch.column_names and "clip_score" not in batch.column_names:
             return
-        keep = pc.and_(pc.equal(batch["status"], "ok"), pc.greater(batch["attempt"], 0))
-        rows = batch.filter(keep)
+        rows = batch.filter(pc.and_(pc.equal(batch["status"], "ok"), pc.greater(batch["attempt"], 0)))
         if rows.num_rows == 0:
             return
-        columns = {name: rows[name] if name in rows.column_names else pa.nulls(rows.num_rows, FEATURE_SCHEMA.field(name).type)
-                   for name in FEATURE_SCHEMA.names}
+        columns = {
+            f.name: rows[f.name] if f.name in rows.column_names else pa.nulls(rows.num_rows, f.type)
+            for f in FEATURE_SCHEMA
+        }
         table = pa.table(columns).cast(FEATURE_SCHEMA)
         for shard in set(table["shard"].to_pylist()):
             part = table.filter(pc.equal(table["shard"], shard))
             has_features = part["feat_gen"].null_count == 0
             real = _features(part["feat_real"].to_pylist()) if has_features else None
             gen = _features(part["feat_gen"].to_pylist()) if has_features else None
-            self.shards[shard].add(real, gen, part["clip_score"].to_pylist(), part["clip_floor"].to_pylist(), part["pair_id"].to_pylist())
+            clip, floor, pair_ids = (part[c].to_pylist() for c in ("clip_score", "clip_floor", "pair_id"))
+            self.shards[shard].add(real, gen, clip, floor, pair_ids)
         self.pending.append(table)
         self.pending_rows += table.num_rows
         if self.pending_rows >= self.part_rows:
@@ -135,11 +164,15 @@ class MetricsAccumulator:
         self.pending, self.pending_rows = [], 0
 
     def finalize(self, counts: dict[str, dict], protocol: dict) -> dict:
-        """Write the shard files and summary.json; returns the summary."""
+        """Write the shard files and summary.json; returns the summary. A run with no ok row
+        (every pair failed) still gets a summary: its shards with their counts and no figures."""
         self.flush()
         metrics_dir = self.layout.metrics_dir(self.run_id)
-        parts = [storage.join(metrics_dir, "features", rel) for rel, _, _ in storage.list_files(storage.join(metrics_dir, "features"))]
-        features = pa.concat_tables([storage.read_parquet(p) for p in parts]) if parts else FEATURE_SCHEMA.empty_table()
+        features_dir = storage.join(metrics_dir, "features")
+        parts = [storage.join(features_dir, rel) for rel, _, _ in storage.list_files(features_dir)]
+        features = pa.concat_tables(
+            [FEATURE_SCHEMA.empty_table(), *(storage.read_parquet(p).cast(FEATURE_SCHEMA) for p in parts)]
+        )
         for shard, acc in self.shards.items():
             base = storage.join(metrics_dir, f"shard={shard}")
             if acc.real is not None:
@@ -177,41 +210,40 @@ def _fid(real: FeatureStats | None, gen: FeatureStats | None) -> float | None:
     return fid_from_stats(real, gen)
 
 
+def _figures(acc: _Shard, features: pa.Table) -> dict:
+    """FID@N, KID, CLIP and the lowest pairs of one shard (or of the run): None where a figure
+    has too few rows (no ok row at all included)."""
+    kid_mean, kid_std, kid_size = _kid(features)
+    n = 0 if acc.real is None else acc.real.n
+    return {
+        "n": n,
+        "fid": _fid(acc.real, acc.gen),
+        "fid_label": f"FID@{n}",
+        "kid_mean": kid_mean,
+        "kid_std": kid_std,
+        "kid_subset_size": kid_size,
+        "kid_subsets": KID_SUBSETS if kid_size else None,
+        "clip": acc.clip.summary(),
+        "clip_floor": acc.floor.summary()["mean"],
+        "lowest": [{"pair_id": p, "clip_score": s} for s, p in acc.lowest],
+    }
+
+
 def compute_summary(run_id: str, shards: dict, features: pa.Table, counts: dict[str, dict], protocol: dict) -> dict:
-    """The figures of summary.json from per-shard accumulators and the raw feature table."""
-    table, real_total, gen_total = [], None, None
-    clip_total, floor_total = ClipStats(), ClipStats()
-    lowest_total: list[tuple[float, str]] = []
+    """The figures of summary.json from per-shard accumulators and the raw feature table; a
+    shard in `counts` with no accumulator (none of its rows ok) gets its counts and no figures."""
+    table, total = [], _Shard()
     for shard in sorted(set(shards) | set(counts)):
         acc = shards.get(shard, _Shard())
-        kid_mean, kid_std, kid_size = _kid(features.filter(pc.equal(features["shard"], shard)))
-        clip = acc.clip.summary()
-        row = {
-            "shard": shard, "ok": counts.get(shard, {}).get("ok", 0), "failed": counts.get(shard, {}).get("failed", 0),
-            "n": 0 if acc.real is None else acc.real.n, "fid": _fid(acc.real, acc.gen),
-            "fid_label": f"FID@{0 if acc.real is None else acc.real.n}",
-            "kid_mean": kid_mean, "kid_std": kid_std, "kid_subset_size": kid_size, "kid_subsets": KID_SUBSETS if kid_size else None,
-            "clip": clip, "clip_floor": acc.floor.summary()["mean"],
-            "lowest": [{"pair_id": p, "clip_score": s} for s, p in acc.lowest],
-        }
-        table.append(row)
-        if acc.real is not None:
-            real_total = acc.real if real_total is None else real_total + acc.real
-            gen_total = acc.gen if gen_total is None else gen_total + acc.gen
-        clip_total, floor_total = clip_total + acc.clip, floor_total + acc.floor
-        lowest_total = sorted(lowest_total + acc.lowest)[:LOWEST]
-    kid_mean, kid_std, kid_size = _kid(features)
+        shard_counts = counts.get(shard, {})
+        row = {"shard": shard, "ok": shard_counts.get("ok", 0), "failed": shard_counts.get("failed", 0)}
+        table.append({**row, **_figures(acc, features.filter(pc.equal(features["shard"], shard)))})
+        total = total.merged(acc)
     return {
         "run_id": run_id,
         "created_at": time.time(),
         "protocol": protocol,
-        "global": {
-            "n": 0 if real_total is None else real_total.n, "fid": _fid(real_total, gen_total),
-            "fid_note": "global FID from merged per-shard float64 statistics",
-            "kid_mean": kid_mean, "kid_std": kid_std, "kid_subset_size": kid_size, "kid_subsets": KID_SUBSETS if kid_size else None,
-            "clip": clip_total.summary(), "clip_floor": floor_total.summary()["mean"],
-            "lowest": [{"pair_id": p, "clip_score": s} for s, p in lowest_total],
-        },
+        "global": {**_figures(total, features), "fid_note": "global FID from merged per-shard float64 statistics"},
         "shards": table,
     }
 
@@ -219,13 +251,14 @@ def compute_summary(run_id: str, shards: dict, features: pa.Table, counts: dict[
 def _write_summary(layout: Layout, run_id: str, summary: dict) -> None:
     metrics_dir = layout.metrics_dir(run_id)
     for row in summary["shards"]:
-        record = {**row, "run_id": run_id, "protocol": summary["protocol"]}
-        storage.write_bytes(storage.join(metrics_dir, f"shard={row['shard']}.json"), json.dumps(record, indent=1).encode())
+        record = json.dumps({**row, "run_id": run_id, "protocol": summary["protocol"]}, indent=1)
+        storage.write_bytes(storage.join(metrics_dir, f"shard={row['shard']}.json"), record.encode())
     storage.write_bytes(storage.join(metrics_dir, "summary.json"), json.dumps(summary, indent=1).encode())
 
 
 def _load_run(layout: Layout, run_id: str) -> tuple[dict[str, _Shard], list[pa.Table], dict]:
-    """Per-shard accumulators rebuilt from a run's stored files (no features in memory)."""
+    """Per-shard accumulators rebuilt from a run's stored files (no features in memory). A run
+    whose pairs all failed has a summary.json and no shard files: no accumulator."""
     metrics_dir = layout.metrics_dir(run_id)
     files = {rel for rel, _, _ in storage.list_files(metrics_dir)}
     if "summary.json" not in files:
@@ -233,7 +266,7 @@ def _load_run(layout: Layout, run_id: str) -> tuple[dict[str, _Shard], list[pa.T
     protocol = json.loads(storage.read_bytes(storage.join(metrics_dir, "summary.json")))["protocol"]
     shards: dict[str, _Shard] = {}
     tables = []
-    for rel in sorted(f for f in files if f.endswith(".features.parquet")):
+    for rel in sorted(f for f in files if f.startswith("shard=") and f.endswith(".features.parquet")):
         shard = rel[len("shard=") : -len(".features.parquet")]
         acc = shards[shard] = _Shard()
         base = storage.join(metrics_dir, f"shard={shard}")
@@ -241,37 +274,33 @@ def _load_run(layout: Layout, run_id: str) -> tuple[dict[str, _Shard], list[pa.T
             acc.real = FeatureStats.from_npz_bytes(storage.read_bytes(f"{base}.real.npz"))
             acc.gen = FeatureStats.from_npz_bytes(storage.read_bytes(f"{base}.gen.npz"))
         features = storage.read_parquet(f"{base}.features.parquet").cast(FEATURE_SCHEMA)
-        acc.add(None, None, features["clip_score"].to_pylist(), features["clip_floor"].to_pylist(), features["pair_id"].to_pylist())
+        acc.add(None, None, *(features[c].to_pylist() for c in ("clip_score", "clip_floor", "pair_id")))
         tables.append(features)
     return shards, tables, protocol
+
+
+# What must agree for figures to merge; `random_weights` is carried instead (any run's warning holds).
+PROTOCOL_KEYS = ("extractor", "inception_sha256", "resize", "dtype", "clip_backbone_sha256", "clip_preprocessing")
 
 
 def recompute(layout: Layout, run_ids: list[str], out_id: str, counts: dict[str, dict]) -> dict:
     """Figures of one run, or of several merged shard by shard, from stored files only."""
     merged: dict[str, _Shard] = {}
-    tables: list[pa.Table] = []
+    tables: list[pa.Table] = [FEATURE_SCHEMA.empty_table()]
     protocols = []
     for run_id in run_ids:
         shards, run_tables, protocol = _load_run(layout, run_id)
         protocols.append(protocol)
         tables += run_tables
         for shard, acc in shards.items():
-            if shard not in merged:
-                merged[shard] = acc
-                continue
-            into = merged[shard]
-            if acc.real is not None:
-                into.real = acc.real if into.real is None else into.real + acc.real
-                into.gen = acc.gen if into.gen is None else into.gen + acc.gen
-            into.clip, into.floor = into.clip + acc.clip, into.floor + acc.floor
-            into.lowest = sorted(into.lowest + acc.lowest)[:LOWEST]
-    keys = ("extractor", "inception_sha256", "resize", "dtype", "clip_backbone_sha256", "clip_preprocessing")
-    if any(tuple(p.get(k) for k in keys) != tuple(protocols[0].get(k) for k in keys) for p in protocols):
+            merged[shard] = merged[shard].merged(acc) if shard in merged else acc
+    if len({tuple(p.get(k) for k in PROTOCOL_KEYS) for p in protocols}) > 1:
         raise ValueError(f"runs {run_ids} used different metric protocols; their figures cannot be merged")
-    features = pa.concat_tables(tables) if tables else FEATURE_SCHEMA.empty_table()
     is_merge = len(run_ids) > 1 or out_id != run_ids[0]
-    protocol = {**protocols[0], **({"merged_runs": run_ids} if is_merge else {})}
-    summary = compute_summary(out_id, merged, features, counts, protocol)
+    protocol = {**protocols[0], "random_weights": any(p.get("random_weights") for p in protocols)}
+    if is_merge:
+        protocol["merged_runs"] = run_ids
+    summary = compute_summary(out_id, merged, pa.concat_tables(tables), counts, protocol)
     if is_merge:
         # a merge gets its own folder, with the merged statistics beside its figures
         metrics_dir = layout.metrics_dir(out_id)

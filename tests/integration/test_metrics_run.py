@@ -1,5 +1,6 @@
 """Metrics inside a render run: shard files, summary, recomputation, merging, the QA report
-(checked in headless Chromium), and the plain "skipped" path without weights."""
+(checked in headless Chromium), the plain "skipped" path without weights, the random-weights
+warning through jobs.metrics, a run id given twice, and a run whose every pair failed."""
 
 from __future__ import annotations
 
@@ -13,18 +14,16 @@ import subprocess
 import tempfile
 
 import numpy as np
-import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from helpers import FAST, read_manifest
 from PIL import Image
 
 from jobs.metrics import main as metrics_main
 from jobs.render import main as render
+from pipeline.metrics.shards import FEATURE_DIM
 from pipeline.metrics.stats import FeatureStats, fid_from_stats
 from pipeline.sample_catalog import make_catalog
-from pipeline.metrics.shards import FEATURE_DIM
-
-FAST = ["--steps", "2", "--batch-size", "4", "--image-format", "png", "--cpus-per-actor", "0.5", "--torch-threads", "1"]
 
 
 @pytest.fixture(scope="module")
@@ -41,8 +40,8 @@ def chromium() -> str:
     if path is None:
         env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
         subprocess.run(["apt-get", "update", "-qq"], check=True, env=env, capture_output=True, timeout=600)
-        subprocess.run(["apt-get", "install", "-y", "-qq", "--no-install-recommends", "chromium"], check=True, env=env,
-                       capture_output=True, timeout=900)
+        install = ["apt-get", "install", "-y", "-qq", "--no-install-recommends", "chromium"]
+        subprocess.run(install, check=True, env=env, capture_output=True, timeout=900)
         path = shutil.which("chromium")
     assert path, "chromium could not be installed"
     return path
@@ -51,8 +50,8 @@ def chromium() -> str:
 def _catalog(root) -> str:
     """Two manifest files in one folder: two shards (their stems)."""
     for k, name in enumerate(("north", "south")):
-        make_catalog(str(root), n_pairs=5, bad_rows=False, seed=k, manifest_name=f"{name}.parquet", sizes=[(96, 80), (80, 96)],
-                     pair_prefix=name)
+        options = {"manifest_name": f"{name}.parquet", "sizes": [(96, 80), (80, 96)], "pair_prefix": name}
+        make_catalog(str(root), n_pairs=5, bad_rows=False, seed=k, **options)
     return str(root)
 
 
@@ -60,8 +59,19 @@ def _summary(output, run_id) -> dict:
     return json.loads((output / "metrics" / run_id / "summary.json").read_text())
 
 
-def _manifest(output, run_id) -> list[dict]:
-    return pa.concat_tables(pq.read_table(p) for p in sorted((output / "manifest" / run_id).glob("part-*.parquet"))).to_pylist()
+def _render_args(manifest, output, model: str, *extra: str) -> list[str]:
+    return ["--manifest", str(manifest), "--output", str(output), "--model", model, *extra, *FAST]
+
+
+def _metric_flags(extractors) -> list[str]:
+    inception, clip = extractors
+    return ["--inception-weights", inception, "--clip-model", clip]
+
+
+def _stats(tables, column: str) -> FeatureStats:
+    """float64 statistics of one side's fp16 features, in one pass over every table."""
+    rows = [np.frombuffer(b"".join(t[column].to_pylist()), np.float16).reshape(-1, FEATURE_DIM) for t in tables]
+    return FeatureStats.from_features(np.concatenate(rows).astype(np.float64))
 
 
 def _close(a, b, rel=1e-9):
@@ -80,12 +90,25 @@ def _close(a, b, rel=1e-9):
         assert a == b
 
 
-def test_run_with_metrics_writes_shards_summary_and_report(ray_address, tmp_path, tiny_model_dir, extractors, chromium):
-    inception, clip = extractors
-    root = _catalog(tmp_path / "catalog")
+def _check_in_browser(chromium: str, page, shot) -> None:
+    """Headless Chromium shows the page: every image loaded, a screenshot that is not blank."""
+    profile = tempfile.mkdtemp(prefix="chromium-")
+    flags = [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+             "--disable-background-networking", "--disable-component-update", "--disable-sync",
+             f"--user-data-dir={profile}"]  # fmt: skip
+    url = page.as_uri()
+    dump = [*flags, "--virtual-time-budget=5000", "--dump-dom", url]
+    dom = subprocess.run(dump, capture_output=True, text=True, timeout=120)
+    assert 'data-images-loaded="true"' in dom.stdout, dom.stderr[-1000:]
+    subprocess.run([*flags, "--window-size=1000,1400", f"--screenshot={shot}", url], capture_output=True, timeout=120)
+    pixels = np.asarray(Image.open(shot).convert("RGB")).astype(float)
+    assert pixels.std() > 20 and len(np.unique(pixels.reshape(-1, 3), axis=0)) > 500  # text, tables and photos
+    shutil.rmtree(profile, ignore_errors=True)
+
+
+def test_metrics_run_writes_shards_summary_and_report(ray_address, tmp_path, tiny_model_dir, extractors, chromium):
     output = tmp_path / "out"
-    args = ["--manifest", root, "--output", str(output), "--model", tiny_model_dir, "--inception-weights", inception,
-            "--clip-model", clip, *FAST]
+    args = _render_args(_catalog(tmp_path / "catalog"), output, tiny_model_dir, *_metric_flags(extractors))
     assert render([*args, "--run-id", "m1"]) == 0
     metrics_dir = output / "metrics" / "m1"
     for shard in ("north", "south"):
@@ -97,16 +120,14 @@ def test_run_with_metrics_writes_shards_summary_and_report(ray_address, tmp_path
         features = pq.read_table(metrics_dir / f"shard={shard}.features.parquet")
         assert features.num_rows == 5 and len(features["feat_gen"][0].as_py()) == FEATURE_DIM * 2  # fp16
     summary = _summary(output, "m1")
-    rows = _manifest(output, "m1")
+    rows = read_manifest(str(output), "m1").to_pylist()
     assert all(r["clip_score"] is not None for r in rows)
     assert summary["global"]["clip"]["n"] == 10
     assert summary["global"]["clip"]["mean"] == pytest.approx(np.mean([r["clip_score"] for r in rows]), rel=1e-12)
 
     # The global FID from merged shard statistics equals a one-pass FID over all features.
     tables = [pq.read_table(metrics_dir / f"shard={s}.features.parquet") for s in ("north", "south")]
-    real = np.concatenate([np.frombuffer(b"".join(t["feat_real"].to_pylist()), np.float16).reshape(-1, FEATURE_DIM) for t in tables])
-    gen = np.concatenate([np.frombuffer(b"".join(t["feat_gen"].to_pylist()), np.float16).reshape(-1, FEATURE_DIM) for t in tables])
-    one_pass = fid_from_stats(FeatureStats.from_features(real.astype(np.float64)), FeatureStats.from_features(gen.astype(np.float64)))
+    one_pass = fid_from_stats(_stats(tables, "feat_real"), _stats(tables, "feat_gen"))
     assert summary["global"]["fid"] == pytest.approx(one_pass, rel=1e-9)
 
     # summary.json equals a recomputation from the stored statistics alone
@@ -123,19 +144,11 @@ def test_run_with_metrics_writes_shards_summary_and_report(ray_address, tmp_path
     for data in images:
         Image.open(io.BytesIO(base64.b64decode(data))).verify()
     assert "RANDOM-WEIGHT" not in page
+    # jobs.metrics wrote this page (through write_report): the run's settings from its record, labelled sheets
+    assert "<tr><td>steps</td><td>2</td></tr>" in page and "<tr><td>image_format</td><td>png</td></tr>" in page
+    assert page.count("<tr><th>pair</th><th>context</th><th>product</th><th>output</th></tr>") == 2
 
-    # ... and a browser shows it: images loaded, a screenshot that is not blank
-    profile = tempfile.mkdtemp(prefix="chromium-")
-    flags = [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-             "--disable-background-networking", "--disable-component-update", "--disable-sync", f"--user-data-dir={profile}"]
-    url = (output / "report" / "m1" / "index.html").as_uri()
-    dom = subprocess.run([*flags, "--virtual-time-budget=5000", "--dump-dom", url], capture_output=True, text=True, timeout=120)
-    assert 'data-images-loaded="true"' in dom.stdout, dom.stderr[-1000:]
-    shot = tmp_path / "report.png"
-    subprocess.run([*flags, "--window-size=1000,1400", f"--screenshot={shot}", url], capture_output=True, timeout=120)
-    pixels = np.asarray(Image.open(shot).convert("RGB")).astype(float)
-    assert pixels.std() > 20 and len(np.unique(pixels.reshape(-1, 3), axis=0)) > 500  # text, tables and photos
-    shutil.rmtree(profile, ignore_errors=True)
+    _check_in_browser(chromium, output / "report" / "m1" / "index.html", tmp_path / "report.png")
 
     # merging two runs shard by shard: the counts add up
     assert render([*args, "--run-id", "m2", "--force"]) == 0
@@ -148,21 +161,69 @@ def test_run_with_metrics_writes_shards_summary_and_report(ray_address, tmp_path
 def test_without_weights_metrics_are_skipped_plainly(ray_address, tmp_path, tiny_model_dir, capsys):
     manifest = make_catalog(str(tmp_path / "catalog"), n_pairs=2, bad_rows=False, sizes=[(64, 64)])
     output = tmp_path / "out"
-    assert render(["--manifest", manifest, "--output", str(output), "--model", tiny_model_dir, "--run-id", "plain", *FAST]) == 0
+    assert render(_render_args(manifest, output, tiny_model_dir, "--run-id", "plain")) == 0
     assert "metrics    SKIPPED: no --inception-weights / --clip-model given" in capsys.readouterr().out
     assert not (output / "metrics").exists()
     assert "id='metrics-skipped'" in (output / "report" / "plain" / "index.html").read_text()
     assert metrics_main(["--output", str(output), "--run-id", "plain"]) == 2
 
 
-def test_demo_style_random_weights_say_so_in_the_report(ray_address, tmp_path, tiny_model_dir, extractors):
-    inception, clip = extractors
+@pytest.fixture(scope="module")
+def demo_output(ray_address, tmp_path_factory, tiny_model_dir, extractors):
+    """A run made as jobs.demo makes it: random-weight extractors, `metrics_random_weights: true`."""
+    tmp_path = tmp_path_factory.mktemp("demo")
     manifest = make_catalog(str(tmp_path / "catalog"), n_pairs=3, bad_rows=False, sizes=[(64, 64)])
     config = tmp_path / "render.yaml"
     config.write_text("metrics_random_weights: true\n")
     output = tmp_path / "out"
-    assert render(["--manifest", manifest, "--output", str(output), "--model", tiny_model_dir, "--run-id", "demo",
-                   "--inception-weights", inception, "--clip-model", clip, "--config", str(config), *FAST]) == 0
-    page = (output / "report" / "demo" / "index.html").read_text()
+    flags = ["--run-id", "demo", *_metric_flags(extractors), "--config", str(config)]
+    assert render(_render_args(manifest, output, tiny_model_dir, *flags)) == 0
+    return output
+
+
+def test_demo_style_random_weights_say_so_in_the_report(demo_output):
+    page = (demo_output / "report" / "demo" / "index.html").read_text()
     assert "id='random-weights'" in page and "RANDOM-WEIGHT EXTRACTORS" in page
+    assert _summary(demo_output, "demo")["protocol"]["random_weights"] is True
+
+
+def test_recomputed_and_merged_figures_keep_the_random_weights_warning(demo_output, capsys):
+    output = demo_output
+    assert metrics_main(["--output", str(output), "--run-id", "demo"]) == 0
+    assert "[RANDOM-WEIGHT EXTRACTORS: meaningless]" in capsys.readouterr().out
     assert _summary(output, "demo")["protocol"]["random_weights"] is True
+    assert "id='random-weights'" in (output / "report" / "demo" / "index.html").read_text()
+
+    # a second run with the same stored files, under its own id (no second render)
+    for folder in ("metrics", "manifest"):
+        shutil.copytree(output / folder / "demo", output / folder / "demo-copy", dirs_exist_ok=True)
+    shutil.copy(output / "runs" / "demo.json", output / "runs" / "demo-copy.json")
+    merge = ["--output", str(output), "--run-id", "demo", "--run-id", "demo-copy", "--out-id", "demo-2x"]
+    assert metrics_main(merge) == 0
+    assert "[RANDOM-WEIGHT EXTRACTORS: meaningless]" in capsys.readouterr().out
+    merged = _summary(output, "demo-2x")
+    assert merged["protocol"]["random_weights"] is True and merged["protocol"]["merged_runs"] == ["demo", "demo-copy"]
+    assert merged["global"]["n"] == 6
+    page = (output / "report" / "demo-2x" / "index.html").read_text()
+    assert "id='random-weights'" in page and "Merged from runs: demo, demo-copy" in page
+    assert "<tr><td>total</td><td>6</td></tr>" in page  # both runs' manifest rows
+
+
+def test_a_run_id_given_twice_is_refused(demo_output, capsys):
+    assert metrics_main(["--output", str(demo_output), "--run-id", "demo", "--run-id", "demo"]) == 2
+    assert "--run-id demo given more than once; name each run once" in capsys.readouterr().err
+    assert not (demo_output / "metrics" / "merged-demo-2").exists()
+
+
+def test_a_run_whose_every_pair_failed_exits_3_with_its_report(ray_address, tmp_path, tiny_model_dir, extractors):
+    manifest = make_catalog(str(tmp_path / "catalog"), n_pairs=2, bad_rows=False, sizes=[(64, 64)])
+    for product in (tmp_path / "catalog" / "images").glob("*-product.png"):
+        product.unlink()
+    output = tmp_path / "out"
+    flags = ["--run-id", "allfail", *_metric_flags(extractors)]
+    assert render(_render_args(manifest, output, tiny_model_dir, *flags)) == 3  # EXIT_TOO_MANY_FAILED
+    summary = _summary(output, "allfail")
+    assert summary["global"]["n"] == 0 and [s["failed"] for s in summary["shards"]] == [2]
+    page = (output / "report" / "allfail" / "index.html").read_text()
+    assert "id='failed-pairs'" in page and "<td>pair-0000</td>" in page and "<td>pair-0001</td>" in page
+    assert "image_missing" in page
