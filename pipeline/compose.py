@@ -2,6 +2,7 @@
 its render (postprocess), on torch's uint8 resize kernels.
 
     model_inputs = preprocess(context, hole, product, resolution=512)
+    # context, hole, product, product_alpha, hint, hint_mask, crop_box
     final = postprocess(context, rendered, hole, model_inputs["crop_box"])   # an RGB Pillow image
 
 torch is imported lazily, by `resize_uint8`, in the workers' CPU stages and in Serve; the
@@ -15,7 +16,7 @@ import warnings
 import numpy as np
 from PIL import Image
 
-from pipeline.regions import bounding_box, crop, crop_window, filled_box
+from pipeline.regions import bounding_box, crop, crop_window, filled_box, largest_inscribed_rectangle
 from pipeline.schema import RowError
 
 __all__ = ["NEUTRAL_GREY", "preprocess", "postprocess", "resize_uint8"]
@@ -42,7 +43,8 @@ def preprocess(
     Returns `context` (R x R x 3 uint8, the window resized, antialiased bilinear), `hole` (R x R
     bool), `product` (S x S x 3 uint8: resized to fit, composited on neutral grey with its alpha,
     centred on a grey square), `product_alpha` (S x S bool, alpha >= 128 after the same resize
-    and padding) and `crop_box` (the window in photo pixels, 4 ints; `margin` as in `crop_window`).
+    and padding), `hint` (R x R x 3 uint8) with `hint_mask` (R x R bool), see `_hint`, and
+    `crop_box` (the window in photo pixels, 4 ints; `margin` as in `crop_window`).
 
     The hole is resized by coverage (a model pixel is hole when any of its area is), not by
     nearest neighbour, which can drop a thin region entirely when the window shrinks ~10x; a
@@ -68,13 +70,47 @@ def preprocess(
     if product[..., 3].max() < 128:
         raise RowError("product_transparent", "product image is fully transparent (no pixel with alpha >= 128)")
     product_in, alpha_in = _square_resize(product, product_size)
+
+    # 4. hint: the product at working resolution, from its full-resolution pixels (not from the
+    # S^2 encoder input), stretched into the largest rectangle inside the model-scale hole
+    hint, hint_mask = _hint(product, hole_in)
     return {
         "context": np.ascontiguousarray(context_in),
         "hole": np.ascontiguousarray(hole_in),
         "product": product_in,
         "product_alpha": alpha_in >= 128,
+        "hint": hint,
+        "hint_mask": hint_mask,
         "crop_box": tuple(int(v) for v in crop_box),
     }
+
+
+def _hint(rgba: np.ndarray, hole: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The DTC hint of a premultiplied product for an R x R model hole: (R x R x 3 uint8, R x R bool).
+
+    The product is resized straight from its own resolution into the hole's largest inscribed
+    rectangle (`regions.largest_inscribed_rectangle`), aspect not kept (paper), antialiased
+    bilinear on the premultiplied colours (no fringes from transparent pixels), then
+    un-premultiplied: round(colour * 255 / alpha). The mask is the rectangle's pixels whose
+    resized alpha is >= 128; the hint is 0 wherever the mask is False. Built here, on the CPU
+    stage, because the full-resolution product is only here: the GPU stage sees model sizes.
+    """
+    y0, x0, y1, x1 = largest_inscribed_rectangle(hole)
+    small = resize_uint8(rgba, x1 - x0, y1 - y0, "bilinear")
+    alpha = small[..., 3]
+    opaque = alpha >= 128
+    colour = small[..., :3].astype(np.uint16)  # in place from here: numpy's mixed-type broadcasts are slow
+    colour *= 255
+    colour += (alpha >> 1)[..., None]
+    colour //= np.maximum(alpha, 1)[..., None]
+    np.minimum(colour, 255, out=colour)  # a colour above its alpha (not premultiplied) clips, never wraps
+    colour *= opaque[..., None]
+    size = hole.shape[0]
+    hint = np.zeros((size, size, 3), dtype=np.uint8)
+    hint[y0:y1, x0:x1] = colour
+    hint_mask = np.zeros((size, size), dtype=bool)
+    hint_mask[y0:y1, x0:x1] = opaque
+    return hint, hint_mask
 
 
 def _square_resize(rgba: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
@@ -173,7 +209,8 @@ def resize_uint8(array: np.ndarray, width: int, height: int, mode: str) -> np.nd
         source = torch.from_numpy(np.ascontiguousarray(array)).permute(2, 0, 1).unsqueeze(0)
     result = np.empty((height, width, array.shape[2]), dtype=np.uint8)
     target = torch.from_numpy(result).permute(2, 0, 1).unsqueeze(0)
-    kernel = {"bilinear": torch.ops.aten._upsample_bilinear2d_aa, "bicubic": torch.ops.aten._upsample_bicubic2d_aa}[mode]
+    kernels = {"bilinear": torch.ops.aten._upsample_bilinear2d_aa, "bicubic": torch.ops.aten._upsample_bicubic2d_aa}
+    kernel = kernels[mode]
     kernel.out(source, [height, width], False, None, None, out=target)
     return result
 
@@ -240,4 +277,3 @@ def _feather_weight(region: np.ndarray, feather_px: int) -> np.ndarray:
         mask = padded[:-2] & padded[1:-1] & padded[2:]
         count += mask
     return levels[count]
-

@@ -146,6 +146,9 @@ class RenderConfig:
             "jpeg_quality": self.jpeg_quality if self.image_format != "png" else None,
             "crop_margin": self.crop_margin,
             "feather_px": self.feather_px,
+            # what the hint is made from: a change of it changes the model's input, so the digest
+            # moves and earlier renders are not reused (the old hint came from the 224^2 encoder input)
+            "hint": "product at working resolution",
         }
 
     def settings_digest(self, resolution: int) -> str:
@@ -171,7 +174,8 @@ class RenderConfig:
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
             if not _has_type(value, hints[f.name]):
-                expected = getattr(hints[f.name], "__name__", str(hints[f.name]))
+                hint = hints[f.name]
+                expected = str(hint).replace("typing.", "") if typing.get_args(hint) else hint.__name__
                 raise ConfigError(f"{f.name} must be {expected}, got {type(value).__name__} {value!r}")
 
 

@@ -29,7 +29,7 @@ import pyarrow as pa
 
 __all__ = [
     "NAME_RULE", "is_safe_name", "name_problem", "parse_bbox", "show", "is_missing",
-    "RowError", "ERROR_CODES",
+    "RowError", "ERROR_CODES", "OK", "FAILED", "SKIPPED",
     "EXIT_OK", "EXIT_ERROR", "EXIT_REFUSED", "EXIT_TOO_MANY_FAILED",
     "IMAGE_FORMATS", "EXTENSIONS", "SCHEDULERS", "FILM_MODES", "PRESETS",
     "RENDER", "REUSE", "PREV", "CARRIED_COLUMNS", "PAYLOAD_TYPE", "PAYLOAD_COLUMNS", "MODEL_INPUTS", "StageColumns", "STAGES",
@@ -143,7 +143,10 @@ ERROR_CODES = {
     "prepare_failed": "an input no check foresaw failed to prepare",
     "oom": "the pair does not fit in GPU memory even alone",
     "worker_crash": "rendering the pair killed its worker three times",
+    "superseded": "a backfill row whose pair_id is also in a later partition of the range (status skipped)",
 }
+# A row's status: rendered, failed, or skipped (a backfill row superseded by a later partition's).
+OK, FAILED, SKIPPED = "ok", "failed", "skipped"
 
 EXIT_OK = 0  # finished; every row accounted for
 EXIT_ERROR = 1  # anything else (storage down, a crash): see the run record
@@ -204,7 +207,16 @@ STATE_COLUMNS = (
 CARRIED_COLUMNS = tuple(c for c in STATE_COLUMNS if c not in ("pair_id", "seed", "model_digest", "settings_digest", "run_id"))
 
 _VALIDATED = ("pair_id", "context_uri", "product_uri", "mask_uri", "bbox", "seed", "shard", "error_code", "error_message")
-PAYLOAD_COLUMNS = ("context_raw", "hole_bits", "model_context", "model_hole", "model_product", "model_product_alpha")
+PAYLOAD_COLUMNS = (
+    "context_raw",
+    "hole_bits",
+    "model_context",
+    "model_hole",
+    "model_product",
+    "model_product_alpha",
+    "model_hint",
+    "model_hint_mask",
+)
 MODEL_INPUTS = PAYLOAD_COLUMNS[2:]  # what the render stage reads and drops
 _QUALITY = ("feat_gen", "feat_real", "clip_score", "clip_floor")
 

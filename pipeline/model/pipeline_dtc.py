@@ -7,6 +7,11 @@
 Inputs are batches at the model's working resolution (`pipe.config.resolution`, square) and
 product size (`pipe.config.product_size`); cropping whole photos to that window is the render
 job's preprocessing. Masks use the user's polarity: 1 = hole (the region to repaint).
+
+The hint (the product pasted into the hole) comes best as `hint_image` + `hint_mask`, built on
+the CPU from the full-resolution product (`compose.preprocess` does: the render job passes
+them); without them `build_hint` makes it from the S x S encoder input, a fallback for callers
+that only have that (it carries less detail: a 224^2 image stretched to a few hundred pixels).
 """
 
 from __future__ import annotations
@@ -150,7 +155,9 @@ class DTCPipeline(DiffusionPipeline):
     ) -> torch.Tensor:
         """Product pixels ([-1, 1]) resized into the largest rectangle inside each hole, 0 elsewhere.
 
-        The aspect ratio is not kept (paper). Only opaque product pixels go in when an alpha is given.
+        The fallback hint, from the S x S encoder input, for callers without `hint_image` (the
+        render job gives one, from the product at full resolution). The aspect ratio is not kept
+        (paper). Only opaque product pixels go in when an alpha is given.
         """
         batch, _, height, width = hole.shape
         hint = torch.zeros(batch, 3, height, width, dtype=product.dtype, device=product.device)
@@ -194,6 +201,8 @@ class DTCPipeline(DiffusionPipeline):
         mask_image,
         product_image,
         product_alpha=None,
+        hint_image=None,
+        hint_mask=None,
         num_inference_steps: int = 40,
         guidance_scale: float = 5.0,
         generator: torch.Generator | list[torch.Generator] | None = None,
@@ -208,7 +217,13 @@ class DTCPipeline(DiffusionPipeline):
             product_image: product shots at `config.product_size`, same formats as `image`; a cut-out
                 product should already be composited on neutral grey.
             product_alpha: optional (B, S, S) {0, 1}/bool opacity of the product; only opaque pixels
-                go into the hint rectangle.
+                go into the fallback hint's rectangle.
+            hint_image: optional hint pixels at `config.resolution`, same formats as `image`: the
+                product resized from its full resolution into the largest rectangle inside the hole
+                (`compose.preprocess` builds it). Only read where `hint_mask` is set.
+            hint_mask: (B, R, R) {0, 1}/bool, with `hint_image`: the opaque product pixels of that
+                rectangle, inside the hole; the hint is 0 elsewhere. Without the pair, the hint is
+                built from `product_image` (`build_hint`).
             generator: one CPU generator per pair (per-pair seeds make a pair's render independent of
                 the batch it lands in), or one generator for the whole batch.
             output_type: "pil", "np", "uint8", "pt" or "latent".
@@ -222,6 +237,19 @@ class DTCPipeline(DiffusionPipeline):
         if product.shape[0] != batch:
             raise ValueError(f"product_image has batch {product.shape[0]}, image has {batch}")
         alpha = None if product_alpha is None else _as_mask_batch(product_alpha, "product_alpha", product_size, batch)
+        empty = [i for i in range(batch) if not hole[i].any()]
+        if empty:
+            raise ValueError(f"mask_image: hole mask is empty for pair(s) {empty}: nothing to repaint")
+        if (hint_image is None) != (hint_mask is None):
+            raise ValueError("hint_image and hint_mask go together: give both or neither")
+        if hint_image is not None:
+            hint_image = _as_image_batch(hint_image, "hint_image", size)
+            hint_mask = _as_mask_batch(hint_mask, "hint_mask", size, batch)
+            if hint_image.shape[0] != batch:
+                raise ValueError(f"hint_image has batch {hint_image.shape[0]}, image has {batch}")
+            outside = [i for i in range(batch) if bool((hint_mask[i] > hole[i]).any())]
+            if outside:
+                raise ValueError(f"hint_mask reaches outside mask_image's hole for pair(s) {outside}")
         if isinstance(generator, list) and len(generator) != batch:
             raise ValueError(f"got {len(generator)} generators for a batch of {batch}")
         if output_type not in ("pil", "np", "uint8", "pt", "latent"):
@@ -231,8 +259,12 @@ class DTCPipeline(DiffusionPipeline):
         device, dtype = self._execution_device, self.unet.dtype
         do_cfg = guidance_scale > 1.0
 
-        # 2. hint: product pasted into the largest rectangle inside each hole
-        hint = self.build_hint(hole, product, alpha)
+        # 2. hint, [-1, 1]: the product in the largest rectangle inside each hole, 0 elsewhere;
+        # given at working resolution (hint_image where hint_mask), or else built from the S x S input
+        if hint_image is not None:
+            hint = torch.where(hint_mask.bool(), hint_image * 2 - 1, 0.0)
+        else:
+            hint = self.build_hint(hole, product, alpha)
 
         # 3. image context: DINOv2 tokens -> cross-attention width; null embedding for CFG
         image, hole, product, hint = (t.to(device=device, dtype=dtype) for t in (image, hole, product, hint))
@@ -255,12 +287,15 @@ class DTCPipeline(DiffusionPipeline):
 
         # 6. timesteps and initial noise
         self.scheduler.set_timesteps(num_inference_steps, device=device)
-        latents = randn_tensor(
-            (batch, self.vae.config.latent_channels, latent_size, latent_size),
-            generator=generator,
-            device=device,
-            dtype=dtype,
-        ) * self.scheduler.init_noise_sigma
+        latents = (
+            randn_tensor(
+                (batch, self.vae.config.latent_channels, latent_size, latent_size),
+                generator=generator,
+                device=device,
+                dtype=dtype,
+            )
+            * self.scheduler.init_noise_sigma
+        )
 
         # 7. denoising loop. The schedulers index their CPU tables with the timestep: they get
         # a CPU copy and the networks the device one, as a GPU scalar used as a CPU index would

@@ -1,7 +1,8 @@
 """`Renderer`: DTC loaded once, rendering batches of model-size uint8 arrays. No Ray, no columns.
 
     renderer = Renderer.from_pretrained("s3://models/dtc/v3", scheduler="ddim")
-    images = renderer.render(context, hole, product, product_alpha, seeds, steps=40, guidance_scale=5.0)
+    images = renderer.render(context, hole, product, product_alpha, seeds, steps=40, guidance_scale=5.0,
+                             hint=hint, hint_mask=hint_mask)
 
 The one object that runs the model, for the Ray Data GPU stage (`stages.render_stage`) and
 for Serve alike: a batch of B pairs is one pipeline call (one UNet call of 2B per step with
@@ -76,9 +77,15 @@ class Renderer:
         *,
         steps: int,
         guidance_scale: float,
+        hint: np.ndarray | None = None,
+        hint_mask: np.ndarray | None = None,
     ) -> np.ndarray:
         """uint8 (B,R,R,3) windows, bool (B,R,R) holes, uint8 (B,S,S,3) products and bool
-        (B,S,S) product alphas, int64 (B,) seeds -> uint8 (B,R,R,3) renders."""
+        (B,S,S) product alphas, int64 (B,) seeds -> uint8 (B,R,R,3) renders.
+
+        `hint` (uint8 B,R,R,3) and `hint_mask` (bool B,R,R), together: the hint at working
+        resolution from `compose.preprocess`. Without them the pipeline builds the hint from the
+        S x S product (`DTCPipeline.build_hint`), with less detail."""
         generators = [torch.Generator().manual_seed(int(s)) for s in seeds]
         self.model_calls += 1
         return self.pipe(
@@ -86,6 +93,8 @@ class Renderer:
             mask_image=torch.from_numpy(np.ascontiguousarray(hole)).bool(),
             product_image=torch.from_numpy(np.ascontiguousarray(product)),
             product_alpha=torch.from_numpy(np.ascontiguousarray(product_alpha)).bool(),
+            hint_image=None if hint is None else torch.from_numpy(np.ascontiguousarray(hint)),
+            hint_mask=None if hint_mask is None else torch.from_numpy(np.ascontiguousarray(hint_mask)).bool(),
             num_inference_steps=steps,
             guidance_scale=guidance_scale,
             generator=generators,

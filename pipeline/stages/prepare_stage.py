@@ -3,7 +3,8 @@
 For each row to render: fetch the context, product and mask under the allowlist, decode
 (EXIF orientation, pixel limit, alpha kept for products), build the region from the mask or
 the bbox, and cut the model's inputs (square window around the region, resized to the
-working resolution; product on grey at the image encoder's size). A problem becomes the row's
+working resolution; product on grey at the image encoder's size; the hint, the product resized
+from its full resolution into the largest rectangle inside the hole). A problem becomes the row's
 `error_code`. `prepare_pair` is the per-pair path, and Serve calls it too: an online render
 and a batch render of the same pair see the same pixels.
 
@@ -11,9 +12,9 @@ Payloads travel as raw uint8 bytes (shapes are known from `width`/`height` and t
 sizes), never as PIL objects, and are empty for rows that are not rendered: `context_raw`
 (H*W*3, the whole photo for the paste-back), `hole_bits` (np.packbits of the H*W region),
 `model_context` (R*R*3), `model_hole` (R*R), `model_product` (S*S*3), `model_product_alpha`
-(S*S), plus `width`, `height`, `crop_box` and `prepare_ms` (this stage's time per row, summed
-into the run record; not an output-manifest column). torch runs here only inside the resize
-kernels (`compose.resize_uint8`).
+(S*S), `model_hint` (R*R*3) and `model_hint_mask` (R*R), plus `width`, `height`, `crop_box` and
+`prepare_ms` (this stage's time per row, summed into the run record; not an output-manifest
+column). torch runs here only inside the resize kernels (`compose.resize_uint8`).
 """
 
 from __future__ import annotations
@@ -53,7 +54,7 @@ class PreparedPair:
 
     context: np.ndarray  # H x W x 3 uint8, the whole photo (the paste-back's base)
     hole: np.ndarray  # H x W bool, the region
-    model: dict  # compose.preprocess: context, hole, product, product_alpha, crop_box
+    model: dict  # compose.preprocess: context, hole, product, product_alpha, hint, hint_mask, crop_box
     sources: tuple[bytes, bytes, bytes | None]  # the encoded context, product and mask read
 
     @property
@@ -65,7 +66,9 @@ class PreparedPair:
         return self.context.shape[0]
 
 
-def prepare_pair(context: bytes | str, product: bytes | str, mask: bytes | str | None, bbox, config: PrepareConfig) -> PreparedPair:
+def prepare_pair(
+    context: bytes | str, product: bytes | str, mask: bytes | str | None, bbox, config: PrepareConfig
+) -> PreparedPair:
     """Each input as its bytes (an upload) or a URI (fetched under `config.policy`); the region
     from the mask, else the bbox. Raises RowError for a bad pair."""
     context_bytes = _read(context, config.policy)
@@ -97,6 +100,8 @@ def _payloads(pair: PreparedPair) -> dict[str, memoryview]:
         "model_hole": _raw(model["hole"].view(np.uint8)),  # bool is one byte, 0 or 1
         "model_product": _raw(model["product"]),
         "model_product_alpha": _raw(model["product_alpha"].view(np.uint8)),
+        "model_hint": _raw(model["hint"]),
+        "model_hint_mask": _raw(model["hint_mask"].view(np.uint8)),
     }
 
 
@@ -107,8 +112,10 @@ def prepare_batch(batch: pa.Table, *, config: PrepareConfig) -> pa.Table:
     col = {c: batch[c].to_pylist() for c in STAGES["prepare"].requires}
     payload: dict[str, list] = {c: [b""] * n for c in PAYLOAD_COLUMNS}
     # reused rows keep the earlier run's sizes and window
-    width, height, crop_box = ([None] * n if PREV + c not in batch.column_names else batch[PREV + c].to_pylist()
-                               for c in ("width", "height", "crop_box"))
+    width, height, crop_box = (
+        [None] * n if PREV + c not in batch.column_names else batch[PREV + c].to_pylist()
+        for c in ("width", "height", "crop_box")
+    )
     codes, messages = col["error_code"], col["error_message"]
     prepare_ms = [0.0] * n
     for i in range(n):
@@ -116,7 +123,9 @@ def prepare_batch(batch: pa.Table, *, config: PrepareConfig) -> pa.Table:
             continue
         start = time.perf_counter()
         try:
-            pair = prepare_pair(col["context_uri"][i], col["product_uri"][i], col["mask_uri"][i], col["bbox"][i], config)
+            pair = prepare_pair(
+                col["context_uri"][i], col["product_uri"][i], col["mask_uri"][i], col["bbox"][i], config
+            )
         except RowError as e:
             codes[i], messages[i] = e.code, e.message
             continue
@@ -130,9 +139,11 @@ def prepare_batch(batch: pa.Table, *, config: PrepareConfig) -> pa.Table:
         width[i], height[i], crop_box[i] = pair.width, pair.height, list(pair.model["crop_box"])
     columns = {c: pa.array(v, PAYLOAD_TYPE) for c, v in payload.items()}
     columns.update(
-        error_code=pa.array(codes, pa.string()), error_message=pa.array(messages, pa.string()),
-        width=pa.array(width, pa.int64()), height=pa.array(height, pa.int64()),
-        crop_box=pa.array(crop_box, pa.list_(pa.int64())), prepare_ms=pa.array(prepare_ms, pa.float64()),
+        error_code=pa.array(codes, pa.string()),
+        error_message=pa.array(messages, pa.string()),
+        width=pa.array(width, pa.int64()),
+        height=pa.array(height, pa.int64()),
+        crop_box=pa.array(crop_box, pa.list_(pa.int64())),
+        prepare_ms=pa.array(prepare_ms, pa.float64()),
     )
     return set_columns(batch, columns)
-

@@ -6,7 +6,8 @@ call (one UNet call of 2B per step with CFG). It runs on a hand-built block with
 (tests/unit/test_stages.py).
 
 Input columns: `schema.STAGES["render"].requires` (the `model_*` payloads of the prepare
-stage, `seed`, `error_code`, `action`). Output: the block without the `model_*` payloads, plus
+stage: context, hole, product, product alpha, hint and hint mask; `seed`, `error_code`,
+`action`). Output: the block without the `model_*` payloads, plus
 `rendered` (R*R*3 raw uint8 bytes, empty for rows not rendered), `render_attempts`,
 `render_ms`, `render_ended_at` (when the row's model call ended, epoch seconds: the run's
 steady-state throughput runs on this clock) and the metric features. A pair that does not
@@ -101,8 +102,11 @@ class RenderStage:
         self.config = config
         # 1. the model, once per actor
         self.renderer = Renderer.from_pretrained(
-            config.model_uri, scheduler=config.scheduler, torch_threads=config.torch_threads,
-            compile_model=config.compile_model, channels_last=config.channels_last,
+            config.model_uri,
+            scheduler=config.scheduler,
+            torch_threads=config.torch_threads,
+            compile_model=config.compile_model,
+            channels_last=config.channels_last,
         )
         # 2. metric extractors beside it, on the same device (METRICS.md: batched, never on the driver)
         self.quality = None
@@ -165,7 +169,11 @@ class RenderStage:
         if earlier == 0:
             self._render_splitting(work, np.arange(len(work.todo)))
         else:
-            log.warning("a worker died on this batch before (%d time(s)): rendering its %d pairs one by one", earlier, len(work.todo))
+            log.warning(
+                "a worker died on this batch before (%d time(s)): rendering its %d pairs one by one",
+                earlier,
+                len(work.todo),
+            )
             for j, pair_id in enumerate(work.pair_ids):
                 tried = self.ledger.begin("pair:" + pair_id)
                 # attempts: the batch that died, the lone tries that died, and this one
@@ -185,9 +193,17 @@ class RenderStage:
         try:
             if self.inject is not None:
                 self.inject([work.pair_ids[j] for j in rows])
-            context, hole, product, alpha = work.inputs(rows)
+            context, hole, product, alpha, hint, hint_mask = work.inputs(rows)
             work.rendered[rows] = renderer.render(
-                context, hole, product, alpha, work.seeds[rows], steps=self.config.steps, guidance_scale=self.config.guidance_scale
+                context,
+                hole,
+                product,
+                alpha,
+                work.seeds[rows],
+                steps=self.config.steps,
+                guidance_scale=self.config.guidance_scale,
+                hint=hint,
+                hint_mask=hint_mask,
             )
         except Exception as e:
             if not renderer.is_out_of_memory(e):
@@ -206,7 +222,7 @@ class RenderStage:
         done = np.asarray([j for j in range(len(work.todo)) if j not in work.errors], dtype=np.int64)
         if self.quality is None or not len(done):
             return quality
-        context, hole, product, _ = work.inputs(done)
+        context, hole, product, *_ = work.inputs(done)
         for column, values in self.quality(work.rendered[done], context, hole, product).items():
             for j, value in zip(done, values):
                 quality[column][work.todo[j]] = value
@@ -222,14 +238,26 @@ class _Work:
         self.payloads = {c: [batch[c][i].as_py() for i in todo] for c in MODEL_INPUTS}
         self.seeds = np.asarray([batch["seed"][i].as_py() for i in todo], dtype=np.int64)
         r, s = resolution, product_size
-        self.shapes = {"model_context": (r, r, 3), "model_hole": (r, r), "model_product": (s, s, 3), "model_product_alpha": (s, s)}
+        self.shapes = {
+            "model_context": (r, r, 3),
+            "model_hole": (r, r),
+            "model_product": (s, s, 3),
+            "model_product_alpha": (s, s),
+            "model_hint": (r, r, 3),
+            "model_hint_mask": (r, r),
+        }
         self.rendered = np.zeros((len(todo), r, r, 3), dtype=np.uint8)
         self.errors: dict[int, str] = {}  # position in todo -> error code
 
     def inputs(self, rows: np.ndarray) -> list[np.ndarray]:
-        """context, hole (bool), product, product alpha (bool) of `rows`, stacked."""
+        """context, hole (bool), product, product alpha (bool), hint, hint mask (bool) of `rows`,
+        stacked (MODEL_INPUTS' order)."""
         stacked = []
         for c in MODEL_INPUTS:
-            array = np.stack([np.frombuffer(self.payloads[c][j], dtype=np.uint8).reshape(self.shapes[c]) for j in rows])
-            stacked.append(array.view(bool) if c in ("model_hole", "model_product_alpha") else array)
+            array = np.stack(
+                [np.frombuffer(self.payloads[c][j], dtype=np.uint8).reshape(self.shapes[c]) for j in rows]
+            )
+            stacked.append(
+                array.view(bool) if c in ("model_hole", "model_product_alpha", "model_hint_mask") else array
+            )
         return stacked
