@@ -1,10 +1,11 @@
-# `make demo` renders the embedded sample catalog; `make test` runs the test suite.
+# `make demo` renders the embedded sample catalog; `make test` runs ruff and every test tier;
+# `make test-unit` the unit tier alone (no Ray, S3 endpoint or browser: about two minutes).
 # Each target creates .venv first when it is missing (torch CPU wheel first, then the rest
 # under constraints.txt so nothing swaps torch for a CUDA build).
 PY := .venv/bin/python
 VENV_STAMP := .venv/.installed
 
-.PHONY: venv demo test test-fast bench clean
+.PHONY: venv demo test test-unit lint bench clean
 
 venv: $(VENV_STAMP)
 
@@ -18,8 +19,15 @@ $(VENV_STAMP): pyproject.toml constraints.txt
 demo: $(VENV_STAMP)
 	$(PY) -m jobs.demo
 
-test: $(VENV_STAMP)
+lint: $(VENV_STAMP)
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+
+test: lint
 	$(PY) -m pytest -q tests
+
+test-unit: $(VENV_STAMP)
+	$(PY) -m pytest -q -m "not integration" tests
 
 bench: $(VENV_STAMP)
 	$(PY) bench/run_all.py

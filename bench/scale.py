@@ -11,7 +11,7 @@ key `Layout(output).image(pair_id, "jpg")` (the resume filter only lists them).
 Measured, in a fresh driver process so that its peak RSS (`ru_maxrss`) is this work alone:
 `run_render(cfg, dry_run=True)`, which does on the driver exactly what a resumed run does
 before Ray starts (check inputs + `plan_manifest`, reusable state = `load_state` + listing
-`images/` + `reusable_state`, `StateIndex`, `duplicate_pair_ids`) plus the resume filter over
+`images/` + `reusable_state`, `StateIndex`, `pair_id_conflicts`) plus the resume filter over
 every row (`planned_batches`: read + `validate_rows` + `resume_batch`) that the Ray read stage
 runs in a real run. Per-stage seconds come from wrapping those project functions in place
 (same code path, nothing re-implemented). Prints one JSON line for the setup, one for the
@@ -81,9 +81,9 @@ def _write_state(output: str, rows: int, done: int, width: int, model_digest: st
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from pipeline.images import EXTENSIONS
-    from pipeline.manifest import stable_seed
-    from pipeline.state import Layout, _state_schema
+    from pipeline.output.layout import Layout
+    from pipeline.rows import stable_seed
+    from pipeline.schema import EXTENSIONS, state_schema
 
     layout = Layout(output)
     chosen = np.sort(np.random.default_rng(0).permutation(rows)[:done])
@@ -104,7 +104,7 @@ def _write_state(output: str, rows: int, done: int, width: int, model_digest: st
             "clip_score": np.full(n, 27.5), "render_ms": np.full(n, 850.0), "finished_at": ["2026-11-26T03:12:45.123+00:00"] * n,
             "run_id": ["20261126T030000Z-abc123"] * n,
         },
-        schema=_state_schema(),
+        schema=state_schema(),
     )
     os.makedirs(os.path.dirname(layout.state), exist_ok=True)
     pq.write_table(table, layout.state)
@@ -115,7 +115,7 @@ def _write_state(output: str, rows: int, done: int, width: int, model_digest: st
 def setup(work: str, rows: int, files: int, done: int, model: str | None) -> dict:
     """Build (or reuse, when `work` already holds the same sizes) model, manifest and output."""
     from pipeline.config import RenderConfig
-    from pipeline.run import _model_info
+    from pipeline.model.checkpoint import check_dtc_checkpoint, model_digest
 
     key = f"rows={rows}-files={files}-done={done}"
     spec_file = os.path.join(work, f"setup-{key}.json")
@@ -134,7 +134,7 @@ def setup(work: str, rows: int, files: int, done: int, model: str | None) -> dic
     shutil.rmtree(output, ignore_errors=True)
     _write_manifest(manifest, rows, files, width)
     cfg = RenderConfig(manifest=manifest, output=output, model=model)  # the run's settings: defaults
-    resolution, _, digest = _model_info(model)
+    resolution, digest = int(check_dtc_checkpoint(model)["resolution"]), model_digest(model)
     _write_state(output, rows, done, width, digest, cfg.settings_digest(resolution))
     spec = {"manifest": manifest, "output": output, "model": model, "rows": rows, "files": files, "done": done}
     with open(spec_file, "w") as f:
@@ -171,9 +171,11 @@ def child(spec: dict, profile: int) -> None:
     import contextlib
     import io
 
+    import pipeline.dry_run as dry_run_mod
     import pipeline.manifest as manifest_mod
     import pipeline.resume as resume_mod
     import pipeline.run as run_mod
+    import pipeline.stages.read_stage as read_mod
     from pipeline.config import RenderConfig
 
     seconds: dict[str, float] = collections.defaultdict(float)
@@ -213,15 +215,15 @@ def child(spec: dict, profile: int) -> None:
     # The run module's own globals and the module attributes the pipeline code looks up at call
     # time: the code path is run_render's, only observed.
     run_mod.plan_manifest = timed("plan", run_mod.plan_manifest)
-    run_mod._reusable = timed("state", run_mod._reusable)
+    run_mod.reusable = timed("state", run_mod.reusable)
     run_mod.load_state = timed("state.load_state", run_mod.load_state)
     resume_mod.reusable_state = timed("state.reusable_state", resume_mod.reusable_state)
-    resume_mod.StateIndex = TimedIndex
-    run_mod.duplicate_pair_ids = timed("duplicates", run_mod.duplicate_pair_ids)
-    resume_mod.planned_batches = timed_iter("resume", resume_mod.planned_batches)
+    dry_run_mod.StateIndex = TimedIndex
+    dry_run_mod.pair_id_conflicts = timed("duplicates", dry_run_mod.pair_id_conflicts)
+    read_mod.planned_batches = timed_iter("resume", read_mod.planned_batches)
     manifest_mod.iter_batches = timed_iter("resume.read", manifest_mod.iter_batches)
-    manifest_mod.validate_rows = timed("resume.validate_rows", manifest_mod.validate_rows)
-    resume_mod.resume_batch = timed("resume.resume_batch", resume_mod.resume_batch)
+    read_mod.validate_rows = timed("resume.validate_rows", read_mod.validate_rows)
+    read_mod.resume_batch = timed("resume.resume_batch", read_mod.resume_batch)
 
     cfg = RenderConfig(manifest=spec["manifest"], output=spec["output"], model=spec["model"])
     baseline_mb = _peak_mb()

@@ -21,6 +21,7 @@ import pyarrow as pa
 import ray
 from pipeline.config import RunSpec
 from pipeline.fetch import InputPolicy
+from pipeline.manifest import PairIdConflicts
 from pipeline.stages.finish_stage import FinishConfig, finish_batch
 from pipeline.stages.prepare_stage import PrepareConfig, prepare_batch
 from pipeline.stages.read_stage import ReadConfig, read_files
@@ -54,16 +55,16 @@ def stage_configs(spec: RunSpec, gpus_per_actor: float) -> tuple[ReadConfig, Pre
     return read, prepare, render, finish
 
 
-def build_dataset(spec: RunSpec, gpus_per_actor: float, duplicates: set[str], state: pa.Table | None) -> ray.data.Dataset:
+def build_dataset(spec: RunSpec, gpus_per_actor: float, conflicts: PairIdConflicts, state: pa.Table | None) -> ray.data.Dataset:
     read, prepare, render, finish = stage_configs(spec, gpus_per_actor)
     # Object refs travel inside a list: Ray resolves only top-level ones, and each read task
     # should fetch the (possibly large) state once from the object store, not pickle it.
     state_ref = [ray.put(state)] if state is not None and state.num_rows else []
-    duplicates_ref = [ray.put(duplicates)] if duplicates else []
+    conflicts_ref = [ray.put(conflicts)] if conflicts.duplicates or conflicts.latest else []
     files = ray.data.from_items([{"file_index": i} for i in range(len(spec.plan.files))], override_num_blocks=len(spec.plan.files))
     rows = files.map_batches(
         read_files, batch_format="pyarrow", **read.map_options(),
-        fn_kwargs=dict(config=read, duplicates_ref=duplicates_ref, state_ref=state_ref),
+        fn_kwargs=dict(config=read, conflicts_ref=conflicts_ref, state_ref=state_ref),
     )
     if spec.cfg.limit is not None:
         rows = rows.limit(spec.cfg.limit)

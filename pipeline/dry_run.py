@@ -1,6 +1,7 @@
 """`--dry-run`: what a run would do, counted per shard on the driver, without Ray and without writing.
 
-A row counts as `invalid` when it would fail before any fetch: a bad row (`rows.validate_rows`)
+A row counts as `skipped` when a later partition of a backfill's range has its pair_id
+(`manifest.PairIdConflicts`); `invalid` when it would fail before any fetch: a bad row (`rows.validate_rows`)
 or an input URI the allowlist refuses (`fetch.InputPolicy.check`, the same check the prepare
 stage makes); `done` / `failed` when an earlier run's result would be reused; `pending` when
 it would be rendered.
@@ -12,13 +13,13 @@ import collections
 
 from pipeline.config import RunSpec
 from pipeline.fetch import InputPolicy
-from pipeline.manifest import duplicate_pair_ids
+from pipeline.manifest import pair_id_conflicts
 from pipeline.resume import StateIndex
 from pipeline.schema import EXIT_OK, RENDER, RowError
 
 __all__ = ["dry_run_counts"]
 
-KINDS = ("pending", "done", "failed", "invalid")
+KINDS = ("pending", "done", "failed", "invalid", "skipped")
 
 
 def _refused(policy: InputPolicy, uris) -> bool:
@@ -38,15 +39,17 @@ def dry_run_counts(spec: RunSpec):
     cfg, plan = spec.cfg, spec.plan
     state = None if cfg.force else reusable(spec)
     index = StateIndex(state) if state is not None and state.num_rows else None
-    duplicates = duplicate_pair_ids(plan)
+    conflicts = pair_id_conflicts(plan)
     policy = InputPolicy(manifest_dir=plan.base_dir, allow_roots=tuple(cfg.allow_root), allow_http=cfg.allow_http)
     shards: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
     for i in range(len(plan.files)):
-        for batch in planned_batches(plan, i, duplicates, index, 65536):
+        for batch in planned_batches(plan, i, conflicts, index, 65536):
             columns = [batch[c].to_pylist() for c in ("shard", "action", "error_code", "prev_status")]
             uris = zip(*(batch[c].to_pylist() for c in ("context_uri", "product_uri", "mask_uri")))
             for (shard, action, code, prev), row_uris in zip(zip(*columns), uris):
-                if code or (action == RENDER and _refused(policy, row_uris)):
+                if code == "superseded":
+                    kind = "skipped"
+                elif code or (action == RENDER and _refused(policy, row_uris)):
                     kind = "invalid"
                 else:
                     kind = "pending" if action == RENDER else "done" if prev == "ok" else "failed"

@@ -1,9 +1,9 @@
 """Input manifests: planning and streaming. Driver-side: no torch, no diffusers.
 
     plan = plan_manifest("s3://catalog/manifests/")     # schemas and row counts only
-    duplicates = duplicate_pair_ids(plan)                # streams the pair_id column alone
+    conflicts = pair_id_conflicts(plan)                  # repeated pair_ids: streams that column alone
     for batch in iter_batches(plan, batch_size=4096):    # bounded memory, adds `shard`
-        rows = rows.validate_rows(batch, file_folder(plan.files[i]), duplicates)
+        rows = rows.validate_rows(batch, file_folder(plan.files[i]), conflicts)
 
 A manifest is one file, a folder (read recursively, hive partitions such as
 `dt=2026-11-26/part-0.parquet` included) or a glob (`*` within a folder name, `**` across
@@ -27,6 +27,7 @@ Storage that cannot be reached (e.g. S3 access denied or down) raises `StorageEr
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import math
@@ -52,7 +53,8 @@ __all__ = [
     "ManifestPlan",
     "plan_manifest",
     "iter_batches",
-    "duplicate_pair_ids",
+    "PairIdConflicts",
+    "pair_id_conflicts",
     "file_folder",
 ]
 
@@ -81,6 +83,7 @@ class ManifestPlan:
     has_mask: bool  # a mask_uri column exists
     has_bbox: bool  # a bbox column exists
     default_shards: tuple[str, ...]  # per file: innermost hive partition "key=value", else the file's stem
+    partitions: tuple[str, ...] | None = None  # per file: its partition value, for a backfill's partition range
 
 
 # -- planning ------------------------------------------------------------------------------
@@ -157,6 +160,7 @@ def plan_manifest(uri: str, partition_range: tuple[str, str, str] | None = None)
         has_mask="mask_uri" in schema.names,
         has_bbox="bbox" in schema.names,
         default_shards=tuple(_default_shard(f) for f in files),
+        partitions=None if partition_range is None else tuple(_partition_value(f, partition_range[0]) for f in files),
     )
 
 
@@ -428,31 +432,54 @@ def iter_batches(plan: ManifestPlan, batch_size: int = 4096) -> Iterator[pa.Reco
         yield batch
 
 
-def duplicate_pair_ids(plan: ManifestPlan) -> set[str]:
-    """Every pair_id that occurs more than once in the whole manifest.
+@dataclass(frozen=True)
+class PairIdConflicts:
+    """pair_ids that name more than one input row, and what becomes of their rows.
 
-    Streams the pair_id column alone; memory grows with the number of *distinct* ids: each
-    batch is reduced to (id, count) and the partial counts are merged whenever they pile up.
-    """
+    In one manifest every row of a repeated pair_id fails `duplicate_pair_id` (no silent
+    winner). Across the partitions of a backfill's range (full daily catalog dumps repeat most
+    pairs every day) the latest partition wins: rows of a pair_id in an earlier partition are
+    `skipped` (`superseded`), and only a pair_id repeated within its latest partition fails."""
+
+    duplicates: frozenset[str] = frozenset()
+    latest: dict[str, str] = dataclasses.field(default_factory=dict)  # pair_id -> its winning partition
+
+    def superseded(self, pair_id: str | None, partition: str | None) -> bool:
+        return partition is not None and self.latest.get(pair_id, partition) != partition
+
+
+def pair_id_conflicts(plan: ManifestPlan) -> PairIdConflicts:
+    """Streams the pair_id column alone; memory grows with the number of *distinct* ids: each
+    batch is reduced to (id, partition, count) and the partial counts are merged whenever they
+    pile up."""
     partials: list[pa.Table] = []
     pending = 0
-    for _, batch in _scan(plan, ["pair_id"], 1 << 16):
+    for index, batch in _scan(plan, ["pair_id"], 1 << 16):
+        part = "" if plan.partitions is None else plan.partitions[index]
         ids = pc.drop_null(batch.column(0))
-        counts = pa.table({"pair_id": ids}).group_by("pair_id").aggregate([("pair_id", "count")])
-        partials.append(pa.table({"pair_id": counts["pair_id"], "n": counts["pair_id_count"]}))
+        table = pa.table({"pair_id": ids, "part": pa.array([part] * len(ids), pa.string())})
+        counts = table.group_by(["pair_id", "part"]).aggregate([("pair_id", "count")])
+        partials.append(pa.table({"pair_id": counts["pair_id"], "part": counts["part"], "n": counts["pair_id_count"]}))
         pending += counts.num_rows
         if pending > 1 << 22:
             partials = [_merge_counts(partials)]
             pending = partials[0].num_rows
     if not partials:
-        return set()
-    merged = _merge_counts(partials)
-    return set(merged.filter(pc.greater(merged["n"], 1))["pair_id"].to_pylist())
+        return PairIdConflicts()
+    counts = _merge_counts(partials)
+    if plan.partitions is None:
+        return PairIdConflicts(frozenset(counts.filter(pc.greater(counts["n"], 1))["pair_id"].to_pylist()))
+    per_pair = counts.group_by("pair_id").aggregate([("part", "max"), ("part", "count")])
+    several = per_pair.filter(pc.greater(per_pair["part_count"], 1))
+    latest = dict(zip(several["pair_id"].to_pylist(), several["part_max"].to_pylist()))
+    at_latest = counts.join(per_pair.select(["pair_id", "part_max"]), "pair_id")
+    at_latest = at_latest.filter(pc.and_(pc.equal(at_latest["part"], at_latest["part_max"]), pc.greater(at_latest["n"], 1)))
+    return PairIdConflicts(frozenset(at_latest["pair_id"].to_pylist()), latest)
 
 
 def _merge_counts(partials: list[pa.Table]) -> pa.Table:
-    merged = pa.concat_tables(partials).group_by("pair_id").aggregate([("n", "sum")])
-    return pa.table({"pair_id": merged["pair_id"], "n": merged["n_sum"]})
+    merged = pa.concat_tables(partials).group_by(["pair_id", "part"]).aggregate([("n", "sum")])
+    return pa.table({"pair_id": merged["pair_id"], "part": merged["part"], "n": merged["n_sum"]})
 
 
 def _scan(plan: ManifestPlan, columns: list[str] | None, batch_size: int) -> Iterator[tuple[int, pa.RecordBatch]]:

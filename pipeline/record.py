@@ -84,11 +84,18 @@ def summary_text(
     lines = [
         "",
         f"DTC render {spec.run_id}: {'finished' if finished else 'FAILED'} in {elapsed:.1f}s (exit {exit_code})",
-        f"  rows       {stats.rows}  (ok {stats.ok}, failed {stats.failed}; reused from earlier runs {stats.reused})",
+        f"  rows       {stats.rows}  (ok {stats.ok}, failed {stats.failed}"
+        + (f", skipped {stats.skipped} (pair in a later partition)" if stats.skipped else "")
+        + f"; reused from earlier runs {stats.reused})",
         f"  rendered   {rendered} rows this run, {rendered / max(elapsed, 1e-9):.2f} rows/s",
     ]
     if stats.error_codes:
         lines.append("  failures   " + ", ".join(f"{code} {n}" for code, n in stats.error_codes.most_common()))
+    if stats.reused_failed:
+        lines.append(
+            f"  carried    {stats.reused_failed} failed rows are earlier runs' results, not tried again: "
+            "--retry-failed renders them"
+        )
     lines += [
         f"  images     {layout.images_dir}",
         f"  manifest   {layout.manifest_dir(spec.run_id)}",

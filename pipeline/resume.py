@@ -2,7 +2,8 @@
 
 The driver builds the *reusable* state once (`reusable_state`): the latest row per pair with
 this run's model and settings digests, `ok` rows only while their image still exists, and
-`failed` rows unless `--retry-failed`. Each manifest batch is then joined against it
+`failed` rows unless `--retry-failed` (or their failure is one the run's own options decide:
+REJUDGED_CODES). Each manifest batch is then joined against it
 (`StateIndex` + `resume_batch`): a valid row whose pair and seed match gets `action="reuse"` and the earlier
 row's results (its output manifest row is written again, with `attempt=0`); every other row
 gets `action="render"`. `--force` reuses nothing.
@@ -15,7 +16,12 @@ import pyarrow.compute as pc
 
 from pipeline.schema import CARRIED_COLUMNS, PREV, RENDER, REUSE
 
-__all__ = ["reusable_state", "StateIndex", "resume_batch"]
+__all__ = ["reusable_state", "StateIndex", "resume_batch", "REJUDGED_CODES"]
+
+# Failures that this run's own options decide, judged again every run instead of carried over:
+# an input refused by the allowlist may be allowed now (--allow-root, --allow-http), and
+# judging it fetches nothing.
+REJUDGED_CODES = ("uri_not_allowed",)
 
 
 def reusable_state(
@@ -28,8 +34,9 @@ def reusable_state(
     state = state.filter(same)
     ok = pc.equal(state["status"], "ok")
     has_image = pc.is_in(state["output_uri"], value_set=pa.array(sorted(existing_images), pa.string())).fill_null(False)
-    keep = pc.or_(pc.and_(ok, has_image), pc.and_(pc.invert(ok), pa.scalar(not retry_failed)))
-    return state.filter(keep)
+    rejudged = pc.is_in(state["error_code"], value_set=pa.array(REJUDGED_CODES)).fill_null(False)
+    carried_failure = pc.and_(pc.and_(pc.invert(ok), pc.invert(rejudged)), pa.scalar(not retry_failed))
+    return state.filter(pc.or_(pc.and_(ok, has_image), carried_failure))
 
 
 class StateIndex:

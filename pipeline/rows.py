@@ -12,13 +12,13 @@ from __future__ import annotations
 import hashlib
 import os
 import posixpath
-from collections.abc import Set
 from typing import Any
 
 import pyarrow as pa
 
 from pipeline import storage
-from pipeline.schema import is_missing, name_problem, parse_bbox, set_columns
+from pipeline.manifest import PairIdConflicts
+from pipeline.schema import is_missing, is_safe_name, name_problem, parse_bbox, set_columns
 
 __all__ = ["validate_rows", "stable_seed"]
 
@@ -37,13 +37,17 @@ def stable_seed(pair_id: str) -> int:
     return int.from_bytes(digest[:8], "big") & (2**63 - 1)
 
 
-def validate_rows(batch: pa.Table | pa.RecordBatch, base_dir: str, duplicates: Set[str] = frozenset()) -> pa.Table:
+def validate_rows(
+    batch: pa.Table | pa.RecordBatch, base_dir: str, conflicts: PairIdConflicts = PairIdConflicts(), partition: str | None = None
+) -> pa.Table:
     """Check each row and normalise the columns later stages rely on. A bad row becomes data.
 
     Every input column is kept and these are set:
     - `error_code`, `error_message`: "" when the row is fine, else the first problem found:
-      `invalid_pair_id`, `duplicate_pair_id`, `missing_uri`, `region_missing`,
-      `region_ambiguous`, `bad_bbox`, `invalid_shard`;
+      `invalid_pair_id`, `superseded` (a backfill row whose pair_id a later partition of the
+      range has: `partition` is this batch's, see `manifest.PairIdConflicts`),
+      `duplicate_pair_id`, `missing_uri`, `region_missing`, `region_ambiguous`, `bad_bbox`,
+      `invalid_shard`;
     - `context_uri`, `product_uri`, `mask_uri`: relative paths resolved against `base_dir` (the
       manifest file's folder; URIs with a scheme and absolute paths are kept: the allowlist
       judges them later); None when empty;
@@ -66,7 +70,10 @@ def validate_rows(batch: pa.Table | pa.RecordBatch, base_dir: str, duplicates: S
         raw_bbox = column["bbox"][i]
         bbox_given = not is_missing(raw_bbox) and not (isinstance(raw_bbox, str) and not raw_bbox.strip())
         bbox, bbox_problem = parse_bbox(raw_bbox) if bbox_given else (None, None)
-        code, message = _check(pair_id, context_uri, product_uri, mask_uri, bbox_given, bbox_problem, shard, duplicates)
+        if conflicts.superseded(pair_id, partition) and is_safe_name(pair_id):
+            code, message = "superseded", f"pair_id {pair_id!r} is also in the later partition {conflicts.latest[pair_id]}: that row is rendered"
+        else:
+            code, message = _check(pair_id, context_uri, product_uri, mask_uri, bbox_given, bbox_problem, shard, conflicts.duplicates)
         for name, value in zip(out, (code, message, context_uri, product_uri, mask_uri, bbox, _seed(column["seed"][i], pair_id), shard)):
             out[name].append(value)
     return set_columns(table, {name: pa.array(values, VALIDATED_TYPES[name]) for name, values in out.items()})

@@ -24,7 +24,7 @@ from datetime import datetime, timezone
 
 from pipeline import record, storage
 from pipeline.config import ConfigError, RenderConfig, RunSpec
-from pipeline.manifest import ManifestError, duplicate_pair_ids, plan_manifest
+from pipeline.manifest import ManifestError, pair_id_conflicts, plan_manifest
 from pipeline.model.checkpoint import CheckpointError, check_dtc_checkpoint, model_digest
 from pipeline.output.layout import Layout
 from pipeline.output.lock import LockHeld, OutputLock
@@ -126,11 +126,26 @@ def _init_ray(address: str | None):
     if ray.is_initialized():
         return ray
     address = address or os.environ.get("RAY_ADDRESS")
+    quiet = {"log_to_driver": False, "logging_level": logging.WARNING}
     if address:
-        ray.init(address=address, log_to_driver=False)
+        ray.init(address=address, **quiet)
     else:
-        ray.init(address="local", include_dashboard=False, log_to_driver=False)
+        ray.init(address="local", include_dashboard=False, **quiet)
+    _quiet_console(ray)
     return ray
+
+
+def _quiet_console(ray) -> None:
+    """The console gets the run's progress lines and summary; Ray Data's progress bars and
+    execution-plan lines go to its log file (`ray-data.log` in the session's log folder) only,
+    and so do the workers' logs (log_to_driver=False)."""
+    import ray.data
+    from ray.data._internal.logging import SessionFileHandler
+
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    for handler in logging.getLogger("ray.data").handlers:
+        if not isinstance(handler, SessionFileHandler):
+            handler.setLevel(logging.ERROR)
 
 
 class RenderRun:
@@ -158,8 +173,8 @@ class RenderRun:
         except storage.StorageError as e:
             return RunResult(EXIT_ERROR, run_id=self.spec.run_id, message=str(e))
         try:
-            state, duplicates = self.resume()
-            self.stream(state, duplicates)
+            state, conflicts = self.resume()
+            self.stream(state, conflicts)
             self.finalize()
         except (storage.StorageError, OSError) as e:
             self.message = f"storage error: {e}"
@@ -177,11 +192,11 @@ class RenderRun:
         )
 
     def resume(self):
-        """(reusable state rows, duplicated pair_ids): what earlier runs did with this model
-        and these settings; None state with --force."""
+        """(reusable state rows, pair_id conflicts): what earlier runs did with this model and
+        these settings (None state with --force), and which pair_ids name several rows."""
         spec = self.spec
         state = None if spec.cfg.force else reusable(spec)
-        duplicates = duplicate_pair_ids(spec.plan)
+        conflicts = pair_id_conflicts(spec.plan)
         total = spec.plan.num_rows if spec.cfg.limit is None else min(spec.cfg.limit, spec.plan.num_rows)
         self.progress = record.Progress(total)
         print(
@@ -190,9 +205,9 @@ class RenderRun:
             f"output {self.layout.output}",
             flush=True,
         )
-        return state, duplicates
+        return state, conflicts
 
-    def stream(self, state, duplicates: set[str]) -> None:
+    def stream(self, state, conflicts) -> None:
         """The Ray Data graph, its blocks into the sink, the stats and the metrics."""
         import pyarrow as pa
 
@@ -206,7 +221,7 @@ class RenderRun:
             from pipeline.metrics.shards import MetricsAccumulator
 
             self.metrics = MetricsAccumulator(self.layout, self.spec.run_id)
-        dataset = build_dataset(self.spec, gpus, duplicates, state)
+        dataset = build_dataset(self.spec, gpus, conflicts, state)
         for batch in dataset.iter_batches(batch_format="pyarrow", batch_size=None):
             if self.metrics is not None:
                 self.metrics.add(batch)

@@ -62,8 +62,10 @@ def load_state(layout: Layout, exclude_run: str | None = None) -> pa.Table:
             if rel.endswith(".parquet"):
                 table = storage.read_parquet(storage.join(layout.manifest_dir(run), rel), list(STATE_COLUMNS))
                 parts.append(table.cast(state_schema()))
-    # duplicate_pair_id rows are not state: those pair_ids name several inputs at once
-    tables = [t.filter(pc.not_equal(t.column("error_code").fill_null(""), "duplicate_pair_id")) for t in parts]
+    # duplicate_pair_id and superseded rows are not state: a pair_id naming several inputs at
+    # once has no result, and a superseded row's pair has its result from another row
+    not_state = pa.array(["duplicate_pair_id", "superseded"])
+    tables = [t.filter(pc.invert(pc.is_in(t.column("error_code").fill_null(""), value_set=not_state))) for t in parts]
     if not tables:
         return state_schema().empty_table()
     return _latest(pa.concat_tables([t.cast(state_schema()) for t in tables]))

@@ -25,6 +25,7 @@ class RunStats:
         self.status: collections.Counter[str] = collections.Counter()
         self.error_codes: collections.Counter[str] = collections.Counter()
         self.reused = 0  # rows carried over from earlier runs (attempt 0)
+        self.reused_failed = 0  # of which failed: --retry-failed tries them again
         self.shards: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
         self.failed_pairs: list[tuple[str, str]] = []  # (pair_id, error_code), the first MAX_FAILED_LISTED
         self.stage_seconds = {stage: 0.0 for stage in STAGE_TIMES}
@@ -51,8 +52,13 @@ class RunStats:
         return self.status.get("failed", 0)
 
     @property
+    def skipped(self) -> int:
+        return self.status.get("skipped", 0)
+
+    @property
     def failed_fraction(self) -> float:
-        return self.failed / max(self.rows, 1)
+        """Failed rows over the rows that were pairs to render (skipped rows are another row's pair)."""
+        return self.failed / max(self.rows - self.skipped, 1)
 
     def add(self, batch: pa.Table) -> None:
         now = time.monotonic()
@@ -71,11 +77,13 @@ class RunStats:
         status, codes = batch["status"].to_pylist(), batch["error_code"].to_pylist()
         self.rows += batch.num_rows
         self.status.update(status)
-        self.error_codes.update(c for c in codes if c)
         self.reused += sum(1 for a in attempts if a == 0)
-        for pair_id, code in zip(batch["pair_id"].to_pylist(), codes):
-            if code and len(self.failed_pairs) < self.MAX_FAILED_LISTED:
-                self.failed_pairs.append((pair_id, code))
+        self.reused_failed += sum(1 for a, row_status in zip(attempts, status) if a == 0 and row_status == "failed")
+        for pair_id, row_status, code in zip(batch["pair_id"].to_pylist(), status, codes):
+            if row_status == "failed":
+                self.error_codes[code] += 1
+                if len(self.failed_pairs) < self.MAX_FAILED_LISTED:
+                    self.failed_pairs.append((pair_id, code))
         for shard, row_status, attempt in zip(batch["shard"].to_pylist(), status, attempts):
             self.shards[shard][row_status] += 1
             self.shards[shard]["reused" if attempt == 0 else "rendered"] += 1
@@ -106,7 +114,8 @@ class RunStats:
     def counts(self) -> dict:
         """The run record's `counts`."""
         return {
-            "rows": self.rows, "ok": self.ok, "failed": self.failed, "reused": self.reused,
+            "rows": self.rows, "ok": self.ok, "failed": self.failed, "skipped": self.skipped, "reused": self.reused,
+            "reused_failed": self.reused_failed,
             "error_codes": dict(self.error_codes),
             "shards": {shard: dict(c) for shard, c in sorted(self.shards.items())},
         }

@@ -4,7 +4,8 @@ Each rendered window is resized back to its place and blended into the full phot
 feather that ramps inside the region only (pixels outside are the photo's, bit for bit:
 `compose.postprocess`), encoded (JPEG/PNG/WebP), and written to `images/<pair_id>.<ext>`
 *before* its manifest row exists (the driver writes rows after this stage), so a row never
-points at a missing image. Reused rows get the earlier run's results (attempt 0). Every row
+points at a missing image. Reused rows get the earlier run's results (attempt 0); a backfill row
+superseded by a later partition's row of its pair is `skipped`. Every row
 leaves with its final output-manifest fields; payload columns are dropped. torch runs here
 only inside the resize kernels.
 """
@@ -20,7 +21,7 @@ import pyarrow as pa
 
 from pipeline import compose, images, storage
 from pipeline.output.layout import Layout
-from pipeline.schema import CARRIED_COLUMNS, EXTENSIONS, PREV, REUSE, STAGES, require_columns, set_columns
+from pipeline.schema import CARRIED_COLUMNS, EXTENSIONS, FAILED, OK, PREV, REUSE, SKIPPED, STAGES, require_columns, set_columns
 
 __all__ = ["FinishConfig", "finish_batch"]
 
@@ -71,7 +72,7 @@ def finish_batch(batch: pa.Table, *, config: FinishConfig) -> pa.Table:
     layout, n = Layout(config.output), batch.num_rows
     col = {c: batch[c].to_pylist() for c in ("action", "error_code", "error_message", "width", "height", "crop_box", "render_ms")}
     prev = {c: batch[PREV + c].to_pylist() for c in CARRIED_COLUMNS}
-    status, output_uri, finished_at = ["failed"] * n, [None] * n, [None] * n
+    status, output_uri, finished_at = [FAILED] * n, [None] * n, [None] * n
     # attempts at rendering the pair in this run (> 1 after worker deaths)
     attempt = batch["render_attempts"].to_pylist() if "render_attempts" in batch.column_names else [1] * n
     clip_score = batch["clip_score"].to_pylist() if "clip_score" in batch.column_names else [None] * n
@@ -88,8 +89,10 @@ def finish_batch(batch: pa.Table, *, config: FinishConfig) -> pa.Table:
             continue
         if not codes[i]:
             start = time.perf_counter()
-            status[i], output_uri[i] = "ok", _write_image(batch, i, crop_box[i], config, layout)
+            status[i], output_uri[i] = OK, _write_image(batch, i, crop_box[i], config, layout)
             postprocess_ms[i] = (time.perf_counter() - start) * 1000
+        elif codes[i] == "superseded":  # a later partition's row of this pair is rendered instead
+            status[i] = SKIPPED
         finished_at[i] = _now()
     batch = batch.drop_columns([c for c in STAGES["finish"].drops if c in batch.column_names])
     return set_columns(

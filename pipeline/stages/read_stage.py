@@ -32,7 +32,7 @@ class ReadConfig:
 
 
 def planned_batches(
-    plan: manifest.ManifestPlan, file_index: int, duplicates: set[str], index: StateIndex | None, batch_rows: int
+    plan: manifest.ManifestPlan, file_index: int, conflicts: manifest.PairIdConflicts, index: StateIndex | None, batch_rows: int
 ) -> Iterator[pa.Table]:
     """One manifest file, streamed: validated rows with their resume action."""
     one = dataclasses.replace(
@@ -40,21 +40,22 @@ def planned_batches(
         default_shards=(plan.default_shards[file_index],),
     )
     folder = manifest.file_folder(plan.files[file_index])
+    partition = None if plan.partitions is None else plan.partitions[file_index]
     for batch in manifest.iter_batches(one, batch_size=batch_rows):
-        yield resume_batch(validate_rows(batch, folder, duplicates), index)
+        yield resume_batch(validate_rows(batch, folder, conflicts, partition), index)
 
 
 _STATE_INDEXES: dict[str, StateIndex] = {}
 
 
-def read_files(files: dict, *, config: ReadConfig, duplicates_ref: list, state_ref: list) -> Iterator[pa.Table]:
+def read_files(files: dict, *, config: ReadConfig, conflicts_ref: list, state_ref: list) -> Iterator[pa.Table]:
     """The stage (a generator `map_batches` function over blocks of `{"file_index": i}` rows).
 
-    The duplicate ids and the state arrive as object refs inside lists (Ray resolves only
+    The pair_id conflicts and the state arrive as object refs inside lists (Ray resolves only
     top-level refs); each worker process builds the state's index once, not per file."""
     import ray
 
-    duplicates = ray.get(duplicates_ref[0]) if duplicates_ref else set()
+    conflicts = ray.get(conflicts_ref[0]) if conflicts_ref else manifest.PairIdConflicts()
     state_index = None
     if state_ref:
         key = state_ref[0].hex()
@@ -63,4 +64,4 @@ def read_files(files: dict, *, config: ReadConfig, duplicates_ref: list, state_r
             _STATE_INDEXES[key] = StateIndex(ray.get(state_ref[0]))
         state_index = _STATE_INDEXES[key]
     for i in files["file_index"]:
-        yield from planned_batches(config.plan, int(i), duplicates, state_index, config.batch_rows)
+        yield from planned_batches(config.plan, int(i), conflicts, state_index, config.batch_rows)

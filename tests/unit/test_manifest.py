@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import hashlib
 import json
 import subprocess
@@ -13,7 +15,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.manifest import ManifestError, duplicate_pair_ids, iter_batches, plan_manifest
+from pipeline.manifest import ManifestError, PairIdConflicts, iter_batches, pair_id_conflicts, plan_manifest
 from pipeline.rows import stable_seed, validate_rows
 from pipeline.schema import is_safe_name
 
@@ -99,7 +101,7 @@ def test_csv_columns_are_text_and_bbox_is_parsed(tmp_path):
     )
     plan = plan_manifest(str(tmp_path / "m.csv"))
     assert plan.format == "csv" and plan.num_rows == 2
-    rows = validate_rows(_all_rows(plan), plan.base_dir, frozenset())
+    rows = validate_rows(_all_rows(plan), plan.base_dir)
     assert rows["pair_id"].to_pylist() == ["0001", "0002"]  # not the integer 1
     assert rows["price"].to_pylist() == ["12.50", "3"]  # passed through as written
     assert rows["error_code"].to_pylist() == ["", ""]
@@ -262,7 +264,7 @@ def test_validate_rows_error_codes():
     expected = [case[-1] for case in CASES]
     bbox = [b if b is None or isinstance(b, str) else json.dumps(b) for b in columns.pop("bbox")]  # CSV/JSONL form
     batch = pa.table({**columns, "bbox": pa.array(bbox, pa.string()), "seed": pa.array([None, 5] + [None] * (len(CASES) - 2), pa.int64())})
-    out = validate_rows(batch, "/data/manifests", duplicates={"twice", "unrelated"})
+    out = validate_rows(batch, "/data/manifests", PairIdConflicts(frozenset({"twice", "unrelated"})))
     codes = out["error_code"].to_pylist()
     assert codes == expected
     for code, message in zip(codes, out["error_message"].to_pylist()):
@@ -315,15 +317,42 @@ def test_million_rows_stream_and_duplicates(tmp_path):
     plan = plan_manifest(str(tmp_path / "big.parquet"))
     assert plan.num_rows == n
 
-    duplicates = duplicate_pair_ids(plan)
-    assert duplicates == {"p3", "p77"}
+    conflicts = pair_id_conflicts(plan)
+    assert conflicts.duplicates == {"p3", "p77"} and conflicts.latest == {}
 
     sizes = []
     failed = 0
     for batch in iter_batches(plan, batch_size=50_000):
         sizes.append(batch.num_rows)
         if len(sizes) == 1:  # one batch through validation is enough to see the codes
-            rows = validate_rows(batch, plan.base_dir, duplicates)
+            rows = validate_rows(batch, plan.base_dir, conflicts)
             failed = rows["error_code"].to_pylist().count("duplicate_pair_id")
     assert sum(sizes) == n and max(sizes) <= 50_000 and len(sizes) >= 20
     assert failed == 3  # rows 3 and 10 (p3) and 77 (p77) of the first batch
+
+
+def test_backfill_latest_partition_wins_and_repeats_within_it_fail(tmp_path):
+    """Full daily dumps repeat pairs every day: the latest partition's row is the pair's; rows of
+    earlier days are superseded; a pair repeated within its latest day still fails them all."""
+    days = {"2026-11-24": ["a", "b", "c"], "2026-11-25": ["a", "b", "b"], "2026-11-26": ["a"]}
+    for day, ids in days.items():
+        folder = tmp_path / f"dt={day}"
+        folder.mkdir()
+        pq.write_table(pa.table(_rows(len(ids), pair_id=ids)), folder / "part-0.parquet")
+    plan = plan_manifest(str(tmp_path), partition_range=("dt", "2026-11-24", "2026-11-26"))
+    conflicts = pair_id_conflicts(plan)
+    assert conflicts.latest == {"a": "2026-11-26", "b": "2026-11-25"}
+    assert conflicts.duplicates == {"b"}  # twice on its latest day
+    codes = {}
+    for i, file in enumerate(plan.files):
+        batch = next(iter_batches(dataclasses.replace(plan, files=(file,), file_rows=(plan.file_rows[i],))))
+        rows = validate_rows(batch, str(tmp_path), conflicts, plan.partitions[i])
+        codes[plan.partitions[i]] = rows["error_code"].to_pylist()
+    assert codes == {
+        "2026-11-24": ["superseded", "superseded", ""],
+        "2026-11-25": ["superseded", "duplicate_pair_id", "duplicate_pair_id"],
+        "2026-11-26": [""],
+    }
+    # without a partition range the same folder is one manifest: every repeat fails
+    whole = pair_id_conflicts(plan_manifest(str(tmp_path)))
+    assert whole.duplicates == {"a", "b"} and whole.latest == {}
