@@ -7,11 +7,14 @@ exactly.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
+import signal
 import struct
-import time
+import subprocess
+import sys
 import zlib
 from concurrent.futures import ThreadPoolExecutor
 
@@ -19,22 +22,17 @@ import numpy as np
 import pytest
 import requests
 import yaml
+from helpers import ROOT, free_port, png
 from PIL import Image
+from urllib3 import encode_multipart_formdata
 
-from helpers import free_port
+from pipeline.rows import stable_seed
 from pipeline.sample_catalog import product, scene
 
-from helpers import ROOT  # noqa: E402
 TOKEN = "test-token-7d3e"
 MAX_BODY = 600_000
 STEPS = 2
 BBOX = [60, 40, 140, 120]  # in the 200 x 150 context
-
-
-def png(array: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    Image.fromarray(array).save(buffer, format="PNG")
-    return buffer.getvalue()
 
 
 def decode(data: bytes) -> np.ndarray:
@@ -43,10 +41,15 @@ def decode(data: bytes) -> np.ndarray:
 
 def png_header_only(width: int, height: int) -> bytes:
     """A PNG whose IHDR claims width x height (valid CRC) and which holds no pixel data."""
+
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)) + chunk(b"IEND", b"")
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
+        + chunk(b"IEND", b"")
+    )
 
 
 @pytest.fixture(scope="module")
@@ -72,11 +75,21 @@ def server(ray_address, tiny_model_dir, inputs):
 
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port, "request_timeout_s": 120})
-    app = app_builder({
-        "model_uri": tiny_model_dir, "max_batch_size": "8", "batch_wait_timeout_s": "0.25", "steps": str(STEPS),
-        "guidance_scale": "3", "image_format": "png", "api_token": TOKEN, "allow_roots": inputs["root"],
-        "max_request_bytes": str(MAX_BODY), "num_cpus": "0.5", "num_gpus": "0",
-    })
+    app = app_builder(
+        {
+            "model_uri": tiny_model_dir,
+            "max_batch_size": "8",
+            "batch_wait_timeout_s": "0.25",
+            "steps": str(STEPS),
+            "guidance_scale": "3",
+            "image_format": "png",
+            "api_token": TOKEN,
+            "allow_roots": inputs["root"],
+            "max_request_bytes": str(MAX_BODY),
+            "num_cpus": "0.5",
+            "num_gpus": "0",
+        }
+    )
     serve.run(app, name="dtc", route_prefix="/")
     session = requests.Session()
     session.headers["Authorization"] = f"Bearer {TOKEN}"
@@ -90,10 +103,21 @@ def server(ray_address, tiny_model_dir, inputs):
 def render(server, inputs, timeout: float = 120, **fields) -> requests.Response:
     """POST a multipart render of the module's pair; `fields` add or replace form fields."""
     base, session = server
-    files = {"context": ("context.png", inputs["context"], "image/png"), "product": ("product.png", inputs["product"], "image/png")}
+    files = {
+        "context": ("context.png", inputs["context"], "image/png"),
+        "product": ("product.png", inputs["product"], "image/png"),
+    }
     data = {"bbox": json.dumps(BBOX)}
     data.update({k: str(v) for k, v in fields.items()})
     return session.post(f"{base}/v1/render", files=files, data=data, timeout=timeout)
+
+
+def post_chunked_multipart(session, url: str, fields: dict, chunk: int = 64 * 1024) -> requests.Response:
+    """POST `fields` as multipart/form-data in chunked transfer encoding: no Content-Length, so
+    only counting the bytes as they stream in can enforce the body limit."""
+    data, content_type = encode_multipart_formdata(fields)
+    pieces = (data[i : i + chunk] for i in range(0, len(data), chunk))
+    return session.post(url, data=pieces, headers={"Content-Type": content_type}, timeout=120)
 
 
 def stats(server) -> dict:
@@ -136,7 +160,11 @@ def test_same_request_gives_same_bytes_as_files_or_uris(server, inputs):
 
     # The same pair named by URIs under the allowed root: same content, same seed, same bytes.
     base, session = server
-    body = {"context_uri": os.path.join(inputs["root"], "context.png"), "product_uri": os.path.join(inputs["root"], "product.png"), "bbox": BBOX}
+    body = {
+        "context_uri": os.path.join(inputs["root"], "context.png"),
+        "product_uri": os.path.join(inputs["root"], "product.png"),
+        "bbox": BBOX,
+    }
     by_uri = session.post(f"{base}/v1/render", json=body, timeout=120)
     assert by_uri.status_code == 200, by_uri.text
     assert by_uri.headers["x-seed"] == first.headers["x-seed"]
@@ -176,22 +204,198 @@ def test_concurrent_requests_share_model_calls_and_match_renders_alone(server, i
         assert difference.max() <= 1, (option, response.headers["x-batch-size"], difference.max())
 
 
+def test_pair_id_gives_the_batch_seed_and_is_echoed(server, inputs):
+    pair_id = "sku-42.v1=a_b"
+    named = render(server, inputs, pair_id=pair_id)
+    assert named.status_code == 200, named.text
+    assert named.headers["x-seed"] == str(stable_seed(pair_id))  # the batch job's default seed of that pair
+    assert named.headers["x-pair-id"] == pair_id
+    # the same seed sent explicitly renders the same bytes; no pair_id, no X-Pair-Id
+    explicit = render(server, inputs, seed=stable_seed(pair_id))
+    assert explicit.content == named.content and "x-pair-id" not in explicit.headers
+    # a JSON request names the pair the same way; an explicit seed wins over the pair_id's
+    base, session = server
+    uris = {name + "_uri": os.path.join(inputs["root"], f"{name}.png") for name in ("context", "product")}
+    by_uri = session.post(f"{base}/v1/render", json={**uris, "bbox": BBOX, "pair_id": pair_id}, timeout=120)
+    assert by_uri.status_code == 200, by_uri.text
+    assert (by_uri.headers["x-seed"], by_uri.headers["x-pair-id"]) == (str(stable_seed(pair_id)), pair_id)
+    assert by_uri.content == named.content
+    seeded = render(server, inputs, pair_id=pair_id, seed=7)
+    assert (seeded.headers["x-seed"], seeded.headers["x-pair-id"]) == ("7", pair_id)
+
+
+def test_a_chunked_multipart_body_under_the_limit_renders(server, inputs):
+    base, session = server
+    fields = {
+        "context": ("c.png", inputs["context"], "image/png"),
+        "product": ("p.png", inputs["product"], "image/png"),
+        "bbox": json.dumps(BBOX),
+    }
+    streamed = post_chunked_multipart(session, f"{base}/v1/render", fields, chunk=4096)
+    assert streamed.status_code == 200, streamed.text
+    assert streamed.content == render(server, inputs).content
+
+
+def oversize_chunked_multipart(session, url: str, inputs) -> requests.Response:
+    fields = {"context": ("c.png", b"\0" * (MAX_BODY + 200_000), "image/png"), "product": ("p.png", inputs["product"])}
+    return post_chunked_multipart(session, url, {**fields, "bbox": json.dumps(BBOX)})
+
+
+def truncated_multipart(session, url: str, inputs) -> requests.Response:
+    """A multipart body cut before its closing boundary (sent with its Content-Length)."""
+    fields = {
+        "context": ("c.png", inputs["context"]),
+        "product": ("p.png", inputs["product"]),
+        "bbox": json.dumps(BBOX),
+    }
+    data, content_type = encode_multipart_formdata(fields)
+    return session.post(url, data=data[:-30], headers={"Content-Type": content_type}, timeout=120)
+
+
 BAD_REQUESTS = {
     # name: (how to send it, expected status, expected code)
-    "no file": (lambda s, b, i: s.post(b, files={"product": ("p.png", i["product"])}, data={"bbox": json.dumps(BBOX)}), 400, "missing_file"),
-    "not an image": (lambda s, b, i: s.post(b, files={"context": ("c.png", b"hello, not a picture"), "product": ("p.png", i["product"])}, data={"bbox": json.dumps(BBOX)}), 400, "image_unreadable"),
-    "huge dimensions": (lambda s, b, i: s.post(b, files={"context": ("c.png", png_header_only(100_000, 100_000)), "product": ("p.png", i["product"])}, data={"bbox": json.dumps(BBOX)}), 413, "too_large"),
-    "no mask nor bbox": (lambda s, b, i: s.post(b, files={"context": ("c.png", i["context"]), "product": ("p.png", i["product"])}), 400, "region_missing"),
-    "bbox outside": (lambda s, b, i: s.post(b, files={"context": ("c.png", i["context"]), "product": ("p.png", i["product"])}, data={"bbox": "[500, 500, 600, 600]"}), 400, "bad_bbox"),
-    "bbox not json": (lambda s, b, i: s.post(b, files={"context": ("c.png", i["context"]), "product": ("p.png", i["product"])}, data={"bbox": "[1, 2"}), 400, "bad_bbox"),
-    "bad steps": (lambda s, b, i: s.post(b, files={"context": ("c.png", i["context"]), "product": ("p.png", i["product"])}, data={"bbox": json.dumps(BBOX), "steps": "0"}), 400, "bad_option"),
-    "bad json": (lambda s, b, i: s.post(b, data=b"{not json", headers={"Content-Type": "application/json"}), 400, "bad_json"),
-    "file scheme": (lambda s, b, i: s.post(b, json={"context_uri": "file:///etc/passwd", "product_uri": "file:///etc/passwd", "bbox": BBOX}), 400, "uri_not_allowed"),
-    "metadata host": (lambda s, b, i: s.post(b, json={"context_uri": "http://169.254.169.254/latest/meta-data/", "product_uri": "s3://b/p.png", "bbox": BBOX}), 400, "uri_not_allowed"),
-    "wrong token": (lambda s, b, i: requests.post(b, files={"context": ("c.png", i["context"]), "product": ("p.png", i["product"])}, data={"bbox": json.dumps(BBOX)}, headers={"Authorization": "Bearer nope"}), 401, "unauthorized"),
+    "no file": (
+        lambda s, b, i: s.post(b, files={"product": ("p.png", i["product"])}, data={"bbox": json.dumps(BBOX)}),
+        400,
+        "missing_file",
+    ),
+    "not an image": (
+        lambda s, b, i: s.post(
+            b,
+            files={"context": ("c.png", b"hello, not a picture"), "product": ("p.png", i["product"])},
+            data={"bbox": json.dumps(BBOX)},
+        ),
+        400,
+        "image_unreadable",
+    ),
+    "huge dimensions": (
+        lambda s, b, i: s.post(
+            b,
+            files={"context": ("c.png", png_header_only(100_000, 100_000)), "product": ("p.png", i["product"])},
+            data={"bbox": json.dumps(BBOX)},
+        ),
+        413,
+        "too_large",
+    ),
+    "no mask nor bbox": (
+        lambda s, b, i: s.post(b, files={"context": ("c.png", i["context"]), "product": ("p.png", i["product"])}),
+        400,
+        "region_missing",
+    ),
+    "bbox outside": (
+        lambda s, b, i: s.post(
+            b,
+            files={"context": ("c.png", i["context"]), "product": ("p.png", i["product"])},
+            data={"bbox": "[500, 500, 600, 600]"},
+        ),
+        400,
+        "bad_bbox",
+    ),
+    "bbox not json": (
+        lambda s, b, i: s.post(
+            b, files={"context": ("c.png", i["context"]), "product": ("p.png", i["product"])}, data={"bbox": "[1, 2"}
+        ),
+        400,
+        "bad_bbox",
+    ),
+    "bad steps": (
+        lambda s, b, i: s.post(
+            b,
+            files={"context": ("c.png", i["context"]), "product": ("p.png", i["product"])},
+            data={"bbox": json.dumps(BBOX), "steps": "0"},
+        ),
+        400,
+        "bad_option",
+    ),
+    "bad json": (
+        lambda s, b, i: s.post(b, data=b"{not json", headers={"Content-Type": "application/json"}),
+        400,
+        "bad_json",
+    ),
+    "file scheme": (
+        lambda s, b, i: s.post(
+            b, json={"context_uri": "file:///etc/passwd", "product_uri": "file:///etc/passwd", "bbox": BBOX}
+        ),
+        400,
+        "uri_not_allowed",
+    ),
+    "metadata host": (
+        lambda s, b, i: s.post(
+            b,
+            json={
+                "context_uri": "http://169.254.169.254/latest/meta-data/",
+                "product_uri": "s3://b/p.png",
+                "bbox": BBOX,
+            },
+        ),
+        400,
+        "uri_not_allowed",
+    ),
+    "wrong token": (
+        lambda s, b, i: requests.post(
+            b,
+            files={"context": ("c.png", i["context"]), "product": ("p.png", i["product"])},
+            data={"bbox": json.dumps(BBOX)},
+            headers={"Authorization": "Bearer nope"},
+        ),
+        401,
+        "unauthorized",
+    ),
     "no token": (lambda s, b, i: requests.get(b.replace("/v1/render", "/v1/stats")), 401, "unauthorized"),
-    "oversize body": (lambda s, b, i: s.post(b, files={"context": ("c.png", b"\0" * (MAX_BODY + 1)), "product": ("p.png", i["product"])}), 413, "body_too_large"),
-    "oversize chunked body": (lambda s, b, i: s.post(b, data=iter([b"\0" * 100_000] * 7), headers={"Content-Type": "application/json"}), 413, "body_too_large"),
+    "oversize body": (
+        lambda s, b, i: s.post(
+            b, files={"context": ("c.png", b"\0" * (MAX_BODY + 1)), "product": ("p.png", i["product"])}
+        ),
+        413,
+        "body_too_large",
+    ),
+    "oversize chunked body": (
+        lambda s, b, i: s.post(b, data=iter([b"\0" * 100_000] * 7), headers={"Content-Type": "application/json"}),
+        413,
+        "body_too_large",
+    ),
+    "oversize chunked multipart": (oversize_chunked_multipart, 413, "body_too_large"),
+    "pair_id with newline": (
+        lambda s, b, i: s.post(
+            b,
+            files={"context": ("c.png", i["context"]), "product": ("p.png", i["product"])},
+            data={"bbox": json.dumps(BBOX), "pair_id": "sku-1\n"},
+        ),
+        400,
+        "invalid_pair_id",
+    ),
+    "pair_id with newline, JSON": (
+        lambda s, b, i: s.post(
+            b,
+            json={
+                "context_uri": os.path.join(i["root"], "context.png"),
+                "product_uri": os.path.join(i["root"], "product.png"),
+                "bbox": BBOX,
+                "pair_id": "sku-1\n",
+            },
+        ),
+        400,
+        "invalid_pair_id",
+    ),
+    "pair_id with slash": (
+        lambda s, b, i: s.post(
+            b,
+            files={"context": ("c.png", i["context"]), "product": ("p.png", i["product"])},
+            data={"bbox": json.dumps(BBOX), "pair_id": "../x"},
+        ),
+        400,
+        "invalid_pair_id",
+    ),
+    "unknown field": (
+        lambda s, b, i: s.post(
+            b,
+            files={"context": ("c.png", i["context"]), "product": ("p.png", i["product"])},
+            data={"bbox": json.dumps(BBOX), "colour": "red"},
+        ),
+        400,
+        "unknown_field",
+    ),
+    "truncated multipart": (truncated_multipart, 400, "bad_multipart"),
 }
 
 
@@ -219,10 +423,16 @@ def test_args_are_coerced_from_strings_and_typos_refused():
 
     from pipeline.serve import ServeArgs
 
-    args = ServeArgs.model_validate({"model_uri": "m", "max_batch_size": "4", "allow_http": "true", "allow_roots": "/a,/b", "num_gpus": "1"})
+    args = ServeArgs.model_validate(
+        {"model_uri": "m", "max_batch_size": "4", "allow_http": "true", "allow_roots": "/a,/b", "num_gpus": "1"}
+    )
     assert (args.max_batch_size, args.allow_http, args.allow_roots, args.num_gpus) == (4, True, ["/a", "/b"], 1.0)
     assert "hunter2" not in repr(ServeArgs(model_uri="m", api_token="hunter2"))
-    for bad in ({"model_uri": "m", "max_batchsize": "4"}, {"model_uri": "m", "image_format": "gif"}, {"max_batch_size": 2}):
+    for bad in (
+        {"model_uri": "m", "max_batchsize": "4"},
+        {"model_uri": "m", "image_format": "gif"},
+        {"max_batch_size": 2},
+    ):
         with pytest.raises(ValidationError):
             ServeArgs.model_validate(bad)
 
@@ -242,3 +452,40 @@ def test_serve_config_file_parses_and_names_this_app():
     assert deployment.max_ongoing_requests >= app.args["max_batch_size"]
     assert config.http_options.request_timeout_s
     ServeArgs.model_validate(app.args)  # no typo in the args either
+
+
+def test_app_builder_refuses_a_missing_model_and_bad_args(tmp_path):
+    from pipeline.serve import ServeSetupError, app_builder
+
+    missing = str(tmp_path / "no-such-model")
+    with pytest.raises(ServeSetupError, match="no-such-model"):
+        app_builder({"model_uri": missing})
+    with pytest.raises(ServeSetupError, match="max_batchsize"):
+        app_builder({"model_uri": missing, "max_batchsize": "4"})
+
+
+def test_serve_run_with_a_missing_model_fails_fast_with_one_line(tmp_path):
+    """The real `serve` CLI: app_builder refuses before Serve (or Ray) starts, so the command
+    exits non-zero at once with one line naming the path, not pages of Ray tracebacks and 0.
+    Its own session and `--address local`: it can never join or leave behind a cluster."""
+    missing = str(tmp_path / "no-such-model")
+    command = [os.path.join(os.path.dirname(sys.executable), "serve"), "run", "--address", "local", "--app-dir", ROOT]
+    env = {key: value for key, value in os.environ.items() if key != "RAY_ADDRESS"}
+    process = subprocess.Popen(
+        [*command, "pipeline.serve:app_builder", f"model_uri={missing}"],
+        cwd=tmp_path,
+        env={**env, "RAY_USAGE_STATS_ENABLED": "0"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        out, err = process.communicate(timeout=120)
+    finally:
+        with contextlib.suppress(ProcessLookupError):  # whatever it started goes with it
+            os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+    assert process.returncode not in (0, -signal.SIGKILL), (process.returncode, out, err)
+    assert f"Error: model_uri: no checkpoint at {missing}" in out + err, (out, err)
+    assert "Traceback" not in out + err, err
