@@ -4,7 +4,7 @@
 
 Path (what the CPU stages do for one pair, minus the model): fetch + decode the 1024^2 JPEG
 context and the RGBA PNG product, region from the bbox, preprocess (crop window, resize to the
-working resolution, product on grey at 224), then the paste-back of a rendered window and the
+working resolution, product on grey at 224, the hint from the full-resolution product), then the paste-back of a rendered window and the
 encode of the output, including the payload round trip through raw bytes that the Ray blocks
 carry. Floor (same run, same files): one full decode of each input and one encode of the output
 in the same format and quality. Prints one JSON line; target: ratio <= 1.5. Runs 3 rounds over
@@ -29,11 +29,11 @@ import numpy as np  # noqa: E402
 import pyarrow as pa  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from pipeline import images  # noqa: E402
+from pipeline import compose, images  # noqa: E402
 from pipeline.fetch import InputPolicy  # noqa: E402
-from pipeline.blocks import PAYLOAD_TYPE  # noqa: E402
-from pipeline.prepare import PAYLOAD_COLUMNS, prepare_pair  # noqa: E402
 from pipeline.sample_catalog import product, scene  # noqa: E402
+from pipeline.schema import PAYLOAD_TYPE  # noqa: E402
+from pipeline.stages.prepare_stage import PrepareConfig, payloads, prepare_pair  # noqa: E402
 
 
 def make_inputs(folder: str, pairs: int) -> list[tuple[str, str, list[float]]]:
@@ -58,16 +58,15 @@ def floor_cost(context_path: str, product_path: str, fmt: str, quality: int) -> 
     images.encode_image(context, fmt, quality=quality)
 
 
-def path_cost(context_path: str, product_path: str, bbox, policy: InputPolicy, resolution: int, fmt: str, quality: int) -> None:
-    row = prepare_pair(context_path, product_path, None, bbox, policy=policy, resolution=resolution, product_size=224,
-                       max_pixels=50_000_000, crop_margin=0.25)
-    h, w = row["height"], row["width"]
-    block = {c: pa.array([row[c]], PAYLOAD_TYPE) for c in PAYLOAD_COLUMNS}  # prepare_batch's copy into the block
+def path_cost(context_path: str, product_path: str, bbox, config: PrepareConfig, fmt: str, quality: int) -> None:
+    pair = prepare_pair(context_path, product_path, None, bbox, config)
+    h, w, resolution = pair.height, pair.width, config.resolution
+    block = {c: pa.array([v], PAYLOAD_TYPE) for c, v in payloads(pair).items()}  # prepare_batch's copy into the block
     # what finish_batch does with the payloads (the model's output stands in as the input crop)
     context = np.frombuffer(block["context_raw"][0].as_buffer(), dtype=np.uint8).reshape(h, w, 3)
     hole = np.unpackbits(np.frombuffer(block["hole_bits"][0].as_buffer(), dtype=np.uint8), count=h * w).reshape(h, w).view(bool)
     rendered = np.frombuffer(block["model_context"][0].as_buffer(), dtype=np.uint8).reshape(resolution, resolution, 3)
-    final = images.postprocess(context, rendered, hole, tuple(row["crop_box"]), feather_px=4)
+    final = compose.postprocess(context, rendered, hole, tuple(pair.model["crop_box"]), feather_px=4)
     images.encode_image(final, fmt, quality=quality)
 
 
@@ -85,10 +84,10 @@ def main() -> None:
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory(prefix="dtc-datapath-") as folder:
         inputs = make_inputs(folder, args.pairs)
-        policy = InputPolicy(manifest_dir=folder)
+        config = PrepareConfig(InputPolicy(manifest_dir=folder), args.resolution, 224)
         for c, p, b in inputs[:2]:  # warm-up (imports, allocator)
             floor_cost(c, p, args.format, args.quality)
-            path_cost(c, p, b, policy, args.resolution, args.format, args.quality)
+            path_cost(c, p, b, config, args.format, args.quality)
         # interleaved pair by pair, so both sides see the same machine state; 3 rounds
         floor_ms, path_ms = [], []
         for _ in range(3):
@@ -97,7 +96,7 @@ def main() -> None:
                 floor_cost(c, p, args.format, args.quality)
                 floor_ms.append((time.perf_counter() - start) * 1000)
                 start = time.perf_counter()
-                path_cost(c, p, b, policy, args.resolution, args.format, args.quality)
+                path_cost(c, p, b, config, args.format, args.quality)
                 path_ms.append((time.perf_counter() - start) * 1000)
     ratio = float(np.median(np.array(path_ms) / np.array(floor_ms)))
     print(json.dumps({

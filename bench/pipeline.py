@@ -39,31 +39,28 @@ def model_only(manifest: str, rows: int, steps: int, model: str, batch: int) -> 
     """(rows/s, seconds per batch) of the bare model on the same prepared pairs, 1 torch thread."""
     import numpy as np
     import pyarrow.parquet as pq
-    import torch
 
     from pipeline.fetch import InputPolicy
-    from pipeline.model.loading import load_pipeline
-    from pipeline.prepare import prepare_pair
+    from pipeline.model.renderer import Renderer
+    from pipeline.stages.prepare_stage import PrepareConfig, prepare_pair
 
-    torch.set_num_threads(1)
-    pipe = load_pipeline(model)
-    r, s = pipe.config.resolution, pipe.config.product_size
+    renderer = Renderer.from_pretrained(model, torch_threads=1)
     table = pq.read_table(manifest).slice(0, rows).to_pylist()
     base = os.path.dirname(manifest)
-    policy = InputPolicy(manifest_dir=base)
+    config = PrepareConfig(InputPolicy(manifest_dir=base), renderer.resolution, renderer.product_size)
     prepared = [prepare_pair(os.path.join(base, t["context_uri"]), os.path.join(base, t["product_uri"]),
-                             os.path.join(base, t["mask_uri"]) if t["mask_uri"] else None, t["bbox"], policy=policy,
-                             resolution=r, product_size=s, max_pixels=50_000_000, crop_margin=0.25) for t in table]
+                             os.path.join(base, t["mask_uri"]) if t["mask_uri"] else None, t["bbox"], config).model
+                for t in table]
 
-    def stack(chunk: list, key: str, shape: tuple) -> torch.Tensor:
-        return torch.from_numpy(np.stack([np.frombuffer(p[key], np.uint8).reshape(shape) for p in chunk]))
+    def stack(chunk: list, key: str) -> np.ndarray:
+        return np.stack([p[key] for p in chunk])
 
     chunks = [prepared[i : i + batch] for i in range(0, len(prepared), batch)]
 
     def call(k: int, chunk: list) -> None:
-        pipe(stack(chunk, "model_context", (r, r, 3)), stack(chunk, "model_hole", (r, r)).bool(),
-             stack(chunk, "model_product", (s, s, 3)), product_alpha=stack(chunk, "model_product_alpha", (s, s)).bool(), num_inference_steps=steps, guidance_scale=5.0,
-             generator=[torch.Generator().manual_seed(k * batch + j) for j in range(len(chunk))], output_type="uint8")
+        seeds = np.arange(k * batch, k * batch + len(chunk))
+        renderer.render(stack(chunk, "context"), stack(chunk, "hole"), stack(chunk, "product"), stack(chunk, "product_alpha"),
+                        seeds, steps=steps, guidance_scale=5.0, hint=stack(chunk, "hint"), hint_mask=stack(chunk, "hint_mask"))
 
     call(0, chunks[0])  # warm-up, untimed: the loop's best case, as the job's first batch is excluded too
     start = time.perf_counter()

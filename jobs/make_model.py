@@ -13,16 +13,18 @@ from __future__ import annotations
 import argparse
 import sys
 
+from pipeline.schema import EXIT_OK, EXIT_REFUSED, FILM_MODES, PRESETS
+
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m jobs.make_model", description=__doc__.split("\n")[0])
     source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--preset", choices=("tiny", "sd15"), help="random-init DTC of the preset's sizes")
+    source.add_argument("--preset", choices=PRESETS, help="random-init DTC of the preset's sizes")
     source.add_argument("--from-parts", action="store_true", help="assemble from an SD-inpainting and a DINOv2 folder")
     parser.add_argument("--sd-inpainting", help="diffusers SD-inpainting pipeline folder or s3:// prefix")
     parser.add_argument("--dinov2", help="transformers DINOv2 folder or s3:// prefix")
     parser.add_argument("--vae", help="optional VAE folder replacing the SD one")
-    parser.add_argument("--film-mode", choices=("spatial", "channel"), default="spatial")
+    parser.add_argument("--film-mode", choices=FILM_MODES, default=FILM_MODES[0])
     parser.add_argument("--seed", type=int, default=0, help="weight init seed for --preset")
     parser.add_argument("--out", required=True, help="output folder")
     args = parser.parse_args(argv)
@@ -47,14 +49,14 @@ def main(argv: list[str] | None = None) -> int:
             pipe = assemble_from_parts(args.sd_inpainting, args.dinov2, vae=args.vae, film_mode=args.film_mode)
     except (CheckpointError, ValueError, OSError) as e:
         print(f"make_model: {e}", file=sys.stderr)
-        return 2
+        return EXIT_REFUSED
     digest = save_pipeline(pipe, args.out)
     counts = {name: sum(p.numel() for p in module.parameters()) for name, module in pipe.components.items() if hasattr(module, "parameters")}
     print(f"wrote {args.out}: resolution {pipe.config.resolution}, layout {pipe.config.input_layout}, "
           f"{pipe.hint_encoder.num_film_sites} FiLM sites, {sum(counts.values()) / 1e6:.2f}M parameters")
     print("  " + ", ".join(f"{k} {v / 1e6:.2f}M" for k, v in counts.items()))
     print(f"  model_digest sha256:{digest}")
-    return 0
+    return EXIT_OK
 
 
 if __name__ == "__main__":

@@ -177,8 +177,8 @@ def postprocess(
     weight = weight[bt - top : bb - top, bl - left : br - left]
     new = resize_uint8(rendered, side, side, "bicubic")[bt - y0 : bb - y0, bl - x0 : br - x0]
     # Integer blend, (original * (255 - weight) + new * weight + 127) // 255 per channel, done
-    # by Pillow's masked paste, which computes exactly that in C (tests/test_images.py) at 2x
-    # numpy's speed. Where the weight is 0 (everything outside the region) it is the
+    # by Pillow's masked paste, which computes exactly that in C (tests/unit/test_images.py),
+    # faster than numpy's version. Where the weight is 0 (everything outside the region) it is the
     # original, bit for bit.
     result.paste(Image.fromarray(new), (bl, bt), Image.fromarray(weight))
     return result
@@ -189,8 +189,8 @@ def resize_uint8(array: np.ndarray, width: int, height: int, mode: str) -> np.nd
 
     PIL's resampling filters, computed by torch's uint8 kernels (the ones `F.interpolate(...,
     antialias=True)` runs on a channels-last uint8 tensor, written to match PIL's
-    `Image.resize`: equal within 2 levels, tests/test_images.py) at 4-5x PIL's speed on one
-    thread: resizes were half the CPU cost of a pair around the model (bench/data_path.py).
+    `Image.resize`: equal within 2 levels, tests/unit/test_images.py), several times faster than
+    PIL on one thread (bench/data_path.py measures the whole CPU path).
     torch is imported here, in the workers' CPU stages; the driver never calls this. Channels
     are filtered independently: an RGBA image is not premultiplied as PIL does, so pass an
     opaque or an already premultiplied one."""
@@ -270,7 +270,7 @@ def _feather_weight(region: np.ndarray, feather_px: int) -> np.ndarray:
     for _ in range(feather_px - 1):
         # 3x3 erosion, separable: 1x3 then 3x1, each the AND of three shifted views of an
         # edge-replicated copy, so the crop's edge (the photo's border, or pixels known to be
-        # outside the region) never erodes by itself. ~50x faster than PIL's MinFilter.
+        # outside the region) never erodes by itself; far faster than PIL's MinFilter.
         padded = np.pad(mask, ((0, 0), (1, 1)), mode="edge")
         mask = padded[:, :-2] & padded[:, 1:-1] & padded[:, 2:]
         padded = np.pad(mask, ((1, 1), (0, 0)), mode="edge")

@@ -47,7 +47,7 @@ class RenderConfig:
     steps: int = 40  # DDIM steps (paper: 40)
     guidance_scale: float = 5.0  # classifier-free guidance (paper: 5); <= 1 disables CFG
     scheduler: str = "ddim"  # "ddim" (paper) or "dpmpp" (DPM-Solver++, good at ~20 steps)
-    image_format: str = "jpeg"  # jpeg | png | webp. PNG is lossless but ~240 ms per 1024^2 image to encode
+    image_format: str = "jpeg"  # jpeg | png | webp. PNG is lossless but slow to encode
     jpeg_quality: int = 92  # also WebP quality
     crop_margin: float = 0.25  # the square window = region bbox grown by this fraction per side
     feather_px: int = 4  # paste-back ramp, inside the region only: outside pixels stay exact

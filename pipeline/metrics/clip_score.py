@@ -11,7 +11,7 @@ Preprocessing is done in torch because transformers 5.x `CLIPImageProcessor` is
 torchvision-backed (unusable here). It reproduces the PIL-backed processor (and OpenAI's
 original PIL pipeline) to within 1 uint8 level: pad to a centred square with neutral grey (the
 grey products are composited on), PIL-style two-pass bicubic resize to 224, CLIP mean/std.
-`tests/test_clip_score.py` checks it against `CLIPImageProcessorPil` and the score against a
+`tests/unit/test_clip_score.py` checks it against `CLIPImageProcessorPil` and the score against a
 computation done directly with transformers.
 """
 

@@ -8,7 +8,7 @@ Every FID library imports torchvision, which cannot run beside the CPU torch whe
 network lives here. It is the TF 2015-12-05 graph as pytorch-fid ports it (`FIDInceptionA/C/E`:
 average pools that ignore padding, a max pool in the last block) with the same state_dict keys
 as the standard weights file, `pt_inception-2015-12-05-6726825d.pth` (published by
-torch-fidelity as `weights-inception-2015-12-05-6726825d.pth`). `tests/test_inception.py`
+torch-fidelity as `weights-inception-2015-12-05-6726825d.pth`). `tests/unit/test_inception.py`
 proves it equal to torch-fidelity's `FeatureExtractorInceptionV3` on the same weights file.
 
 Protocol (METRICS.md): uint8 input, TF1-compatible bilinear resize to 299, `(x - 128) / 128`,

@@ -21,7 +21,7 @@ What it builds:
   and settings the SD folder ships; the folder's training schedule must be SD's.
 
 What that model is, and is not. With the zero inits, its noise prediction is exactly the
-SD-inpainting UNet's *for the same encoder_hidden_states* (tests/test_model.py checks it). But
+SD-inpainting UNet's *for the same encoder_hidden_states* (tests/unit/test_model.py checks it). But
 DTC never feeds it CLIP text embeddings: its context is a fresh, random projection of DINOv2
 tokens (and, for CFG, a random null embedding), an input the SD UNet has never seen, and the hint
 branch starts at zero, so the product has no trained path into the render. An assembled model is

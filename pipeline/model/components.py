@@ -37,6 +37,8 @@ from diffusers.models.unets.unet_2d_blocks import get_down_block, get_mid_block
 from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
 from torch import nn
 
+from pipeline.schema import FILM_MODES
+
 FilmParams = list[tuple[torch.Tensor, torch.Tensor]]
 
 # UNet2DConditionModel settings that `encode_down`, the hint encoder and the FiLM forward do not
@@ -183,8 +185,8 @@ class DTCHintEncoder(ModelMixin, ConfigMixin):
         film_mode: str = "spatial",
     ):
         super().__init__()
-        if film_mode not in ("spatial", "channel"):
-            raise ValueError(f"film_mode must be 'spatial' or 'channel', got {film_mode!r}")
+        if film_mode not in FILM_MODES:
+            raise ValueError(f"film_mode must be one of {FILM_MODES}, got {film_mode!r}")
         n = len(down_block_types)
         # diffusers' SD configs call the head count `attention_head_dim`; mirror the UNet's reading.
         num_attention_heads = _per_block(num_attention_heads or attention_head_dim, n)

@@ -15,8 +15,8 @@ from transformers import Dinov2Config, Dinov2Model
 
 from pipeline.model.components import DTCHintAdapter, DTCHintEncoder, DTCImageProjection, DTCUNet2DConditionModel
 from pipeline.model.pipeline_dtc import DTCPipeline
+from pipeline.schema import PRESETS
 
-PRESETS = ("tiny", "sd15")
 
 # Stable Diffusion 1.x noise schedule as DDIM samples it. The training half (betas, 1000 steps,
 # epsilon) is what SD-1.5 inpainting was trained on; the sampling half is what SD's DDIM uses:

@@ -29,7 +29,7 @@ from pipeline import compose, images, regions
 from pipeline.fetch import InputPolicy, fetch
 from pipeline.schema import PAYLOAD_COLUMNS, PAYLOAD_TYPE, PREV, RENDER, STAGES, RowError, require_columns, set_columns
 
-__all__ = ["PrepareConfig", "PreparedPair", "prepare_pair", "prepare_batch"]
+__all__ = ["PrepareConfig", "PreparedPair", "prepare_pair", "payloads", "prepare_batch"]
 
 
 @dataclass(frozen=True)
@@ -91,7 +91,7 @@ def _raw(array: np.ndarray) -> memoryview:
     return memoryview(np.ascontiguousarray(array)).cast("B")
 
 
-def _payloads(pair: PreparedPair) -> dict[str, memoryview]:
+def payloads(pair: PreparedPair) -> dict[str, memoryview]:
     model = pair.model
     return {
         "context_raw": _raw(pair.context),
@@ -134,7 +134,7 @@ def prepare_batch(batch: pa.Table, *, config: PrepareConfig) -> pa.Table:
             continue
         finally:
             prepare_ms[i] = (time.perf_counter() - start) * 1000
-        for c, value in _payloads(pair).items():
+        for c, value in payloads(pair).items():
             payload[c][i] = value
         width[i], height[i], crop_box[i] = pair.width, pair.height, list(pair.model["crop_box"])
     columns = {c: pa.array(v, PAYLOAD_TYPE) for c, v in payload.items()}

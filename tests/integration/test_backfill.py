@@ -35,8 +35,8 @@ def test_backfill_dry_run_idempotence_and_repair(ray_address, tmp_path, capsys, 
             "--model", tiny_model_dir, "--steps", "2", "--batch-size", "3", "--image-format", "png",
             "--cpus-per-actor", "0.5", "--torch-threads", "1"]
 
-    # columns: pending, done, failed, invalid
-    assert _dry_run_counts(capsys, args) == {f"dt={d}": [3, 0, 0, 0] for d in DAYS} | {"total": [9, 0, 0, 0]}
+    # columns: pending, done, failed, invalid, skipped
+    assert _dry_run_counts(capsys, args) == {f"dt={d}": [3, 0, 0, 0, 0] for d in DAYS} | {"total": [9, 0, 0, 0, 0]}
     assert not output.exists()  # a dry run writes nothing
 
     assert backfill([*args, "--run-id", "b1"]) == 0
@@ -48,12 +48,12 @@ def test_backfill_dry_run_idempotence_and_repair(ray_address, tmp_path, capsys, 
 
     assert backfill([*args, "--run-id", "b2"]) == 0  # nothing left to render
     assert {r["attempt"] for r in _rows(output, "b2")} == {0}
-    assert _dry_run_counts(capsys, args)["total"] == [0, 9, 0, 0]
+    assert _dry_run_counts(capsys, args)["total"] == [0, 9, 0, 0, 0]
 
     for row in first:  # lose the images of one day
         if row["shard"] == f"dt={DAYS[1]}":
             os.remove(row["output_uri"])
-    assert _dry_run_counts(capsys, args)[f"dt={DAYS[1]}"] == [3, 0, 0, 0]
+    assert _dry_run_counts(capsys, args)[f"dt={DAYS[1]}"] == [3, 0, 0, 0, 0]
     assert backfill([*args, "--run-id", "b3"]) == 0
     third = _rows(output, "b3")
     rendered = {r["pair_id"] for r in third if r["attempt"] == 1}
