@@ -4,7 +4,8 @@
 
 Path (what the CPU stages do for one pair, minus the model): fetch + decode the 1024^2 JPEG
 context and the RGBA PNG product, region from the bbox, preprocess (crop window, resize to the
-working resolution, product on grey at 224, the hint from the full-resolution product), then the paste-back of a rendered window and the
+working resolution, product on grey at 224, the hint from the full-resolution product), then
+the paste-back of a rendered window and the
 encode of the output, including the payload round trip through raw bytes that the Ray blocks
 carry. Floor (same run, same files): one full decode of each input and one encode of the output
 in the same format and quality. Prints one JSON line; target: ratio <= 1.5. Runs 3 rounds over
@@ -64,7 +65,11 @@ def path_cost(context_path: str, product_path: str, bbox, config: PrepareConfig,
     block = {c: pa.array([v], PAYLOAD_TYPE) for c, v in payloads(pair).items()}  # prepare_batch's copy into the block
     # what finish_batch does with the payloads (the model's output stands in as the input crop)
     context = np.frombuffer(block["context_raw"][0].as_buffer(), dtype=np.uint8).reshape(h, w, 3)
-    hole = np.unpackbits(np.frombuffer(block["hole_bits"][0].as_buffer(), dtype=np.uint8), count=h * w).reshape(h, w).view(bool)
+    hole = (
+        np.unpackbits(np.frombuffer(block["hole_bits"][0].as_buffer(), dtype=np.uint8), count=h * w)
+        .reshape(h, w)
+        .view(bool)
+    )
     rendered = np.frombuffer(block["model_context"][0].as_buffer(), dtype=np.uint8).reshape(resolution, resolution, 3)
     final = compose.postprocess(context, rendered, hole, tuple(pair.model["crop_box"]), feather_px=4)
     images.encode_image(final, fmt, quality=quality)
@@ -99,14 +104,29 @@ def main() -> None:
                 path_cost(c, p, b, config, args.format, args.quality)
                 path_ms.append((time.perf_counter() - start) * 1000)
     ratio = float(np.median(np.array(path_ms) / np.array(floor_ms)))
-    print(json.dumps({
-        "bench": "data_path", "pairs": len(inputs), "rounds": 3, "context": "1024x1024 JPEG", "product": "768x768 RGBA PNG",
-        "resolution": args.resolution, "format": args.format, "quality": args.quality, "torch_threads": 1,
-        "path_ms_per_pair": round(float(np.median(path_ms)), 2), "floor_ms_per_pair": round(float(np.median(floor_ms)), 2),
-        "ratio": round(ratio, 3), "ratio_of_totals": round(sum(path_ms) / sum(floor_ms), 3),
-        "target_max_ratio": 1.5, "meets_target": ratio <= 1.5,
-        "cpu": platform.processor() or platform.machine(),
-    }), flush=True)
+    print(
+        json.dumps(
+            {
+                "bench": "data_path",
+                "pairs": len(inputs),
+                "rounds": 3,
+                "context": "1024x1024 JPEG",
+                "product": "768x768 RGBA PNG",
+                "resolution": args.resolution,
+                "format": args.format,
+                "quality": args.quality,
+                "torch_threads": 1,
+                "path_ms_per_pair": round(float(np.median(path_ms)), 2),
+                "floor_ms_per_pair": round(float(np.median(floor_ms)), 2),
+                "ratio": round(ratio, 3),
+                "ratio_of_totals": round(sum(path_ms) / sum(floor_ms), 3),
+                "target_max_ratio": 1.5,
+                "meets_target": ratio <= 1.5,
+                "cpu": platform.processor() or platform.machine(),
+            }
+        ),
+        flush=True,
+    )
 
 
 if __name__ == "__main__":

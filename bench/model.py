@@ -30,8 +30,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
-from pipeline.model.presets import build_preset  # noqa: E402
 from pipeline.model.loading import optimize_pipeline  # noqa: E402
+from pipeline.model.presets import build_preset  # noqa: E402
 
 
 def emit(**record) -> None:
@@ -54,7 +54,14 @@ def step_inputs(pipe, batch: int, device, dtype):
     d = pipe.unet.config.cross_attention_dim
     n = 2 * batch  # CFG
     mk = lambda *s: torch.randn(*s, device=device, dtype=dtype)  # noqa: E731
-    return mk(n, 4, r, r), torch.tensor(500, device=device), mk(n, 4, r, r), mk(n, 1, r, r), mk(n, 4, r, r), mk(n, t, d)
+    return (
+        mk(n, 4, r, r),
+        torch.tensor(500, device=device),
+        mk(n, 4, r, r),
+        mk(n, 1, r, r),
+        mk(n, 4, r, r),
+        mk(n, t, d),
+    )
 
 
 def count_flops(preset: str, steps: int) -> dict:
@@ -100,9 +107,21 @@ def bench_tiny_cpu(steps: int) -> None:
             per_step = time_call(lambda: pipe.predict_noise(*args), repeats=10)
         image, hole, product = make_batch(pipe, batch)
         gens = lambda: [torch.Generator().manual_seed(i) for i in range(batch)]  # noqa: E731
-        per_call = time_call(lambda: pipe(image, hole, product, num_inference_steps=steps, generator=gens(), output_type="uint8"), repeats=2)
-        emit(bench="model", preset="tiny", device="cpu", threads=torch.get_num_threads(), batch=batch, steps=steps,
-             guidance_scale=5.0, seconds_per_step=round(per_step, 5), images_per_s=round(batch / per_call, 3))
+        per_call = time_call(
+            lambda: pipe(image, hole, product, num_inference_steps=steps, generator=gens(), output_type="uint8"),
+            repeats=2,
+        )
+        emit(
+            bench="model",
+            preset="tiny",
+            device="cpu",
+            threads=torch.get_num_threads(),
+            batch=batch,
+            steps=steps,
+            guidance_scale=5.0,
+            seconds_per_step=round(per_step, 5),
+            images_per_s=round(batch / per_call, 3),
+        )
 
 
 def host_syncs(pipe, steps: int = 4) -> None:
@@ -114,7 +133,10 @@ def host_syncs(pipe, steps: int = 4) -> None:
     gens = [torch.Generator().manual_seed(i) for i in range(2)]
     latents_only = dict(num_inference_steps=steps, generator=gens, output_type="latent")
     counts = {}
-    for name, call in (("steps_" + str(steps), latents_only), ("steps_" + str(steps * 2), dict(latents_only, num_inference_steps=steps * 2))):
+    for name, call in (
+        ("steps_" + str(steps), latents_only),
+        ("steps_" + str(steps * 2), dict(latents_only, num_inference_steps=steps * 2)),
+    ):
         torch.cuda.synchronize()
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
@@ -129,7 +151,9 @@ def host_syncs(pipe, steps: int = 4) -> None:
     emit(bench="host_syncs", **counts, per_step=(counts[f"steps_{steps * 2}"] - counts[f"steps_{steps}"]) / steps)
 
 
-def bench_gpu(preset: str, steps: int, batches: list[int], peak_tflops: float, flops_per_image: float, compile_unet: bool) -> None:
+def bench_gpu(
+    preset: str, steps: int, batches: list[int], peak_tflops: float, flops_per_image: float, compile_unet: bool
+) -> None:
     device, dtype = "cuda", torch.bfloat16
     with torch.device(device):
         pipe = build_preset(preset)
@@ -143,18 +167,28 @@ def bench_gpu(preset: str, steps: int, batches: list[int], peak_tflops: float, f
         try:
             per_call = time_call(
                 lambda: pipe(image, hole, product, num_inference_steps=steps, generator=gens(), output_type="uint8"),
-                repeats=2, sync=torch.cuda.synchronize,
+                repeats=2,
+                sync=torch.cuda.synchronize,
             )
         except torch.OutOfMemoryError:
             emit(bench="model", preset=preset, device=torch.cuda.get_device_name(), batch=batch, error="oom")
             torch.cuda.empty_cache()
             continue
         ips = batch / per_call
-        emit(bench="model", preset=preset, device=torch.cuda.get_device_name(), dtype="bf16", compiled=compile_unet,
-             batch=batch, steps=steps, guidance_scale=5.0, images_per_s=round(ips, 3),
-             achieved_tflops=round(ips * flops_per_image / 1e12, 1),
-             mfu=round(ips * flops_per_image / (peak_tflops * 1e12), 4),
-             peak_memory_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2))
+        emit(
+            bench="model",
+            preset=preset,
+            device=torch.cuda.get_device_name(),
+            dtype="bf16",
+            compiled=compile_unet,
+            batch=batch,
+            steps=steps,
+            guidance_scale=5.0,
+            images_per_s=round(ips, 3),
+            achieved_tflops=round(ips * flops_per_image / 1e12, 1),
+            mfu=round(ips * flops_per_image / (peak_tflops * 1e12), 4),
+            peak_memory_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2),
+        )
 
 
 def main() -> None:
@@ -164,15 +198,33 @@ def main() -> None:
     parser.add_argument("--peak-tflops", type=float, default=989.0)
     parser.add_argument("--compile", action="store_true", help="torch.compile the UNet and hint encoder (GPU)")
     args = parser.parse_args()
-    emit(bench="env", python=platform.python_version(), torch=torch.__version__, cpu=platform.processor() or platform.machine(),
-         cuda=torch.cuda.is_available())
+    emit(
+        bench="env",
+        python=platform.python_version(),
+        torch=torch.__version__,
+        cpu=platform.processor() or platform.machine(),
+        cuda=torch.cuda.is_available(),
+    )
     flops = count_flops("sd15", args.steps)
-    emit(bench="flops", preset="sd15", resolution=512, steps=args.steps, guidance_scale=5.0,
-         **{k: int(v) for k, v in flops.items()}, tflops_per_image=round(flops["flops_per_image"] / 1e12, 2))
+    emit(
+        bench="flops",
+        preset="sd15",
+        resolution=512,
+        steps=args.steps,
+        guidance_scale=5.0,
+        **{k: int(v) for k, v in flops.items()},
+        tflops_per_image=round(flops["flops_per_image"] / 1e12, 2),
+    )
     bench_tiny_cpu(args.steps)
     if torch.cuda.is_available():
-        bench_gpu("sd15", args.steps, [int(b) for b in args.gpu_batches.split(",")], args.peak_tflops,
-                  flops["flops_per_image"], args.compile)
+        bench_gpu(
+            "sd15",
+            args.steps,
+            [int(b) for b in args.gpu_batches.split(",")],
+            args.peak_tflops,
+            flops["flops_per_image"],
+            args.compile,
+        )
 
 
 if __name__ == "__main__":

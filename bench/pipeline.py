@@ -48,9 +48,16 @@ def model_only(manifest: str, rows: int, steps: int, model: str, batch: int) -> 
     table = pq.read_table(manifest).slice(0, rows).to_pylist()
     base = os.path.dirname(manifest)
     config = PrepareConfig(InputPolicy(manifest_dir=base), renderer.resolution, renderer.product_size)
-    prepared = [prepare_pair(os.path.join(base, t["context_uri"]), os.path.join(base, t["product_uri"]),
-                             os.path.join(base, t["mask_uri"]) if t["mask_uri"] else None, t["bbox"], config).model
-                for t in table]
+    prepared = [
+        prepare_pair(
+            os.path.join(base, t["context_uri"]),
+            os.path.join(base, t["product_uri"]),
+            os.path.join(base, t["mask_uri"]) if t["mask_uri"] else None,
+            t["bbox"],
+            config,
+        ).model
+        for t in table
+    ]
 
     def stack(chunk: list, key: str) -> np.ndarray:
         return np.stack([p[key] for p in chunk])
@@ -59,8 +66,17 @@ def model_only(manifest: str, rows: int, steps: int, model: str, batch: int) -> 
 
     def call(k: int, chunk: list) -> None:
         seeds = np.arange(k * batch, k * batch + len(chunk))
-        renderer.render(stack(chunk, "context"), stack(chunk, "hole"), stack(chunk, "product"), stack(chunk, "product_alpha"),
-                        seeds, steps=steps, guidance_scale=5.0, hint=stack(chunk, "hint"), hint_mask=stack(chunk, "hint_mask"))
+        renderer.render(
+            stack(chunk, "context"),
+            stack(chunk, "hole"),
+            stack(chunk, "product"),
+            stack(chunk, "product_alpha"),
+            seeds,
+            steps=steps,
+            guidance_scale=5.0,
+            hint=stack(chunk, "hint"),
+            hint_mask=stack(chunk, "hint_mask"),
+        )
 
     call(0, chunks[0])  # warm-up, untimed: the loop's best case, as the job's first batch is excluded too
     start = time.perf_counter()
@@ -75,24 +91,54 @@ def run_size(rows: int, steps: int, model: str, work: str, tag: str = "size") ->
     from pipeline.sample_catalog import make_catalog
 
     catalog = os.path.join(work, f"catalog-{tag}-{rows}")
-    manifest = make_catalog(catalog, n_pairs=rows, bad_rows=False, sizes=[(160, 120), (128, 128), (120, 160)], unique_images=32)
+    manifest = make_catalog(
+        catalog, n_pairs=rows, bad_rows=False, sizes=[(160, 120), (128, 128), (120, 160)], unique_images=32
+    )
     output = os.path.join(work, f"out-{tag}-{rows}")
     env = dict(os.environ, PYTHONPATH=ROOT, RAY_USAGE_STATS_ENABLED="0")
-    command = [sys.executable, "-m", "jobs.render", "--manifest", manifest, "--output", output, "--model", model,
-               "--steps", str(steps), "--batch-size", "16", "--run-id", "bench", "--cpus-per-actor", "1",
-               "--torch-threads", "1"]
+    command = [
+        sys.executable,
+        "-m",
+        "jobs.render",
+        "--manifest",
+        manifest,
+        "--output",
+        output,
+        "--model",
+        model,
+        "--steps",
+        str(steps),
+        "--batch-size",
+        "16",
+        "--run-id",
+        "bench",
+        "--cpus-per-actor",
+        "1",
+        "--torch-threads",
+        "1",
+    ]
     start = time.perf_counter()
     done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True)
     wall = time.perf_counter() - start
     if done.returncode != 0:
-        raise SystemExit(f"render of {rows} rows exited {done.returncode}:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
+        raise SystemExit(
+            f"render of {rows} rows exited {done.returncode}:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+        )
     with open(os.path.join(output, "runs", "bench.json")) as f:
         record = json.load(f)
     return {
-        "bench": "pipeline", "rows": rows, "steps": steps, "wall_s": round(wall, 2), "rows_per_s": record["rows_per_s"],
-        "steady_rows_per_s": record["steady_rows_per_s"], "arrival_rows_per_s": record["arrival_rows_per_s"], "manifest": manifest,
-        "stage_seconds": record["stage_seconds"], "driver_peak_rss_mb": record["driver_peak_rss_mb"],
-        "ok": record["counts"]["ok"], "failed": record["counts"]["failed"],
+        "bench": "pipeline",
+        "rows": rows,
+        "steps": steps,
+        "wall_s": round(wall, 2),
+        "rows_per_s": record["rows_per_s"],
+        "steady_rows_per_s": record["steady_rows_per_s"],
+        "arrival_rows_per_s": record["arrival_rows_per_s"],
+        "manifest": manifest,
+        "stage_seconds": record["stage_seconds"],
+        "driver_peak_rss_mb": record["driver_peak_rss_mb"],
+        "ok": record["counts"]["ok"],
+        "failed": record["counts"]["failed"],
     }
 
 
@@ -105,8 +151,13 @@ def main() -> None:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="dtc-bench-") as work:
         model = os.path.join(work, "dtc-tiny")
-        subprocess.run([sys.executable, "-m", "jobs.make_model", "--preset", "tiny", "--out", model], cwd=ROOT,
-                       check=True, capture_output=True, env=dict(os.environ, PYTHONPATH=ROOT))
+        subprocess.run(
+            [sys.executable, "-m", "jobs.make_model", "--preset", "tiny", "--out", model],
+            cwd=ROOT,
+            check=True,
+            capture_output=True,
+            env=dict(os.environ, PYTHONPATH=ROOT),
+        )
         results = []
         for rows in (int(s) for s in args.sizes.split(",")):
             results.append(run_size(rows, args.steps, model, work))
@@ -114,18 +165,32 @@ def main() -> None:
         if len(results) >= 2:
             small, large = results[0], results[-1]
             growth = large["driver_peak_rss_mb"] / small["driver_peak_rss_mb"] - 1
-            emit(bench="pipeline_rss", rows=[small["rows"], large["rows"]],
-                 rss_mb=[small["driver_peak_rss_mb"], large["driver_peak_rss_mb"]],
-                 rss_growth=round(growth, 4), target_max_growth=0.10, meets_target=growth <= 0.10)
+            emit(
+                bench="pipeline_rss",
+                rows=[small["rows"], large["rows"]],
+                rss_mb=[small["driver_peak_rss_mb"], large["driver_peak_rss_mb"]],
+                rss_growth=round(growth, 4),
+                target_max_growth=0.10,
+                meets_target=growth <= 0.10,
+            )
         if args.efficiency_rows:
             job = run_size(args.efficiency_rows, args.efficiency_steps, model, work, tag="efficiency")
             loop_rps, per_batch = model_only(job["manifest"], args.efficiency_rows, args.efficiency_steps, model, 16)
             efficiency = job["steady_rows_per_s"] / loop_rps
-            emit(bench="pipeline_efficiency", rows=args.efficiency_rows, steps=args.efficiency_steps, batch_size=16,
-                 torch_threads=1, pipeline_rows_per_s=round(job["steady_rows_per_s"], 3), model_only_rows_per_s=round(loop_rps, 3),
-                 model_seconds_per_batch=round(per_batch, 3), efficiency=round(efficiency, 3),
-                 efficiency_on_arrivals=round(job["arrival_rows_per_s"] / loop_rps, 3), target=0.85,
-                 meets_target=efficiency >= 0.85 and per_batch >= 0.5)
+            emit(
+                bench="pipeline_efficiency",
+                rows=args.efficiency_rows,
+                steps=args.efficiency_steps,
+                batch_size=16,
+                torch_threads=1,
+                pipeline_rows_per_s=round(job["steady_rows_per_s"], 3),
+                model_only_rows_per_s=round(loop_rps, 3),
+                model_seconds_per_batch=round(per_batch, 3),
+                efficiency=round(efficiency, 3),
+                efficiency_on_arrivals=round(job["arrival_rows_per_s"] / loop_rps, 3),
+                target=0.85,
+                meets_target=efficiency >= 0.85 and per_batch >= 0.5,
+            )
 
 
 if __name__ == "__main__":

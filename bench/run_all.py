@@ -29,17 +29,22 @@ BENCHES = {
     "serve": ["bench/serve.py"],
     "soak": ["bench/soak.py"],
 }
-GPU_COMMAND = "python bench/model.py --gpu-batches 1,2,4,8,16 --steps 40   # on the GPU node; add --compile to try torch.compile"
+GPU_COMMAND = (
+    "python bench/model.py --gpu-batches 1,2,4,8,16 --steps 40   # on the GPU node; add --compile to try torch.compile"
+)
 
 
 def machine() -> str:
     gpu = "none"
     try:
-        out = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True, text=True, timeout=10)
+        out = subprocess.run(
+            ["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True, text=True, timeout=10
+        )
         gpu = out.stdout.strip() or "none"
     except (OSError, subprocess.TimeoutExpired):
         pass
-    return f"{platform.node()}: {os.cpu_count()} CPUs, {platform.machine()}, Python {platform.python_version()}, GPU {gpu}"
+    cpus = f"{os.cpu_count()} CPUs, {platform.machine()}"
+    return f"{platform.node()}: {cpus}, Python {platform.python_version()}, GPU {gpu}"
 
 
 def _sections(path: str) -> dict[str, list[str]]:
@@ -66,18 +71,20 @@ def main() -> None:
     sections = []
     for name in chosen:
         command = [sys.executable, *BENCHES[name]]
-        started = datetime.datetime.now(datetime.timezone.utc)
+        started = datetime.datetime.now(datetime.UTC)
         done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=ROOT))
         lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
         for line in lines:
             json.loads(line)  # only well-formed records reach the page
         status = "ok" if done.returncode == 0 else f"exit {done.returncode}: {done.stderr.strip().splitlines()[-1:]}"
-        sections.append((name, " ".join(["python", *BENCHES[name]]), started.isoformat(timespec="seconds"), status, lines))
+        sections.append(
+            (name, " ".join(["python", *BENCHES[name]]), started.isoformat(timespec="seconds"), status, lines)
+        )
         print(f"[bench] {name}: {status}, {len(lines)} record(s)", flush=True)
     page = [
         "# Benchmark results",
         "",
-        f"Written by `python bench/run_all.py` on {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC.",
+        f"Written by `python bench/run_all.py` on {datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC.",
         f"Machine: {machine()}.",
         "",
         "GPU figures (sd15 at 512^2, 40 DDIM steps, CFG 5: images/s and MFU) come from:",
@@ -86,8 +93,10 @@ def main() -> None:
         "",
     ]
     kept = _sections(args.out) if args.only else {}
-    ran = {name: [f"## {name}", "", f"`{command}` (started {started}, {status})", "", "```json", *lines, "```", ""]
-           for name, command, started, status, lines in sections}
+    ran = {
+        name: [f"## {name}", "", f"`{command}` (started {started}, {status})", "", "```json", *lines, "```", ""]
+        for name, command, started, status, lines in sections
+    }
     for name in BENCHES:
         page += ran.get(name) or kept.get(name) or []
     with open(args.out, "w") as f:

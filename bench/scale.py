@@ -70,7 +70,9 @@ def _write_manifest(folder: str, rows: int, files: int, width: int) -> None:
         x0 = (np.arange(n) % 200).astype(np.float64)
         coords = np.stack([x0, x0 / 2, x0 + 300, x0 / 2 + 400], axis=1).ravel()
         bbox = pa.ListArray.from_arrays(pa.array(np.arange(0, 4 * n + 1, 4, dtype=np.int32)), pa.array(coords))
-        table = pa.table({"pair_id": _pair_ids(start, stop, width), "context_uri": context, "product_uri": product, "bbox": bbox})
+        table = pa.table(
+            {"pair_id": _pair_ids(start, stop, width), "context_uri": context, "product_uri": product, "bbox": bbox}
+        )
         pq.write_table(table, os.path.join(folder, f"part-{f:05d}.parquet"), row_group_size=128 * 1024)
 
 
@@ -97,11 +99,23 @@ def _write_state(output: str, rows: int, done: int, width: int, model_digest: st
     n = len(pair_ids)
     table = pa.table(
         {
-            "pair_id": pair_ids, "status": ["ok"] * n, "error_code": pa.nulls(n, pa.string()), "error_message": pa.nulls(n, pa.string()),
-            "output_uri": uris, "width": np.full(n, 1024, np.int64), "height": np.full(n, 768, np.int64),
-            "crop_box": pa.ListArray.from_arrays(pa.array(np.arange(0, 4 * n + 1, 4, dtype=np.int32)), pa.array(np.tile(np.array([0, 0, 512, 512], np.int64), n))),
-            "seed": [stable_seed(pid) for pid in pair_ids], "model_digest": [model_digest] * n, "settings_digest": [settings_digest] * n,
-            "clip_score": np.full(n, 27.5), "render_ms": np.full(n, 850.0), "finished_at": ["2026-11-26T03:12:45.123+00:00"] * n,
+            "pair_id": pair_ids,
+            "status": ["ok"] * n,
+            "error_code": pa.nulls(n, pa.string()),
+            "error_message": pa.nulls(n, pa.string()),
+            "output_uri": uris,
+            "width": np.full(n, 1024, np.int64),
+            "height": np.full(n, 768, np.int64),
+            "crop_box": pa.ListArray.from_arrays(
+                pa.array(np.arange(0, 4 * n + 1, 4, dtype=np.int32)),
+                pa.array(np.tile(np.array([0, 0, 512, 512], np.int64), n)),
+            ),
+            "seed": [stable_seed(pid) for pid in pair_ids],
+            "model_digest": [model_digest] * n,
+            "settings_digest": [settings_digest] * n,
+            "clip_score": np.full(n, 27.5),
+            "render_ms": np.full(n, 850.0),
+            "finished_at": ["2026-11-26T03:12:45.123+00:00"] * n,
             "run_id": ["20261126T030000Z-abc123"] * n,
         },
         schema=state_schema(),
@@ -125,8 +139,13 @@ def setup(work: str, rows: int, files: int, done: int, model: str | None) -> dic
     if model is None:
         model = os.path.join(work, "dtc-tiny")
         if not os.path.exists(os.path.join(model, "model_index.json")):
-            subprocess.run([sys.executable, "-m", "jobs.make_model", "--preset", "tiny", "--out", model], cwd=ROOT,
-                           check=True, capture_output=True, env=dict(os.environ, PYTHONPATH=ROOT))
+            subprocess.run(
+                [sys.executable, "-m", "jobs.make_model", "--preset", "tiny", "--out", model],
+                cwd=ROOT,
+                check=True,
+                capture_output=True,
+                env=dict(os.environ, PYTHONPATH=ROOT),
+            )
     width = max(7, len(str(rows - 1)))
     manifest = os.path.join(work, f"manifest-{key}")
     output = os.path.join(work, f"out-{key}")
@@ -143,6 +162,10 @@ def setup(work: str, rows: int, files: int, done: int, model: str | None) -> dic
 
 
 # -- measurement (child process) ---------------------------------------------------------------
+
+
+def _where(path: str) -> str:
+    return os.path.relpath(path, ROOT) if path.startswith(ROOT) else path
 
 
 def _peak_mb() -> float:
@@ -245,14 +268,29 @@ def child(spec: dict, profile: int) -> None:
     counts = result.counts
     known = ("plan", "state", "index", "duplicates", "resume")
     stages = {k: round(v, 3) for k, v in seconds.items()}
-    stages["state.list_images"] = round(seconds["state"] - seconds["state.load_state"] - seconds["state.reusable_state"], 3)
-    stages["other"] = round(total - sum(seconds[k] for k in known), 3)  # check_checkpoint, model digest, dry-run counting
-    print(json.dumps({
-        "total_s": round(total, 3), "peak_rss_mb": _peak_mb(), "vm_hwm_mb": _hwm_mb(), "rss_mb_at_end": _rss_mb(), "baseline_peak_rss_mb": baseline_mb,
-        "stages": stages, "peak_rss_mb_after": peak_after,
-        "render": counts["pending"] + counts["invalid"], "reuse": counts["done"] + counts["failed"],
-        "counts": {k: counts[k] for k in ("pending", "done", "failed", "invalid")},
-    }), flush=True)
+    stages["state.list_images"] = round(
+        seconds["state"] - seconds["state.load_state"] - seconds["state.reusable_state"], 3
+    )
+    stages["other"] = round(
+        total - sum(seconds[k] for k in known), 3
+    )  # check_checkpoint, model digest, dry-run counting
+    print(
+        json.dumps(
+            {
+                "total_s": round(total, 3),
+                "peak_rss_mb": _peak_mb(),
+                "vm_hwm_mb": _hwm_mb(),
+                "rss_mb_at_end": _rss_mb(),
+                "baseline_peak_rss_mb": baseline_mb,
+                "stages": stages,
+                "peak_rss_mb_after": peak_after,
+                "render": counts["pending"] + counts["invalid"],
+                "reuse": counts["done"] + counts["failed"],
+                "counts": {k: counts[k] for k in ("pending", "done", "failed", "invalid")},
+            }
+        ),
+        flush=True,
+    )
     if profiler is not None:
         import pstats
 
@@ -262,8 +300,14 @@ def child(spec: dict, profile: int) -> None:
             top = []
             for func in stats.fcn_list[:profile]:
                 cc, nc, tt, ct, _ = stats.stats[func]
-                top.append({"func": f"{os.path.relpath(func[0], ROOT) if func[0].startswith(ROOT) else func[0]}:{func[1]}({func[2]})",
-                            "calls": nc, "tottime_s": round(tt, 3), "cumtime_s": round(ct, 3)})
+                top.append(
+                    {
+                        "func": f"{_where(func[0])}:{func[1]}({func[2]})",
+                        "calls": nc,
+                        "tottime_s": round(tt, 3),
+                        "cumtime_s": round(ct, 3),
+                    }
+                )
             print(json.dumps({"profile_sort": sort, "top": top}), flush=True)
 
 
@@ -292,7 +336,9 @@ def main() -> None:
     parser.add_argument("--done-fraction", type=float, default=0.5)
     parser.add_argument("--work", help="keep (and reuse) the generated data here instead of a temp folder")
     parser.add_argument("--model", help="an existing DTC model folder (default: build a tiny one)")
-    parser.add_argument("--profile", type=int, default=0, help="also run a cProfile'd driver and print the top N functions")
+    parser.add_argument(
+        "--profile", type=int, default=0, help="also run a cProfile'd driver and print the top N functions"
+    )
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--setup", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -312,16 +358,36 @@ def main() -> None:
         # the measured driver must stay small.
         start = time.perf_counter()
         spec = _run_setup(work, args.rows, args.files, done, args.model)
-        emit(bench="scale_setup", rows=args.rows, files=args.files, done=done, setup_s=round(time.perf_counter() - start, 2),
-             reused=spec.pop("reused_setup"), counted=False)
+        emit(
+            bench="scale_setup",
+            rows=args.rows,
+            files=args.files,
+            done=done,
+            setup_s=round(time.perf_counter() - start, 2),
+            reused=spec.pop("reused_setup"),
+            counted=False,
+        )
         result, _ = run_child(spec, 0)
         meets = result["total_s"] <= TARGET_S and result["peak_rss_mb"] <= TARGET_RSS_MB
-        emit(bench="scale", rows=args.rows, done=done, files=args.files, plan_and_resume_s=result["total_s"],
-             driver_peak_rss_mb=result["peak_rss_mb"], driver_vm_hwm_mb=result["vm_hwm_mb"], driver_baseline_rss_mb=result["baseline_peak_rss_mb"],
-             stages=result["stages"], peak_rss_mb_after=result["peak_rss_mb_after"], render=result["render"],
-             reuse=result["reuse"], counts=result["counts"], target_s=TARGET_S, target_rss_mb=TARGET_RSS_MB,
-             meets_target=meets if args.rows >= 1_000_000 else None,
-             **({} if args.rows >= 1_000_000 else {"note": "below 1M rows: meets_target is only judged at 1M"}))
+        emit(
+            bench="scale",
+            rows=args.rows,
+            done=done,
+            files=args.files,
+            plan_and_resume_s=result["total_s"],
+            driver_peak_rss_mb=result["peak_rss_mb"],
+            driver_vm_hwm_mb=result["vm_hwm_mb"],
+            driver_baseline_rss_mb=result["baseline_peak_rss_mb"],
+            stages=result["stages"],
+            peak_rss_mb_after=result["peak_rss_mb_after"],
+            render=result["render"],
+            reuse=result["reuse"],
+            counts=result["counts"],
+            target_s=TARGET_S,
+            target_rss_mb=TARGET_RSS_MB,
+            meets_target=meets if args.rows >= 1_000_000 else None,
+            **({} if args.rows >= 1_000_000 else {"note": "below 1M rows: meets_target is only judged at 1M"}),
+        )
         if args.profile:
             _, profiles = run_child(spec, args.profile)
             for record in profiles:

@@ -52,8 +52,11 @@ def make_pairs(count: int) -> list[dict]:
 
     rng = np.random.default_rng(0)
     return [
-        {"context": encode(scene(320, 240, rng), "JPEG"), "product": encode(product(128, rng), "PNG"),
-         "bbox": json.dumps([40 + 20 * i, 60, 180 + 20 * i, 200])}
+        {
+            "context": encode(scene(320, 240, rng), "JPEG"),
+            "product": encode(product(128, rng), "PNG"),
+            "bbox": json.dumps([40 + 20 * i, 60, 180 + 20 * i, 200]),
+        }
         for i in range(count)
     ]
 
@@ -70,8 +73,13 @@ def run_level(base: str, headers: dict, pairs: list[dict], concurrency: int, req
         pair = pairs[i % len(pairs)]
         files = {"context": ("c.jpg", pair["context"]), "product": ("p.png", pair["product"])}
         start = time.perf_counter()
-        response = local.session.post(f"{base}/v1/render", files=files, data={"bbox": pair["bbox"], "seed": str(i), "steps": str(steps)},
-                                      headers=headers, timeout=300)
+        response = local.session.post(
+            f"{base}/v1/render",
+            files=files,
+            data={"bbox": pair["bbox"], "seed": str(i), "steps": str(steps)},
+            headers=headers,
+            timeout=300,
+        )
         return (time.perf_counter() - start) * 1000, response.status_code
 
     stats_before = requests.get(f"{base}/v1/stats", headers=headers, timeout=30).json()
@@ -84,12 +92,18 @@ def run_level(base: str, headers: dict, pairs: list[dict], concurrency: int, req
     model_calls = stats_after["model_calls"] - stats_before["model_calls"]
     rendered = stats_after["rendered"] - stats_before["rendered"]
     return {
-        "bench": "serve", "concurrency": concurrency, "requests": requests_total, "steps": steps,
-        "ok": int(latencies.size), "failed": requests_total - int(latencies.size),
+        "bench": "serve",
+        "concurrency": concurrency,
+        "requests": requests_total,
+        "steps": steps,
+        "ok": int(latencies.size),
+        "failed": requests_total - int(latencies.size),
         "p50_ms": round(float(np.percentile(latencies, 50)), 1) if latencies.size else None,
         "p99_ms": round(float(np.percentile(latencies, 99)), 1) if latencies.size else None,
-        "throughput_rps": round(latencies.size / wall, 2), "wall_s": round(wall, 2),
-        "model_calls": model_calls, "mean_batch_size": round(rendered / model_calls, 2) if model_calls else None,
+        "throughput_rps": round(latencies.size / wall, 2),
+        "wall_s": round(wall, 2),
+        "model_calls": model_calls,
+        "mean_batch_size": round(rendered / model_calls, 2) if model_calls else None,
     }
 
 
@@ -99,7 +113,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--max-batch-size", type=int, default=8)
     parser.add_argument("--batch-wait-s", type=float, default=0.05)
-    parser.add_argument("--requests-per-client", type=int, default=4, help="requests per level = max(16, this x concurrency)")
+    parser.add_argument(
+        "--requests-per-client", type=int, default=4, help="requests per level = max(16, this x concurrency)"
+    )
     args = parser.parse_args()
     levels = [int(level) for level in args.levels.split(",")]
     sys.path.insert(0, ROOT)
@@ -108,8 +124,12 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory(prefix="dtc-bench-serve-") as work:
         model = os.path.join(work, "dtc-tiny")
-        subprocess.run([sys.executable, "-m", "jobs.make_model", "--preset", "tiny", "--out", model], cwd=ROOT, check=True,
-                       capture_output=True)
+        subprocess.run(
+            [sys.executable, "-m", "jobs.make_model", "--preset", "tiny", "--out", model],
+            cwd=ROOT,
+            check=True,
+            capture_output=True,
+        )
         import ray
         from ray import serve
 
@@ -119,19 +139,33 @@ def main() -> None:
         port = free_port()
         try:
             serve.start(http_options={"host": "127.0.0.1", "port": port, "request_timeout_s": 300})
-            serve.run(app_builder({
-                "model_uri": model, "max_batch_size": args.max_batch_size, "batch_wait_timeout_s": args.batch_wait_s,
-                "max_ongoing_requests": max(2 * args.max_batch_size, max(levels)), "steps": args.steps, "num_cpus": 1,
-                "image_format": "jpeg",
-            }), name="dtc-bench", route_prefix="/")
+            serve.run(
+                app_builder(
+                    {
+                        "model_uri": model,
+                        "max_batch_size": args.max_batch_size,
+                        "batch_wait_timeout_s": args.batch_wait_s,
+                        "max_ongoing_requests": max(2 * args.max_batch_size, max(levels)),
+                        "steps": args.steps,
+                        "num_cpus": 1,
+                        "image_format": "jpeg",
+                    }
+                ),
+                name="dtc-bench",
+                route_prefix="/",
+            )
             base, headers = f"http://127.0.0.1:{port}", {}
             pairs = make_pairs(4)
             run_level(base, headers, pairs, 2, 4, args.steps)  # warm-up: first calls allocate and compile kernels
             first_rps = None
             for concurrency in levels:
-                record = run_level(base, headers, pairs, concurrency, max(16, args.requests_per_client * concurrency), args.steps)
+                record = run_level(
+                    base, headers, pairs, concurrency, max(16, args.requests_per_client * concurrency), args.steps
+                )
                 first_rps = first_rps or record["throughput_rps"]
-                record["throughput_vs_first_level"] = round(record["throughput_rps"] / first_rps, 2) if first_rps else None
+                record["throughput_vs_first_level"] = (
+                    round(record["throughput_rps"] / first_rps, 2) if first_rps else None
+                )
                 emit(**record)
         finally:
             serve.shutdown()

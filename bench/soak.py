@@ -68,7 +68,11 @@ def memory(pid: int) -> dict[str, float]:
             key, _, value = line.partition(":")
             if key in ("VmRSS", "RssAnon", "RssShmem"):
                 fields[key] = int(value.split()[0]) / 1024
-    return {"rss": round(fields["VmRSS"], 1), "anon": round(fields["RssAnon"], 1), "shmem": round(fields["RssShmem"], 1)}
+    return {
+        "rss": round(fields["VmRSS"], 1),
+        "anon": round(fields["RssAnon"], 1),
+        "shmem": round(fields["RssShmem"], 1),
+    }
 
 
 def workers(driver: psutil.Process) -> dict[str, dict]:
@@ -99,20 +103,56 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory(prefix="dtc-soak-") as work:
         model = os.path.join(work, "dtc-tiny")
-        subprocess.run([sys.executable, "-m", "jobs.make_model", "--preset", "tiny", "--out", model], cwd=ROOT, check=True,
-                       capture_output=True, env=dict(os.environ, PYTHONPATH=ROOT))
-        manifest = make_catalog(os.path.join(work, "catalog"), n_pairs=args.rows, bad_rows=False,
-                                sizes=[(96, 80), (80, 96), (96, 96)], unique_images=32)
+        subprocess.run(
+            [sys.executable, "-m", "jobs.make_model", "--preset", "tiny", "--out", model],
+            cwd=ROOT,
+            check=True,
+            capture_output=True,
+            env=dict(os.environ, PYTHONPATH=ROOT),
+        )
+        manifest = make_catalog(
+            os.path.join(work, "catalog"),
+            n_pairs=args.rows,
+            bad_rows=False,
+            sizes=[(96, 80), (80, 96), (96, 96)],
+            unique_images=32,
+        )
         config = os.path.join(work, "soak.yaml")
         with open(config, "w") as f:
             f.write("manifest_part_rows: 50\n")
         output = os.path.join(work, "out")
-        command = [sys.executable, "-m", "jobs.render", "--manifest", manifest, "--output", output, "--model", model,
-                   "--steps", str(args.steps), "--batch-size", "8", "--run-id", "soak", "--config", config,
-                   "--cpus-per-actor", "1", "--torch-threads", "1", "--no-metrics"]
+        command = [
+            sys.executable,
+            "-m",
+            "jobs.render",
+            "--manifest",
+            manifest,
+            "--output",
+            output,
+            "--model",
+            model,
+            "--steps",
+            str(args.steps),
+            "--batch-size",
+            "8",
+            "--run-id",
+            "soak",
+            "--config",
+            config,
+            "--cpus-per-actor",
+            "1",
+            "--torch-threads",
+            "1",
+            "--no-metrics",
+        ]
         log = open(os.path.join(work, "render.log"), "w")
-        job = subprocess.Popen(command, cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT, RAY_USAGE_STATS_ENABLED="0"),
-                               stdout=log, stderr=subprocess.STDOUT)
+        job = subprocess.Popen(
+            command,
+            cwd=ROOT,
+            env=dict(os.environ, PYTHONPATH=ROOT, RAY_USAGE_STATS_ENABLED="0"),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
         driver = psutil.Process(job.pid)
         count = RowCounter(os.path.join(output, "manifest", "soak"))
         samples = []
@@ -122,12 +162,27 @@ def main() -> None:
                 own = memory(job.pid)
             except (FileNotFoundError, KeyError):
                 break
-            sample = {"t": round(time.monotonic() - start, 1), "rows": count(), "driver": own, "workers": workers(driver)}
+            sample = {
+                "t": round(time.monotonic() - start, 1),
+                "rows": count(),
+                "driver": own,
+                "workers": workers(driver),
+            }
             sample["workers_rss_mb"] = round(sum(w["rss"] for w in sample["workers"].values()), 1)
             samples.append(sample)
             if len(samples) % args.print_every == 1:
-                emit(bench="soak_sample", t=sample["t"], rows=sample["rows"], driver=own, workers_rss_mb=sample["workers_rss_mb"],
-                     model_actors=[{k: w[k] for k in ("rss", "anon", "shmem")} for w in sample["workers"].values() if "DTCRenderer" in w["role"]])
+                emit(
+                    bench="soak_sample",
+                    t=sample["t"],
+                    rows=sample["rows"],
+                    driver=own,
+                    workers_rss_mb=sample["workers_rss_mb"],
+                    model_actors=[
+                        {k: w[k] for k in ("rss", "anon", "shmem")}
+                        for w in sample["workers"].values()
+                        if "DTCRenderer" in w["role"]
+                    ],
+                )
             time.sleep(args.interval)
         code = job.wait()
         log.close()
@@ -146,18 +201,34 @@ def main() -> None:
         for pid, w in quarter["workers"].items():  # the model actors: long-lived, present at both marks
             if "DTCRenderer" in w["role"] and pid in end["workers"]:
                 marks[f"model_actor_{pid}"] = (w, end["workers"][pid])
-        growth = {name: {"rss": round(b["rss"] / a["rss"] - 1, 4),
-                         "rss_minus_shmem": round((b["rss"] - b["shmem"]) / (a["rss"] - a["shmem"]) - 1, 4)}
-                  for name, (a, b) in marks.items()}
-        emit(bench="soak", rows=total, ok=record["counts"]["ok"], failed=record["counts"]["failed"], steps=args.steps,
-             elapsed_s=record["elapsed_s"], rows_per_s=record["rows_per_s"], samples=len(samples),
-             marks_rows=[quarter["rows"], end["rows"]],
-             memory_mb_at_marks={name: [{k: m[k] for k in ("rss", "anon", "shmem")} for m in pair] for name, pair in marks.items()},
-             growth=growth, driver_rss_mb_by_rows=record["driver_rss_mb_by_rows"],
-             workers_rss_mb_at_marks=[quarter["workers_rss_mb"], end["workers_rss_mb"]], target_max_growth=TARGET,
-             verdict_on="driver: RSS; model actors: RSS minus shared memory (object-store pages)",
-             meets_target=len(growth) >= 2 and all(g["rss" if name == "driver" else "rss_minus_shmem"] <= TARGET
-                                                   for name, g in growth.items()))
+        growth = {
+            name: {
+                "rss": round(b["rss"] / a["rss"] - 1, 4),
+                "rss_minus_shmem": round((b["rss"] - b["shmem"]) / (a["rss"] - a["shmem"]) - 1, 4),
+            }
+            for name, (a, b) in marks.items()
+        }
+        emit(
+            bench="soak",
+            rows=total,
+            ok=record["counts"]["ok"],
+            failed=record["counts"]["failed"],
+            steps=args.steps,
+            elapsed_s=record["elapsed_s"],
+            rows_per_s=record["rows_per_s"],
+            samples=len(samples),
+            marks_rows=[quarter["rows"], end["rows"]],
+            memory_mb_at_marks={
+                name: [{k: m[k] for k in ("rss", "anon", "shmem")} for m in pair] for name, pair in marks.items()
+            },
+            growth=growth,
+            driver_rss_mb_by_rows=record["driver_rss_mb_by_rows"],
+            workers_rss_mb_at_marks=[quarter["workers_rss_mb"], end["workers_rss_mb"]],
+            target_max_growth=TARGET,
+            verdict_on="driver: RSS; model actors: RSS minus shared memory (object-store pages)",
+            meets_target=len(growth) >= 2
+            and all(g["rss" if name == "driver" else "rss_minus_shmem"] <= TARGET for name, g in growth.items()),
+        )
 
 
 if __name__ == "__main__":

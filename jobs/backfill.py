@@ -12,9 +12,8 @@ Takes every option of `jobs.render`; exit codes are the same.
 
 from __future__ import annotations
 
-import argparse
 import sys
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 from jobs.render import build_parser, run_job
 
@@ -23,12 +22,18 @@ BACKFILL_KEYS = ("manifest_root", "start", "end", "dry_run", "partition_key")
 
 def parse_args(argv: list[str] | None) -> tuple[dict, dict]:
     parser = build_parser()
-    parser.prog, parser.description, parser.epilog = "python -m jobs.backfill", __doc__.split("\n")[0], __doc__.split("\n", 2)[2]
+    parser.prog, parser.description, parser.epilog = (
+        "python -m jobs.backfill",
+        __doc__.split("\n")[0],
+        __doc__.split("\n", 2)[2],
+    )
     parser.add_argument("--manifest-root", required=True, help="folder holding <key>=YYYY-MM-DD/ partitions")
     parser.add_argument("--start", required=True, help="first date, YYYY-MM-DD (inclusive)")
     parser.add_argument("--end", required=True, help="last date, YYYY-MM-DD (inclusive)")
     parser.add_argument("--partition-key", default="dt", help="hive partition key (default dt)")
-    parser.add_argument("--dry-run", action="store_true", default=False, help="print counts per partition, render nothing")
+    parser.add_argument(
+        "--dry-run", action="store_true", default=False, help="print counts per partition, render nothing"
+    )
     flags = vars(parser.parse_args(argv))
     if "manifest" in flags:
         parser.error("use --manifest-root (and --start/--end) instead of --manifest")
@@ -41,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     flags["partition_range"] = (backfill["start"], backfill["end"])
     flags["partition_key"] = backfill["partition_key"]
     if "run_id" not in flags and not backfill["dry_run"]:
-        stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+        stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
         flags["run_id"] = f"backfill-{backfill['start']}_{backfill['end']}-{stamp}"
     return run_job(flags, "backfill", dry_run=backfill["dry_run"])
 

@@ -54,14 +54,40 @@ def main(argv: list[str] | None = None) -> int:
     from jobs.render import main as render
 
     flags = [
-        "--manifest", manifest, "--output", os.path.join(args.out, "output"), "--model", model,
-        "--steps", "20", "--batch-size", "4", "--image-format", "png", "--cpus-per-actor", "0.5",
-        "--torch-threads", "2", "--max-failed-fraction", "0.1",
-        "--inception-weights", inception, "--clip-model", clip, "--config", _random_weights_config(args.out),
+        "--manifest",
+        manifest,
+        "--output",
+        os.path.join(args.out, "output"),
+        "--model",
+        model,
+        "--steps",
+        "20",
+        "--batch-size",
+        "4",
+        "--image-format",
+        "png",
+        "--cpus-per-actor",
+        "0.5",
+        "--torch-threads",
+        "2",
+        "--max-failed-fraction",
+        "0.1",
+        "--inception-weights",
+        inception,
+        "--clip-model",
+        clip,
+        "--config",
+        _random_weights_config(args.out),
     ]
     code = render(flags + (["--force"] if args.force else []))
-    print(f"\n[demo] look at {os.path.join(args.out, 'output', 'images')} and the QA page {os.path.join(args.out, 'output', 'report')}/*/index.html")
-    print("[demo] the 2 failed rows are deliberate: a missing photo (image_missing) and a bbox outside the photo (bad_bbox)")
+    print(
+        f"\n[demo] look at {os.path.join(args.out, 'output', 'images')} and the QA page "
+        f"{os.path.join(args.out, 'output', 'report')}/*/index.html"
+    )
+    print(
+        "[demo] the 2 failed rows are deliberate: a missing photo (image_missing) "
+        "and a bbox outside the photo (bad_bbox)"
+    )
     return code
 
 

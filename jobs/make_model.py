@@ -51,9 +51,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"make_model: {e}", file=sys.stderr)
         return EXIT_REFUSED
     digest = save_pipeline(pipe, args.out)
-    counts = {name: sum(p.numel() for p in module.parameters()) for name, module in pipe.components.items() if hasattr(module, "parameters")}
-    print(f"wrote {args.out}: resolution {pipe.config.resolution}, layout {pipe.config.input_layout}, "
-          f"{pipe.hint_encoder.num_film_sites} FiLM sites, {sum(counts.values()) / 1e6:.2f}M parameters")
+    counts = {
+        name: sum(p.numel() for p in module.parameters())
+        for name, module in pipe.components.items()
+        if hasattr(module, "parameters")
+    }
+    print(
+        f"wrote {args.out}: resolution {pipe.config.resolution}, layout {pipe.config.input_layout}, "
+        f"{pipe.hint_encoder.num_film_sites} FiLM sites, {sum(counts.values()) / 1e6:.2f}M parameters"
+    )
     print("  " + ", ".join(f"{k} {v / 1e6:.2f}M" for k, v in counts.items()))
     print(f"  model_digest sha256:{digest}")
     return EXIT_OK

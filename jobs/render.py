@@ -31,8 +31,11 @@ def _actors(text: str) -> tuple[int, int]:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m jobs.render", description=__doc__.split("\n")[0], argument_default=argparse.SUPPRESS,
-        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n", 2)[2],
+        prog="python -m jobs.render",
+        description=__doc__.split("\n")[0],
+        argument_default=argparse.SUPPRESS,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=__doc__.split("\n", 2)[2],
     )
     add = parser.add_argument
     add("--config", help="YAML file with any of these options; flags win")
@@ -60,10 +63,19 @@ def build_parser() -> argparse.ArgumentParser:
     add("--inception-weights", help="pt_inception-2015-12-05 weights file (path or s3://)")
     add("--clip-model", help="CLIP ViT-B/32 folder (path or s3://)")
     add("--fid-reference", help="reference statistics for FID (path or s3://)")
-    add("--allow-root", action="append", help="extra local folder inputs may come from; an s3://bucket/prefix limits S3 inputs to such prefixes (repeatable)")
+    add(
+        "--allow-root",
+        action="append",
+        help="extra local folder inputs may come from; an s3://bucket/prefix limits S3 inputs "
+        "to such prefixes (repeatable)",
+    )
     add("--allow-http", action="store_true", help="allow http(s):// inputs")
     add("--max-pixels", type=int, help="refuse images above this many pixels (default 50M)")
-    add("--address", help="Ray cluster to join, or auto for the one `ray start` runs here (default RAY_ADDRESS, else a local Ray of its own)")
+    add(
+        "--address",
+        help="Ray cluster to join, or auto for the one `ray start` runs here "
+        "(default RAY_ADDRESS, else a local Ray of its own)",
+    )
     return parser
 
 

@@ -13,6 +13,13 @@ from pipeline.run import RunResult, run_render
 from pipeline.schema import EXIT_ERROR, EXIT_OK, EXIT_REFUSED, EXIT_TOO_MANY_FAILED
 
 __all__ = [
-    "ConfigError", "RenderConfig", "RunSpec", "RunResult", "run_render",
-    "EXIT_OK", "EXIT_ERROR", "EXIT_REFUSED", "EXIT_TOO_MANY_FAILED",
+    "ConfigError",
+    "RenderConfig",
+    "RunSpec",
+    "RunResult",
+    "run_render",
+    "EXIT_OK",
+    "EXIT_ERROR",
+    "EXIT_REFUSED",
+    "EXIT_TOO_MANY_FAILED",
 ]

@@ -58,7 +58,9 @@ class RenderConfig:
     cpus_per_actor: float = 1.0  # a fraction keeps small machines from starving the read stages
     torch_threads: int | None = None  # torch threads inside a CPU actor (Ray sets 1 for fractional CPUs)
     cpu_stage_cpus: float = 0.5  # per fetch/decode/postprocess task; fractional so stages overlap
-    compile: bool = False  # torch.compile the UNet and hint encoder in each actor (GPU: minutes of warm-up, then faster steps)
+    compile: bool = (
+        False  # torch.compile the UNet and hint encoder in each actor (GPU: minutes of warm-up, then faster steps)
+    )
     channels_last: bool = False  # NHWC convolutions for UNet, hint encoder and VAE (faster on GPU tensor cores)
     # -- which rows --------------------------------------------------------------------------------
     limit: int | None = None  # render at most this many manifest rows (in manifest order)
@@ -67,7 +69,9 @@ class RenderConfig:
     run_id: str | None = None  # default: UTC time + random suffix
     max_failed_fraction: float = 0.05  # above it the run exits 3: a nightly must not show green
     # -- inputs allowed ---------------------------------------------------------------------------
-    allow_root: list[str] = field(default_factory=list)  # extra local folders inputs may come from; s3:// prefixes narrow S3
+    allow_root: list[str] = field(
+        default_factory=list
+    )  # extra local folders inputs may come from; s3:// prefixes narrow S3
     allow_http: bool = False  # fetch http(s):// inputs (off: internal metadata endpoints are a risk)
     max_pixels: int = 50_000_000  # images above this fail with too_large before being decoded
     # -- metrics (METRICS.md) -----------------------------------------------------------------------
@@ -82,7 +86,7 @@ class RenderConfig:
     manifest_part_rows: int = 1000  # output-manifest rows per part file (flushed at least every 30 s)
     fault_injection: dict | None = None  # chaos tests only (YAML): see pipeline.stages.faults
 
-    def validate(self) -> "RenderConfig":
+    def validate(self) -> RenderConfig:
         self._check_types()
         for name in ("manifest", "output", "model"):
             if not getattr(self, name):
@@ -130,7 +134,9 @@ class RenderConfig:
         if self.max_pixels < 1:
             raise ConfigError(f"max_pixels must be >= 1, got {self.max_pixels}")
         if self.fid_reference:
-            raise ConfigError("--fid-reference is not supported yet: FID compares against the shard's own context crops")
+            raise ConfigError(
+                "--fid-reference is not supported yet: FID compares against the shard's own context crops"
+            )
         if self.output.startswith(("http://", "https://")):
             raise ConfigError(f"--output must be a local folder or s3://bucket/prefix, got {self.output!r}")
         return self

@@ -17,8 +17,8 @@ inside it.
 from __future__ import annotations
 
 import pyarrow as pa
-
 import ray
+
 from pipeline.config import RunSpec
 from pipeline.fetch import InputPolicy
 from pipeline.manifest import PairIdConflicts
@@ -30,40 +30,71 @@ from pipeline.stages.render_stage import RenderStage, RenderStageConfig
 __all__ = ["stage_configs", "build_dataset"]
 
 
-def stage_configs(spec: RunSpec, gpus_per_actor: float) -> tuple[ReadConfig, PrepareConfig, RenderStageConfig, FinishConfig]:
+def stage_configs(
+    spec: RunSpec, gpus_per_actor: float
+) -> tuple[ReadConfig, PrepareConfig, RenderStageConfig, FinishConfig]:
     """Each stage's config, from the run's spec (the one place settings are handed to stages)."""
     cfg, cpus = spec.cfg, spec.cfg.cpu_stage_cpus
     read = ReadConfig(spec.plan, batch_rows=max(64, 4 * cfg.batch_size), num_cpus=cpus)
     prepare = PrepareConfig(
         InputPolicy(manifest_dir=spec.plan.base_dir, allow_roots=tuple(cfg.allow_root), allow_http=cfg.allow_http),
-        resolution=spec.resolution, product_size=spec.product_size, max_pixels=cfg.max_pixels,
-        crop_margin=cfg.crop_margin, num_cpus=cpus, batch_size=cfg.batch_size,
+        resolution=spec.resolution,
+        product_size=spec.product_size,
+        max_pixels=cfg.max_pixels,
+        crop_margin=cfg.crop_margin,
+        num_cpus=cpus,
+        batch_size=cfg.batch_size,
     )
     render = RenderStageConfig(
-        cfg.model, steps=cfg.steps, guidance_scale=cfg.guidance_scale, scheduler=cfg.scheduler,
-        output=spec.output, run_id=spec.run_id,
+        cfg.model,
+        steps=cfg.steps,
+        guidance_scale=cfg.guidance_scale,
+        scheduler=cfg.scheduler,
+        output=spec.output,
+        run_id=spec.run_id,
         inception_weights=cfg.inception_weights if spec.with_metrics else None,
         clip_model=cfg.clip_model if spec.with_metrics else None,
-        torch_threads=cfg.torch_threads, compile_model=cfg.compile, channels_last=cfg.channels_last,
-        fault_injection=cfg.fault_injection, batch_size=cfg.batch_size, num_gpus=gpus_per_actor, num_cpus=cfg.cpus_per_actor,
+        torch_threads=cfg.torch_threads,
+        compile_model=cfg.compile,
+        channels_last=cfg.channels_last,
+        fault_injection=cfg.fault_injection,
+        batch_size=cfg.batch_size,
+        num_gpus=gpus_per_actor,
+        num_cpus=cfg.cpus_per_actor,
     )
     finish = FinishConfig(
-        spec.output, spec.run_id, spec.model_digest, spec.settings_digest, spec.resolution,
-        steps=cfg.steps, guidance_scale=cfg.guidance_scale, scheduler=cfg.scheduler, image_format=cfg.image_format,
-        quality=cfg.jpeg_quality, feather_px=cfg.feather_px, num_cpus=cpus, batch_size=cfg.batch_size,
+        spec.output,
+        spec.run_id,
+        spec.model_digest,
+        spec.settings_digest,
+        spec.resolution,
+        steps=cfg.steps,
+        guidance_scale=cfg.guidance_scale,
+        scheduler=cfg.scheduler,
+        image_format=cfg.image_format,
+        quality=cfg.jpeg_quality,
+        feather_px=cfg.feather_px,
+        num_cpus=cpus,
+        batch_size=cfg.batch_size,
     )
     return read, prepare, render, finish
 
 
-def build_dataset(spec: RunSpec, gpus_per_actor: float, conflicts: PairIdConflicts, state: pa.Table | None) -> ray.data.Dataset:
+def build_dataset(
+    spec: RunSpec, gpus_per_actor: float, conflicts: PairIdConflicts, state: pa.Table | None
+) -> ray.data.Dataset:
     read, prepare, render, finish = stage_configs(spec, gpus_per_actor)
     # Object refs travel inside a list: Ray resolves only top-level ones, and each read task
     # should fetch the (possibly large) state once from the object store, not pickle it.
     state_ref = [ray.put(state)] if state is not None and state.num_rows else []
     conflicts_ref = [ray.put(conflicts)] if conflicts.duplicates or conflicts.latest else []
-    files = ray.data.from_items([{"file_index": i} for i in range(len(spec.plan.files))], override_num_blocks=len(spec.plan.files))
+    files = ray.data.from_items(
+        [{"file_index": i} for i in range(len(spec.plan.files))], override_num_blocks=len(spec.plan.files)
+    )
     rows = files.map_batches(
-        read_files, batch_format="pyarrow", **read.map_options(),
+        read_files,
+        batch_format="pyarrow",
+        **read.map_options(),
         fn_kwargs=dict(config=read, conflicts_ref=conflicts_ref, state_ref=state_ref),
     )
     if spec.cfg.limit is not None:
@@ -72,10 +103,17 @@ def build_dataset(spec: RunSpec, gpus_per_actor: float, conflicts: PairIdConflic
     # whole manifest file would otherwise reach the model, and the driver, as one block; rows
     # would then be written (and a killed run would keep its work) only at the very end.
     rows = rows.repartition(target_num_rows_per_block=spec.cfg.batch_size)
-    prepared = rows.map_batches(prepare_batch, batch_format="pyarrow", fn_kwargs=dict(config=prepare), **prepare.map_options())
+    prepared = rows.map_batches(
+        prepare_batch, batch_format="pyarrow", fn_kwargs=dict(config=prepare), **prepare.map_options()
+    )
     lo, hi = spec.cfg.actors
     rendered = prepared.map_batches(
-        RenderStage, batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(min_size=lo, max_size=hi),
-        fn_constructor_kwargs=dict(config=render), **render.map_options(),
+        RenderStage,
+        batch_format="pyarrow",
+        compute=ray.data.ActorPoolStrategy(min_size=lo, max_size=hi),
+        fn_constructor_kwargs=dict(config=render),
+        **render.map_options(),
     )
-    return rendered.map_batches(finish_batch, batch_format="pyarrow", fn_kwargs=dict(config=finish), **finish.map_options())
+    return rendered.map_batches(
+        finish_batch, batch_format="pyarrow", fn_kwargs=dict(config=finish), **finish.map_options()
+    )

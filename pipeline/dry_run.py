@@ -54,7 +54,9 @@ def dry_run_counts(spec: RunSpec):
                 else:
                     kind = "pending" if action == RENDER else "done" if prev == "ok" else "failed"
                 shards[shard][kind] += 1
-    print(f"[dtc] dry run: {plan.num_rows} rows in {len(plan.files)} file(s) under {cfg.manifest}; nothing is rendered")
+    print(
+        f"[dtc] dry run: {plan.num_rows} rows in {len(plan.files)} file(s) under {cfg.manifest}; nothing is rendered"
+    )
     print(f"  {'shard':<28}" + "".join(f"{k:>10}" for k in KINDS))
     for shard in sorted(shards):
         print(f"  {shard:<28}" + "".join(f"{shards[shard][k]:>10}" for k in KINDS))

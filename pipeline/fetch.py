@@ -62,7 +62,9 @@ class InputPolicy:
         if uri.startswith("file://"):
             uri = uri[len("file://") :]
         elif "://" in uri:
-            raise RowError("uri_not_allowed", f"scheme of {uri!r} is not allowed (s3://, local paths, http(s) with --allow-http)")
+            raise RowError(
+                "uri_not_allowed", f"scheme of {uri!r} is not allowed (s3://, local paths, http(s) with --allow-http)"
+            )
         real = os.path.realpath(uri)
         for root in self.local_roots():
             if real == root or real.startswith(root.rstrip(os.sep) + os.sep):

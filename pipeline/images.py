@@ -124,7 +124,9 @@ def _open(data: bytes, max_pixels: int) -> Image.Image:
     width, height = image.size
     if width * height > max_pixels:
         image.close()
-        raise RowError("too_large", f"image is {width}x{height} = {width * height} pixels, over the limit of {max_pixels}")
+        raise RowError(
+            "too_large", f"image is {width}x{height} = {width * height} pixels, over the limit of {max_pixels}"
+        )
     if width == 0 or height == 0:
         image.close()
         raise RowError("image_unreadable", f"image has no pixels ({width}x{height})")

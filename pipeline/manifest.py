@@ -28,16 +28,12 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import hashlib
-import json
-import math
 import os
 import posixpath
 import re
-import sys
-from collections.abc import Callable, Iterator, Set
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import numpy as np
 import pyarrow as pa
@@ -60,7 +56,14 @@ __all__ = [
 
 REQUIRED_COLUMNS = ("pair_id", "context_uri", "product_uri")
 STRING_COLUMNS = ("pair_id", "context_uri", "product_uri", "mask_uri", "shard")
-FORMATS = {".parquet": "parquet", ".pq": "parquet", ".csv": "csv", ".json": "json", ".jsonl": "json", ".ndjson": "json"}
+FORMATS = {
+    ".parquet": "parquet",
+    ".pq": "parquet",
+    ".csv": "csv",
+    ".json": "json",
+    ".jsonl": "json",
+    ".ndjson": "json",
+}
 # Columns iter_batches adds so a failed row can be traced back to its file and line.
 SOURCE_FILE, SOURCE_ROW = "_source_file", "_source_row"
 
@@ -76,7 +79,9 @@ class ManifestPlan:
     uri: str  # as given by the user
     format: str  # "parquet" | "csv" | "json"
     files: tuple[str, ...]  # absolute local paths or s3:// URIs, in read order
-    base_dir: str  # the folder given (or the file's folder): the allowlist's default root. Row paths resolve against each file's own folder (file_folder)
+    # the folder given (or the file's folder): the allowlist's default root; row paths resolve
+    # against each file's own folder (file_folder)
+    base_dir: str
     schema: pa.Schema  # every file's columns, known ones in canonical types (see _canonical_type)
     num_rows: int
     file_rows: tuple[int, ...]  # rows per file, aligned with `files` (work splitting, progress)
@@ -118,14 +123,18 @@ def plan_manifest(uri: str, partition_range: tuple[str, str, str] | None = None)
             raise ManifestError(f"manifest {uri} has no {key}= partition between {start} and {end}")
     formats = {_format_of(f) for f in files}
     if len(formats) != 1:
-        raise ManifestError(f"manifest {uri} mixes formats ({', '.join(sorted(formats))}); use one format per manifest")
+        raise ManifestError(
+            f"manifest {uri} mixes formats ({', '.join(sorted(formats))}); use one format per manifest"
+        )
     fmt = formats.pop()
     filesystem = storage.filesystem(files[0])[0]
 
     headers: dict[str, list[str]] = {}  # CSV: each file's column names, in order
     if fmt == "csv":  # the header names decide the CSV column types: read them first
         for file in files:
-            headers[file] = _read_file(file, lambda f=file: _make_fragment(ds.CsvFileFormat(), f, filesystem).physical_schema.names)
+            headers[file] = _read_file(
+                file, lambda f=file: _make_fragment(ds.CsvFileFormat(), f, filesystem).physical_schema.names
+            )
     file_format = _file_format(fmt, list(dict.fromkeys(n for names in headers.values() for n in names)))
 
     schemas: list[pa.Schema] = []
@@ -281,7 +290,9 @@ def _is_data_file(file: str, base: str) -> bool:
 def _format_of(file: str) -> str:
     ext = os.path.splitext(file)[1].lower()
     if ext not in FORMATS:
-        raise ManifestError(f"cannot tell the format of manifest {file}: expected .parquet/.pq, .csv or .json/.jsonl/.ndjson")
+        raise ManifestError(
+            f"cannot tell the format of manifest {file}: expected .parquet/.pq, .csv or .json/.jsonl/.ndjson"
+        )
     return FORMATS[ext]
 
 
@@ -368,7 +379,9 @@ def _is_string_type(t: pa.DataType) -> bool:
 
 
 def _is_list_type(t: pa.DataType) -> bool:
-    return pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_fixed_size_list(t) or pa.types.is_list_view(t)
+    return (
+        pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_fixed_size_list(t) or pa.types.is_list_view(t)
+    )
 
 
 def _check_columns(schema: pa.Schema, file: str, fmt: str) -> None:
@@ -376,9 +389,13 @@ def _check_columns(schema: pa.Schema, file: str, fmt: str) -> None:
     names = schema.names
     missing = [c for c in REQUIRED_COLUMNS if c not in names]
     if missing:
-        raise ManifestError(f"manifest file {file} misses required column(s) {', '.join(missing)} (it has: {', '.join(names)})")
+        raise ManifestError(
+            f"manifest file {file} misses required column(s) {', '.join(missing)} (it has: {', '.join(names)})"
+        )
     if "mask_uri" not in names and "bbox" not in names:
-        raise ManifestError(f"manifest file {file} has neither a mask_uri nor a bbox column: one is needed to mark the region")
+        raise ManifestError(
+            f"manifest file {file} has neither a mask_uri nor a bbox column: one is needed to mark the region"
+        )
     for field in schema:
         t = field.type
         if pa.types.is_null(t):  # an all-null column: every row says so itself
@@ -389,11 +406,15 @@ def _check_columns(schema: pa.Schema, file: str, fmt: str) -> None:
             raise ManifestError(f"manifest file {file}: column seed must be an integer (int64), got {t}")
         if field.name == "bbox":
             numeric_list = _is_list_type(t) and (
-                pa.types.is_integer(t.value_type) or pa.types.is_floating(t.value_type) or pa.types.is_null(t.value_type)
+                pa.types.is_integer(t.value_type)
+                or pa.types.is_floating(t.value_type)
+                or pa.types.is_null(t.value_type)
             )
             text_ok = fmt in ("csv", "json") and _is_string_type(t)
             if not (numeric_list or text_ok):
-                expected = "a list of 4 numbers" + (' or a JSON array string "[x0, y0, x1, y1]"' if fmt != "parquet" else "")
+                expected = "a list of 4 numbers" + (
+                    ' or a JSON array string "[x0, y0, x1, y1]"' if fmt != "parquet" else ""
+                )
                 raise ManifestError(f"manifest file {file}: column bbox must be {expected}, got {t}")
 
 
@@ -421,7 +442,7 @@ def iter_batches(plan: ManifestPlan, batch_size: int = 4096) -> Iterator[pa.Reco
     default when null/empty), `_source_file` and `_source_row` (0-based row within the file).
     """
     for index, batch in _scan(plan, None, batch_size):
-        file, default = plan.files[index], plan.default_shards[index]
+        default = plan.default_shards[index]
         if "shard" in batch.schema.names:
             given = batch.column("shard")
             empty = pc.or_kleene(pc.is_null(given), pc.equal(given, ""))
@@ -473,7 +494,9 @@ def pair_id_conflicts(plan: ManifestPlan) -> PairIdConflicts:
     several = per_pair.filter(pc.greater(per_pair["part_count"], 1))
     latest = dict(zip(several["pair_id"].to_pylist(), several["part_max"].to_pylist()))
     at_latest = counts.join(per_pair.select(["pair_id", "part_max"]), "pair_id")
-    at_latest = at_latest.filter(pc.and_(pc.equal(at_latest["part"], at_latest["part_max"]), pc.greater(at_latest["n"], 1)))
+    at_latest = at_latest.filter(
+        pc.and_(pc.equal(at_latest["part"], at_latest["part_max"]), pc.greater(at_latest["n"], 1))
+    )
     return PairIdConflicts(frozenset(at_latest["pair_id"].to_pylist()), latest)
 
 
@@ -494,7 +517,9 @@ def _scan(plan: ManifestPlan, columns: list[str] | None, batch_size: int) -> Ite
                 for batch in _scan_file(plan, file, file_format, filesystem, columns, batch_size, skip=row):
                     if columns is None:
                         batch = batch.append_column(SOURCE_FILE, pa.array([file] * batch.num_rows, pa.string()))
-                        batch = batch.append_column(SOURCE_ROW, pa.array(np.arange(row, row + batch.num_rows, dtype=np.int64)))
+                        batch = batch.append_column(
+                            SOURCE_ROW, pa.array(np.arange(row, row + batch.num_rows, dtype=np.int64))
+                        )
                     row += batch.num_rows
                     yield index, batch
                 break
@@ -507,8 +532,13 @@ def _scan(plan: ManifestPlan, columns: list[str] | None, batch_size: int) -> Ite
 
 
 def _scan_file(
-    plan: ManifestPlan, file: str, file_format: ds.FileFormat, filesystem: pafs.FileSystem,
-    columns: list[str] | None, batch_size: int, skip: int,
+    plan: ManifestPlan,
+    file: str,
+    file_format: ds.FileFormat,
+    filesystem: pafs.FileSystem,
+    columns: list[str] | None,
+    batch_size: int,
+    skip: int,
 ) -> Iterator[pa.RecordBatch]:
     """The non-empty batches of one file from row `skip` on."""
     fragment = _make_fragment(file_format, file, filesystem)

@@ -11,7 +11,7 @@ import platform
 import resource
 import sys
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 from pipeline import storage
 from pipeline.config import RunSpec
@@ -121,27 +121,47 @@ def _metrics_line(spec: RunSpec, metrics_summary: dict | None, layout: Layout) -
 
 
 def run_record(
-    spec: RunSpec, stats: RunStats, *, exit_code: int, message: str, started_at: datetime, elapsed: float,
-    manifest_parts: int, rss_samples: list[list],
+    spec: RunSpec,
+    stats: RunStats,
+    *,
+    exit_code: int,
+    message: str,
+    started_at: datetime,
+    elapsed: float,
+    manifest_parts: int,
+    rss_samples: list[list],
 ) -> dict:
     """`runs/<run_id>.json`: config, versions, model digest, counts, timings, exit status."""
     cfg = spec.cfg
     return {
-        "run_id": spec.run_id, "exit_code": exit_code, "message": message, "started_at": started_at.isoformat(),
-        "finished_at": datetime.now(timezone.utc).isoformat(), "elapsed_s": round(elapsed, 3),
-        "rows_per_s": round(stats.rows / max(elapsed, 1e-9), 3), "counts": {**stats.counts(), "manifest_parts": manifest_parts},
+        "run_id": spec.run_id,
+        "exit_code": exit_code,
+        "message": message,
+        "started_at": started_at.isoformat(),
+        "finished_at": datetime.now(UTC).isoformat(),
+        "elapsed_s": round(elapsed, 3),
+        "rows_per_s": round(stats.rows / max(elapsed, 1e-9), 3),
+        "counts": {**stats.counts(), "manifest_parts": manifest_parts},
         "stage_seconds": {k: round(v, 3) for k, v in stats.stage_seconds.items()},
-        "steady_rows_per_s": stats.steady_rows_per_s(), "arrival_rows_per_s": stats.arrival_rows_per_s(),
+        "steady_rows_per_s": stats.steady_rows_per_s(),
+        "arrival_rows_per_s": stats.arrival_rows_per_s(),
         "driver_peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
-        "driver_rss_mb_by_rows": rss_samples, "driver_rss_mb_at_end": round(rss_mb(), 1),
+        "driver_rss_mb_by_rows": rss_samples,
+        "driver_rss_mb_at_end": round(rss_mb(), 1),
         "model": {"uri": cfg.model, "digest": spec.model_digest, "resolution": spec.resolution},
-        "settings": cfg.settings(spec.resolution), "settings_digest": spec.settings_digest,
+        "settings": cfg.settings(spec.resolution),
+        "settings_digest": spec.settings_digest,
         "manifest": {"uri": cfg.manifest, "files": len(spec.plan.files), "rows": spec.plan.num_rows},
-        "config": cfg.to_record(), "versions": versions(), "host": platform.node(), "argv": sys.argv,
+        "config": cfg.to_record(),
+        "versions": versions(),
+        "host": platform.node(),
+        "argv": sys.argv,
     }
 
 
 def write_run_record(spec: RunSpec, record: dict) -> None:
     import json
 
-    storage.write_bytes(Layout(spec.output).run_record(spec.run_id), json.dumps(record, indent=1, default=str).encode())
+    storage.write_bytes(
+        Layout(spec.output).run_record(spec.run_id), json.dumps(record, indent=1, default=str).encode()
+    )

@@ -19,8 +19,15 @@ from pipeline.images import decode_mask
 from pipeline.schema import RowError, parse_bbox
 
 __all__ = [
-    "MIN_REGION_PX", "region_of", "region_from_bbox", "check_region", "bounding_box", "filled_box",
-    "crop_window", "crop", "largest_inscribed_rectangle",
+    "MIN_REGION_PX",
+    "region_of",
+    "region_from_bbox",
+    "check_region",
+    "bounding_box",
+    "filled_box",
+    "crop_window",
+    "crop",
+    "largest_inscribed_rectangle",
 ]
 
 # A region narrower than this (in photo pixels) cannot hold a recognisable product.
@@ -58,7 +65,8 @@ def region_from_bbox(bbox, width: int, height: int) -> np.ndarray:
     if right - left < MIN_REGION_PX or bottom - top < MIN_REGION_PX:
         raise RowError(
             "region_too_small",
-            f"bbox {[x0, y0, x1, y1]} covers {right - left}x{bottom - top} pixels of the photo; at least {MIN_REGION_PX}x{MIN_REGION_PX} needed",
+            f"bbox {[x0, y0, x1, y1]} covers {right - left}x{bottom - top} pixels of the photo; "
+            f"at least {MIN_REGION_PX}x{MIN_REGION_PX} needed",
         )
     hole = np.zeros((height, width), dtype=bool)
     hole[top:bottom, left:right] = True
@@ -71,7 +79,8 @@ def check_region(hole: np.ndarray, width: int, height: int) -> tuple[int, int, i
     if hole.shape != (height, width):
         raise RowError(
             "mask_size_mismatch",
-            f"mask is {hole.shape[1]}x{hole.shape[0]} but the photo is {width}x{height} (both as displayed, after EXIF orientation)",
+            f"mask is {hole.shape[1]}x{hole.shape[0]} but the photo is {width}x{height} "
+            "(both as displayed, after EXIF orientation)",
         )
     box = bounding_box(hole)
     if box is None:
@@ -79,7 +88,8 @@ def check_region(hole: np.ndarray, width: int, height: int) -> tuple[int, int, i
     x0, y0, x1, y1 = box
     if x1 - x0 < MIN_REGION_PX or y1 - y0 < MIN_REGION_PX:
         raise RowError(
-            "region_too_small", f"mask region spans {x1 - x0}x{y1 - y0} pixels; at least {MIN_REGION_PX}x{MIN_REGION_PX} needed"
+            "region_too_small",
+            f"mask region spans {x1 - x0}x{y1 - y0} pixels; at least {MIN_REGION_PX}x{MIN_REGION_PX} needed",
         )
     return box
 

@@ -33,7 +33,9 @@ def reusable_state(
     same = pc.and_(pc.equal(state["model_digest"], model_digest), pc.equal(state["settings_digest"], settings_digest))
     state = state.filter(same)
     ok = pc.equal(state["status"], "ok")
-    has_image = pc.is_in(state["output_uri"], value_set=pa.array(sorted(existing_images), pa.string())).fill_null(False)
+    has_image = pc.is_in(state["output_uri"], value_set=pa.array(sorted(existing_images), pa.string())).fill_null(
+        False
+    )
     rejudged = pc.is_in(state["error_code"], value_set=pa.array(REJUDGED_CODES)).fill_null(False)
     carried_failure = pc.and_(pc.and_(pc.invert(ok), pc.invert(rejudged)), pa.scalar(not retry_failed))
     return state.filter(pc.or_(pc.and_(ok, has_image), carried_failure))

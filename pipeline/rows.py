@@ -23,8 +23,14 @@ from pipeline.schema import is_missing, is_safe_name, name_problem, parse_bbox, 
 __all__ = ["validate_rows", "stable_seed"]
 
 VALIDATED_TYPES = {
-    "error_code": pa.string(), "error_message": pa.string(), "context_uri": pa.string(), "product_uri": pa.string(),
-    "mask_uri": pa.string(), "bbox": pa.list_(pa.float64()), "seed": pa.int64(), "shard": pa.string(),
+    "error_code": pa.string(),
+    "error_message": pa.string(),
+    "context_uri": pa.string(),
+    "product_uri": pa.string(),
+    "mask_uri": pa.string(),
+    "bbox": pa.list_(pa.float64()),
+    "seed": pa.int64(),
+    "shard": pa.string(),
 }
 
 
@@ -38,7 +44,10 @@ def stable_seed(pair_id: str) -> int:
 
 
 def validate_rows(
-    batch: pa.Table | pa.RecordBatch, base_dir: str, conflicts: PairIdConflicts = PairIdConflicts(), partition: str | None = None
+    batch: pa.Table | pa.RecordBatch,
+    base_dir: str,
+    conflicts: PairIdConflicts = PairIdConflicts(),
+    partition: str | None = None,
 ) -> pa.Table:
     """Check each row and normalise the columns later stages rely on. A bad row becomes data.
 
@@ -71,15 +80,25 @@ def validate_rows(
         bbox_given = not is_missing(raw_bbox) and not (isinstance(raw_bbox, str) and not raw_bbox.strip())
         bbox, bbox_problem = parse_bbox(raw_bbox) if bbox_given else (None, None)
         if conflicts.superseded(pair_id, partition) and is_safe_name(pair_id):
-            code, message = "superseded", f"pair_id {pair_id!r} is also in the later partition {conflicts.latest[pair_id]}: that row is rendered"
+            code, message = (
+                "superseded",
+                f"pair_id {pair_id!r} is also in the later partition {conflicts.latest[pair_id]}: "
+                "that row is rendered",
+            )
         else:
-            code, message = _check(pair_id, context_uri, product_uri, mask_uri, bbox_given, bbox_problem, shard, conflicts.duplicates)
-        for name, value in zip(out, (code, message, context_uri, product_uri, mask_uri, bbox, _seed(column["seed"][i], pair_id), shard)):
+            code, message = _check(
+                pair_id, context_uri, product_uri, mask_uri, bbox_given, bbox_problem, shard, conflicts.duplicates
+            )
+        for name, value in zip(
+            out, (code, message, context_uri, product_uri, mask_uri, bbox, _seed(column["seed"][i], pair_id), shard)
+        ):
             out[name].append(value)
     return set_columns(table, {name: pa.array(values, VALIDATED_TYPES[name]) for name, values in out.items()})
 
 
-def _check(pair_id, context_uri, product_uri, mask_uri, bbox_given: bool, bbox_problem, shard, duplicates) -> tuple[str, str]:
+def _check(
+    pair_id, context_uri, product_uri, mask_uri, bbox_given: bool, bbox_problem, shard, duplicates
+) -> tuple[str, str]:
     """(error_code, message) of the row's first problem, ("", "") for a good row."""
     problem = name_problem("pair_id", pair_id)
     if problem:
@@ -108,7 +127,6 @@ def _text(value: Any) -> str | None:
     return str(value)
 
 
-
 def _resolve(uri: str, base: str) -> str:
     """Relative paths join the manifest's folder; anything with a scheme or absolute stays."""
     if "://" in uri or uri.startswith(("file:", "/")):
@@ -119,10 +137,8 @@ def _resolve(uri: str, base: str) -> str:
     return os.path.normpath(os.path.join(base, uri))
 
 
-
 def _seed(value: Any, pair_id: str | None) -> int:
     if is_missing(value):
         return stable_seed(pair_id or "")
     # Ray turns an int64 column with nulls into float64; those are whole numbers.
     return int(value)
-

@@ -20,7 +20,7 @@ import secrets
 import time
 import uuid
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 from pipeline import record, storage
 from pipeline.config import ConfigError, RenderConfig, RunSpec
@@ -48,7 +48,7 @@ class RunResult:
 
 
 def new_run_id() -> str:
-    return datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ") + "-" + secrets.token_hex(3)
+    return datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ") + "-" + secrets.token_hex(3)
 
 
 def run_render(cfg: RenderConfig, dry_run: bool = False) -> RunResult:
@@ -97,7 +97,16 @@ def check(cfg: RenderConfig) -> RunSpec:
     except CheckpointError as e:
         raise ConfigError(f"--clip-model: {e}") from e
     digest = model_digest(cfg.model)
-    return RunSpec(cfg, plan, cfg.run_id or new_run_id(), digest, cfg.settings_digest(resolution), resolution, product_size, protocol)
+    return RunSpec(
+        cfg,
+        plan,
+        cfg.run_id or new_run_id(),
+        digest,
+        cfg.settings_digest(resolution),
+        resolution,
+        product_size,
+        protocol,
+    )
 
 
 def _check_writable(output: str) -> None:
@@ -155,13 +164,15 @@ class RenderRun:
         self.spec = spec
         self.layout = Layout(spec.output)
         self.stats = RunStats()
-        self.writer = ManifestWriter(self.layout, spec.run_id, output_schema(spec.plan.schema), part_rows=spec.cfg.manifest_part_rows)
+        self.writer = ManifestWriter(
+            self.layout, spec.run_id, output_schema(spec.plan.schema), part_rows=spec.cfg.manifest_part_rows
+        )
         self.metrics = None
         self.metrics_summary: dict | None = None
         self.report_written = False
         self.progress: record.Progress | None = None
         self.exit_code, self.message = EXIT_ERROR, ""
-        self.started_at = datetime.now(timezone.utc)
+        self.started_at = datetime.now(UTC)
         self.start = time.monotonic()
 
     def run(self) -> RunResult:
@@ -186,7 +197,9 @@ class RenderRun:
         finally:
             self.close(lock)
         return RunResult(
-            self.exit_code, run_id=self.spec.run_id, message=self.message,
+            self.exit_code,
+            run_id=self.spec.run_id,
+            message=self.message,
             counts={**self.stats.counts(), "manifest_parts": self.writer.parts},
             record_uri=self.layout.run_record(self.spec.run_id),
         )
@@ -262,15 +275,26 @@ class RenderRun:
             log.error("could not flush the last manifest part: %s", e)
         elapsed = time.monotonic() - self.start
         run = record.run_record(
-            self.spec, self.stats, exit_code=self.exit_code, message=self.message, started_at=self.started_at,
-            elapsed=elapsed, manifest_parts=self.writer.parts, rss_samples=self.progress.rss_samples if self.progress else [],
+            self.spec,
+            self.stats,
+            exit_code=self.exit_code,
+            message=self.message,
+            started_at=self.started_at,
+            elapsed=elapsed,
+            manifest_parts=self.writer.parts,
+            rss_samples=self.progress.rss_samples if self.progress else [],
         )
         try:
             record.write_run_record(self.spec, run)
         except Exception as e:  # noqa: BLE001
             log.error("could not write the run record: %s", e)
         lock.release()
-        print(record.summary_text(self.spec, self.stats, elapsed, self.exit_code, self.metrics_summary, self.report_written), flush=True)
+        print(
+            record.summary_text(
+                self.spec, self.stats, elapsed, self.exit_code, self.metrics_summary, self.report_written
+            ),
+            flush=True,
+        )
         if self.message:
             print(f"  note       {self.message}", flush=True)
 

@@ -55,14 +55,22 @@ def product(size: int, rng: np.random.Generator) -> np.ndarray:
 
 def _save(array: np.ndarray, path: str, fmt: str) -> None:
     buffer = io.BytesIO()
-    Image.fromarray(array).save(buffer, format=fmt, quality=92) if fmt == "JPEG" else Image.fromarray(array).save(buffer, format=fmt)
+    Image.fromarray(array).save(buffer, format=fmt, quality=92) if fmt == "JPEG" else Image.fromarray(array).save(
+        buffer, format=fmt
+    )
     with open(path, "wb") as f:
         f.write(buffer.getvalue())
 
 
 def make_catalog(
-    folder: str, n_pairs: int = 36, bad_rows: bool = True, seed: int = 0, manifest_name: str = "manifest.parquet",
-    sizes: list[tuple[int, int]] | None = None, unique_images: int | None = None, pair_prefix: str = "pair",
+    folder: str,
+    n_pairs: int = 36,
+    bad_rows: bool = True,
+    seed: int = 0,
+    manifest_name: str = "manifest.parquet",
+    sizes: list[tuple[int, int]] | None = None,
+    unique_images: int | None = None,
+    pair_prefix: str = "pair",
 ) -> str:
     """Write images under `folder` and a Parquet manifest with relative paths; returns its path.
 
@@ -90,14 +98,34 @@ def make_catalog(
             region = {"mask_uri": mask_rel, "bbox": None}
         sets.append({"context_uri": context_rel, "product_uri": product_rel, **region})
     rows = [
-        {"pair_id": f"{pair_prefix}-{i:04d}", **sets[i % len(sets)], "category": ["chair", "lamp", "rug", "vase"][i % 4]}
+        {
+            "pair_id": f"{pair_prefix}-{i:04d}",
+            **sets[i % len(sets)],
+            "category": ["chair", "lamp", "rug", "vase"][i % 4],
+        }
         for i in range(n_pairs)
     ]
     if bad_rows:
-        rows.append({"pair_id": "bad-missing-context", "context_uri": "images/does-not-exist.jpg",
-                     "product_uri": rows[0]["product_uri"], "mask_uri": None, "bbox": [10.0, 10.0, 60.0, 60.0], "category": "chair"})
-        rows.append({"pair_id": "bad-bbox-outside", "context_uri": rows[0]["context_uri"], "product_uri": rows[0]["product_uri"],
-                     "mask_uri": None, "bbox": [5000.0, 5000.0, 5100.0, 5100.0], "category": "lamp"})
+        rows.append(
+            {
+                "pair_id": "bad-missing-context",
+                "context_uri": "images/does-not-exist.jpg",
+                "product_uri": rows[0]["product_uri"],
+                "mask_uri": None,
+                "bbox": [10.0, 10.0, 60.0, 60.0],
+                "category": "chair",
+            }
+        )
+        rows.append(
+            {
+                "pair_id": "bad-bbox-outside",
+                "context_uri": rows[0]["context_uri"],
+                "product_uri": rows[0]["product_uri"],
+                "mask_uri": None,
+                "bbox": [5000.0, 5000.0, 5100.0, 5100.0],
+                "category": "lamp",
+            }
+        )
     table = pa.table(
         {
             "pair_id": pa.array([r["pair_id"] for r in rows], pa.string()),

@@ -28,13 +28,42 @@ import numpy as np
 import pyarrow as pa
 
 __all__ = [
-    "NAME_RULE", "is_safe_name", "name_problem", "parse_bbox", "show", "is_missing",
-    "RowError", "ERROR_CODES", "OK", "FAILED", "SKIPPED",
-    "EXIT_OK", "EXIT_ERROR", "EXIT_REFUSED", "EXIT_TOO_MANY_FAILED",
-    "IMAGE_FORMATS", "EXTENSIONS", "SCHEDULERS", "FILM_MODES", "PRESETS",
-    "RENDER", "REUSE", "PREV", "CARRIED_COLUMNS", "PAYLOAD_TYPE", "PAYLOAD_COLUMNS", "MODEL_INPUTS", "StageColumns", "STAGES",
-    "MissingColumns", "require_columns", "set_columns",
-    "OUTPUT_FIELDS", "STATE_COLUMNS", "output_schema", "state_schema",
+    "NAME_RULE",
+    "is_safe_name",
+    "name_problem",
+    "parse_bbox",
+    "show",
+    "is_missing",
+    "RowError",
+    "ERROR_CODES",
+    "OK",
+    "FAILED",
+    "SKIPPED",
+    "EXIT_OK",
+    "EXIT_ERROR",
+    "EXIT_REFUSED",
+    "EXIT_TOO_MANY_FAILED",
+    "IMAGE_FORMATS",
+    "EXTENSIONS",
+    "SCHEDULERS",
+    "FILM_MODES",
+    "PRESETS",
+    "RENDER",
+    "REUSE",
+    "PREV",
+    "CARRIED_COLUMNS",
+    "PAYLOAD_TYPE",
+    "PAYLOAD_COLUMNS",
+    "MODEL_INPUTS",
+    "StageColumns",
+    "STAGES",
+    "MissingColumns",
+    "require_columns",
+    "set_columns",
+    "OUTPUT_FIELDS",
+    "STATE_COLUMNS",
+    "output_schema",
+    "state_schema",
 ]
 
 # -- names ------------------------------------------------------------------------------------
@@ -200,13 +229,38 @@ OUTPUT_FIELDS = (
 )
 # What a later run needs to skip a pair and still write its row: a subset of OUTPUT_FIELDS.
 STATE_COLUMNS = (
-    "pair_id", "status", "error_code", "error_message", "output_uri", "width", "height", "crop_box",
-    "seed", "model_digest", "settings_digest", "clip_score", "render_ms", "finished_at", "run_id",
+    "pair_id",
+    "status",
+    "error_code",
+    "error_message",
+    "output_uri",
+    "width",
+    "height",
+    "crop_box",
+    "seed",
+    "model_digest",
+    "settings_digest",
+    "clip_score",
+    "render_ms",
+    "finished_at",
+    "run_id",
 )
 # Results copied from the earlier row into a reused row (as PREV + name).
-CARRIED_COLUMNS = tuple(c for c in STATE_COLUMNS if c not in ("pair_id", "seed", "model_digest", "settings_digest", "run_id"))
+CARRIED_COLUMNS = tuple(
+    c for c in STATE_COLUMNS if c not in ("pair_id", "seed", "model_digest", "settings_digest", "run_id")
+)
 
-_VALIDATED = ("pair_id", "context_uri", "product_uri", "mask_uri", "bbox", "seed", "shard", "error_code", "error_message")
+_VALIDATED = (
+    "pair_id",
+    "context_uri",
+    "product_uri",
+    "mask_uri",
+    "bbox",
+    "seed",
+    "shard",
+    "error_code",
+    "error_message",
+)
 PAYLOAD_COLUMNS = (
     "context_raw",
     "hole_bits",
@@ -223,7 +277,16 @@ _QUALITY = ("feat_gen", "feat_real", "clip_score", "clip_floor")
 STAGES = {
     "read": StageColumns(requires=(), adds=(*_VALIDATED, "action", *(PREV + c for c in CARRIED_COLUMNS))),
     "prepare": StageColumns(
-        requires=("pair_id", "context_uri", "product_uri", "mask_uri", "bbox", "error_code", "error_message", "action"),
+        requires=(
+            "pair_id",
+            "context_uri",
+            "product_uri",
+            "mask_uri",
+            "bbox",
+            "error_code",
+            "error_message",
+            "action",
+        ),
         adds=(*PAYLOAD_COLUMNS, "width", "height", "crop_box", "prepare_ms"),
     ),
     "render": StageColumns(
@@ -233,11 +296,28 @@ STAGES = {
     ),
     "finish": StageColumns(
         requires=(
-            "pair_id", "action", "error_code", "error_message", "width", "height", "crop_box", "render_ms",
-            "context_raw", "hole_bits", "rendered", *(PREV + c for c in CARRIED_COLUMNS),
+            "pair_id",
+            "action",
+            "error_code",
+            "error_message",
+            "width",
+            "height",
+            "crop_box",
+            "render_ms",
+            "context_raw",
+            "hole_bits",
+            "rendered",
+            *(PREV + c for c in CARRIED_COLUMNS),
         ),
         adds=tuple(f.name for f in OUTPUT_FIELDS if f.name != "seed") + ("postprocess_ms",),
-        drops=("context_raw", "hole_bits", "rendered", "action", "render_attempts", *(PREV + c for c in CARRIED_COLUMNS)),
+        drops=(
+            "context_raw",
+            "hole_bits",
+            "rendered",
+            "action",
+            "render_attempts",
+            *(PREV + c for c in CARRIED_COLUMNS),
+        ),
     ),
 }
 

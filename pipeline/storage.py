@@ -48,8 +48,16 @@ _T = TypeVar("_T")
 # 500 answers a ranged GET, the SDK writes the error body into the caller's fixed-size buffer,
 # fails with "Failed to flush response stream" and classes that as a non-retryable
 # INTERNAL_FAILURE (apache/doris#61636 and milvus-io/milvus#49872 retry it the same way).
-TRANSIENT_MARKERS = ("Failed to flush response stream", "SlowDown", "InternalError", "ServiceUnavailable",
-                     "HTTP status 500", "HTTP status 502", "HTTP status 503", "HTTP status 504")
+TRANSIENT_MARKERS = (
+    "Failed to flush response stream",
+    "SlowDown",
+    "InternalError",
+    "ServiceUnavailable",
+    "HTTP status 500",
+    "HTTP status 502",
+    "HTTP status 503",
+    "HTTP status 504",
+)
 TRANSIENT_ATTEMPTS = 6
 
 
@@ -220,7 +228,9 @@ def list_files(prefix: str) -> list[tuple[str, int, int]]:
     fs, root = filesystem(prefix)
     root = root.rstrip("/")
     try:
-        infos = retry_transient(lambda: fs.get_file_info(pafs.FileSelector(root, recursive=True, allow_not_found=True)))
+        infos = retry_transient(
+            lambda: fs.get_file_info(pafs.FileSelector(root, recursive=True, allow_not_found=True))
+        )
     except OSError as e:
         raise StorageError(f"cannot list {prefix}: {e}") from e
     head = root + "/"

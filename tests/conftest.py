@@ -32,7 +32,9 @@ def pytest_collection_modifyitems(config, items):
         if str(item.fspath).startswith(INTEGRATION_DIR):
             item.add_marker(pytest.mark.integration)
         elif SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
-            raise pytest.UsageError(f"{item.nodeid} is a unit test but uses {sorted(SLOW_FIXTURES & set(item.fixturenames))}")
+            raise pytest.UsageError(
+                f"{item.nodeid} is a unit test but uses {sorted(SLOW_FIXTURES & set(item.fixturenames))}"
+            )
 
 
 @pytest.fixture(scope="session")

@@ -16,7 +16,18 @@ from pipeline import images, regions, storage
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository
 S3_SECRET = "test-secret-key-4f1c0de"  # the moto endpoint's secret key: grepped for in every output
 # The render flags every integration test uses: 2 steps, PNG (pixels compare exactly), half-CPU actors.
-FAST = ["--steps", "2", "--batch-size", "4", "--image-format", "png", "--cpus-per-actor", "0.5", "--torch-threads", "1"]
+FAST = [
+    "--steps",
+    "2",
+    "--batch-size",
+    "4",
+    "--image-format",
+    "png",
+    "--cpus-per-actor",
+    "0.5",
+    "--torch-threads",
+    "1",
+]
 
 
 def free_port() -> int:

@@ -38,8 +38,19 @@ def _tiny_clip_tokenizer(folder: str) -> CLIPTokenizer:
 
 def make_sd_inpainting(folder: str, seed: int = 0) -> str:
     torch.manual_seed(seed)
-    text_cfg = dict(bos_token_id=0, eos_token_id=1, pad_token_id=1, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, vocab_size=200)
-    vision_cfg = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=32, patch_size=8)
+    text_cfg = dict(
+        bos_token_id=0,
+        eos_token_id=1,
+        pad_token_id=1,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        vocab_size=200,
+    )
+    vision_cfg = dict(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=32, patch_size=8
+    )
     pipe = StableDiffusionInpaintPipeline(
         vae=AutoencoderKL(**vae_config("tiny")),
         text_encoder=CLIPTextModel(CLIPTextConfig(**text_cfg)),

@@ -40,7 +40,7 @@ class FlakyS3Proxy:
         host, port = self._server.server_address[:2]
         return f"http://{host}:{port}"
 
-    def start(self) -> "FlakyS3Proxy":
+    def start(self) -> FlakyS3Proxy:
         self._thread.start()
         return self
 

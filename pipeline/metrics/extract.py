@@ -38,7 +38,12 @@ class QualityExtractor:
         """uint8 (B,R,R,3) renders and context windows, (B,R,R) holes, (B,S,S,3) products ->
         {"feat_gen", "feat_real": list of fp16 bytes | None, "clip_score", "clip_floor": list of float | None}."""
         n = len(rendered)
-        out: dict[str, list] = {"feat_gen": [None] * n, "feat_real": [None] * n, "clip_score": [None] * n, "clip_floor": [None] * n}
+        out: dict[str, list] = {
+            "feat_gen": [None] * n,
+            "feat_real": [None] * n,
+            "clip_score": [None] * n,
+            "clip_floor": [None] * n,
+        }
         if n == 0:
             return out
         if self.inception is not None:
@@ -75,8 +80,17 @@ def save_random_extractors(folder: str, seed: int = 0) -> tuple[str, str]:
     clip_dir = os.path.join(folder, "clip-tiny-random")
     if not os.path.exists(os.path.join(clip_dir, "config.json")):
         config = CLIPConfig(
-            text_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, vocab_size=100),
-            vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=224, patch_size=32),
+            text_config=dict(
+                hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, vocab_size=100
+            ),
+            vision_config=dict(
+                hidden_size=32,
+                intermediate_size=64,
+                num_hidden_layers=2,
+                num_attention_heads=2,
+                image_size=224,
+                patch_size=32,
+            ),
             projection_dim=16,
         )
         CLIPModel(config).save_pretrained(clip_dir)

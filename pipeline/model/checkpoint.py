@@ -25,14 +25,24 @@ import uuid
 from pipeline import storage
 
 __all__ = [
-    "CheckpointError", "check_checkpoint", "check_dtc_checkpoint", "model_digest", "write_digest", "local_checkpoint",
-    "DIGEST_FILE", "DTC_COMPONENTS",
+    "CheckpointError",
+    "check_checkpoint",
+    "check_dtc_checkpoint",
+    "model_digest",
+    "write_digest",
+    "local_checkpoint",
+    "DIGEST_FILE",
+    "DTC_COMPONENTS",
 ]
 
 DIGEST_FILE = "dtc_digest.json"
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt")
 # Components without weights (their folder holds only a config).
-CONFIG_ONLY = {"scheduler": "scheduler_config.json", "tokenizer": "tokenizer_config.json", "feature_extractor": "preprocessor_config.json"}
+CONFIG_ONLY = {
+    "scheduler": "scheduler_config.json",
+    "tokenizer": "tokenizer_config.json",
+    "feature_extractor": "preprocessor_config.json",
+}
 SYNC_MARKER = ".dtc_sync.json"
 # What a DTC folder holds (model_index.json names them); the render job refuses one without them.
 DTC_COMPONENTS = ("vae", "unet", "hint_encoder", "hint_adapter", "image_encoder", "image_projection", "scheduler")
@@ -76,7 +86,9 @@ def check_checkpoint(uri: str, required: tuple[str, ...] = ()) -> dict:
             continue
         if f"{name}/{config}" not in files:
             raise CheckpointError(f"{uri}: {name}/{config} is missing")
-        if name not in CONFIG_ONLY and not any(f.startswith(f"{name}/") and f.endswith(WEIGHT_SUFFIXES) for f in files):
+        if name not in CONFIG_ONLY and not any(
+            f.startswith(f"{name}/") and f.endswith(WEIGHT_SUFFIXES) for f in files
+        ):
             raise CheckpointError(f"{uri}: {name}/ has no weights file (*.safetensors or *.bin)")
     return index
 

@@ -292,9 +292,7 @@ class DTCHintEncoder(ModelMixin, ConfigMixin):
             getattr(encoder, name).load_state_dict(getattr(unet, name).state_dict())
         return encoder
 
-    def forward(
-        self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor
-    ) -> FilmParams:
+    def forward(self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor) -> FilmParams:
         timesteps = timestep.expand(sample.shape[0]) if timestep.ndim else timestep[None].expand(sample.shape[0])
         emb = self.time_embedding(self.time_proj(timesteps).to(dtype=sample.dtype))
         sample, down = encode_down(self, sample, emb, encoder_hidden_states)

@@ -17,7 +17,6 @@ from pipeline.model.components import DTCHintAdapter, DTCHintEncoder, DTCImagePr
 from pipeline.model.pipeline_dtc import DTCPipeline
 from pipeline.schema import PRESETS
 
-
 # Stable Diffusion 1.x noise schedule as DDIM samples it. The training half (betas, 1000 steps,
 # epsilon) is what SD-1.5 inpainting was trained on; the sampling half is what SD's DDIM uses:
 # no x0 clipping (latents are not bounded by 1), the last step lands on alphas_cumprod[0] (not

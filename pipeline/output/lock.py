@@ -39,7 +39,13 @@ class OutputLock:
 
     def _record(self) -> bytes:
         return json.dumps(
-            {"run_id": self.run_id, "host": socket.gethostname(), "pid": os.getpid(), "token": self.token, "heartbeat": time.time()}
+            {
+                "run_id": self.run_id,
+                "host": socket.gethostname(),
+                "pid": os.getpid(),
+                "token": self.token,
+                "heartbeat": time.time(),
+            }
         ).encode()
 
     def holder(self) -> dict | None:
@@ -83,7 +89,7 @@ class OutputLock:
         if (self.holder() or {}).get("token") == self.token:
             storage.delete(self.layout.lock)
 
-    def __enter__(self) -> "OutputLock":
+    def __enter__(self) -> OutputLock:
         self.acquire()
         return self
 

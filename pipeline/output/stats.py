@@ -114,7 +114,11 @@ class RunStats:
     def counts(self) -> dict:
         """The run record's `counts`."""
         return {
-            "rows": self.rows, "ok": self.ok, "failed": self.failed, "skipped": self.skipped, "reused": self.reused,
+            "rows": self.rows,
+            "ok": self.ok,
+            "failed": self.failed,
+            "skipped": self.skipped,
+            "reused": self.reused,
             "reused_failed": self.reused_failed,
             "error_codes": dict(self.error_codes),
             "shards": {shard: dict(c) for shard, c in sorted(self.shards.items())},

@@ -14,14 +14,25 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import numpy as np
 import pyarrow as pa
 
 from pipeline import compose, images, storage
 from pipeline.output.layout import Layout
-from pipeline.schema import CARRIED_COLUMNS, EXTENSIONS, FAILED, OK, PREV, REUSE, SKIPPED, STAGES, require_columns, set_columns
+from pipeline.schema import (
+    CARRIED_COLUMNS,
+    EXTENSIONS,
+    FAILED,
+    OK,
+    PREV,
+    REUSE,
+    SKIPPED,
+    STAGES,
+    require_columns,
+    set_columns,
+)
 
 __all__ = ["FinishConfig", "finish_batch"]
 
@@ -49,7 +60,7 @@ class FinishConfig:
 
 
 def _now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
+    return datetime.now(UTC).isoformat(timespec="milliseconds")
 
 
 def _write_image(batch: pa.Table, i: int, box: list[int], config: FinishConfig, layout: Layout) -> str:
@@ -70,7 +81,10 @@ def finish_batch(batch: pa.Table, *, config: FinishConfig) -> pa.Table:
     """The stage (a `map_batches` function): every row leaves as its output-manifest row."""
     require_columns("finish", batch)
     layout, n = Layout(config.output), batch.num_rows
-    col = {c: batch[c].to_pylist() for c in ("action", "error_code", "error_message", "width", "height", "crop_box", "render_ms")}
+    col = {
+        c: batch[c].to_pylist()
+        for c in ("action", "error_code", "error_message", "width", "height", "crop_box", "render_ms")
+    }
     prev = {c: batch[PREV + c].to_pylist() for c in CARRIED_COLUMNS}
     status, output_uri, finished_at = [FAILED] * n, [None] * n, [None] * n
     # attempts at rendering the pair in this run (> 1 after worker deaths)

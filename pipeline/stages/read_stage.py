@@ -32,11 +32,17 @@ class ReadConfig:
 
 
 def planned_batches(
-    plan: manifest.ManifestPlan, file_index: int, conflicts: manifest.PairIdConflicts, index: StateIndex | None, batch_rows: int
+    plan: manifest.ManifestPlan,
+    file_index: int,
+    conflicts: manifest.PairIdConflicts,
+    index: StateIndex | None,
+    batch_rows: int,
 ) -> Iterator[pa.Table]:
     """One manifest file, streamed: validated rows with their resume action."""
     one = dataclasses.replace(
-        plan, files=(plan.files[file_index],), file_rows=(plan.file_rows[file_index],),
+        plan,
+        files=(plan.files[file_index],),
+        file_rows=(plan.file_rows[file_index],),
         default_shards=(plan.default_shards[file_index],),
     )
     folder = manifest.file_folder(plan.files[file_index])

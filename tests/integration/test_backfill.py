@@ -16,24 +16,56 @@ DAYS = ["2026-11-01", "2026-11-02", "2026-11-03"]
 
 
 def _rows(output, run_id: str) -> list[dict]:
-    return pa.concat_tables(pq.read_table(p) for p in sorted(glob.glob(f"{output}/manifest/{run_id}/part-*.parquet"))).to_pylist()
+    return pa.concat_tables(
+        pq.read_table(p) for p in sorted(glob.glob(f"{output}/manifest/{run_id}/part-*.parquet"))
+    ).to_pylist()
 
 
 def _dry_run_counts(capsys, args) -> dict[str, list[int]]:
     assert backfill([*args, "--dry-run"]) == 0
     lines = capsys.readouterr().out.splitlines()
-    return {line.split()[0]: [int(v) for v in line.split()[1:]] for line in lines if line.strip().startswith(("dt=", "total"))}
+    return {
+        line.split()[0]: [int(v) for v in line.split()[1:]]
+        for line in lines
+        if line.strip().startswith(("dt=", "total"))
+    }
 
 
 def test_backfill_dry_run_idempotence_and_repair(ray_address, tmp_path, capsys, tiny_model_dir):
     root = tmp_path / "manifests"
     for k, day in enumerate(["2026-10-31", *DAYS]):  # 10-31 lies outside the range
-        make_catalog(str(root / f"dt={day}"), n_pairs=3, bad_rows=False, seed=k, manifest_name="part-0.parquet",
-                     sizes=[(96, 80)], pair_prefix=f"d{day}")
+        make_catalog(
+            str(root / f"dt={day}"),
+            n_pairs=3,
+            bad_rows=False,
+            seed=k,
+            manifest_name="part-0.parquet",
+            sizes=[(96, 80)],
+            pair_prefix=f"d{day}",
+        )
     output = tmp_path / "out"
-    args = ["--manifest-root", str(root), "--start", DAYS[0], "--end", DAYS[-1], "--output", str(output),
-            "--model", tiny_model_dir, "--steps", "2", "--batch-size", "3", "--image-format", "png",
-            "--cpus-per-actor", "0.5", "--torch-threads", "1"]
+    args = [
+        "--manifest-root",
+        str(root),
+        "--start",
+        DAYS[0],
+        "--end",
+        DAYS[-1],
+        "--output",
+        str(output),
+        "--model",
+        tiny_model_dir,
+        "--steps",
+        "2",
+        "--batch-size",
+        "3",
+        "--image-format",
+        "png",
+        "--cpus-per-actor",
+        "0.5",
+        "--torch-threads",
+        "1",
+    ]
 
     # columns: pending, done, failed, invalid, skipped
     assert _dry_run_counts(capsys, args) == {f"dt={d}": [3, 0, 0, 0, 0] for d in DAYS} | {"total": [9, 0, 0, 0, 0]}
@@ -63,7 +95,9 @@ def test_backfill_dry_run_idempotence_and_repair(ray_address, tmp_path, capsys, 
 
 def test_backfill_refuses_bad_ranges(tmp_path, capsys, tiny_model_dir):
     root = tmp_path / "manifests"
-    make_catalog(str(root / "dt=2026-11-01"), n_pairs=1, bad_rows=False, manifest_name="part-0.parquet", sizes=[(64, 64)])
+    make_catalog(
+        str(root / "dt=2026-11-01"), n_pairs=1, bad_rows=False, manifest_name="part-0.parquet", sizes=[(64, 64)]
+    )
     common = ["--manifest-root", str(root), "--output", str(tmp_path / "out"), "--model", tiny_model_dir]
     assert backfill([*common, "--start", "2026-11-05", "--end", "2026-11-01"]) == 2
     assert "after --end" in capsys.readouterr().err

@@ -17,8 +17,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
-from PIL import Image
 from helpers import FAST, check_ok_rows, read_manifest
+from PIL import Image
 
 from jobs.render import main as render
 
@@ -80,12 +80,16 @@ def _files(rng: np.random.Generator) -> dict[str, bytes]:
         "images/gray.jpg": _encode(Image.fromarray(photo).convert("L"), "JPEG", quality=90),
         "images/rgba-context.png": _encode(Image.fromarray(np.dstack([photo, np.full((H, W), 90, np.uint8)]), "RGBA")),
         "images/palette-product.png": _encode(palette),
-        "images/rotated.jpg": _encode(Image.fromarray(np.rot90(photo, k=1).copy()), "JPEG", quality=90, exif=exif.tobytes()),
+        "images/rotated.jpg": _encode(
+            Image.fromarray(np.rot90(photo, k=1).copy()), "JPEG", quality=90, exif=exif.tobytes()
+        ),
         "images/mask.png": _encode(Image.fromarray(mask)),
         "images/mask-other-size.png": _encode(Image.fromarray(np.full((H // 2, W // 2), 255, np.uint8))),
         "images/mask-gradient.png": _encode(Image.fromarray(gradient)),
         "images/mask-empty.png": _encode(Image.fromarray(np.zeros((H, W), np.uint8))),
-        "images/mask-speck.png": _encode(Image.fromarray(np.pad(np.full((4, 4), 255, np.uint8), ((30, H - 34), (30, W - 34))))),
+        "images/mask-speck.png": _encode(
+            Image.fromarray(np.pad(np.full((4, 4), 255, np.uint8), ((30, H - 34), (30, W - 34))))
+        ),
         "images/transparent-product.png": _encode(Image.new("RGBA", (40, 48), (200, 10, 10, 0))),
         "images/tiny-product.png": _encode(Image.new("RGB", (1, 1), (10, 200, 10))),
     }
@@ -96,7 +100,9 @@ CASES = [
     Case("truncated-jpeg", "image_unreadable", context="images/truncated.jpg"),
     Case("zero-byte-file", "image_unreadable", context="images/zero.jpg"),
     Case("non-image-bytes", "image_unreadable", context="images/not-an-image.jpg"),
-    Case("decompression-bomb", "too_large", context="images/bomb.png", note="40000x40000 in the header, refused unread"),
+    Case(
+        "decompression-bomb", "too_large", context="images/bomb.png", note="40000x40000 in the header, refused unread"
+    ),
     Case("missing-file", "image_missing", context="images/does-not-exist.jpg"),
     Case("product-unreadable", "image_unreadable", product="images/zero.jpg"),
     # unusual but valid images: rendered
@@ -104,7 +110,9 @@ CASES = [
     Case("cmyk-jpeg", "ok", context="images/cmyk.jpg"),
     Case("grayscale", "ok", context="images/gray.jpg", note="rendered in RGB"),
     Case("rgba-context", "ok", context="images/rgba-context.png", note="context alpha dropped"),
-    Case("palette-transparent-product", "ok", product="images/palette-product.png", note="palette transparency is alpha"),
+    Case(
+        "palette-transparent-product", "ok", product="images/palette-product.png", note="palette transparency is alpha"
+    ),
     Case("exif-rotated", "ok", context="images/rotated.jpg", note="bbox and output in displayed pixels"),
     Case("tiny-product", "ok", product="images/tiny-product.png", note="1x1 product upscaled"),
     Case("transparent-product", "product_transparent", product="images/transparent-product.png"),
@@ -156,19 +164,37 @@ def test_every_bad_input_has_its_documented_outcome(ray_address, tmp_path, tiny_
     (tmp_path / "outside.jpg").write_bytes((catalog / "images" / "context.jpg").read_bytes())
     os.symlink(tmp_path / "outside.jpg", catalog / "images" / "link-outside.jpg")
     manifest = catalog / "manifest.parquet"
-    pq.write_table(pa.table({
-        "pair_id": [c.pair_id for c in CASES],
-        "context_uri": [c.context for c in CASES],
-        "product_uri": [c.product for c in CASES],
-        "mask_uri": pa.array([c.mask for c in CASES], pa.string()),
-        "bbox": pa.array([c.bbox for c in CASES], pa.list_(pa.float64())),
-        "case": list(range(len(CASES))),  # pass-through column: ties each output row to its case
-    }), manifest)
+    pq.write_table(
+        pa.table(
+            {
+                "pair_id": [c.pair_id for c in CASES],
+                "context_uri": [c.context for c in CASES],
+                "product_uri": [c.product for c in CASES],
+                "mask_uri": pa.array([c.mask for c in CASES], pa.string()),
+                "bbox": pa.array([c.bbox for c in CASES], pa.list_(pa.float64())),
+                "case": list(range(len(CASES))),  # pass-through column: ties each output row to its case
+            }
+        ),
+        manifest,
+    )
     before = _snapshot(str(tmp_path))
     output = tmp_path / "out"
 
-    code = render(["--manifest", str(manifest), "--output", str(output), "--model", tiny_model_dir, "--run-id", "bad",
-                   "--max-failed-fraction", "1.0", *FAST])
+    code = render(
+        [
+            "--manifest",
+            str(manifest),
+            "--output",
+            str(output),
+            "--model",
+            tiny_model_dir,
+            "--run-id",
+            "bad",
+            "--max-failed-fraction",
+            "1.0",
+            *FAST,
+        ]
+    )
 
     assert code == 0
     table = read_manifest(str(output), "bad")

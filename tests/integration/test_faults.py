@@ -30,17 +30,45 @@ from jobs.render import main as render
 from pipeline import storage
 from pipeline.sample_catalog import make_catalog
 
-FAST = ["--steps", "2", "--batch-size", "4", "--image-format", "png", "--cpus-per-actor", "0.5", "--torch-threads", "1"]
+FAST = [
+    "--steps",
+    "2",
+    "--batch-size",
+    "4",
+    "--image-format",
+    "png",
+    "--cpus-per-actor",
+    "0.5",
+    "--torch-threads",
+    "1",
+]
 
 
 def _run(tmp_path, tiny_model_dir, fault: str, run_id: str, pairs: int = 8) -> tuple[int, dict[str, dict], str]:
-    manifest = make_catalog(str(tmp_path / "catalog"), n_pairs=pairs, bad_rows=False, sizes=[(72, 64)], unique_images=4)
+    manifest = make_catalog(
+        str(tmp_path / "catalog"), n_pairs=pairs, bad_rows=False, sizes=[(72, 64)], unique_images=4
+    )
     config = tmp_path / f"{run_id}.yaml"
     config.write_text(f"fault_injection: {fault}\nmax_failed_fraction: 0.5\n")
     output = tmp_path / "out"
-    code = render(["--manifest", manifest, "--output", str(output), "--model", tiny_model_dir, "--run-id", run_id,
-                   "--config", str(config), *FAST])
-    rows = pa.concat_tables(pq.read_table(p) for p in sorted(glob.glob(f"{output}/manifest/{run_id}/part-*.parquet"))).to_pylist()
+    code = render(
+        [
+            "--manifest",
+            manifest,
+            "--output",
+            str(output),
+            "--model",
+            tiny_model_dir,
+            "--run-id",
+            run_id,
+            "--config",
+            str(config),
+            *FAST,
+        ]
+    )
+    rows = pa.concat_tables(
+        pq.read_table(p) for p in sorted(glob.glob(f"{output}/manifest/{run_id}/part-*.parquet"))
+    ).to_pylist()
     by_id = {}
     for row in rows:
         assert row["pair_id"] not in by_id, f"{row['pair_id']} has two rows"
@@ -50,7 +78,9 @@ def _run(tmp_path, tiny_model_dir, fault: str, run_id: str, pairs: int = 8) -> t
 
 def test_worker_dies_once_mid_batch(ray_address, tmp_path, tiny_model_dir):
     marker = tmp_path / "crashed"
-    code, rows, output = _run(tmp_path, tiny_model_dir, f'{{crash_on_pair: pair-0002, crash_once_marker: "{marker}"}}', "once")
+    code, rows, output = _run(
+        tmp_path, tiny_model_dir, f'{{crash_on_pair: pair-0002, crash_once_marker: "{marker}"}}', "once"
+    )
     assert marker.exists()  # the worker really died
     assert code == 0 and len(rows) == 8 and {r["status"] for r in rows.values()} == {"ok"}
     assert rows["pair-0002"]["attempt"] == 2  # the batch that died, then alone
@@ -85,21 +115,36 @@ def _keys(bucket: str) -> list[str]:
     return sorted(obj["Key"] for page in pages for obj in page.get("Contents", []))
 
 
-def test_flaky_s3_is_retried_and_every_pair_lands_once(ray_address, s3_proxy, s3_bucket, tmp_path, tiny_model_dir, capfd):
+def test_flaky_s3_is_retried_and_every_pair_lands_once(
+    ray_address, s3_proxy, s3_bucket, tmp_path, tiny_model_dir, capfd
+):
     make_catalog(str(tmp_path / "catalog"), n_pairs=12, bad_rows=False, sizes=[(72, 64)], unique_images=4)
     _upload(tmp_path / "catalog", f"s3://{s3_bucket}/catalog")
     output = f"s3://{s3_bucket}/out"
     injected = s3_proxy.injected
     s3_proxy.fail_every = 4  # every 4th request, from the driver and the workers: 503 SlowDown or 500
     try:
-        code = render(["--manifest", f"s3://{s3_bucket}/catalog/manifest.parquet", "--output", output,
-                       "--model", tiny_model_dir, "--run-id", "flaky", *FAST])
+        code = render(
+            [
+                "--manifest",
+                f"s3://{s3_bucket}/catalog/manifest.parquet",
+                "--output",
+                output,
+                "--model",
+                tiny_model_dir,
+                "--run-id",
+                "flaky",
+                *FAST,
+            ]
+        )
     finally:
         s3_proxy.fail_every = 0
     assert s3_proxy.injected - injected >= 20  # the errors really happened
     assert code == 0
     parts = [k for k in _keys(s3_bucket) if k.startswith("out/manifest/flaky/")]
-    rows = pa.concat_tables(pq.read_table(io.BytesIO(storage.read_bytes(f"s3://{s3_bucket}/{k}"))) for k in parts).to_pylist()
+    rows = pa.concat_tables(
+        pq.read_table(io.BytesIO(storage.read_bytes(f"s3://{s3_bucket}/{k}"))) for k in parts
+    ).to_pylist()
     assert sorted(r["pair_id"] for r in rows) == [f"pair-{i:04d}" for i in range(12)]
     assert {r["status"] for r in rows} == {"ok"}
     images = [k for k in _keys(s3_bucket) if k.startswith("out/images/")]
@@ -127,7 +172,9 @@ def test_flaky_s3_is_retried_and_every_pair_lands_once(ray_address, s3_proxy, s3
 
 
 @pytest.mark.parametrize("manifest_on", ["s3", "local"])
-def test_s3_down_at_start_is_one_error_exit_1_and_nothing_written(s3_bucket, tmp_path, tiny_model_dir, capsys, monkeypatch, manifest_on):
+def test_s3_down_at_start_is_one_error_exit_1_and_nothing_written(
+    s3_bucket, tmp_path, tiny_model_dir, capsys, monkeypatch, manifest_on
+):
     manifest = make_catalog(str(tmp_path / "catalog"), n_pairs=2, bad_rows=False, sizes=[(72, 64)])
     if manifest_on == "s3":
         _upload(tmp_path / "catalog", f"s3://{s3_bucket}/catalog")
@@ -136,8 +183,19 @@ def test_s3_down_at_start_is_one_error_exit_1_and_nothing_written(s3_bucket, tmp
     with monkeypatch.context() as down:
         down.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{free_port()}")  # nothing listens there
         down.setenv("DTC_S3_MAX_ATTEMPTS", "2")  # fail in a second, not after the default backoff
-        code = render(["--manifest", manifest, "--output", f"s3://{s3_bucket}/out", "--model", tiny_model_dir,
-                       "--run-id", "down", *FAST])
+        code = render(
+            [
+                "--manifest",
+                manifest,
+                "--output",
+                f"s3://{s3_bucket}/out",
+                "--model",
+                tiny_model_dir,
+                "--run-id",
+                "down",
+                *FAST,
+            ]
+        )
     assert code == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "failed:" in err and "Could not connect" in err, err
@@ -148,7 +206,9 @@ def test_s3_down_at_start_is_one_error_exit_1_and_nothing_written(s3_bucket, tmp
 def test_output_under_a_regular_file_is_refused_and_nothing_written(tmp_path, tiny_model_dir, capsys):
     manifest = make_catalog(str(tmp_path / "catalog"), n_pairs=2, bad_rows=False, sizes=[(72, 64)])
     (tmp_path / "plain-file").write_text("not a folder")
-    code = render(["--manifest", manifest, "--output", str(tmp_path / "plain-file" / "out"), "--model", tiny_model_dir, *FAST])
+    code = render(
+        ["--manifest", manifest, "--output", str(tmp_path / "plain-file" / "out"), "--model", tiny_model_dir, *FAST]
+    )
     assert code == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "cannot be created" in err and "is a file" in err, err
@@ -159,14 +219,30 @@ def test_output_under_a_regular_file_is_refused_and_nothing_written(tmp_path, ti
 def test_disk_full_is_one_error_nothing_half_written_and_a_rerun_completes(ray_address, tmp_path, tiny_model_dir):
     manifest = make_catalog(str(tmp_path / "catalog"), n_pairs=8, bad_rows=False, sizes=[(72, 64)], unique_images=4)
     output = tmp_path / "out"
-    args = ["--manifest", manifest, "--output", str(output), "--model", tiny_model_dir, "--address", ray_address, *FAST]
+    args = [
+        "--manifest",
+        manifest,
+        "--output",
+        str(output),
+        "--model",
+        tiny_model_dir,
+        "--address",
+        ray_address,
+        *FAST,
+    ]
     env = dict(os.environ, PYTHONPATH=os.getcwd(), RAY_USAGE_STATS_ENABLED="0")
 
     def small_disk():  # in the driver process only: files over 4 KiB cannot be written (EFBIG)
         resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))
 
-    full = subprocess.run([sys.executable, "-m", "jobs.render", *args, "--run-id", "full"], env=env, capture_output=True,
-                          text=True, preexec_fn=small_disk, timeout=300)
+    full = subprocess.run(
+        [sys.executable, "-m", "jobs.render", *args, "--run-id", "full"],
+        env=env,
+        capture_output=True,
+        text=True,
+        preexec_fn=small_disk,
+        timeout=300,
+    )
     assert full.returncode == 1, full.stdout[-3000:] + full.stderr[-3000:]
     errors = [line for line in full.stderr.splitlines() if line.startswith("render: failed:")]
     assert len(errors) == 1 and "File too large" in errors[0], full.stderr[-3000:]
@@ -180,8 +256,13 @@ def test_disk_full_is_one_error_nothing_half_written_and_a_rerun_completes(ray_a
             json.loads(open(f).read())
     assert not (output / "_lock").exists()
 
-    again = subprocess.run([sys.executable, "-m", "jobs.render", *args, "--run-id", "again"], env=env, capture_output=True,
-                           text=True, timeout=300)
+    again = subprocess.run(
+        [sys.executable, "-m", "jobs.render", *args, "--run-id", "again"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     done = pq.read_table(output / "state" / "done.parquet").to_pylist()
     assert sorted(r["pair_id"] for r in done) == [f"pair-{i:04d}" for i in range(8)]

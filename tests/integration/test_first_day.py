@@ -9,8 +9,8 @@ import os
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-
 from helpers import FAST, read_manifest
+
 from jobs.backfill import main as backfill
 from jobs.render import main as render
 from pipeline import storage
@@ -24,7 +24,10 @@ def test_a_run_where_every_row_fails_exits_3_with_report_and_summary(ray_address
     rows = [dict(r, context_uri=f"images/missing-{i}.jpg") for i, r in enumerate(pq.read_table(path).to_pylist())]
     pq.write_table(pa.Table.from_pylist(rows), path)
     output = tmp_path / "out"
-    assert render(["--manifest", path, "--output", str(output), "--model", tiny_model_dir, "--run-id", "all-bad", *FAST]) == 3
+    assert (
+        render(["--manifest", path, "--output", str(output), "--model", tiny_model_dir, "--run-id", "all-bad", *FAST])
+        == 3
+    )
     out = capsys.readouterr().out
     report = Layout(str(output)).report("all-bad")
     assert os.path.exists(report) and f"report     {report}" in out
@@ -54,15 +57,35 @@ def test_inputs_allowed_later_are_judged_again_without_retry_failed(ray_address,
     assert "carried" not in capsys.readouterr().out
 
 
-def test_backfill_of_full_daily_dumps_renders_each_pair_once_from_its_latest_day(ray_address, tmp_path, tiny_model_dir):
+def test_backfill_of_full_daily_dumps_renders_each_pair_once_from_its_latest_day(
+    ray_address, tmp_path, tiny_model_dir
+):
     root = tmp_path / "manifests"
     days = ["2026-11-25", "2026-11-26"]
     for k, day in enumerate(days):  # the same two pairs on both days, the photos changed in between
-        make_catalog(str(root / f"dt={day}"), n_pairs=2, bad_rows=False, seed=k, manifest_name="part-0.parquet",
-                     sizes=[(64, 48)], pair_prefix="sku")
+        make_catalog(
+            str(root / f"dt={day}"),
+            n_pairs=2,
+            bad_rows=False,
+            seed=k,
+            manifest_name="part-0.parquet",
+            sizes=[(64, 48)],
+            pair_prefix="sku",
+        )
     output = tmp_path / "out"
-    args = ["--manifest-root", str(root), "--start", days[0], "--end", days[1], "--output", str(output),
-            "--model", tiny_model_dir, *FAST]
+    args = [
+        "--manifest-root",
+        str(root),
+        "--start",
+        days[0],
+        "--end",
+        days[1],
+        "--output",
+        str(output),
+        "--model",
+        tiny_model_dir,
+        *FAST,
+    ]
     assert backfill([*args, "--run-id", "dumps"]) == 0
     table = read_manifest(str(output), "dumps").to_pylist()
     assert len(table) == 4  # every input row accounted for
@@ -77,7 +100,9 @@ def test_backfill_of_full_daily_dumps_renders_each_pair_once_from_its_latest_day
     assert sorted(state["pair_id"].to_pylist()) == ["sku-0000", "sku-0001"]  # one latest row per pair
 
 
-def test_re_rendering_with_other_settings_replaces_the_image_and_the_state_says_so(ray_address, tmp_path, tiny_model_dir):
+def test_re_rendering_with_other_settings_replaces_the_image_and_the_state_says_so(
+    ray_address, tmp_path, tiny_model_dir
+):
     path = make_catalog(str(tmp_path / "catalog"), n_pairs=1, bad_rows=False, sizes=[(64, 48)])
     output = str(tmp_path / "out")
     args = ["--manifest", path, "--output", output, "--model", tiny_model_dir, *FAST]
@@ -90,4 +115,8 @@ def test_re_rendering_with_other_settings_replaces_the_image_and_the_state_says_
     assert storage.read_bytes(second["output_uri"]) != before  # overwritten in place
     assert read_manifest(output, "v1").to_pylist()[0]["settings_digest"] == first["settings_digest"]  # history kept
     latest = load_state(Layout(output)).to_pylist()[0]
-    assert (latest["run_id"], latest["settings_digest"]) == ("v2", second["settings_digest"]) != ("v1", first["settings_digest"])
+    assert (
+        (latest["run_id"], latest["settings_digest"])
+        == ("v2", second["settings_digest"])
+        != ("v1", first["settings_digest"])
+    )

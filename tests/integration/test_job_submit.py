@@ -15,11 +15,13 @@ import urllib.request
 
 import pyarrow.parquet as pq
 import pytest
+from helpers import (
+    ROOT,  # noqa: E402
+    free_port,
+)
 
-from helpers import free_port
 from pipeline.sample_catalog import make_catalog
 
-from helpers import ROOT  # noqa: E402
 VENV_BIN = os.path.dirname(sys.executable)
 
 
@@ -29,14 +31,35 @@ def cluster():
     # would shadow the package); the venv's bin comes first so jobs run this project's python.
     temp_dir = tempfile.mkdtemp(prefix="dtc-ray-")
     dashboard = free_port()
-    env = dict(os.environ, PATH=f"{VENV_BIN}:{os.environ['PATH']}", RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0")
+    env = dict(
+        os.environ, PATH=f"{VENV_BIN}:{os.environ['PATH']}", RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0"
+    )
     env.pop("RAY_ADDRESS", None)
-    ports = [f"--port={free_port()}", f"--dashboard-port={dashboard}", f"--ray-client-server-port={free_port()}",
-             f"--dashboard-agent-listen-port={free_port()}", f"--metrics-export-port={free_port()}"]
+    ports = [
+        f"--port={free_port()}",
+        f"--dashboard-port={dashboard}",
+        f"--ray-client-server-port={free_port()}",
+        f"--dashboard-agent-listen-port={free_port()}",
+        f"--metrics-export-port={free_port()}",
+    ]
     head = subprocess.Popen(
-        [os.path.join(VENV_BIN, "ray"), "start", "--head", "--block", "--num-cpus=2", "--node-ip-address=127.0.0.1",
-         "--dashboard-host=127.0.0.1", "--include-dashboard=true", f"--temp-dir={temp_dir}", "--disable-usage-stats", *ports],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+        [
+            os.path.join(VENV_BIN, "ray"),
+            "start",
+            "--head",
+            "--block",
+            "--num-cpus=2",
+            "--node-ip-address=127.0.0.1",
+            "--dashboard-host=127.0.0.1",
+            "--include-dashboard=true",
+            f"--temp-dir={temp_dir}",
+            "--disable-usage-stats",
+            *ports,
+        ],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
     )
     address = f"http://127.0.0.1:{dashboard}"
     deadline = time.time() + 120
@@ -59,8 +82,27 @@ def cluster():
 
 
 def _render_args(manifest: str, output: str, model: str) -> list[str]:
-    return ["python", "-m", "jobs.render", "--manifest", manifest, "--output", output, "--model", model,
-            "--steps", "2", "--batch-size", "4", "--image-format", "png", "--cpus-per-actor", "0.5", "--torch-threads", "1"]
+    return [
+        "python",
+        "-m",
+        "jobs.render",
+        "--manifest",
+        manifest,
+        "--output",
+        output,
+        "--model",
+        model,
+        "--steps",
+        "2",
+        "--batch-size",
+        "4",
+        "--image-format",
+        "png",
+        "--cpus-per-actor",
+        "0.5",
+        "--torch-threads",
+        "1",
+    ]
 
 
 def _rows(output: str) -> list[dict]:
@@ -74,9 +116,24 @@ def test_cli_submit_client_submit_and_a_failing_job(cluster, tmp_path, tiny_mode
     # 1. the CLI, exactly as documented
     out_cli = str(tmp_path / "out-cli")
     done = subprocess.run(
-        [os.path.join(VENV_BIN, "ray"), "job", "submit", "--address", address, "--working-dir", ROOT,
-         "--runtime-env", os.path.join(ROOT, "infra", "runtime_env.yaml"), "--", *_render_args(manifest, out_cli, tiny_model_dir)],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
+        [
+            os.path.join(VENV_BIN, "ray"),
+            "job",
+            "submit",
+            "--address",
+            address,
+            "--working-dir",
+            ROOT,
+            "--runtime-env",
+            os.path.join(ROOT, "infra", "runtime_env.yaml"),
+            "--",
+            *_render_args(manifest, out_cli, tiny_model_dir),
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "succeeded" in done.stdout.lower() and "[dtc] 4/4 rows" in done.stdout  # progress reaches the logs
@@ -88,11 +145,14 @@ def test_cli_submit_client_submit_and_a_failing_job(cluster, tmp_path, tiny_mode
     client = JobSubmissionClient(address)
     runtime_env = {"working_dir": ROOT, "excludes": [".venv/", ".git/", "demo_out/", "**/__pycache__/"]}
     out_client = str(tmp_path / "out-client")
-    ok_job = client.submit_job(entrypoint=" ".join(_render_args(manifest, out_client, tiny_model_dir)), runtime_env=runtime_env)
+    ok_job = client.submit_job(
+        entrypoint=" ".join(_render_args(manifest, out_client, tiny_model_dir)), runtime_env=runtime_env
+    )
     bad = tmp_path / "bad.parquet"
     pq.write_table(pq.read_table(manifest).drop_columns(["product_uri"]), bad)
-    bad_job = client.submit_job(entrypoint=" ".join(_render_args(str(bad), str(tmp_path / "out-bad"), tiny_model_dir)),
-                                runtime_env=runtime_env)
+    bad_job = client.submit_job(
+        entrypoint=" ".join(_render_args(str(bad), str(tmp_path / "out-bad"), tiny_model_dir)), runtime_env=runtime_env
+    )
     final = {}
     deadline = time.time() + 600
     while len(final) < 2:

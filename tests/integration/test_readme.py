@@ -10,7 +10,6 @@ import subprocess
 import sys
 
 import pyarrow.compute as pc
-
 from helpers import ROOT, read_manifest
 
 MARK_START, MARK_END = "<!-- readme-commands -->", "<!-- /readme-commands -->"
@@ -28,8 +27,12 @@ def run(command: str, cwd: str, env: dict) -> subprocess.CompletedProcess:
 
 
 def test_readme_quick_start_runs_as_written(ray_address, tmp_path):
-    env = dict(os.environ, PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"],
-               PYTHONPATH=ROOT, RAY_ADDRESS=ray_address)
+    env = dict(
+        os.environ,
+        PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"],
+        PYTHONPATH=ROOT,
+        RAY_ADDRESS=ray_address,
+    )
     # `make demo` is `python -m jobs.demo`; a smaller catalog keeps CI lean
     demo = run("python -m jobs.demo --out demo_out --pairs 4", str(tmp_path), env)
     assert demo.returncode == 0, demo.stdout[-2000:] + demo.stderr[-2000:]

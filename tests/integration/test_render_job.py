@@ -19,13 +19,13 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from helpers import FAST, check_ok_rows, read_manifest
 from PIL import Image
 
 from jobs.render import main as render
-from pipeline import images, storage
+from pipeline import storage
 from pipeline.sample_catalog import make_catalog
 
-from helpers import FAST, check_ok_rows, read_manifest
 
 def test_s3_manifest_renders_to_s3(ray_address, s3_bucket, tmp_path):
     catalog = tmp_path / "catalog"
@@ -35,8 +35,19 @@ def test_s3_manifest_renders_to_s3(ray_address, s3_bucket, tmp_path):
             rel = os.path.relpath(path, catalog)
             storage.write_bytes(f"s3://{s3_bucket}/catalog/{rel}", open(path, "rb").read())
     output = f"s3://{s3_bucket}/renders"
-    code = render(["--manifest", f"s3://{s3_bucket}/catalog/manifest.parquet", "--output", output,
-                   "--model", _tiny_model(), "--run-id", "s3run", *FAST])
+    code = render(
+        [
+            "--manifest",
+            f"s3://{s3_bucket}/catalog/manifest.parquet",
+            "--output",
+            output,
+            "--model",
+            _tiny_model(),
+            "--run-id",
+            "s3run",
+            *FAST,
+        ]
+    )
     assert code == 0
     table = read_manifest(output, "s3run")
     assert table.num_rows == 52 and sorted(table["pair_id"].to_pylist()) == [f"pair-{i:04d}" for i in range(52)]
@@ -70,9 +81,24 @@ def _bad_rows_manifest(catalog) -> str:
     (catalog / "images" / "empty-mask.png").write_bytes(_png(np.zeros((240, 320), np.uint8)))
     base = {"mask_uri": None, "bbox": None, "category": "x"}
     bad = [
-        dict(base, pair_id="bad-unreadable", context_uri="images/broken.jpg", product_uri=prod, bbox=[1.0, 1.0, 50.0, 50.0]),
-        dict(base, pair_id="bad-missing", context_uri="images/nope.jpg", product_uri=prod, bbox=[1.0, 1.0, 50.0, 50.0]),
-        dict(base, pair_id="bad-both", context_uri=ctx, product_uri=prod, mask_uri=good[1]["mask_uri"], bbox=[1.0, 1.0, 50.0, 50.0]),
+        dict(
+            base,
+            pair_id="bad-unreadable",
+            context_uri="images/broken.jpg",
+            product_uri=prod,
+            bbox=[1.0, 1.0, 50.0, 50.0],
+        ),
+        dict(
+            base, pair_id="bad-missing", context_uri="images/nope.jpg", product_uri=prod, bbox=[1.0, 1.0, 50.0, 50.0]
+        ),
+        dict(
+            base,
+            pair_id="bad-both",
+            context_uri=ctx,
+            product_uri=prod,
+            mask_uri=good[1]["mask_uri"],
+            bbox=[1.0, 1.0, 50.0, 50.0],
+        ),
         dict(base, pair_id="bad-neither", context_uri=ctx, product_uri=prod),
         dict(base, pair_id="bad-empty-region", context_uri=ctx, product_uri=prod, mask_uri="images/empty-mask.png"),
         dict(base, pair_id="bad-outside", context_uri=ctx, product_uri=prod, bbox=[900.0, 900.0, 950.0, 950.0]),
@@ -81,8 +107,13 @@ def _bad_rows_manifest(catalog) -> str:
         dict(base, pair_id="../escape", context_uri=ctx, product_uri=prod, bbox=[1.0, 1.0, 50.0, 50.0]),
     ]
     rows = good + bad
-    table = pa.table({k: [r[k] for r in rows] for k in ("pair_id", "context_uri", "product_uri", "mask_uri")} |
-                     {"bbox": pa.array([r["bbox"] for r in rows], pa.list_(pa.float64())), "category": [r["category"] for r in rows]})
+    table = pa.table(
+        {k: [r[k] for r in rows] for k in ("pair_id", "context_uri", "product_uri", "mask_uri")}
+        | {
+            "bbox": pa.array([r["bbox"] for r in rows], pa.list_(pa.float64())),
+            "category": [r["category"] for r in rows],
+        }
+    )
     pq.write_table(table, path)
     return path
 
@@ -96,8 +127,21 @@ def _png(array: np.ndarray) -> bytes:
 def test_local_paths_bad_rows_fail_with_distinct_codes(ray_address, tmp_path):
     manifest = _bad_rows_manifest(tmp_path / "catalog")
     output = tmp_path / "out"
-    code = render(["--manifest", manifest, "--output", str(output), "--model", _tiny_model(), "--run-id", "r1",
-                   "--max-failed-fraction", "0.9", *FAST])
+    code = render(
+        [
+            "--manifest",
+            manifest,
+            "--output",
+            str(output),
+            "--model",
+            _tiny_model(),
+            "--run-id",
+            "r1",
+            "--max-failed-fraction",
+            "0.9",
+            *FAST,
+        ]
+    )
     assert code == 0
     table = read_manifest(str(output), "r1")
     assert table.num_rows == 15  # one output row per input row, the duplicates included
@@ -105,8 +149,12 @@ def test_local_paths_bad_rows_fail_with_distinct_codes(ray_address, tmp_path):
     for row in table.to_pylist():
         by_id.setdefault(row["pair_id"], []).append(row)
     expected = {
-        "bad-unreadable": "image_unreadable", "bad-missing": "image_missing", "bad-both": "region_ambiguous",
-        "bad-neither": "region_missing", "bad-empty-region": "region_empty", "bad-outside": "bad_bbox",
+        "bad-unreadable": "image_unreadable",
+        "bad-missing": "image_missing",
+        "bad-both": "region_ambiguous",
+        "bad-neither": "region_missing",
+        "bad-empty-region": "region_empty",
+        "bad-outside": "bad_bbox",
         "../escape": "invalid_pair_id",
     }
     for pair_id, code_ in expected.items():
@@ -129,8 +177,15 @@ def test_local_paths_bad_rows_fail_with_distinct_codes(ray_address, tmp_path):
     [
         ({"pair_id": ["a"], "context_uri": ["c.jpg"]}, "product_uri"),
         ({"pair_id": [1], "context_uri": ["c.jpg"], "product_uri": ["p.png"], "bbox": [[0.0, 0, 9, 9]]}, "pair_id"),
-        ({"pair_id": pa.array([], pa.string()), "context_uri": pa.array([], pa.string()),
-          "product_uri": pa.array([], pa.string()), "bbox": pa.array([], pa.list_(pa.float64()))}, "empty"),
+        (
+            {
+                "pair_id": pa.array([], pa.string()),
+                "context_uri": pa.array([], pa.string()),
+                "product_uri": pa.array([], pa.string()),
+                "bbox": pa.array([], pa.list_(pa.float64())),
+            },
+            "empty",
+        ),
         (b"PAR1 not really parquet", "manifest.parquet"),
         (None, "does not exist"),
     ],
@@ -155,19 +210,28 @@ def test_most_rows_failing_exits_3_with_outputs(ray_address, tmp_path):
     rows += [dict(rows[0], pair_id=f"gone-{i}", context_uri=f"images/gone-{i}.jpg") for i in range(6)]
     pq.write_table(pa.Table.from_pylist(rows), path)
     output = tmp_path / "out"
-    assert render(["--manifest", path, "--output", str(output), "--model", _tiny_model(), "--run-id", "most", *FAST]) == 3
+    assert (
+        render(["--manifest", path, "--output", str(output), "--model", _tiny_model(), "--run-id", "most", *FAST]) == 3
+    )
     table = read_manifest(str(output), "most")
     assert table.num_rows == 8 and table["status"].to_pylist().count("failed") == 6
     record = json.loads((output / "runs" / "most.json").read_text())
     assert record["exit_code"] == 3 and record["counts"]["failed"] == 6
     # a run id names one run: using it again is refused before any work
-    assert render(["--manifest", path, "--output", str(output), "--model", _tiny_model(), "--run-id", "most", *FAST]) == 2
+    assert (
+        render(["--manifest", path, "--output", str(output), "--model", _tiny_model(), "--run-id", "most", *FAST]) == 2
+    )
 
 
 def _subprocess_render(args: list[str], log_path) -> subprocess.Popen:
     env = dict(os.environ, PYTHONPATH=os.getcwd(), RAY_USAGE_STATS_ENABLED="0")
-    return subprocess.Popen([sys.executable, "-m", "jobs.render", *args], stdout=open(log_path, "w"),
-                            stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "jobs.render", *args],
+        stdout=open(log_path, "w"),
+        stderr=subprocess.STDOUT,
+        env=env,
+        start_new_session=True,
+    )
 
 
 def _latest_rows(output) -> dict[str, dict]:
@@ -184,8 +248,26 @@ def test_interrupt_resume_lock_staleness_and_determinism(ray_address, tmp_path):
     config = tmp_path / "render.yaml"
     # small parts so the killed run leaves some rows; a short lock lifetime for the takeover
     config.write_text("manifest_part_rows: 4\nlock_stale_s: 4\nbatch_size: 2\n")
-    args = ["--manifest", manifest, "--output", str(output), "--model", _tiny_model(), "--config", str(config),
-            "--address", ray_address, "--steps", "12", "--image-format", "png", "--cpus-per-actor", "0.5", "--torch-threads", "1"]
+    args = [
+        "--manifest",
+        manifest,
+        "--output",
+        str(output),
+        "--model",
+        _tiny_model(),
+        "--config",
+        str(config),
+        "--address",
+        ray_address,
+        "--steps",
+        "12",
+        "--image-format",
+        "png",
+        "--cpus-per-actor",
+        "0.5",
+        "--torch-threads",
+        "1",
+    ]
     first = _subprocess_render([*args, "--run-id", "first"], tmp_path / "first.log")
     try:
         deadline = time.time() + 240

@@ -52,7 +52,10 @@ def test_model_from_s3_in_a_cold_node_cache(tiny_model_dir, tmp_path, s3_bucket)
         "sys.stdout.write(str(sum(float(t.double().sum()) for t in p.unet.state_dict().values())))"
     )
     env = dict(os.environ, PYTHONPATH=os.getcwd())
-    procs = [subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env) for _ in range(2)]
+    procs = [
+        subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+        for _ in range(2)
+    ]
     results = [p.communicate(timeout=300) for p in procs]
     assert [p.returncode for p in procs] == [0, 0], [r[1].decode()[-2000:] for r in results]
     assert results[0][0] == results[1][0]
@@ -60,8 +63,6 @@ def test_model_from_s3_in_a_cold_node_cache(tiny_model_dir, tmp_path, s3_bucket)
     assert not [e for e in entries if ".tmp-" in e], entries  # no half-synced folder left
     from_s3 = load_pipeline(prefix, cache_dir=cache)
     assert _render(from_s3, image, hole, product, [1, 2]).tobytes() == reference.tobytes()
-
-
 
 
 def test_inception_from_s3_and_digest(s3_bucket, tmp_path):
@@ -83,5 +84,3 @@ def test_inception_from_s3_and_digest(s3_bucket, tmp_path):
     assert next(from_s3.parameters()).dtype == torch.float32
     for (name, a), (_, b) in zip(from_s3.state_dict().items(), local.state_dict().items()):
         assert torch.equal(a, b), name
-
-

@@ -30,7 +30,9 @@ def test_defaults_allow_s3_and_the_manifest_folder_only(tmp_path):
     assert "--allow-http" in _refused(policy, "http://169.254.169.254/latest/meta-data/")
     assert "scheme" in _refused(policy, "ftp://host/a.jpg")
     assert "no bucket" in _refused(policy, "s3:///key.jpg")
-    assert InputPolicy(str(tmp_path), allow_http=True).check("https://cdn.example/p.png") == "https://cdn.example/p.png"
+    assert (
+        InputPolicy(str(tmp_path), allow_http=True).check("https://cdn.example/p.png") == "https://cdn.example/p.png"
+    )
     assert InputPolicy(str(tmp_path), allow_roots=("/etc",)).check("/etc/hostname") == "/etc/hostname"
 
 
@@ -66,7 +68,10 @@ def test_transient_s3_errors_are_retried_and_others_are_not(monkeypatch):
     def flaky():
         calls.append(1)
         if len(calls) < 3:
-            raise OSError("AWS Error INTERNAL_FAILURE during GetObject operation: Failed to flush response stream (eof: 0, bad: 1)")
+            raise OSError(
+                "AWS Error INTERNAL_FAILURE during GetObject operation: "
+                "Failed to flush response stream (eof: 0, bad: 1)"
+            )
         return "bytes"
 
     assert storage.retry_transient(flaky) == "bytes" and len(calls) == 3

@@ -103,7 +103,9 @@ def test_premultiplied_decode():
     expected = np.asarray(Image.fromarray(rgba).convert("RGBa"))
     assert np.array_equal(decode_image(_encode(Image.fromarray(rgba)), keep_alpha=True, premultiply=True), expected)
     la = Image.fromarray(rgba[..., [0, 3]], "LA")
-    assert np.array_equal(decode_image(_encode(la), keep_alpha=True, premultiply=True), np.asarray(la.convert("RGBA").convert("RGBa")))
+    assert np.array_equal(
+        decode_image(_encode(la), keep_alpha=True, premultiply=True), np.asarray(la.convert("RGBA").convert("RGBa"))
+    )
     palette = Image.fromarray(rgba[..., :3]).convert("P", palette=Image.Palette.ADAPTIVE, colors=4)
     palette.info["transparency"] = 0
     out = decode_image(_encode(palette), keep_alpha=True, premultiply=True)
@@ -340,7 +342,9 @@ def _reference_postprocess(context, rendered, hole, crop_box, feather_px):
     count, mask = hole.astype(int), hole.copy()
     for _ in range(feather_px - 1):
         padded = np.pad(mask, 1, mode="edge")
-        mask = np.logical_and.reduce([padded[dy : dy + hole.shape[0], dx : dx + hole.shape[1]] for dy in range(3) for dx in range(3)])
+        mask = np.logical_and.reduce(
+            [padded[dy : dy + hole.shape[0], dx : dx + hole.shape[1]] for dy in range(3) for dx in range(3)]
+        )
         count += mask
     steps = max(feather_px, 1)
     weight = ((count * 510 + steps) // (2 * steps))[..., None]
@@ -362,7 +366,9 @@ def test_postprocess_equals_the_plain_blend(feather_px):
     ragged |= rng.random((70, 90)) < 0.02  # specks outside, holes inside
     ragged[30:40, 20:30] = False
     # rectangles (the direct path): inside, on one border, on two, thinner than the feather
-    holes = [ragged] + [_hole(90, 70, box) for box in [(20, 15, 61, 50), (0, 30, 40, 70), (50, 0, 90, 70), (30, 20, 33, 60)]]
+    holes = [ragged] + [
+        _hole(90, 70, box) for box in [(20, 15, 61, 50), (0, 30, 40, 70), (50, 0, 90, 70), (30, 20, 33, 60)]
+    ]
     for hole in holes:
         crop_box = crop_window(hole, 90, 70)
         rendered = rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)
@@ -429,9 +435,13 @@ def test_encode_image_rejects_bad_input():
         encode_image(Image.new("RGBA", (4, 4)), "png")
 
 
-@pytest.mark.parametrize("mode, resample", [("bilinear", Image.Resampling.BILINEAR), ("bicubic", Image.Resampling.BICUBIC)])
-@pytest.mark.parametrize("shape, size", [((525, 525, 3), (512, 512)), ((512, 512, 3), (700, 700)), ((300, 1000, 4), (97, 31)),
-                                         ((64, 64, 3), (64, 64))])
+@pytest.mark.parametrize(
+    "mode, resample", [("bilinear", Image.Resampling.BILINEAR), ("bicubic", Image.Resampling.BICUBIC)]
+)
+@pytest.mark.parametrize(
+    "shape, size",
+    [((525, 525, 3), (512, 512)), ((512, 512, 3), (700, 700)), ((300, 1000, 4), (97, 31)), ((64, 64, 3), (64, 64))],
+)
 def test_resize_uint8_equals_pils_resample(mode, resample, shape, size):
     # torch's uint8 kernels stand in for PIL's Image.resize (4-5x faster): same filters, same
     # pixel-centre mapping, antialiased when shrinking; rounding may differ by a level or two.
@@ -447,11 +457,15 @@ def test_resize_uint8_equals_pils_resample(mode, resample, shape, size):
     import torch
     import torch.nn.functional as F
 
-    reference = F.interpolate(torch.from_numpy(image).permute(2, 0, 1)[None], size=size[::-1], mode=mode, antialias=True)
+    reference = F.interpolate(
+        torch.from_numpy(image).permute(2, 0, 1)[None], size=size[::-1], mode=mode, antialias=True
+    )
     assert got.flags.c_contiguous and np.array_equal(got, reference[0].permute(1, 2, 0).numpy())
     # a non-contiguous view (a crop of a bigger photo) gives the same pixels as its copy
     photo = np.random.default_rng(1).integers(0, 256, (200, 300, 3), dtype=np.uint8)
-    assert np.array_equal(resize_uint8(photo[20:150, 40:170], 64, 64, mode), resize_uint8(photo[20:150, 40:170].copy(), 64, 64, mode))
+    assert np.array_equal(
+        resize_uint8(photo[20:150, 40:170], 64, 64, mode), resize_uint8(photo[20:150, 40:170].copy(), 64, 64, mode)
+    )
 
 
 def _brute_coverage(hole, size):

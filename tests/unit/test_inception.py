@@ -23,8 +23,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline import storage
-from pipeline.metrics.inception import FIDInceptionV3, load_inception, resize_bilinear_tf1, random_init_
+from pipeline.metrics.inception import FIDInceptionV3, load_inception, random_init_, resize_bilinear_tf1
 
 ORACLE_VERSION = "0.4.0"
 ORACLE_WHEEL = f"torch_fidelity-{ORACLE_VERSION}-py3-none-any.whl"

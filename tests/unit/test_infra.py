@@ -16,8 +16,8 @@ import tomllib
 import jsonschema
 import pytest
 import yaml
-
 from helpers import ROOT  # noqa: E402
+
 CRDS = os.path.join(ROOT, "..", "shared", "kuberay-crds")
 MANIFESTS = sorted(glob.glob(os.path.join(ROOT, "infra", "k8s", "*.yaml")))
 
@@ -32,7 +32,11 @@ def _strict(schema):
     """Reject unknown fields wherever the CRD lists properties (kubectl --validate=strict)."""
     if isinstance(schema, dict):
         schema = {k: _strict(v) for k, v in schema.items()}
-        if "properties" in schema and "additionalProperties" not in schema and not schema.get("x-kubernetes-preserve-unknown-fields"):
+        if (
+            "properties" in schema
+            and "additionalProperties" not in schema
+            and not schema.get("x-kubernetes-preserve-unknown-fields")
+        ):
             schema["additionalProperties"] = False
         return schema
     if isinstance(schema, list):
@@ -80,7 +84,12 @@ def test_strict_validation_catches_a_typo():
 def test_cluster_shapes():
     for name, doc in _documents():
         spec = doc["spec"]
-        cluster = spec.get("rayClusterSpec") or spec.get("rayClusterConfig") or spec.get("jobTemplate", {}).get("rayClusterSpec") or spec
+        cluster = (
+            spec.get("rayClusterSpec")
+            or spec.get("rayClusterConfig")
+            or spec.get("jobTemplate", {}).get("rayClusterSpec")
+            or spec
+        )
         assert cluster["headGroupSpec"]["rayStartParams"]["num-cpus"] == "0", name
         (gpu,) = cluster["workerGroupSpecs"]
         assert gpu["minReplicas"] == 0 and gpu["maxReplicas"] >= 1, name
@@ -111,12 +120,19 @@ def test_aws_cluster_yaml_validates_against_rays_schema():
         config = yaml.safe_load(f)
     jsonschema.validate(config, schema)
     assert config["available_node_types"][config["head_node_type"]]["resources"]["CPU"] == 0
-    assert any(t["node_config"]["InstanceType"].startswith(("g", "p")) for t in config["available_node_types"].values())
+    assert any(
+        t["node_config"]["InstanceType"].startswith(("g", "p")) for t in config["available_node_types"].values()
+    )
 
 
 def _entrypoint_modules() -> set[str]:
-    texts = [doc["spec"].get("entrypoint") or doc["spec"].get("jobTemplate", {}).get("entrypoint") for _, doc in _documents()]
-    texts += [open(os.path.join(ROOT, "infra", f)).read() for f in ("aws-cluster.yaml", "runtime_env.yaml", "README.md")]
+    texts = [
+        doc["spec"].get("entrypoint") or doc["spec"].get("jobTemplate", {}).get("entrypoint")
+        for _, doc in _documents()
+    ]
+    texts += [
+        open(os.path.join(ROOT, "infra", f)).read() for f in ("aws-cluster.yaml", "runtime_env.yaml", "README.md")
+    ]
     return {m for text in texts if text for m in re.findall(r"python -m ([\w.]+)", text)}
 
 
@@ -124,7 +140,9 @@ def test_entrypoints_named_in_infra_exist_and_answer_help():
     modules = _entrypoint_modules()
     assert {"jobs.render", "jobs.backfill"} <= modules
     for module in sorted(modules):
-        done = subprocess.run([sys.executable, "-m", module, "--help"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+        done = subprocess.run(
+            [sys.executable, "-m", module, "--help"], cwd=ROOT, capture_output=True, text=True, timeout=120
+        )
         assert done.returncode == 0 and "usage:" in done.stdout, (module, done.stderr[-500:])
 
 

@@ -3,14 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
-
 import hashlib
 import json
-import subprocess
-import sys
 
 import numpy as np
-import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -82,7 +78,7 @@ def test_hive_partitions_give_the_default_shard(tmp_path):
 
 
 def test_glob(tmp_path):
-    text = "pair_id,context_uri,product_uri,bbox\n{}, c.jpg, p.png,\"[0, 0, 9, 9]\"\n"
+    text = 'pair_id,context_uri,product_uri,bbox\n{}, c.jpg, p.png,"[0, 0, 9, 9]"\n'
     for name in ("a.csv", "b.csv", "sub/d.csv", "c.jsonl"):
         _text(tmp_path / name, text.format(name.replace("/", "_").split(".")[0]) if name.endswith(".csv") else "")
     plan = plan_manifest(str(tmp_path / "*.csv"))
@@ -263,14 +259,23 @@ def test_validate_rows_error_codes():
     columns = _case_columns()
     expected = [case[-1] for case in CASES]
     bbox = [b if b is None or isinstance(b, str) else json.dumps(b) for b in columns.pop("bbox")]  # CSV/JSONL form
-    batch = pa.table({**columns, "bbox": pa.array(bbox, pa.string()), "seed": pa.array([None, 5] + [None] * (len(CASES) - 2), pa.int64())})
+    batch = pa.table(
+        {
+            **columns,
+            "bbox": pa.array(bbox, pa.string()),
+            "seed": pa.array([None, 5] + [None] * (len(CASES) - 2), pa.int64()),
+        }
+    )
     out = validate_rows(batch, "/data/manifests", PairIdConflicts(frozenset({"twice", "unrelated"})))
     codes = out["error_code"].to_pylist()
     assert codes == expected
     for code, message in zip(codes, out["error_message"].to_pylist()):
         assert bool(message) == bool(code)
     assert out["seed"].to_pylist()[:2] == [stable_seed("ok-1"), 5]
-    assert out["context_uri"][0].as_py() == "/data/manifests/c.jpg" and out["mask_uri"][1].as_py() == "/data/manifests/m.png"
+    assert (
+        out["context_uri"][0].as_py() == "/data/manifests/c.jpg"
+        and out["mask_uri"][1].as_py() == "/data/manifests/m.png"
+    )
     assert out["bbox"].to_pylist()[:2] == [[0.0, 0.0, 10.0, 10.0], None]
     assert "pair_id" in out.column_names  # input columns kept
 
@@ -292,7 +297,12 @@ def test_validate_rows_resolves_paths():
         "/abs/c.jpg",
         "s3://other/d.jpg",
     ]
-    assert out["product_uri"].to_pylist() == ["file:///x/p.png", "https://cdn/p.png", "s3://bucket/manifests/p.png", "s3://bucket/manifests/p.png"]
+    assert out["product_uri"].to_pylist() == [
+        "file:///x/p.png",
+        "https://cdn/p.png",
+        "s3://bucket/manifests/p.png",
+        "s3://bucket/manifests/p.png",
+    ]
     assert out.schema.field("seed").type == pa.int64() and out["bbox"].to_pylist() == [None] * 4
     local = validate_rows(table.slice(0, 2), "/data/m")
     assert local["context_uri"].to_pylist() == ["/data/m/img/a.jpg", "/data/shared/b.jpg"]
@@ -312,7 +322,14 @@ def test_million_rows_stream_and_duplicates(tmp_path):
     n = 1_000_000
     ids = np.char.add("p", np.arange(n).astype(str)).astype(object)
     ids[[10, 500_000, 999_999]] = ["p3", "p3", "p77"]  # p3 three times, p77 twice
-    table = pa.table({"pair_id": ids, "context_uri": pa.array(["c.jpg"] * n), "product_uri": pa.array(["p.png"] * n), "mask_uri": pa.array(["m.png"] * n)})
+    table = pa.table(
+        {
+            "pair_id": ids,
+            "context_uri": pa.array(["c.jpg"] * n),
+            "product_uri": pa.array(["p.png"] * n),
+            "mask_uri": pa.array(["m.png"] * n),
+        }
+    )
     pq.write_table(table, tmp_path / "big.parquet", row_group_size=100_000)
     plan = plan_manifest(str(tmp_path / "big.parquet"))
     assert plan.num_rows == n

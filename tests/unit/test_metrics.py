@@ -4,8 +4,6 @@ subsets, storage round trip, and the driver-safety of the module (no torch impor
 
 from __future__ import annotations
 
-import subprocess
-import sys
 import warnings
 
 import numpy as np
@@ -167,11 +165,16 @@ def test_summary_kid_does_not_depend_on_row_order():
     n = 12
     real = correlated_features(20, n, FEATURE_DIM).astype(np.float16)
     gen = correlated_features(21, n, FEATURE_DIM, shift=0.5).astype(np.float16)
-    table = pa.table({
-        "pair_id": [f"p{i:02d}" for i in range(n)], "shard": ["a"] * n,
-        "feat_real": [r.tobytes() for r in real], "feat_gen": [g.tobytes() for g in gen],
-        "clip_score": [80.0] * n, "clip_floor": [60.0] * n,
-    })
+    table = pa.table(
+        {
+            "pair_id": [f"p{i:02d}" for i in range(n)],
+            "shard": ["a"] * n,
+            "feat_real": [r.tobytes() for r in real],
+            "feat_gen": [g.tobytes() for g in gen],
+            "clip_score": [80.0] * n,
+            "clip_floor": [60.0] * n,
+        }
+    )
     shuffled = table.take(pa.array(np.random.default_rng(3).permutation(n)))
     first, second = (compute_summary("r", {}, t, {}, {})["global"] for t in (table, shuffled))
     assert first["kid_mean"] is not None and first["kid_subset_size"] == n // 2

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import copy
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -41,15 +39,22 @@ def _latent_inputs(pipe: DTCPipeline, batch: int = 2, seed: int = 0):
     masked = torch.randn(batch, 4, r, r, generator=g)
     hole = (torch.rand(batch, 1, r, r, generator=g) > 0.5).float()
     hint = torch.randn(batch, 4, r, r, generator=g)
-    context = torch.randn(batch, pipe.image_projection.config.num_tokens, pipe.unet.config.cross_attention_dim, generator=g)
+    context = torch.randn(
+        batch, pipe.image_projection.config.num_tokens, pipe.unet.config.cross_attention_dim, generator=g
+    )
     t = torch.tensor(501)
     return latents, t, masked, hole, hint, context
 
 
 def _render(pipe, image, hole, product, seeds, steps=3, **kw):
     return pipe(
-        image, hole, product, num_inference_steps=steps,
-        generator=[torch.Generator().manual_seed(s) for s in seeds], output_type="uint8", **kw,
+        image,
+        hole,
+        product,
+        num_inference_steps=steps,
+        generator=[torch.Generator().manual_seed(s) for s in seeds],
+        output_type="uint8",
+        **kw,
     ).images
 
 
@@ -93,8 +98,9 @@ def test_channel_film_mode_is_identity_when_fresh(tiny):
 
 
 def test_from_parts_matches_sd_inpainting_unet_and_pbe_layout(tmp_path):
-    from jobs.make_model import main
     from parts import make_dinov2, make_sd_inpainting
+
+    from jobs.make_model import main
 
     sd_dir, dino_dir, out = str(tmp_path / "sd"), str(tmp_path / "dino"), str(tmp_path / "dtc")
     make_sd_inpainting(sd_dir)
@@ -112,9 +118,12 @@ def test_from_parts_matches_sd_inpainting_unet_and_pbe_layout(tmp_path):
     # The 9 channels handed to the UNet, in each layout, for the same pair.
     image, hole_px, product = _inputs(pipe, 1)
     with torch.no_grad():
-        expected_masked = pipe.vae.encode((image.permute(0, 3, 1, 2).float() / 127.5 - 1) * (1 - hole_px[:, None])).latent_dist.sample(
-            generator=[torch.Generator().manual_seed(7)]
-        ) * pipe.vae.config.scaling_factor
+        expected_masked = (
+            pipe.vae.encode(
+                (image.permute(0, 3, 1, 2).float() / 127.5 - 1) * (1 - hole_px[:, None])
+            ).latent_dist.sample(generator=[torch.Generator().manual_seed(7)])
+            * pipe.vae.config.scaling_factor
+        )
     r = pipe.config.resolution // pipe.vae_scale_factor
     expected_hole = torch.nn.functional.interpolate(hole_px[:, None], size=(r, r))
     for layout in ("sd", "pbe"):
@@ -134,8 +143,9 @@ def test_from_parts_matches_sd_inpainting_unet_and_pbe_layout(tmp_path):
 
 
 def test_from_parts_names_whats_missing(tmp_path, capsys):
-    from jobs.make_model import main
     from parts import make_dinov2, make_sd_inpainting
+
+    from jobs.make_model import main
 
     sd_dir, dino_dir = str(tmp_path / "sd"), str(tmp_path / "dino")
     make_sd_inpainting(sd_dir)
@@ -144,7 +154,20 @@ def test_from_parts_names_whats_missing(tmp_path, capsys):
     assert main(["--from-parts", "--sd-inpainting", sd_dir, "--dinov2", dino_dir, "--out", str(tmp_path / "o")]) == 2
     assert "unet/ has no weights file" in capsys.readouterr().err
     os.remove(os.path.join(dino_dir, "config.json"))
-    assert main(["--from-parts", "--sd-inpainting", str(tmp_path / "nope"), "--dinov2", dino_dir, "--out", str(tmp_path / "o")]) == 2
+    assert (
+        main(
+            [
+                "--from-parts",
+                "--sd-inpainting",
+                str(tmp_path / "nope"),
+                "--dinov2",
+                dino_dir,
+                "--out",
+                str(tmp_path / "o"),
+            ]
+        )
+        == 2
+    )
     assert "no checkpoint folder" in capsys.readouterr().err
 
 
@@ -154,13 +177,19 @@ def test_cfg_as_one_batch_equals_separate_passes(tiny):
     scale = 5.0
     with torch.no_grad():
         both = tiny.predict_noise(
-            torch.cat([latents] * 2), t, torch.cat([masked] * 2), torch.cat([hole] * 2), torch.cat([hint] * 2),
+            torch.cat([latents] * 2),
+            t,
+            torch.cat([masked] * 2),
+            torch.cat([hole] * 2),
+            torch.cat([hint] * 2),
             torch.cat([null, context]),
         )
         uncond_b, cond_b = both.chunk(2)
         uncond = tiny.predict_noise(latents, t, masked, hole, hint, null)
         cond = tiny.predict_noise(latents, t, masked, hole, hint, context)
-    torch.testing.assert_close(uncond_b + scale * (cond_b - uncond_b), uncond + scale * (cond - uncond), atol=1e-5, rtol=0)
+    torch.testing.assert_close(
+        uncond_b + scale * (cond_b - uncond_b), uncond + scale * (cond - uncond), atol=1e-5, rtol=0
+    )
 
 
 def test_per_pair_seeds_batch_invariance_and_determinism(tiny):
@@ -199,7 +228,11 @@ def test_output_types_and_dpmpp_scheduler(tiny):
     "field, value, message",
     [
         ("image", torch.zeros(1, 64, 64, 3, dtype=torch.uint8), "must be 128x128 .* got 64x64"),
-        ("image", torch.zeros(1, 128, 128, 4, dtype=torch.uint8), r"uint8 must be \(B, H, W, 3\), got shape \(1, 128, 128, 4\)"),
+        (
+            "image",
+            torch.zeros(1, 128, 128, 4, dtype=torch.uint8),
+            r"uint8 must be \(B, H, W, 3\), got shape \(1, 128, 128, 4\)",
+        ),
         ("image", torch.zeros(1, 1, 128, 128), r"got shape \(1, 1, 128, 128\)"),
         ("mask_image", torch.full((1, 128, 128), 0.5), r"must be binary .* got values \[0.5\]"),
         ("mask_image", torch.zeros(1, 128, 128), "hole mask is empty"),
@@ -221,7 +254,13 @@ def test_sd15_film_sites_have_the_paper_shapes():
         sample = torch.empty(2, 9, 64, 64)
         film = pipe.hint_encoder(sample, torch.tensor(10), torch.empty(2, 257, 768))
     expected = (
-        [(320, 64)] * 3 + [(320, 32)] + [(640, 32)] * 2 + [(640, 16)] + [(1280, 16)] * 2 + [(1280, 8)] * 3 + [(1280, 8)]
+        [(320, 64)] * 3
+        + [(320, 32)]
+        + [(640, 32)] * 2
+        + [(640, 16)]
+        + [(1280, 16)] * 2
+        + [(1280, 8)] * 3
+        + [(1280, 8)]
     )
     assert len(film) == 13
     assert [(g.shape[1], g.shape[2]) for g, _ in film] == expected

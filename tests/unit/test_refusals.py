@@ -38,12 +38,26 @@ def test_render_refuses_a_bad_run_id(capsys, tmp_path, catalog, tiny_model_dir, 
 @pytest.mark.parametrize("run_id", ["run1\n", "a/b"])
 def test_backfill_refuses_a_bad_run_id(capsys, tmp_path, tiny_model_dir, run_id):
     root = tmp_path / "manifests"
-    make_catalog(str(root / "dt=2026-11-01"), n_pairs=1, bad_rows=False, manifest_name="part-0.parquet", sizes=[(64, 48)])
+    make_catalog(
+        str(root / "dt=2026-11-01"), n_pairs=1, bad_rows=False, manifest_name="part-0.parquet", sizes=[(64, 48)]
+    )
     output = tmp_path / "out"
-    code = backfill([
-        "--manifest-root", str(root), "--start", "2026-11-01", "--end", "2026-11-01", "--output", str(output),
-        "--model", tiny_model_dir, "--run-id", run_id,
-    ])
+    code = backfill(
+        [
+            "--manifest-root",
+            str(root),
+            "--start",
+            "2026-11-01",
+            "--end",
+            "2026-11-01",
+            "--output",
+            str(output),
+            "--model",
+            tiny_model_dir,
+            "--run-id",
+            run_id,
+        ]
+    )
     _one_line_refusal(capsys, code, "--run-id")
     assert not output.exists()
 
@@ -51,7 +65,9 @@ def test_backfill_refuses_a_bad_run_id(capsys, tmp_path, tiny_model_dir, run_id)
 @pytest.mark.parametrize("flag", ["--run-id", "--out-id"])
 def test_metrics_refuses_a_bad_run_id(capsys, tmp_path, flag):
     args = ["--output", str(tmp_path / "out"), "--run-id", "fine"]
-    code = metrics([*args, flag, "run1\n"] if flag == "--out-id" else ["--output", str(tmp_path), "--run-id", "run1\n"])
+    code = metrics(
+        [*args, flag, "run1\n"] if flag == "--out-id" else ["--output", str(tmp_path), "--run-id", "run1\n"]
+    )
     _one_line_refusal(capsys, code, flag)
 
 
@@ -99,12 +115,27 @@ def test_dry_run_counts_disallowed_uris_as_invalid(capsys, tmp_path, tiny_model_
     rows[0]["context_uri"] = str(tmp_path / "elsewhere" / far["context_uri"])  # outside every allowed root
     rows[1]["product_uri"] = "http://169.254.169.254/latest/meta-data"  # http is off
     pq.write_table(pa.Table.from_pylist(rows), path)
-    args = ["--manifest-root", str(root), "--start", "2026-11-01", "--end", "2026-11-01",
-            "--output", str(tmp_path / "out"), "--model", tiny_model_dir, "--dry-run"]
+    args = [
+        "--manifest-root",
+        str(root),
+        "--start",
+        "2026-11-01",
+        "--end",
+        "2026-11-01",
+        "--output",
+        str(tmp_path / "out"),
+        "--model",
+        tiny_model_dir,
+        "--dry-run",
+    ]
     assert backfill(args) == 0
-    totals = next(line.split()[1:] for line in capsys.readouterr().out.splitlines() if line.strip().startswith("total"))
+    totals = next(
+        line.split()[1:] for line in capsys.readouterr().out.splitlines() if line.strip().startswith("total")
+    )
     assert [int(v) for v in totals] == [1, 0, 0, 2, 0]  # pending, done, failed, invalid, skipped
     assert backfill([*args, "--allow-root", str(tmp_path / "elsewhere")]) == 0
-    totals = next(line.split()[1:] for line in capsys.readouterr().out.splitlines() if line.strip().startswith("total"))
+    totals = next(
+        line.split()[1:] for line in capsys.readouterr().out.splitlines() if line.strip().startswith("total")
+    )
     assert [int(v) for v in totals] == [2, 0, 0, 1, 0]
     assert not (tmp_path / "out").exists()

@@ -48,7 +48,10 @@ def test_result_is_always_inside_and_maximal_on_random_holes():
         assert hole[y0:y1, x0:x1].all()
         best = max(
             (b - a) * (d - c)
-            for a in range(9) for b in range(a + 1, 10) for c in range(11) for d in range(c + 1, 12)
+            for a in range(9)
+            for b in range(a + 1, 10)
+            for c in range(11)
+            for d in range(c + 1, 12)
             if hole[a:b, c:d].all()
         )
         assert (y1 - y0) * (x1 - x0) == best

@@ -10,6 +10,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from helpers import png
 from PIL import Image
 
 from pipeline.fetch import InputPolicy
@@ -21,8 +22,6 @@ from pipeline.stages.finish_stage import FinishConfig, finish_batch
 from pipeline.stages.prepare_stage import PrepareConfig, prepare_batch
 from pipeline.stages.read_stage import ReadConfig, planned_batches, read_files
 from pipeline.stages.render_stage import RenderStage, RenderStageConfig
-
-from helpers import png
 
 RESOLUTION, PRODUCT_SIZE = 128, 224  # the tiny preset's sizes (tests/unit/test_model.py checks them)
 
@@ -37,14 +36,16 @@ def catalog(tmp_path_factory) -> str:
     mask = np.zeros((90, 120), np.uint8)
     mask[20:70, 30:90] = 255
     (folder / "mask.png").write_bytes(png(mask))
-    table = pa.table({
-        "pair_id": ["box", "mask", "gone", "bad/id"],
-        "context_uri": ["context.png", "context.png", "missing.png", "context.png"],
-        "product_uri": ["product.png"] * 4,
-        "mask_uri": [None, "mask.png", None, None],
-        "bbox": [[10.0, 10.0, 70.0, 60.0], None, [10.0, 10.0, 70.0, 60.0], [10.0, 10.0, 70.0, 60.0]],
-        "sku": ["s1", "s2", "s3", "s4"],  # a pass-through column
-    })
+    table = pa.table(
+        {
+            "pair_id": ["box", "mask", "gone", "bad/id"],
+            "context_uri": ["context.png", "context.png", "missing.png", "context.png"],
+            "product_uri": ["product.png"] * 4,
+            "mask_uri": [None, "mask.png", None, None],
+            "bbox": [[10.0, 10.0, 70.0, 60.0], None, [10.0, 10.0, 70.0, 60.0], [10.0, 10.0, 70.0, 60.0]],
+            "sku": ["s1", "s2", "s3", "s4"],  # a pass-through column
+        }
+    )
     pq.write_table(table, folder / "manifest.parquet")
     return str(folder / "manifest.parquet")
 
@@ -78,10 +79,13 @@ def test_read_stage_validates_and_marks_actions(read_block):
 
 def test_read_stage_reuses_a_done_pair_with_the_same_seed(catalog, read_block):
     done = read_block.slice(0, 1)
-    state = pa.table({
-        "pair_id": ["box"], "seed": done["seed"],
-        **{c: pa.nulls(1, read_block.schema.field(PREV + c).type) for c in CARRIED_COLUMNS},
-    }).set_column(2, "status", pa.array(["ok"]))
+    state = pa.table(
+        {
+            "pair_id": ["box"],
+            "seed": done["seed"],
+            **{c: pa.nulls(1, read_block.schema.field(PREV + c).type) for c in CARRIED_COLUMNS},
+        }
+    ).set_column(2, "status", pa.array(["ok"]))
     (block,) = planned_batches(plan_manifest(catalog), 0, PairIdConflicts(), StateIndex(state), batch_rows=16)
     assert block["action"].to_pylist() == ["reuse", "render", "render", "render"]
     assert block[PREV + "status"].to_pylist() == ["ok", None, None, None]
@@ -89,7 +93,11 @@ def test_read_stage_reuses_a_done_pair_with_the_same_seed(catalog, read_block):
 
 def test_read_files_is_the_stage_over_file_indexes(catalog):
     # Without state or conflicts no object ref is read, so Ray need not run.
-    blocks = list(read_files({"file_index": np.array([0])}, config=ReadConfig(plan_manifest(catalog)), conflicts_ref=[], state_ref=[]))
+    blocks = list(
+        read_files(
+            {"file_index": np.array([0])}, config=ReadConfig(plan_manifest(catalog)), conflicts_ref=[], state_ref=[]
+        )
+    )
     assert sum(b.num_rows for b in blocks) == 4
 
 
@@ -97,7 +105,10 @@ def test_prepare_stage_cuts_model_inputs_or_fails_the_row(prepared):
     assert prepared["error_code"].to_pylist() == ["", "", "image_missing", "invalid_pair_id"]
     assert prepared["width"].to_pylist()[:2] == [120, 120] and prepared["height"].to_pylist()[:2] == [90, 90]
     sizes = {c: len(prepared[c][0].as_py()) for c in MODEL_INPUTS}
-    assert sizes["model_context"] == RESOLUTION * RESOLUTION * 3 and sizes["model_product"] == PRODUCT_SIZE * PRODUCT_SIZE * 3
+    assert (
+        sizes["model_context"] == RESOLUTION * RESOLUTION * 3
+        and sizes["model_product"] == PRODUCT_SIZE * PRODUCT_SIZE * 3
+    )
     assert len(prepared["context_raw"][0].as_py()) == 120 * 90 * 3
     assert [len(v) for v in prepared["model_context"].to_pylist()[2:]] == [0, 0]  # failed rows carry no payload
     assert all(ms > 0 for ms in prepared["prepare_ms"].to_pylist()[:2])
@@ -117,8 +128,17 @@ def test_render_stage_is_deterministic_per_seed(tiny_model_dir, prepared, render
 
 
 def test_finish_stage_writes_images_and_stamps_rows(tmp_path, rendered, catalog):
-    config = FinishConfig(str(tmp_path), "r1", "m" * 64, "s" * 16, RESOLUTION, steps=2, guidance_scale=3.0,
-                          scheduler="ddim", image_format="png")
+    config = FinishConfig(
+        str(tmp_path),
+        "r1",
+        "m" * 64,
+        "s" * 16,
+        RESOLUTION,
+        steps=2,
+        guidance_scale=3.0,
+        scheduler="ddim",
+        image_format="png",
+    )
     rows = finish_batch(rendered, config=config)
     assert rows["status"].to_pylist() == ["ok", "ok", "failed", "failed"]
     assert rows["output_uri"].to_pylist()[:2] == [str(tmp_path / "images" / f"{p}.png") for p in ("box", "mask")]
