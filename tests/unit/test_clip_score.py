@@ -24,7 +24,8 @@ def clip_dir(tmp_path_factory) -> str:
             max_position_embeddings=16, bos_token_id=0, eos_token_id=2, pad_token_id=1,
         ),
         vision_config=dict(
-            image_size=224, patch_size=32, hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=2
+            image_size=224, patch_size=32, hidden_size=32, intermediate_size=37, num_hidden_layers=2,
+            num_attention_heads=2,
         ),
         projection_dim=16,
     )  # fmt: skip
