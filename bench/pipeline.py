@@ -28,7 +28,7 @@ import sys
 import tempfile
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from common import ROOT, render_command, tiny_model  # noqa: E402  (bench/common.py: bench/ is first on sys.path)
 
 
 def emit(**record) -> None:
@@ -96,27 +96,7 @@ def run_size(rows: int, steps: int, model: str, work: str, tag: str = "size") ->
     )
     output = os.path.join(work, f"out-{tag}-{rows}")
     env = dict(os.environ, PYTHONPATH=ROOT, RAY_USAGE_STATS_ENABLED="0")
-    command = [
-        sys.executable,
-        "-m",
-        "jobs.render",
-        "--manifest",
-        manifest,
-        "--output",
-        output,
-        "--model",
-        model,
-        "--steps",
-        str(steps),
-        "--batch-size",
-        "16",
-        "--run-id",
-        "bench",
-        "--cpus-per-actor",
-        "1",
-        "--torch-threads",
-        "1",
-    ]
+    command = render_command(manifest, output, model, "--steps", str(steps), "--batch-size", "16", "--run-id", "bench")
     start = time.perf_counter()
     done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True)
     wall = time.perf_counter() - start
@@ -150,14 +130,7 @@ def main() -> None:
     parser.add_argument("--efficiency-steps", type=int, default=12)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="dtc-bench-") as work:
-        model = os.path.join(work, "dtc-tiny")
-        subprocess.run(
-            [sys.executable, "-m", "jobs.make_model", "--preset", "tiny", "--out", model],
-            cwd=ROOT,
-            check=True,
-            capture_output=True,
-            env=dict(os.environ, PYTHONPATH=ROOT),
-        )
+        model = tiny_model(work)
         results = []
         for rows in (int(s) for s in args.sizes.split(",")):
             results.append(run_size(rows, args.steps, model, work))

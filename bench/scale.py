@@ -24,7 +24,8 @@ from __future__ import annotations
 import os
 import sys
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from common import ROOT, tiny_model  # noqa: E402  (bench/common.py: bench/ is first on sys.path)
+
 sys.path.insert(0, ROOT)  # bench/pipeline.py would shadow the `pipeline` package otherwise
 
 import argparse  # noqa: E402
@@ -137,15 +138,7 @@ def setup(work: str, rows: int, files: int, done: int, model: str | None) -> dic
         with open(spec_file) as f:
             return {**json.load(f), "reused_setup": True}
     if model is None:
-        model = os.path.join(work, "dtc-tiny")
-        if not os.path.exists(os.path.join(model, "model_index.json")):
-            subprocess.run(
-                [sys.executable, "-m", "jobs.make_model", "--preset", "tiny", "--out", model],
-                cwd=ROOT,
-                check=True,
-                capture_output=True,
-                env=dict(os.environ, PYTHONPATH=ROOT),
-            )
+        model = tiny_model(work)
     width = max(7, len(str(rows - 1)))
     manifest = os.path.join(work, f"manifest-{key}")
     output = os.path.join(work, f"out-{key}")

@@ -19,14 +19,13 @@ import io
 import json
 import os
 import socket
-import subprocess
 import sys
 import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from common import ROOT, tiny_model  # noqa: E402  (bench/common.py: bench/ is first on sys.path)
 
 
 def emit(**record) -> None:
@@ -123,13 +122,7 @@ def main() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
     with tempfile.TemporaryDirectory(prefix="dtc-bench-serve-") as work:
-        model = os.path.join(work, "dtc-tiny")
-        subprocess.run(
-            [sys.executable, "-m", "jobs.make_model", "--preset", "tiny", "--out", model],
-            cwd=ROOT,
-            check=True,
-            capture_output=True,
-        )
+        model = tiny_model(work)
         import ray
         from ray import serve
 

@@ -31,8 +31,8 @@ import time
 
 import psutil
 import pyarrow.parquet as pq
+from common import ROOT, render_command, tiny_model  # noqa: E402  (bench/common.py: bench/ is first on sys.path)
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 TARGET = 0.10
 
@@ -102,14 +102,7 @@ def main() -> None:
     from pipeline.sample_catalog import make_catalog
 
     with tempfile.TemporaryDirectory(prefix="dtc-soak-") as work:
-        model = os.path.join(work, "dtc-tiny")
-        subprocess.run(
-            [sys.executable, "-m", "jobs.make_model", "--preset", "tiny", "--out", model],
-            cwd=ROOT,
-            check=True,
-            capture_output=True,
-            env=dict(os.environ, PYTHONPATH=ROOT),
-        )
+        model = tiny_model(work)
         manifest = make_catalog(
             os.path.join(work, "catalog"),
             n_pairs=args.rows,
@@ -121,16 +114,7 @@ def main() -> None:
         with open(config, "w") as f:
             f.write("manifest_part_rows: 50\n")
         output = os.path.join(work, "out")
-        command = [
-            sys.executable,
-            "-m",
-            "jobs.render",
-            "--manifest",
-            manifest,
-            "--output",
-            output,
-            "--model",
-            model,
+        flags = (
             "--steps",
             str(args.steps),
             "--batch-size",
@@ -139,12 +123,9 @@ def main() -> None:
             "soak",
             "--config",
             config,
-            "--cpus-per-actor",
-            "1",
-            "--torch-threads",
-            "1",
             "--no-metrics",
-        ]
+        )
+        command = render_command(manifest, output, model, *flags)
         log = open(os.path.join(work, "render.log"), "w")
         job = subprocess.Popen(
             command,

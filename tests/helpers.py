@@ -16,18 +16,12 @@ from pipeline import images, regions, storage
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository
 S3_SECRET = "test-secret-key-4f1c0de"  # the moto endpoint's secret key: grepped for in every output
 # The render flags every integration test uses: 2 steps, PNG (pixels compare exactly), half-CPU actors.
-FAST = [
-    "--steps",
-    "2",
-    "--batch-size",
-    "4",
-    "--image-format",
-    "png",
-    "--cpus-per-actor",
-    "0.5",
-    "--torch-threads",
-    "1",
-]
+FAST = "--steps 2 --batch-size 4 --image-format png --cpus-per-actor 0.5 --torch-threads 1".split()
+
+
+# The 13 FiLM sites of SD-1.5 at 512^2 (DTC_MODEL.md "Skip list"): (channels, side) of conv_in,
+# the down blocks' skips and downsamplers, and the mid block, in order.
+SD15_FILM_SITES = [(320, 64)] * 3 + [(320, 32)] + [(640, 32)] * 2 + [(640, 16)] + [(1280, 16)] * 2 + [(1280, 8)] * 4
 
 
 def free_port() -> int:

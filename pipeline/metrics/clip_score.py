@@ -97,10 +97,7 @@ class ClipScorer:
         return F.normalize(embeddings.float(), dim=-1)
 
     def score(
-        self,
-        outputs: Sequence[np.ndarray],
-        regions_bbox: Sequence[Sequence[float]],
-        products: Sequence[np.ndarray],
+        self, outputs: Sequence[np.ndarray], regions_bbox: Sequence[Sequence[float]], products: Sequence[np.ndarray]
     ) -> np.ndarray:
         """100 * cosine per pair, float64 [N]. outputs/products: H x W x 3 uint8 (products
         already composited on grey if they had alpha); regions_bbox: (x0, y0, x1, y1) in the

@@ -23,14 +23,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-__all__ = [
-    "FeatureStats",
-    "frechet_distance",
-    "fid_from_stats",
-    "kid",
-    "kid_from_subsets",
-    "ClipStats",
-]
+__all__ = ["FeatureStats", "frechet_distance", "fid_from_stats", "kid", "kid_from_subsets", "ClipStats"]
 
 # Bumped when the npz layout changes, so an old statistics file is refused, not misread.
 _STATS_FORMAT = 1
@@ -215,11 +208,7 @@ def kid_from_subsets(
 
 
 def kid(
-    real_features: np.ndarray,
-    gen_features: np.ndarray,
-    subset_size: int = 1000,
-    subsets: int = 100,
-    seed: int = 0,
+    real_features: np.ndarray, gen_features: np.ndarray, subset_size: int = 1000, subsets: int = 100, seed: int = 0
 ) -> tuple[float, float]:
     """Kernel Inception Distance (mean, std over `subsets` random subsets of `subset_size`
     per side, drawn without replacement within a subset), as torchmetrics computes it.

@@ -86,11 +86,7 @@ def _check_training_schedule(folder: str, uri: str) -> None:
 
 
 def assemble_from_parts(
-    sd_inpainting: str,
-    dinov2: str,
-    vae: str | None = None,
-    film_mode: str = "spatial",
-    product_size: int = 224,
+    sd_inpainting: str, dinov2: str, vae: str | None = None, film_mode: str = "spatial", product_size: int = 224
 ) -> DTCPipeline:
     """An untrained DTC from an SD-inpainting pipeline folder and a DINOv2 folder (local or s3://).
 

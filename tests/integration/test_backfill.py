@@ -8,6 +8,7 @@ import os
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+from helpers import FAST
 
 from jobs.backfill import main as backfill
 from pipeline.sample_catalog import make_catalog
@@ -55,16 +56,8 @@ def test_backfill_dry_run_idempotence_and_repair(ray_address, tmp_path, capsys, 
         str(output),
         "--model",
         tiny_model_dir,
-        "--steps",
-        "2",
-        "--batch-size",
-        "3",
-        "--image-format",
-        "png",
-        "--cpus-per-actor",
-        "0.5",
-        "--torch-threads",
-        "1",
+        *FAST,
+        *"--batch-size 3".split(),  # a day's 3 pairs in one model call
     ]
 
     # columns: pending, done, failed, invalid, skipped

@@ -24,24 +24,11 @@ import boto3
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from helpers import S3_SECRET, free_port
+from helpers import FAST, S3_SECRET, free_port
 
 from jobs.render import main as render
 from pipeline import storage
 from pipeline.sample_catalog import make_catalog
-
-FAST = [
-    "--steps",
-    "2",
-    "--batch-size",
-    "4",
-    "--image-format",
-    "png",
-    "--cpus-per-actor",
-    "0.5",
-    "--torch-threads",
-    "1",
-]
 
 
 def _run(tmp_path, tiny_model_dir, fault: str, run_id: str, pairs: int = 8) -> tuple[int, dict[str, dict], str]:

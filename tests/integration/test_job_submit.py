@@ -15,10 +15,7 @@ import urllib.request
 
 import pyarrow.parquet as pq
 import pytest
-from helpers import (
-    ROOT,  # noqa: E402
-    free_port,
-)
+from helpers import FAST, ROOT, free_port
 
 from pipeline.sample_catalog import make_catalog
 
@@ -82,27 +79,7 @@ def cluster():
 
 
 def _render_args(manifest: str, output: str, model: str) -> list[str]:
-    return [
-        "python",
-        "-m",
-        "jobs.render",
-        "--manifest",
-        manifest,
-        "--output",
-        output,
-        "--model",
-        model,
-        "--steps",
-        "2",
-        "--batch-size",
-        "4",
-        "--image-format",
-        "png",
-        "--cpus-per-actor",
-        "0.5",
-        "--torch-threads",
-        "1",
-    ]
+    return ["python", "-m", "jobs.render", "--manifest", manifest, "--output", output, "--model", model, *FAST]
 
 
 def _rows(output: str) -> list[dict]:

@@ -259,14 +259,7 @@ def test_interrupt_resume_lock_staleness_and_determinism(ray_address, tmp_path):
         str(config),
         "--address",
         ray_address,
-        "--steps",
-        "12",
-        "--image-format",
-        "png",
-        "--cpus-per-actor",
-        "0.5",
-        "--torch-threads",
-        "1",
+        *"--steps 12 --image-format png --cpus-per-actor 0.5 --torch-threads 1".split(),  # batch size from the YAML
     ]
     first = _subprocess_render([*args, "--run-id", "first"], tmp_path / "first.log")
     try:

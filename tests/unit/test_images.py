@@ -182,9 +182,7 @@ def test_pixel_limit_is_checked_from_the_header():
 
 
 @pytest.mark.parametrize(
-    "data",
-    [b"", b"definitely not an image", b"\x89PNG\r\n\x1a\n" + b"\x00" * 20],
-    ids=["empty", "text", "broken-png"],
+    "data", [b"", b"definitely not an image", b"\x89PNG\r\n\x1a\n" + b"\x00" * 20], ids=["empty", "text", "broken-png"]
 )
 def test_unreadable_bytes(data):
     with _row_error("image_unreadable"):

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 from diffusers import UNet2DConditionModel
+from helpers import SD15_FILM_SITES
 
 from pipeline.model.components import DTCHintEncoder
 from pipeline.model.loading import load_pipeline
@@ -253,17 +254,8 @@ def test_sd15_film_sites_have_the_paper_shapes():
         assert pipe.image_encoder.config.hidden_size == 1536
         sample = torch.empty(2, 9, 64, 64)
         film = pipe.hint_encoder(sample, torch.tensor(10), torch.empty(2, 257, 768))
-    expected = (
-        [(320, 64)] * 3
-        + [(320, 32)]
-        + [(640, 32)] * 2
-        + [(640, 16)]
-        + [(1280, 16)] * 2
-        + [(1280, 8)] * 3
-        + [(1280, 8)]
-    )
     assert len(film) == 13
-    assert [(g.shape[1], g.shape[2]) for g, _ in film] == expected
+    assert [(g.shape[1], g.shape[2]) for g, _ in film] == SD15_FILM_SITES
     assert all(g.shape == b.shape and g.shape[-1] == g.shape[-2] for g, b in film)
 
 

@@ -24,6 +24,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from diffusers import UNet2DConditionModel
+from helpers import SD15_FILM_SITES
 
 from pipeline.model.components import DTCHintEncoder, DTCUNet2DConditionModel
 from pipeline.model.pipeline_dtc import DTCPipeline
@@ -298,15 +299,7 @@ def test_film_equals_stock_unet_with_additive_residuals(film_mode, size):
 
 
 def test_sd15_unet_film_forward_on_meta():
-    skip_shapes = (
-        [(320, 64)] * 3
-        + [(320, 32)]
-        + [(640, 32)] * 2
-        + [(640, 16)]
-        + [(1280, 16)] * 2
-        + [(1280, 8)] * 3
-        + [(1280, 8)]  # mid
-    )
+    skip_shapes = SD15_FILM_SITES
     with torch.device("meta"):
         unet = DTCUNet2DConditionModel(**unet_config("sd15"))
         sample, context, t = torch.empty(2, 9, 64, 64), torch.empty(2, 257, 768), torch.tensor(10)
