@@ -74,9 +74,8 @@ def run_render(cfg: RenderConfig, dry_run: bool = False) -> RunResult:
 
 def check(cfg: RenderConfig) -> RunSpec:
     """Everything that can refuse the run (exit 2) happens here, before any write."""
-    cfg.validate()
+    cfg = _absolute_paths(cfg.validate())
     if not storage.is_s3(cfg.output):
-        cfg = dataclasses.replace(cfg, output=os.path.abspath(cfg.output))
         _check_writable(cfg.output)
     partitions = None if cfg.partition_range is None else (cfg.partition_key, *cfg.partition_range)
     plan = plan_manifest(cfg.manifest, partition_range=partitions)
@@ -106,6 +105,24 @@ def check(cfg: RenderConfig) -> RunSpec:
         resolution,
         product_size,
         protocol,
+    )
+
+
+def _absolute_paths(cfg: RenderConfig) -> RenderConfig:
+    """Local paths made absolute on the driver: Ray workers run in other folders (a cluster's
+    workers in the job's working dir, or none), so `models/dtc-tiny` must mean what it meant
+    where the user typed it."""
+
+    def absolute(uri: str | None) -> str | None:
+        return uri if not uri or "://" in uri else os.path.abspath(uri)
+
+    return dataclasses.replace(
+        cfg,
+        output=absolute(cfg.output),
+        model=absolute(cfg.model),
+        inception_weights=absolute(cfg.inception_weights),
+        clip_model=absolute(cfg.clip_model),
+        allow_root=[absolute(root) for root in cfg.allow_root],
     )
 
 

@@ -370,6 +370,10 @@ def app_builder(args: dict) -> Application:
         config = args if isinstance(args, ServeArgs) else ServeArgs.model_validate(args)
     except ValidationError as e:
         raise ServeSetupError(f"bad app arguments: {e}") from e
+    # the replicas may run in another folder than `serve run`: local paths mean what they meant here
+    local = {"model_uri": config.model_uri} if "://" not in config.model_uri else {}
+    roots = [root if "://" in root else os.path.abspath(root) for root in config.allow_roots]
+    config = config.model_copy(update={**{k: os.path.abspath(v) for k, v in local.items()}, "allow_roots": roots})
     try:
         check_dtc_checkpoint(config.model_uri)
     except CheckpointError as e:
