@@ -5,8 +5,10 @@
 
 Idempotent: pairs already done with the same model and settings are not rendered again, so
 re-running a range renders only what is missing (deleted images included). `--dry-run`
-prints pending/done/failed/invalid counts per partition and renders nothing. Shards are the
-partitions (`dt=2026-11-26`), so metrics and the run record's per-shard counts are per day.
+prints pending/done/failed/invalid/skipped counts per partition and renders nothing. Shards are
+the partitions (`dt=2026-11-26`), so metrics and the run record's per-shard counts are per day.
+A pair_id on several days is rendered from its latest day; its earlier rows are `skipped`
+(`superseded`); repeated within its latest day, every row of it fails `duplicate_pair_id`.
 Takes every option of `jobs.render`; exit codes are the same.
 """
 

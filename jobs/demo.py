@@ -14,6 +14,8 @@ import argparse
 import os
 import sys
 
+from pipeline.schema import EXIT_ERROR
+
 
 def _random_weights_config(out: str) -> str:
     path = os.path.join(out, "render.yaml")
@@ -42,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
         from jobs.make_model import main as make_model
 
         if make_model(["--preset", "tiny", "--out", model]) != 0:
-            return 1
+            return EXIT_ERROR
 
     from pipeline.metrics.extract import save_random_extractors
 

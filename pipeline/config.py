@@ -81,7 +81,9 @@ class RenderConfig:
     fid_reference: str | None = None  # reserved: reference statistics for FID (not implemented; refused)
     metrics_random_weights: bool = False  # the extractors are random (demo): reports say so in large type
     # -- cluster and bookkeeping ---------------------------------------------------------------------
-    address: str | None = None  # Ray address; default RAY_ADDRESS or a local cluster
+    address: str | None = (
+        None  # Ray cluster to join ("auto": the local `ray start` one); default RAY_ADDRESS, else a Ray of its own
+    )
     lock_stale_s: float = 300.0  # a _lock whose heartbeat is older than this is taken over
     manifest_part_rows: int = 1000  # output-manifest rows per part file (flushed at least every 30 s)
     fault_injection: dict | None = None  # chaos tests only (YAML): see pipeline.stages.faults
@@ -179,10 +181,18 @@ class RenderConfig:
         hints = typing.get_type_hints(type(self))
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
+            if isinstance(value, int) and not isinstance(value, bool) and _accepts_float(hints[f.name]):
+                # `guidance_scale: 5` and `--guidance-scale 5` must digest alike: one float, 5.0
+                value = float(value)
+                setattr(self, f.name, value)
             if not _has_type(value, hints[f.name]):
                 hint = hints[f.name]
                 expected = str(hint).replace("typing.", "") if typing.get_args(hint) else hint.__name__
                 raise ConfigError(f"{f.name} must be {expected}, got {type(value).__name__} {value!r}")
+
+
+def _accepts_float(hint) -> bool:
+    return hint is float or float in typing.get_args(hint)
 
 
 def _has_type(value, hint) -> bool:

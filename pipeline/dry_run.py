@@ -27,7 +27,7 @@ def _refused(policy: InputPolicy, uris) -> bool:
         if uri:
             try:
                 policy.check(uri)
-            except RowError:
+            except (RowError, ValueError):  # ValueError: a path the OS cannot name (a NUL byte)
                 return True
     return False
 

@@ -3,7 +3,7 @@
     plan = plan_manifest("s3://catalog/manifests/")     # schemas and row counts only
     conflicts = pair_id_conflicts(plan)                  # repeated pair_ids: streams that column alone
     for batch in iter_batches(plan, batch_size=4096):    # bounded memory, adds `shard`
-        rows = rows.validate_rows(batch, file_folder(plan.files[i]), conflicts)
+        table = rows.validate_rows(batch, file_folder(plan.files[i]), conflicts, partition)  # pipeline.rows
 
 A manifest is one file, a folder (read recursively, hive partitions such as
 `dt=2026-11-26/part-0.parquet` included) or a glob (`*` within a folder name, `**` across
@@ -43,6 +43,7 @@ import pyarrow.dataset as ds
 import pyarrow.fs as pafs
 
 from pipeline import storage
+from pipeline.schema import safe_name
 
 __all__ = [
     "ManifestError",
@@ -308,8 +309,7 @@ def _default_shard(file: str) -> str:
     parts = path.split("/")
     partitions = [p for p in parts[:-1] if "=" in p]
     name = partitions[-1] if partitions else os.path.splitext(parts[-1])[0]
-    name = re.sub(r"[^A-Za-z0-9._=-]", "_", name).lstrip(".")[:200]
-    return name or "manifest"
+    return safe_name(name, fallback="manifest")
 
 
 def _file_format(fmt: str, csv_names: list[str]) -> ds.FileFormat:
@@ -460,7 +460,10 @@ class PairIdConflicts:
     In one manifest every row of a repeated pair_id fails `duplicate_pair_id` (no silent
     winner). Across the partitions of a backfill's range (full daily catalog dumps repeat most
     pairs every day) the latest partition wins: rows of a pair_id in an earlier partition are
-    `skipped` (`superseded`), and only a pair_id repeated within its latest partition fails."""
+    `skipped` (`superseded`); a pair_id repeated within its latest partition has no winner,
+    and all its rows, on every day, fail `duplicate_pair_id`. `latest` holds every pair_id
+    found in more than one partition: for full daily dumps, nearly every pair (the driver and
+    each read worker hold it once)."""
 
     duplicates: frozenset[str] = frozenset()
     latest: dict[str, str] = dataclasses.field(default_factory=dict)  # pair_id -> its winning partition

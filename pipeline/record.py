@@ -79,7 +79,7 @@ def summary_text(
 ) -> str:
     """The one-screen summary printed at the end of a run."""
     layout = Layout(spec.output)
-    rendered = stats.rows - stats.reused
+    rendered = stats.rows - stats.reused - stats.skipped
     finished = exit_code in (EXIT_OK, EXIT_TOO_MANY_FAILED)
     lines = [
         "",

@@ -1,5 +1,5 @@
 """Where a pair is repainted: region from a mask or a bbox, its bounding box, the crop window,
-and the hint's inscribed rectangle. numpy only (driver-safe).
+and the hint's inscribed rectangle. numpy (Pillow for masks, through images.decode_mask); driver-safe.
 
     hole = region_of(mask_bytes, bbox, width, height)    # H x W bool, True = repaint
     box = crop_window(hole, width, height, margin=0.25)  # the square window the model renders

@@ -1,10 +1,11 @@
 """Row validation: each manifest row checked and normalised, a bad row turned into data.
 
-    rows = validate_rows(batch, manifest_folder, duplicates)   # a pyarrow Table back
+    table = validate_rows(batch, manifest_folder, conflicts, partition)   # a pyarrow Table back
 
 Arrow in, Arrow out: the read stage hands `manifest.iter_batches` batches straight here. A
 problem becomes the row's `error_code` and `error_message` (the row is later a `failed` row of
-the output manifest); the job carries on. Driver-safe: pyarrow only.
+the output manifest); the job carries on. `conflicts` (`manifest.pair_id_conflicts`) says
+which pair_ids repeat; `partition` is the batch's file's, for a backfill. Driver-safe.
 """
 
 from __future__ import annotations
@@ -79,7 +80,8 @@ def validate_rows(
         raw_bbox = column["bbox"][i]
         bbox_given = not is_missing(raw_bbox) and not (isinstance(raw_bbox, str) and not raw_bbox.strip())
         bbox, bbox_problem = parse_bbox(raw_bbox) if bbox_given else (None, None)
-        if conflicts.superseded(pair_id, partition) and is_safe_name(pair_id):
+        superseded = pair_id not in conflicts.duplicates and conflicts.superseded(pair_id, partition)
+        if superseded and is_safe_name(pair_id):
             code, message = (
                 "superseded",
                 f"pair_id {pair_id!r} is also in the later partition {conflicts.latest[pair_id]}: "

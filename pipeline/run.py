@@ -60,7 +60,7 @@ def run_render(cfg: RenderConfig, dry_run: bool = False) -> RunResult:
     # they freed, and its RSS grew with the rows (bench/pipeline.py measures this). Driver only.
     pa.set_memory_pool(pa.system_memory_pool())
     try:
-        spec = check(cfg)
+        spec = check(cfg, probe_output=not dry_run)
         if dry_run:
             from pipeline.dry_run import dry_run_counts
 
@@ -72,11 +72,12 @@ def run_render(cfg: RenderConfig, dry_run: bool = False) -> RunResult:
     return RenderRun(spec).run()
 
 
-def check(cfg: RenderConfig) -> RunSpec:
-    """Everything that can refuse the run (exit 2) happens here, before any write."""
+def check(cfg: RenderConfig, probe_output: bool = True) -> RunSpec:
+    """Everything that can refuse the run (exit 2) happens here, before any write.
+    `probe_output`: refuse a local output that cannot be written (a dry run only reads it)."""
     cfg = _absolute_paths(cfg.validate())
     if not storage.is_s3(cfg.output):
-        _check_writable(cfg.output)
+        _check_writable(cfg.output, probe=probe_output)
     partitions = None if cfg.partition_range is None else (cfg.partition_key, *cfg.partition_range)
     plan = plan_manifest(cfg.manifest, partition_range=partitions)
     index = check_dtc_checkpoint(cfg.model)
@@ -126,7 +127,7 @@ def _absolute_paths(cfg: RenderConfig) -> RenderConfig:
     )
 
 
-def _check_writable(output: str) -> None:
+def _check_writable(output: str, probe: bool = True) -> None:
     """A local --output that cannot be created or written is refused now (exit 2, nothing
     written), not when the lock is first written. The probe file is removed at once."""
     parent = output
@@ -134,6 +135,8 @@ def _check_writable(output: str) -> None:
         parent = os.path.dirname(parent)
     if not os.path.isdir(parent):
         raise ConfigError(f"--output {output} cannot be created: {parent} is a file")
+    if not probe:
+        return
     probe = os.path.join(parent, f".dtc-write-probe-{uuid.uuid4().hex[:8]}")
     try:
         with open(probe, "wb"):
@@ -149,22 +152,20 @@ def _init_ray(address: str | None):
     earlier `ray start` left running on the machine (`--address auto` joins that one)."""
     import ray
 
-    if ray.is_initialized():
-        return ray
-    address = address or os.environ.get("RAY_ADDRESS")
-    quiet = {"log_to_driver": False, "logging_level": logging.WARNING}
-    if address:
-        ray.init(address=address, **quiet)
-    else:
-        ray.init(address="local", include_dashboard=False, **quiet)
+    if not ray.is_initialized():
+        address = address or os.environ.get("RAY_ADDRESS")
+        if address:
+            ray.init(address=address, logging_level=logging.WARNING)
+        else:
+            ray.init(address="local", include_dashboard=False, logging_level=logging.WARNING)
     _quiet_console(ray)
     return ray
 
 
 def _quiet_console(ray) -> None:
-    """The console gets the run's progress lines and summary; Ray Data's progress bars and
-    execution-plan lines go to its log file (`ray-data.log` in the session's log folder) only,
-    and so do the workers' logs (log_to_driver=False)."""
+    """The console gets the run's progress lines, its summary and the workers' warnings (GPU
+    out of memory, a worker death); Ray Data's progress bars and execution-plan lines go to its
+    log file (`ray-data.log` in the session's log folder) only."""
     import ray.data
     from ray.data._internal.logging import SessionFileHandler
 
@@ -252,6 +253,7 @@ class RenderRun:
 
             self.metrics = MetricsAccumulator(self.layout, self.spec.run_id)
         dataset = build_dataset(self.spec, gpus, conflicts, state)
+        batch = None
         for batch in dataset.iter_batches(batch_format="pyarrow", batch_size=None):
             if self.metrics is not None:
                 self.metrics.add(batch)
@@ -262,7 +264,7 @@ class RenderRun:
         # The stream's buffers go before compaction allocates on top of them: the system pool's
         # release_unused() is glibc's malloc_trim, which also returns what Ray and Python freed
         # (without it the driver's peak RSS grew with the manifest: bench/pipeline.py 1k -> 5k).
-        del dataset, state, batch
+        dataset = state = batch = None  # (no batch at all with --limit 0)
         pa.default_memory_pool().release_unused()
 
     def finalize(self) -> None:

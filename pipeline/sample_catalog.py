@@ -15,8 +15,9 @@ import os
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 from PIL import Image, ImageDraw
+
+from pipeline import storage
 
 __all__ = ["make_catalog", "scene", "product"]
 
@@ -137,5 +138,5 @@ def make_catalog(
         }
     )
     path = os.path.join(folder, manifest_name)
-    pq.write_table(table, path)
+    storage.write_parquet(path, table)
     return path

@@ -13,7 +13,7 @@ Everything that more than one module has to agree on lives here, and only here:
   in one block and objects in the next, which Ray cannot concatenate), image payloads raw
   uint8 bytes, never PIL objects.
 
-Driver-safe: pyarrow only.
+Driver-safe: numpy and pyarrow only.
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ import pyarrow as pa
 __all__ = [
     "NAME_RULE",
     "is_safe_name",
+    "safe_name",
     "name_problem",
     "parse_bbox",
     "show",
@@ -45,6 +46,7 @@ __all__ = [
     "EXIT_TOO_MANY_FAILED",
     "IMAGE_FORMATS",
     "EXTENSIONS",
+    "MEDIA_TYPES",
     "SCHEDULERS",
     "FILM_MODES",
     "PRESETS",
@@ -84,6 +86,14 @@ def name_problem(kind: str, value: object) -> str | None:
     if is_safe_name(value):
         return None
     return f"{kind} {show(value)} must be {NAME_RULE}"
+
+
+def safe_name(text: str, fallback: str) -> str:
+    """`text` made to obey the name rule (other characters become `_`, no leading dot, at most
+    200): for names the project derives itself (a file's default shard), never for names users
+    give, which are refused instead."""
+    name = re.sub(r"[^A-Za-z0-9._=-]", "_", text).lstrip(".")[:200]
+    return name or fallback
 
 
 def show(value: object) -> str:
@@ -186,6 +196,7 @@ EXIT_TOO_MANY_FAILED = 3  # finished, but the failed fraction is over --max-fail
 
 IMAGE_FORMATS = ("jpeg", "png", "webp")
 EXTENSIONS = {"jpeg": "jpg", "png": "png", "webp": "webp"}
+MEDIA_TYPES = {"jpeg": "image/jpeg", "png": "image/png", "webp": "image/webp"}
 SCHEDULERS = ("ddim", "dpmpp")
 FILM_MODES = ("spatial", "channel")
 PRESETS = ("tiny", "sd15")

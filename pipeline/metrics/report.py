@@ -177,7 +177,7 @@ def _counts(rows: pa.Table) -> str:
     lines = ["<h2>Rows</h2><table id='counts'><tr><th>status</th><th>rows</th></tr>"]
     lines += [f"<tr><td>{esc(k)}</td><td>{v}</td></tr>" for k, v in sorted(_value_counts(rows["status"]))]
     lines.append(f"<tr><td>total</td><td>{rows.num_rows}</td></tr></table>")
-    codes = _value_counts(rows["error_code"])
+    codes = _value_counts(rows.filter(pc.equal(rows["status"], "failed"))["error_code"])
     if codes:
         lines.append("<h3>Failures by error code</h3>")
         lines.append("<table id='error-codes'><tr><th>error_code</th><th>rows</th></tr>")

@@ -32,7 +32,10 @@ def load_pipeline(
 ) -> DTCPipeline:
     """A ready-to-run DTCPipeline from a local folder or an `s3://` prefix."""
     folder = local_checkpoint(uri, cache_dir)
-    check_dtc_checkpoint(folder)
+    try:
+        check_dtc_checkpoint(folder)
+    except CheckpointError as e:  # name what the user gave, not the node cache's folder
+        raise CheckpointError(f"{uri}: {e}") if folder != uri else e from e
     try:
         pipe = DTCPipeline.from_pretrained(folder, dtype=dtype or default_dtype(device))
     except (OSError, ValueError, KeyError, json.JSONDecodeError) as e:

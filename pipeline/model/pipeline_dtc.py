@@ -27,6 +27,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
 from transformers import Dinov2Model
 
+from pipeline import schema
 from pipeline.model.components import (
     DTCHintAdapter,
     DTCHintEncoder,
@@ -41,6 +42,7 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 SCHEDULERS = {"ddim": DDIMScheduler, "dpmpp": DPMSolverMultistepScheduler}
+assert tuple(SCHEDULERS) == schema.SCHEDULERS, "schema.SCHEDULERS names the samplers; map each one here"
 INPUT_LAYOUTS = ("sd", "pbe")
 
 

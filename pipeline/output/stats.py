@@ -24,10 +24,9 @@ class RunStats:
         self.rows = 0
         self.status: collections.Counter[str] = collections.Counter()
         self.error_codes: collections.Counter[str] = collections.Counter()
-        self.reused = 0  # rows carried over from earlier runs (attempt 0)
+        self.reused = 0  # rows carried over from earlier runs (attempt 0, not skipped)
         self.reused_failed = 0  # of which failed: --retry-failed tries them again
         self.shards: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
-        self.failed_pairs: list[tuple[str, str]] = []  # (pair_id, error_code), the first MAX_FAILED_LISTED
         self.stage_seconds = {stage: 0.0 for stage in STAGE_TIMES}
         # steady-state throughput on the model's clock (render_ended_at): the rows of the model
         # calls that ended after the first one, over the time from its end to the last one's
@@ -40,8 +39,6 @@ class RunStats:
         self.first_at: float | None = None
         self.first_at_rows = 0
         self.last_at: float | None = None
-
-    MAX_FAILED_LISTED = 1000
 
     @property
     def ok(self) -> int:
@@ -77,16 +74,13 @@ class RunStats:
         status, codes = batch["status"].to_pylist(), batch["error_code"].to_pylist()
         self.rows += batch.num_rows
         self.status.update(status)
-        self.reused += sum(1 for a in attempts if a == 0)
+        self.reused += sum(1 for a, row_status in zip(attempts, status) if a == 0 and row_status != "skipped")
         self.reused_failed += sum(1 for a, row_status in zip(attempts, status) if a == 0 and row_status == "failed")
-        for pair_id, row_status, code in zip(batch["pair_id"].to_pylist(), status, codes):
-            if row_status == "failed":
-                self.error_codes[code] += 1
-                if len(self.failed_pairs) < self.MAX_FAILED_LISTED:
-                    self.failed_pairs.append((pair_id, code))
+        self.error_codes.update(code for code, row_status in zip(codes, status) if row_status == "failed")
         for shard, row_status, attempt in zip(batch["shard"].to_pylist(), status, attempts):
             self.shards[shard][row_status] += 1
-            self.shards[shard]["reused" if attempt == 0 else "rendered"] += 1
+            if row_status != "skipped":
+                self.shards[shard]["reused" if attempt == 0 else "rendered"] += 1
 
     def _model_call(self, ended: float, rows: int) -> None:
         """`rows` rendered by a model call that ended at `ended` (a call's rows may come in parts)."""

@@ -28,7 +28,7 @@ from starlette.types import Message, Receive
 
 from pipeline.fetch import InputPolicy
 from pipeline.rows import stable_seed
-from pipeline.schema import IMAGE_FORMATS, RowError, name_problem, parse_bbox
+from pipeline.schema import IMAGE_FORMATS, MEDIA_TYPES, RowError, name_problem, parse_bbox
 from pipeline.serve.args import ServeArgs
 
 __all__ = [
@@ -41,7 +41,7 @@ __all__ = [
     "error_response",
 ]
 
-CONTENT_TYPES = {"jpeg": "image/jpeg", "png": "image/png", "webp": "image/webp"}
+CONTENT_TYPES = MEDIA_TYPES  # format -> the answer's Content-Type
 FILE_FIELDS = ("context", "product", "mask")
 OPTION_FIELDS = ("bbox", "pair_id", "seed", "steps", "guidance_scale", "format")
 MULTIPART_FIELDS = (*FILE_FIELDS, *OPTION_FIELDS)

@@ -106,7 +106,7 @@ def finish_batch(batch: pa.Table, *, config: FinishConfig) -> pa.Table:
             status[i], output_uri[i] = OK, _write_image(batch, i, crop_box[i], config, layout)
             postprocess_ms[i] = (time.perf_counter() - start) * 1000
         elif codes[i] == "superseded":  # a later partition's row of this pair is rendered instead
-            status[i] = SKIPPED
+            status[i], attempt[i] = SKIPPED, 0
         finished_at[i] = _now()
     batch = batch.drop_columns([c for c in STAGES["finish"].drops if c in batch.column_names])
     return set_columns(

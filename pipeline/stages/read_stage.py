@@ -51,23 +51,23 @@ def planned_batches(
         yield resume_batch(validate_rows(batch, folder, conflicts, partition), index)
 
 
-_STATE_INDEXES: dict[str, StateIndex] = {}
+_PER_PROCESS: dict[str, object] = {}  # this run's conflicts and state index, once per worker process
 
 
 def read_files(files: dict, *, config: ReadConfig, conflicts_ref: list, state_ref: list) -> Iterator[pa.Table]:
     """The stage (a generator `map_batches` function over blocks of `{"file_index": i}` rows).
 
     The pair_id conflicts and the state arrive as object refs inside lists (Ray resolves only
-    top-level refs); each worker process builds the state's index once, not per file."""
+    top-level refs); each worker process fetches them, and builds the state's index, once per
+    run, not per file."""
     import ray
 
-    conflicts = ray.get(conflicts_ref[0]) if conflicts_ref else manifest.PairIdConflicts()
-    state_index = None
-    if state_ref:
-        key = state_ref[0].hex()
-        if key not in _STATE_INDEXES:  # once per worker process, not per file or batch
-            _STATE_INDEXES.clear()
-            _STATE_INDEXES[key] = StateIndex(ray.get(state_ref[0]))
-        state_index = _STATE_INDEXES[key]
+    refs = tuple(ref[0].hex() if ref else None for ref in (conflicts_ref, state_ref))
+    if _PER_PROCESS.get("refs") != refs:  # a new run (a reused worker process), or the first file
+        _PER_PROCESS.clear()
+        _PER_PROCESS["refs"] = refs
+        _PER_PROCESS["conflicts"] = ray.get(conflicts_ref[0]) if conflicts_ref else manifest.PairIdConflicts()
+        _PER_PROCESS["state"] = StateIndex(ray.get(state_ref[0])) if state_ref else None
+    conflicts, state_index = _PER_PROCESS["conflicts"], _PER_PROCESS["state"]
     for i in files["file_index"]:
         yield from planned_batches(config.plan, int(i), conflicts, state_index, config.batch_rows)

@@ -93,6 +93,7 @@ def test_backfill_of_full_daily_dumps_renders_each_pair_once_from_its_latest_day
     for pair in ("sku-0000", "sku-0001"):
         old, new = by_day[(f"dt={days[0]}", pair)], by_day[(f"dt={days[1]}", pair)]
         assert (old["status"], old["error_code"]) == ("skipped", "superseded") and days[1] in old["error_message"]
+        assert old["attempt"] == 0  # not rendered in this run
         assert new["status"] == "ok" and new["context_uri"].startswith(str(root / f"dt={days[1]}"))
     record = json.loads((output / "runs" / "dumps.json").read_text())
     assert record["counts"]["skipped"] == 2 and record["counts"]["failed"] == 0
@@ -120,3 +121,11 @@ def test_re_rendering_with_other_settings_replaces_the_image_and_the_state_says_
         == ("v2", second["settings_digest"])
         != ("v1", first["settings_digest"])
     )
+
+
+def test_limit_zero_renders_nothing_and_finishes(ray_address, tmp_path, tiny_model_dir):
+    path = make_catalog(str(tmp_path / "catalog"), n_pairs=2, bad_rows=False, sizes=[(64, 48)])
+    output = tmp_path / "out"
+    assert render(["--manifest", path, "--output", str(output), "--model", tiny_model_dir, "--limit", "0", *FAST]) == 0
+    (record,) = [json.loads(p.read_text()) for p in (output / "runs").iterdir()]
+    assert record["exit_code"] == 0 and record["counts"]["rows"] == 0

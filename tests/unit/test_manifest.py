@@ -350,7 +350,7 @@ def test_million_rows_stream_and_duplicates(tmp_path):
 
 def test_backfill_latest_partition_wins_and_repeats_within_it_fail(tmp_path):
     """Full daily dumps repeat pairs every day: the latest partition's row is the pair's; rows of
-    earlier days are superseded; a pair repeated within its latest day still fails them all."""
+    earlier days are superseded; a pair repeated within its latest day fails all its rows, every day."""
     days = {"2026-11-24": ["a", "b", "c"], "2026-11-25": ["a", "b", "b"], "2026-11-26": ["a"]}
     for day, ids in days.items():
         folder = tmp_path / f"dt={day}"
@@ -366,7 +366,7 @@ def test_backfill_latest_partition_wins_and_repeats_within_it_fail(tmp_path):
         rows = validate_rows(batch, str(tmp_path), conflicts, plan.partitions[i])
         codes[plan.partitions[i]] = rows["error_code"].to_pylist()
     assert codes == {
-        "2026-11-24": ["superseded", "superseded", ""],
+        "2026-11-24": ["superseded", "duplicate_pair_id", ""],  # b has no winner: no row of it says "rendered"
         "2026-11-25": ["superseded", "duplicate_pair_id", "duplicate_pair_id"],
         "2026-11-26": [""],
     }

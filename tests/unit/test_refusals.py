@@ -115,6 +115,7 @@ def test_dry_run_counts_disallowed_uris_as_invalid(capsys, tmp_path, tiny_model_
     rows[0]["context_uri"] = str(tmp_path / "elsewhere" / far["context_uri"])  # outside every allowed root
     rows[1]["product_uri"] = "http://169.254.169.254/latest/meta-data"  # http is off
     pq.write_table(pa.Table.from_pylist(rows), path)
+    before = sorted(p.name for p in tmp_path.iterdir())
     args = [
         "--manifest-root",
         str(root),
@@ -139,3 +140,14 @@ def test_dry_run_counts_disallowed_uris_as_invalid(capsys, tmp_path, tiny_model_
     )
     assert [int(v) for v in totals] == [2, 0, 0, 1, 0]
     assert not (tmp_path / "out").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == before  # a dry run writes nothing, not even a probe
+
+
+def test_whole_numbers_digest_like_floats():
+    """`guidance_scale: 5` in a YAML and `--guidance-scale 5` (a float) are the same settings."""
+    from pipeline.config import RenderConfig
+
+    common = dict(manifest="m", output="o", model="x")
+    as_int = RenderConfig(**common, guidance_scale=5, crop_margin=0).validate()
+    as_float = RenderConfig(**common, guidance_scale=5.0, crop_margin=0.0).validate()
+    assert as_int.settings_digest(128) == as_float.settings_digest(128) and isinstance(as_int.guidance_scale, float)
