@@ -46,7 +46,7 @@ from diffusers import AutoencoderKL
 from transformers import Dinov2Model
 
 from pipeline.model.checkpoint import CheckpointError, check_checkpoint, local_checkpoint
-from pipeline.model.components import DTCHintAdapter, DTCHintEncoder, DTCImageProjection, DTCUNet2DConditionModel
+from pipeline.model.components import DTCUNet2DConditionModel
 from pipeline.model.pipeline_dtc import DTCPipeline
 from pipeline.model.presets import SD_SCHEDULE, sd_scheduler
 
@@ -109,23 +109,7 @@ def assemble_from_parts(
     dino_dir = local_checkpoint(dinov2)
     _check_dinov2(dino_dir, dinov2)
     image_encoder = Dinov2Model.from_pretrained(dino_dir)
-    patch = image_encoder.config.patch_size
-    if product_size % patch:
-        raise ValueError(f"product_size must be a multiple of the DINOv2 patch size {patch}, got {product_size}")
-    pipe = DTCPipeline(
-        vae=vae_model,
-        unet=unet,
-        hint_encoder=DTCHintEncoder.from_unet(unet, film_mode=film_mode),
-        hint_adapter=DTCHintAdapter(latent_channels=vae_model.config.latent_channels),
-        image_encoder=image_encoder,
-        image_projection=DTCImageProjection(
-            image_encoder.config.hidden_size, unet.config.cross_attention_dim, (product_size // patch) ** 2 + 1
-        ),
-        scheduler=sd_scheduler(),
-        input_layout="sd",
-        resolution=unet.config.sample_size * 2 ** (len(vae_model.config.block_out_channels) - 1),
-        product_size=product_size,
+    pipe = DTCPipeline.from_parts(
+        vae_model, unet, image_encoder, sd_scheduler(), product_size=product_size, film_mode=film_mode
     )
-    for component in (pipe.hint_encoder, pipe.hint_adapter, pipe.image_projection):
-        component.eval()
     return pipe

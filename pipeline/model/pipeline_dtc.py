@@ -132,6 +132,40 @@ class DTCPipeline(DiffusionPipeline):
 
     # -- scheduler -------------------------------------------------------------------------
 
+    @classmethod
+    def from_parts(
+        cls, vae, unet, image_encoder, scheduler, *, product_size: int = 224, film_mode: str = "spatial"
+    ) -> DTCPipeline:
+        """A DTC around a main UNet, a VAE and a DINOv2 encoder (random presets and public
+        checkpoints alike): the hint encoder copied from the UNet's encoder, the adapter and the
+        token projection new, every new head at zero; the working resolution follows from the UNet
+        and the VAE. Components in eval mode, as after `from_pretrained`."""
+        patch = image_encoder.config.patch_size
+        if product_size % patch:
+            raise ValueError(f"product_size must be a multiple of the DINOv2 patch size {patch}, got {product_size}")
+        # created in this order so that a seed gives the same weights as it always did
+        hint_encoder = DTCHintEncoder.from_unet(unet, film_mode=film_mode)
+        hint_adapter = DTCHintAdapter(latent_channels=vae.config.latent_channels)
+        tokens = (product_size // patch) ** 2 + 1
+        projection = DTCImageProjection(image_encoder.config.hidden_size, unet.config.cross_attention_dim, tokens)
+        resolution = unet.config.sample_size * 2 ** (len(vae.config.block_out_channels) - 1)
+        pipe = cls(
+            vae=vae,
+            unet=unet,
+            hint_encoder=hint_encoder,
+            hint_adapter=hint_adapter,
+            image_encoder=image_encoder,
+            image_projection=projection,
+            scheduler=scheduler,
+            input_layout="sd",
+            resolution=resolution,
+            product_size=product_size,
+        )
+        for component in pipe.components.values():
+            if isinstance(component, torch.nn.Module):
+                component.eval()
+        return pipe
+
     def use_scheduler(self, name: str) -> None:
         """Swap the sampler: "ddim" (paper default) or "dpmpp" (DPM-Solver++ 2M, ~20 steps)."""
         if name not in SCHEDULERS:

@@ -13,7 +13,7 @@ import torch
 from diffusers import AutoencoderKL, DDIMScheduler
 from transformers import Dinov2Config, Dinov2Model
 
-from pipeline.model.components import DTCHintAdapter, DTCHintEncoder, DTCImageProjection, DTCUNet2DConditionModel
+from pipeline.model.components import DTCUNet2DConditionModel
 from pipeline.model.pipeline_dtc import DTCPipeline
 from pipeline.schema import PRESETS
 
@@ -117,23 +117,5 @@ def build_preset(preset: str, seed: int = 0, film_mode: str = "spatial") -> DTCP
     torch.manual_seed(seed)
     unet = DTCUNet2DConditionModel(**unet_config(preset))
     vae = AutoencoderKL(**vae_config(preset))
-    dino_cfg = dinov2_config(preset)
-    image_encoder = Dinov2Model(dino_cfg)
-    product_size = 224
-    num_tokens = (product_size // dino_cfg.patch_size) ** 2 + 1
-    pipe = DTCPipeline(
-        vae=vae,
-        unet=unet,
-        hint_encoder=DTCHintEncoder.from_unet(unet, film_mode=film_mode),
-        hint_adapter=DTCHintAdapter(latent_channels=vae.config.latent_channels),
-        image_encoder=image_encoder,
-        image_projection=DTCImageProjection(dino_cfg.hidden_size, unet.config.cross_attention_dim, num_tokens),
-        scheduler=sd_scheduler(),
-        input_layout="sd",
-        resolution=unet.config.sample_size * 2 ** (len(vae.config.block_out_channels) - 1),
-        product_size=product_size,
-    )
-    for component in pipe.components.values():
-        if isinstance(component, torch.nn.Module):
-            component.eval()  # inference defaults, as after from_pretrained
-    return pipe
+    image_encoder = Dinov2Model(dinov2_config(preset))
+    return DTCPipeline.from_parts(vae, unet, image_encoder, sd_scheduler(), product_size=224, film_mode=film_mode)
