@@ -30,6 +30,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def render_args(manifest, output, model, *flags: str) -> list[str]:
+    """`jobs.render` flags for a manifest, an output and a model, then `flags`."""
+    return ["--manifest", str(manifest), "--output", str(output), "--model", str(model), *flags]
+
+
 def png(array: np.ndarray) -> bytes:
     buffer = io.BytesIO()
     Image.fromarray(array).save(buffer, format="PNG")

@@ -17,7 +17,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
-from helpers import FAST, check_ok_rows, read_manifest
+from helpers import FAST, check_ok_rows, read_manifest, render_args
 from PIL import Image
 
 from jobs.render import main as render
@@ -181,19 +181,9 @@ def test_every_bad_input_has_its_documented_outcome(ray_address, tmp_path, tiny_
     output = tmp_path / "out"
 
     code = render(
-        [
-            "--manifest",
-            str(manifest),
-            "--output",
-            str(output),
-            "--model",
-            tiny_model_dir,
-            "--run-id",
-            "bad",
-            "--max-failed-fraction",
-            "1.0",
-            *FAST,
-        ]
+        render_args(
+            str(manifest), str(output), tiny_model_dir, "--run-id", "bad", "--max-failed-fraction", "1.0", *FAST
+        )
     )
 
     assert code == 0

@@ -24,7 +24,7 @@ import boto3
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from helpers import FAST, S3_SECRET, free_port
+from helpers import FAST, S3_SECRET, free_port, render_args
 
 from jobs.render import main as render
 from pipeline import storage
@@ -39,19 +39,7 @@ def _run(tmp_path, tiny_model_dir, fault: str, run_id: str, pairs: int = 8) -> t
     config.write_text(f"fault_injection: {fault}\nmax_failed_fraction: 0.5\n")
     output = tmp_path / "out"
     code = render(
-        [
-            "--manifest",
-            manifest,
-            "--output",
-            str(output),
-            "--model",
-            tiny_model_dir,
-            "--run-id",
-            run_id,
-            "--config",
-            str(config),
-            *FAST,
-        ]
+        render_args(manifest, str(output), tiny_model_dir, "--run-id", run_id, "--config", str(config), *FAST)
     )
     rows = pa.concat_tables(
         pq.read_table(p) for p in sorted(glob.glob(f"{output}/manifest/{run_id}/part-*.parquet"))
@@ -112,17 +100,9 @@ def test_flaky_s3_is_retried_and_every_pair_lands_once(
     s3_proxy.fail_every = 4  # every 4th request, from the driver and the workers: 503 SlowDown or 500
     try:
         code = render(
-            [
-                "--manifest",
-                f"s3://{s3_bucket}/catalog/manifest.parquet",
-                "--output",
-                output,
-                "--model",
-                tiny_model_dir,
-                "--run-id",
-                "flaky",
-                *FAST,
-            ]
+            render_args(
+                f"s3://{s3_bucket}/catalog/manifest.parquet", output, tiny_model_dir, "--run-id", "flaky", *FAST
+            )
         )
     finally:
         s3_proxy.fail_every = 0
@@ -170,19 +150,7 @@ def test_s3_down_at_start_is_one_error_exit_1_and_nothing_written(
     with monkeypatch.context() as down:
         down.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{free_port()}")  # nothing listens there
         down.setenv("DTC_S3_MAX_ATTEMPTS", "2")  # fail in a second, not after the default backoff
-        code = render(
-            [
-                "--manifest",
-                manifest,
-                "--output",
-                f"s3://{s3_bucket}/out",
-                "--model",
-                tiny_model_dir,
-                "--run-id",
-                "down",
-                *FAST,
-            ]
-        )
+        code = render(render_args(manifest, f"s3://{s3_bucket}/out", tiny_model_dir, "--run-id", "down", *FAST))
     assert code == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "failed:" in err and "Could not connect" in err, err
@@ -206,17 +174,7 @@ def test_output_under_a_regular_file_is_refused_and_nothing_written(tmp_path, ti
 def test_disk_full_is_one_error_nothing_half_written_and_a_rerun_completes(ray_address, tmp_path, tiny_model_dir):
     manifest = make_catalog(str(tmp_path / "catalog"), n_pairs=8, bad_rows=False, sizes=[(72, 64)], unique_images=4)
     output = tmp_path / "out"
-    args = [
-        "--manifest",
-        manifest,
-        "--output",
-        str(output),
-        "--model",
-        tiny_model_dir,
-        "--address",
-        ray_address,
-        *FAST,
-    ]
+    args = render_args(manifest, str(output), tiny_model_dir, "--address", ray_address, *FAST)
     env = dict(os.environ, PYTHONPATH=os.getcwd(), RAY_USAGE_STATS_ENABLED="0")
 
     def small_disk():  # in the driver process only: files over 4 KiB cannot be written (EFBIG)

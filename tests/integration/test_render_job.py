@@ -19,7 +19,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from helpers import FAST, check_ok_rows, read_manifest
+from helpers import FAST, check_ok_rows, read_manifest, render_args
 from PIL import Image
 
 from jobs.render import main as render
@@ -36,17 +36,7 @@ def test_s3_manifest_renders_to_s3(ray_address, s3_bucket, tmp_path):
             storage.write_bytes(f"s3://{s3_bucket}/catalog/{rel}", open(path, "rb").read())
     output = f"s3://{s3_bucket}/renders"
     code = render(
-        [
-            "--manifest",
-            f"s3://{s3_bucket}/catalog/manifest.parquet",
-            "--output",
-            output,
-            "--model",
-            _tiny_model(),
-            "--run-id",
-            "s3run",
-            *FAST,
-        ]
+        render_args(f"s3://{s3_bucket}/catalog/manifest.parquet", output, _tiny_model(), "--run-id", "s3run", *FAST)
     )
     assert code == 0
     table = read_manifest(output, "s3run")
@@ -128,19 +118,7 @@ def test_local_paths_bad_rows_fail_with_distinct_codes(ray_address, tmp_path):
     manifest = _bad_rows_manifest(tmp_path / "catalog")
     output = tmp_path / "out"
     code = render(
-        [
-            "--manifest",
-            manifest,
-            "--output",
-            str(output),
-            "--model",
-            _tiny_model(),
-            "--run-id",
-            "r1",
-            "--max-failed-fraction",
-            "0.9",
-            *FAST,
-        ]
+        render_args(manifest, str(output), _tiny_model(), "--run-id", "r1", "--max-failed-fraction", "0.9", *FAST)
     )
     assert code == 0
     table = read_manifest(str(output), "r1")
