@@ -10,10 +10,10 @@ pair is already done, so nothing is rendered again (use --force to re-render).
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 
+from jobs.cli import Parser
 from pipeline.schema import EXIT_ERROR
 
 
@@ -25,7 +25,7 @@ def _random_weights_config(out: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m jobs.demo", description=__doc__.split("\n")[0])
+    parser = Parser(prog="python -m jobs.demo", description=__doc__.split("\n")[0])
     parser.add_argument("--out", default="demo_out", help="folder for catalog, model and output")
     parser.add_argument("--pairs", type=int, default=40, help="good pairs in the catalog (2 bad ones are added)")
     parser.add_argument("--force", action="store_true", help="re-render even if done")

@@ -13,11 +13,12 @@ from __future__ import annotations
 import argparse
 import sys
 
+from jobs.cli import Parser
 from pipeline.schema import EXIT_OK, EXIT_REFUSED, FILM_MODES, PRESETS
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m jobs.make_model", description=__doc__.split("\n")[0])
+    parser = Parser(prog="python -m jobs.make_model", description=__doc__.split("\n")[0])
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--preset", choices=PRESETS, help="random-init DTC of the preset's sizes")
     source.add_argument("--from-parts", action="store_true", help="assemble from an SD-inpainting and a DINOv2 folder")

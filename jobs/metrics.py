@@ -13,9 +13,10 @@ Exit 0 done, 2 bad usage (a run id given twice included) or no metrics for a run
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
+
+from jobs.cli import Parser
 
 
 def _usage_problem(run_ids: list[str], out_id: str | None) -> str | None:
@@ -62,7 +63,7 @@ def _settings(layout, run_ids: list[str]) -> dict | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m jobs.metrics", description=__doc__.split("\n")[0])
+    parser = Parser(prog="python -m jobs.metrics", description=__doc__.split("\n")[0])
     parser.add_argument("--output", required=True, help="the render output folder or s3:// prefix")
     parser.add_argument("--run-id", action="append", required=True, help="run to recompute (repeat to merge runs)")
     parser.add_argument("--out-id", help="id of the merged figures (default: the run id, or merged-<first>-<n>)")

@@ -16,12 +16,16 @@ import argparse
 import logging
 import sys
 
+from jobs.cli import Parser
 from pipeline.config import ConfigError, RenderConfig
 from pipeline.schema import EXIT_ERROR, EXIT_REFUSED, IMAGE_FORMATS, SCHEDULERS
 
 
 def _actors(text: str) -> tuple[int, int]:
-    parts = [int(p) for p in text.split(",")]
+    try:
+        parts = [int(p) for p in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--actors takes MIN,MAX or N, got {text!r}") from None
     if len(parts) == 1:
         return parts[0], parts[0]
     if len(parts) != 2:
@@ -30,7 +34,7 @@ def _actors(text: str) -> tuple[int, int]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="python -m jobs.render",
         description=__doc__.split("\n")[0],
         argument_default=argparse.SUPPRESS,

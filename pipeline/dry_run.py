@@ -1,7 +1,9 @@
 """`--dry-run`: what a run would do, counted per shard on the driver, without Ray and without writing.
 
-A row counts as `skipped` when a later partition of a backfill's range has its pair_id
-(`manifest.PairIdConflicts`); `invalid` when it would fail before any fetch: a bad row (`rows.validate_rows`)
+What needs no fetch is judged: the rows themselves and the allowlist, not the images (a bbox
+outside its photo, an unreadable file, is only found by rendering). A row counts as `skipped`
+when a later partition of a backfill's range has its pair_id (`manifest.PairIdConflicts`);
+`invalid` when it would fail before any fetch: a bad row (`rows.validate_rows`)
 or an input URI the allowlist refuses (`fetch.InputPolicy.check`, the same check the prepare
 stage makes); `done` / `failed` when an earlier run's result would be reused; `pending` when
 it would be rendered.
@@ -42,6 +44,7 @@ def dry_run_counts(spec: RunSpec):
     conflicts = pair_id_conflicts(plan)
     policy = InputPolicy(manifest_dir=plan.base_dir, allow_roots=tuple(cfg.allow_root), allow_http=cfg.allow_http)
     shards: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
+    reasons: collections.Counter[str] = collections.Counter()  # why rows are invalid
     for i in range(len(plan.files)):
         for batch in planned_batches(plan, i, conflicts, index, 65536):
             columns = [batch[c].to_pylist() for c in ("shard", "action", "error_code", "prev_status")]
@@ -51,6 +54,7 @@ def dry_run_counts(spec: RunSpec):
                     kind = "skipped"
                 elif code or (action == RENDER and _refused(policy, row_uris)):
                     kind = "invalid"
+                    reasons[code or "uri_not_allowed"] += 1
                 else:
                     kind = "pending" if action == RENDER else "done" if prev == "ok" else "failed"
                 shards[shard][kind] += 1
@@ -62,4 +66,6 @@ def dry_run_counts(spec: RunSpec):
         print(f"  {shard:<28}" + "".join(f"{shards[shard][k]:>10}" for k in KINDS))
     totals = {k: sum(c[k] for c in shards.values()) for k in KINDS}
     print(f"  {'total':<28}" + "".join(f"{totals[k]:>10}" for k in KINDS), flush=True)
+    if reasons:
+        print("  invalid    " + ", ".join(f"{code} {n}" for code, n in reasons.most_common()), flush=True)
     return RunResult(EXIT_OK, run_id=None, counts={"shards": {s: dict(c) for s, c in shards.items()}, **totals})

@@ -79,7 +79,8 @@ def summary_text(
 ) -> str:
     """The one-screen summary printed at the end of a run."""
     layout = Layout(spec.output)
-    rendered = stats.rows - stats.reused - stats.skipped
+    here = stats.rows - stats.reused - stats.skipped  # rendered, or failed, in this run
+    rendered = stats.ok - (stats.reused - stats.reused_failed)
     finished = exit_code in (EXIT_OK, EXIT_TOO_MANY_FAILED)
     lines = [
         "",
@@ -87,7 +88,7 @@ def summary_text(
         f"  rows       {stats.rows}  (ok {stats.ok}, failed {stats.failed}"
         + (f", skipped {stats.skipped} (pair in a later partition)" if stats.skipped else "")
         + f"; reused from earlier runs {stats.reused})",
-        f"  rendered   {rendered} rows this run, {rendered / max(elapsed, 1e-9):.2f} rows/s",
+        f"  this run   {here} rows rendered or failed ({rendered} rendered), {here / max(elapsed, 1e-9):.2f} rows/s",
     ]
     if stats.error_codes:
         lines.append("  failures   " + ", ".join(f"{code} {n}" for code, n in stats.error_codes.most_common()))

@@ -175,6 +175,27 @@ def _quiet_console(ray) -> None:
             handler.setLevel(logging.ERROR)
 
 
+class Terminated(Exception):
+    """The run was asked to stop (SIGTERM, SIGINT)."""
+
+
+def _terminate_as_exception():
+    """SIGTERM and SIGINT raise Terminated in the driver's main thread, so the run record, the
+    lock and Ray's shutdown happen as on any other failure (a bare SIGTERM would leave Ray's
+    agents running); returns the function that puts the old handlers back."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
+
+    def handler(signum, frame):
+        raise Terminated(f"stopped by {signal.Signals(signum).name}")
+
+    old = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGINT)}
+    return lambda: [signal.signal(sig, previous) for sig, previous in old.items()]
+
+
 class RenderRun:
     """The driver of one run (see the module docstring); `run()` takes every step."""
 
@@ -194,17 +215,30 @@ class RenderRun:
         self.start = time.monotonic()
 
     def run(self) -> RunResult:
-        lock = OutputLock(self.layout, self.spec.run_id, stale_after_s=self.spec.cfg.lock_stale_s)
+        restore = _terminate_as_exception()
+        try:
+            return self._run(OutputLock(self.layout, self.spec.run_id, stale_after_s=self.spec.cfg.lock_stale_s))
+        finally:
+            restore()
+
+    def _run(self, lock: OutputLock) -> RunResult:
         try:
             lock.acquire()
         except LockHeld as e:
             return RunResult(EXIT_REFUSED, run_id=self.spec.run_id, message=str(e))
         except storage.StorageError as e:
             return RunResult(EXIT_ERROR, run_id=self.spec.run_id, message=str(e))
+        except Terminated as e:  # stopped while taking the lock: a started run, recorded as such
+            self.message = str(e)
+            self.close(lock)
+            return self.result()
         try:
             state, conflicts = self.resume()
             self.stream(state, conflicts)
             self.finalize()
+        except Terminated as e:  # SIGTERM / Ctrl-C: record it, release the lock, stop Ray cleanly
+            self.message = f"{e}; the next run of the same command resumes from the rows written"
+            log.error(self.message)
         except (storage.StorageError, OSError) as e:
             self.message = f"storage error: {e}"
             log.error(self.message)
@@ -214,6 +248,9 @@ class RenderRun:
             log.exception("render run failed")
         finally:
             self.close(lock)
+        return self.result()
+
+    def result(self) -> RunResult:
         return RunResult(
             self.exit_code,
             run_id=self.spec.run_id,
@@ -279,7 +316,20 @@ class RenderRun:
             self.metrics_summary = self.metrics.finalize(shard_counts, self.spec.metrics_protocol)
         from pipeline.metrics.report import write_report
 
-        write_report(self.layout, self.spec.run_id, self.metrics_summary, settings=cfg.settings(self.spec.resolution))
+        facts = {
+            "model": cfg.model,
+            "model_digest": self.spec.model_digest,
+            "manifest": cfg.manifest,
+            "started_at": self.started_at.isoformat(timespec="seconds"),
+            "batch_size": cfg.batch_size,
+            "rows reused from earlier runs": self.stats.reused,
+        }
+        write_report(
+            self.layout,
+            self.spec.run_id,
+            self.metrics_summary,
+            settings={**facts, **cfg.settings(self.spec.resolution)},
+        )
         self.report_written = True
         fraction = self.stats.failed_fraction
         self.exit_code = EXIT_TOO_MANY_FAILED if fraction > cfg.max_failed_fraction else EXIT_OK

@@ -6,10 +6,14 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import subprocess
+import sys
+import time
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-from helpers import FAST, read_manifest
+from helpers import FAST, read_manifest, render_args
 
 from jobs.backfill import main as backfill
 from jobs.render import main as render
@@ -129,3 +133,31 @@ def test_limit_zero_renders_nothing_and_finishes(ray_address, tmp_path, tiny_mod
     assert render(["--manifest", path, "--output", str(output), "--model", tiny_model_dir, "--limit", "0", *FAST]) == 0
     (record,) = [json.loads(p.read_text()) for p in (output / "runs").iterdir()]
     assert record["exit_code"] == 0 and record["counts"]["rows"] == 0
+
+
+def test_sigterm_stops_the_run_with_its_record_and_releases_the_lock(ray_address, tmp_path, tiny_model_dir):
+    path = make_catalog(str(tmp_path / "catalog"), n_pairs=12, bad_rows=False, sizes=[(64, 48)], unique_images=2)
+    output = tmp_path / "out"
+    args = render_args(path, output, tiny_model_dir, "--address", ray_address, "--run-id", "stopped", *FAST)
+    env = dict(os.environ, PYTHONPATH=os.getcwd(), RAY_USAGE_STATS_ENABLED="0")
+    job = subprocess.Popen(
+        [sys.executable, "-m", "jobs.render", *args],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        deadline = time.time() + 120
+        while not (output / "_lock").exists():  # the run has started: lock taken
+            assert job.poll() is None and time.time() < deadline
+            time.sleep(0.2)
+        job.send_signal(signal.SIGTERM)
+        out, _ = job.communicate(timeout=120)
+    finally:
+        job.kill()
+    assert job.returncode == 1, out[-2000:]
+    record = json.loads((output / "runs" / "stopped.json").read_text())
+    assert record["exit_code"] == 1 and "stopped by SIGTERM" in record["message"]
+    assert not (output / "_lock").exists()  # released: the next run need not wait for staleness
+    assert "stopped by SIGTERM" in out
