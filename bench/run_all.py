@@ -28,6 +28,7 @@ BENCHES = {
     "metrics": ["bench/metrics.py"],
     "serve": ["bench/serve.py"],
     "soak": ["bench/soak.py"],
+    "train": ["bench/train.py"],
 }
 GPU_COMMAND = (
     "python bench/model.py --gpu-batches 1,2,4,8,16 --steps 40   # on the GPU node; add --compile to try torch.compile"

@@ -81,6 +81,10 @@ def test_strict_validation_catches_a_typo():
         jsonschema.validate(doc, _crd_schemas()["ray.io/v1:RayJob"])
 
 
+# GPUs per worker pod: one for rendering; training is one 8-GPU node (DDP over NVLink, rayjob-train.yaml).
+GPUS_PER_POD = {"rayjob-train.yaml": "8"}
+
+
 def test_cluster_shapes():
     for name, doc in _documents():
         spec = doc["spec"]
@@ -94,11 +98,21 @@ def test_cluster_shapes():
         (gpu,) = cluster["workerGroupSpecs"]
         assert gpu["minReplicas"] == 0 and gpu["maxReplicas"] >= 1, name
         limits = gpu["template"]["spec"]["containers"][0]["resources"]["limits"]
-        assert limits["nvidia.com/gpu"] == "1", name
+        assert limits["nvidia.com/gpu"] == GPUS_PER_POD.get(name, "1"), name
         assert cluster["rayVersion"] == _pins()["ray"], name
-    rayjob = next(d for _, d in _documents() if d["kind"] == "RayJob")["spec"]
-    for key in ("shutdownAfterJobFinishes", "ttlSecondsAfterFinished", "activeDeadlineSeconds", "submitterConfig"):
-        assert key in rayjob
+    for rayjob in (d["spec"] for _, d in _documents() if d["kind"] == "RayJob"):
+        for key in ("shutdownAfterJobFinishes", "ttlSecondsAfterFinished", "activeDeadlineSeconds", "submitterConfig"):
+            assert key in rayjob
+
+
+def test_the_training_job_asks_for_the_gpus_its_workers_use():
+    doc = next(d for n, d in _documents() if n == "rayjob-train.yaml")
+    args = doc["spec"]["entrypoint"].split()
+    assert args[:3] == ["python", "-m", "jobs.train"]
+    gpus = int(args[args.index("--workers") + 1]) * float(args[args.index("--gpus-per-worker") + 1])
+    (group,) = doc["spec"]["rayClusterSpec"]["workerGroupSpecs"]
+    assert gpus == group["maxReplicas"] * int(GPUS_PER_POD["rayjob-train.yaml"])
+    assert "--vgg-weights" in args  # the perceptual term is on by default: without weights the job is refused
 
 
 def test_rayservice_serve_config_parses_with_serves_schema():
@@ -138,7 +152,7 @@ def _entrypoint_modules() -> set[str]:
 
 def test_entrypoints_named_in_infra_exist_and_answer_help():
     modules = _entrypoint_modules()
-    assert {"jobs.render", "jobs.backfill"} <= modules
+    assert {"jobs.render", "jobs.backfill", "jobs.train"} <= modules
     for module in sorted(modules):
         done = subprocess.run(
             [sys.executable, "-m", module, "--help"], cwd=ROOT, capture_output=True, text=True, timeout=120
