@@ -28,7 +28,7 @@ from pipeline.schema import IMAGE_FORMATS, SCHEDULERS, name_problem
 if TYPE_CHECKING:
     from pipeline.manifest import ManifestPlan
 
-__all__ = ["ConfigError", "RenderConfig", "RunSpec"]
+__all__ = ["ConfigError", "RenderConfig", "RunSpec", "has_type"]
 
 
 class ConfigError(ValueError):
@@ -185,7 +185,7 @@ class RenderConfig:
                 # `guidance_scale: 5` and `--guidance-scale 5` must digest alike: one float, 5.0
                 value = float(value)
                 setattr(self, f.name, value)
-            if not _has_type(value, hints[f.name]):
+            if not has_type(value, hints[f.name]):
                 hint = hints[f.name]
                 expected = str(hint).replace("typing.", "") if typing.get_args(hint) else hint.__name__
                 raise ConfigError(f"{f.name} must be {expected}, got {type(value).__name__} {value!r}")
@@ -195,10 +195,10 @@ def _accepts_float(hint) -> bool:
     return hint is float or float in typing.get_args(hint)
 
 
-def _has_type(value, hint) -> bool:
+def has_type(value, hint) -> bool:
     origin, args = typing.get_origin(hint), typing.get_args(hint)
     if origin in (typing.Union, types.UnionType):
-        return any(_has_type(value, a) for a in args)
+        return any(has_type(value, a) for a in args)
     if hint is type(None):
         return value is None
     if hint is float:
@@ -206,9 +206,9 @@ def _has_type(value, hint) -> bool:
     if hint is int:
         return isinstance(value, int) and not isinstance(value, bool)
     if origin is tuple:
-        return isinstance(value, tuple) and len(value) == len(args) and all(map(_has_type, value, args))
+        return isinstance(value, tuple) and len(value) == len(args) and all(map(has_type, value, args))
     if origin is list:
-        return isinstance(value, list) and all(_has_type(v, args[0]) for v in value)
+        return isinstance(value, list) and all(has_type(v, args[0]) for v in value)
     return isinstance(value, origin or hint)
 
 

@@ -33,7 +33,16 @@ from pipeline.output.state import compact_state, load_state
 from pipeline.output.stats import RunStats
 from pipeline.schema import EXIT_ERROR, EXIT_OK, EXIT_REFUSED, EXIT_TOO_MANY_FAILED, output_schema
 
-__all__ = ["RunResult", "RenderRun", "run_render", "check", "new_run_id"]
+__all__ = [
+    "RunResult",
+    "RenderRun",
+    "run_render",
+    "check",
+    "new_run_id",
+    "check_writable",
+    "quiet_console",
+    "terminate_as_exception",
+]
 
 log = logging.getLogger("dtc.render")
 
@@ -77,7 +86,7 @@ def check(cfg: RenderConfig, probe_output: bool = True) -> RunSpec:
     `probe_output`: refuse a local output that cannot be written (a dry run only reads it)."""
     cfg = _absolute_paths(cfg.validate())
     if not storage.is_s3(cfg.output):
-        _check_writable(cfg.output, probe=probe_output)
+        check_writable(cfg.output, probe=probe_output)
     partitions = None if cfg.partition_range is None else (cfg.partition_key, *cfg.partition_range)
     plan = plan_manifest(cfg.manifest, partition_range=partitions)
     index = check_dtc_checkpoint(cfg.model)
@@ -127,7 +136,7 @@ def _absolute_paths(cfg: RenderConfig) -> RenderConfig:
     )
 
 
-def _check_writable(output: str, probe: bool = True) -> None:
+def check_writable(output: str, probe: bool = True) -> None:
     """A local --output that cannot be created or written is refused now (exit 2, nothing
     written), not when the lock is first written. The probe file is removed at once."""
     parent = output
@@ -158,11 +167,11 @@ def _init_ray(address: str | None):
             ray.init(address=address, logging_level=logging.WARNING)
         else:
             ray.init(address="local", include_dashboard=False, logging_level=logging.WARNING)
-    _quiet_console(ray)
+    quiet_console(ray)
     return ray
 
 
-def _quiet_console(ray) -> None:
+def quiet_console(ray) -> None:
     """The console gets the run's progress lines, its summary and the workers' warnings (GPU
     out of memory, a worker death); Ray Data's progress bars and execution-plan lines go to its
     log file (`ray-data.log` in the session's log folder) only."""
@@ -179,7 +188,7 @@ class Terminated(Exception):
     """The run was asked to stop (SIGTERM, SIGINT)."""
 
 
-def _terminate_as_exception():
+def terminate_as_exception():
     """SIGTERM and SIGINT raise Terminated in the driver's main thread, so the run record, the
     lock and Ray's shutdown happen as on any other failure (a bare SIGTERM would leave Ray's
     agents running); returns the function that puts the old handlers back."""
@@ -215,7 +224,7 @@ class RenderRun:
         self.start = time.monotonic()
 
     def run(self) -> RunResult:
-        restore = _terminate_as_exception()
+        restore = terminate_as_exception()
         try:
             return self._run(OutputLock(self.layout, self.spec.run_id, stale_after_s=self.spec.cfg.lock_stale_s))
         finally:

@@ -38,6 +38,16 @@ DRIVER_MODULES = [
     "jobs.render",
     "jobs.backfill",
     "jobs.metrics",
+    "jobs.train",
+    "jobs.make_training_catalog",
+    "pipeline.train",
+    "pipeline.train.config",
+    "pipeline.train.dataset",
+    "pipeline.train.recipe",
+    "pipeline.train.report",
+    "pipeline.train.catalog",
+    "pipeline.train.export",
+    "pipeline.train.faults",
 ]
 
 

@@ -99,7 +99,7 @@ def test_a_config_value_of_the_wrong_type_is_one_line(capsys, tmp_path, catalog,
 
 def test_an_output_that_cannot_be_written_is_refused(capsys, catalog, tiny_model_dir):
     # /sys refuses new entries to everyone, root included (tests run as root, so a chmod'ed
-    # folder would not do): the probe in pipeline.run._check_writable sees what a read-only
+    # folder would not do): the probe in pipeline.run.check_writable sees what a read-only
     # mount or a folder of another user gives.
     code = render(["--manifest", catalog, "--output", "/sys/dtc-render-out", "--model", tiny_model_dir])
     _one_line_refusal(capsys, code, "--output /sys/dtc-render-out cannot be written")

@@ -1,0 +1,315 @@
+"""A training run from start to summary: the library call behind `python -m jobs.train`.
+
+    result = run_train(TrainConfig(manifest=..., init_model=..., output=..., vgg_weights=...))
+    sys.exit(result.exit_code)
+
+`TrainRecipe` is the driver as steps:
+
+    check    config, output, manifest (+ split values), init model, VGG weights, an earlier attempt's
+             recipe: anything wrong refuses the run (exit 2) before a byte is written
+    prepare  the Ray Data pass (the render job's read, validation and prepare code); bad rows are
+             skipped and counted by error code; no usable train row refuses the run (exit 2)
+    train    `_lock`, the run record as "running", Ray Train's TorchTrainer (resumes from the
+             latest checkpoint of `checkpoints/<run_id>/` when there is one)
+    export   a Ray task: the best (or final) weights -> `model/`, a DTC folder with its digest
+    close    `runs/<run_id>.json`, the lock, the one-screen summary
+
+The driver imports torch only at `train` (Ray Train's TorchTrainer imports it); checking,
+preparing and refusing do not, and the export runs in a task.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+from pipeline import storage
+from pipeline.config import ConfigError
+from pipeline.fetch import InputPolicy
+from pipeline.manifest import ManifestError, ManifestPlan, pair_id_conflicts, plan_manifest
+from pipeline.model.checkpoint import CheckpointError, check_dtc_checkpoint, model_digest
+from pipeline.output.layout import Layout
+from pipeline.output.lock import LockHeld, OutputLock
+from pipeline.run import check_writable, quiet_console, terminate_as_exception
+from pipeline.schema import EXIT_ERROR, EXIT_OK, EXIT_REFUSED
+from pipeline.stages.prepare_stage import PrepareConfig
+from pipeline.train import report
+from pipeline.train.config import TrainConfig
+from pipeline.train.dataset import RowCounts, build_dataset, check_splits, count_rows
+
+__all__ = ["TrainSpec", "TrainResult", "TrainRecipe", "run_train", "check"]
+
+log = logging.getLogger("dtc.train")
+
+
+@dataclass
+class TrainResult:
+    exit_code: int
+    run_id: str | None = None
+    message: str = ""
+    record_uri: str | None = None
+    model_digest: str | None = None
+
+
+@dataclass(frozen=True)
+class TrainSpec:
+    """What `check` fixed: the config (local output made absolute), manifest plan, model facts."""
+
+    cfg: TrainConfig
+    plan: ManifestPlan
+    resolution: int
+    product_size: int
+    init_model_digest: str
+    recipe_digest: str
+    previous_record: dict | None  # runs/<run_id>.json of an earlier attempt, if any
+
+
+def run_train(cfg: TrainConfig) -> TrainResult:
+    """Train (see the module docstring); the exit code is the result's."""
+    recipe = TrainRecipe(cfg)
+    try:
+        recipe.check()
+        recipe.prepare()
+    except (ConfigError, ManifestError, CheckpointError) as e:
+        return TrainResult(EXIT_REFUSED, run_id=cfg.run_id, message=str(e))
+    except storage.StorageError as e:
+        return TrainResult(EXIT_ERROR, run_id=cfg.run_id, message=str(e))
+    return recipe.run()
+
+
+def check(cfg: TrainConfig) -> TrainSpec:
+    """Everything that can refuse the run before any work, in order; nothing is written."""
+    cfg.validate()
+    cfg = _absolute_paths(cfg)
+    if not storage.is_s3(cfg.output):
+        check_writable(cfg.output)
+    plan = plan_manifest(cfg.manifest)
+    check_splits(plan)
+    index = check_dtc_checkpoint(cfg.init_model)
+    if cfg.vgg_weights and cfg.perceptual_weight > 0 and not storage.exists(cfg.vgg_weights):
+        raise ConfigError(
+            f"--vgg-weights {cfg.vgg_weights} does not exist (torchvision's vgg19-dcbb9e9d.pth expected)"
+        )
+    init_digest = model_digest(cfg.init_model)
+    digest = cfg.recipe_digest(init_digest)
+    previous = report.read_record(cfg.output, cfg.run_id)
+    if previous is not None and previous.get("recipe_digest") != digest:
+        changed = sorted(k for k, v in cfg.recipe().items() if previous.get("recipe", {}).get(k) != v)
+        if previous.get("init_model", {}).get("digest") != init_digest:
+            changed.append("init model")
+        raise ConfigError(
+            f"run {cfg.run_id} under {cfg.output} was trained with other recipe settings ({', '.join(changed) or '?'} "
+            "differ): resuming would not continue it. Use the same settings, or a new --run-id"
+        )
+    resolution, product_size = int(index.get("resolution", 512)), int(index.get("product_size", 224))
+    return TrainSpec(cfg, plan, resolution, product_size, init_digest, digest, previous_record=previous)
+
+
+def _absolute_paths(cfg: TrainConfig) -> TrainConfig:
+    """Local paths made absolute: Ray workers (and a resumed run) must not depend on the cwd."""
+
+    def absolute(uri: str | None) -> str | None:
+        return uri if uri is None or "://" in uri else os.path.abspath(uri)
+
+    return dataclasses.replace(
+        cfg,
+        manifest=absolute(cfg.manifest),
+        init_model=absolute(cfg.init_model),
+        output=absolute(cfg.output),
+        vgg_weights=absolute(cfg.vgg_weights),
+        allow_root=[absolute(root) for root in cfg.allow_root],
+    )
+
+
+def _init_ray(address: str | None):
+    """Ray at `address` (or RAY_ADDRESS: `ray job submit` sets it), else a local Ray of its own,
+    with the render job's quiet console. Worker output reaches this driver (log_to_driver): rank
+    0's progress lines."""
+    import ray
+
+    if not ray.is_initialized():
+        address = address or os.environ.get("RAY_ADDRESS")
+        if address:
+            ray.init(address=address, logging_level=logging.WARNING)
+        else:
+            ray.init(address="local", include_dashboard=False, logging_level=logging.WARNING)
+    quiet_console(ray)
+    return ray
+
+
+class TrainRecipe:
+    """The driver of one run (see the module docstring)."""
+
+    def __init__(self, cfg: TrainConfig):
+        self.cfg = cfg
+        self.spec: TrainSpec | None = None
+        self.counts: RowCounts | None = None
+        self.dataset = None
+        self.total_steps = 0
+        self.timings: dict[str, float] = {}
+        self.result_metrics: dict = {}
+        self.model_digest: str | None = None
+        self.export_source: str | None = None
+        self.exit_code, self.message = EXIT_ERROR, ""
+        self.started_at = datetime.now(UTC)
+        self.start = time.monotonic()
+
+    def check(self) -> None:
+        begin = time.monotonic()
+        self.spec = check(self.cfg)
+        self.cfg = self.spec.cfg
+        self.layout = Layout(self.cfg.output)
+        self.timings["check_s"] = time.monotonic() - begin
+
+    def prepare(self) -> None:
+        """The Ray Data pass: every row read, validated and prepared once; bad rows counted."""
+        begin = time.monotonic()
+        _init_ray(self.cfg.address)
+        spec, cfg = self.spec, self.cfg
+        config = PrepareConfig(
+            InputPolicy(manifest_dir=spec.plan.base_dir, allow_roots=tuple(cfg.allow_root), allow_http=cfg.allow_http),
+            resolution=spec.resolution,
+            product_size=spec.product_size,
+            max_pixels=cfg.max_pixels,
+            crop_margin=cfg.crop_margin,
+            num_cpus=cfg.data_cpus,
+            batch_size=8,
+        )
+        print(f"[dtc-train] run {cfg.run_id}: preparing {spec.plan.num_rows} manifest rows", flush=True)
+        self.dataset = build_dataset(spec.plan, pair_id_conflicts(spec.plan), config).materialize()
+        self.counts = count_rows(self.dataset)
+        self.timings["prepare_s"] = time.monotonic() - begin
+        usable = self.counts.usable["train"]
+        if usable == 0:
+            skipped = ", ".join(f"{c} {n}" for c, n in self.counts.skipped_by_code().items()) or "none"
+            raise ConfigError(
+                f"manifest {cfg.manifest} has no usable training row ({self.counts.total} rows; "
+                f"{self.counts.usable['val']} usable val; skipped: {skipped})"
+            )
+        steps = cfg.steps if cfg.epochs is None else math.ceil(cfg.epochs * usable / cfg.batch_size)
+        self.total_steps = steps
+
+    def run(self) -> TrainResult:
+        lock = OutputLock(self.layout, self.cfg.run_id, stale_after_s=self.cfg.lock_stale_s)
+        try:
+            lock.acquire()
+        except LockHeld as e:
+            return TrainResult(EXIT_REFUSED, run_id=self.cfg.run_id, message=str(e))
+        except storage.StorageError as e:
+            return TrainResult(EXIT_ERROR, run_id=self.cfg.run_id, message=str(e))
+        restore_signals = terminate_as_exception()  # SIGTERM/Ctrl-C: a failure like any other (exit 1, record)
+        try:
+            report.write_record(self.layout, self.cfg.run_id, self.record(running=True))
+            self.train()
+            self.export()
+            self.exit_code = EXIT_OK
+        except (storage.StorageError, OSError) as e:
+            self.message = f"storage error: {e}"
+            log.error(self.message)
+        except Exception as e:  # noqa: BLE001 - the run record and summary must still be written
+            text = str(e).strip()
+            self.message = f"{type(e).__name__}: {text.splitlines()[-1] if text else ''}"[:500]
+            log.exception("training run failed")
+        finally:
+            restore_signals()
+            self.close(lock)
+        return TrainResult(
+            self.exit_code, self.cfg.run_id, self.message, self.layout.run_record(self.cfg.run_id), self.model_digest
+        )
+
+    def train(self) -> None:
+        """Ray Train: TorchTrainer over the prepared dataset, resuming from the latest checkpoint."""
+        from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+        from ray.train.torch import TorchConfig, TorchTrainer
+
+        from pipeline.train.loop import LoopSpec, train_loop_per_worker
+
+        begin, cfg = time.monotonic(), self.cfg
+        import ray
+
+        gpus = cfg.gpus_per_worker
+        if gpus is None:
+            gpus = 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
+        spec = LoopSpec(
+            cfg,
+            cfg.run_id,
+            cfg.output,
+            self.total_steps,
+            self.spec.resolution,
+            self.spec.product_size,
+            self.spec.recipe_digest,
+            self.spec.init_model_digest,
+        )
+        storage_path, filesystem = report.checkpoint_storage(cfg.output)
+        trainer = TorchTrainer(
+            train_loop_per_worker,
+            train_loop_config={"spec": spec},
+            torch_config=TorchConfig(backend="nccl" if gpus > 0 else "gloo"),
+            scaling_config=ScalingConfig(
+                num_workers=cfg.workers,
+                use_gpu=gpus > 0,
+                resources_per_worker={"CPU": cfg.cpus_per_worker, **({"GPU": gpus} if gpus > 0 else {})},
+            ),
+            run_config=RunConfig(
+                name=cfg.run_id,
+                storage_path=storage_path,
+                storage_filesystem=filesystem,
+                checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
+                failure_config=FailureConfig(max_failures=cfg.max_failures),
+            ),
+            datasets={"train": self.dataset},
+            dataset_config=DataConfig(datasets_to_split=[]),  # every worker sees every row; it picks by index
+        )
+        result = trainer.fit()
+        self.timings["train_s"] = time.monotonic() - begin
+        self.result_metrics = dict(result.metrics or {})
+        self.final_checkpoint = result.checkpoint
+
+    def export(self) -> None:
+        """The best (lowest validation loss) or final weights -> model/, in a Ray task."""
+        import ray
+
+        from pipeline.train.export import export_model
+
+        begin, cfg, metrics = time.monotonic(), self.cfg, self.result_metrics
+        best_uri = storage.join(cfg.output, "best", cfg.run_id)
+        use_best = cfg.export == "best" and metrics.get("best_step") is not None and storage.exists(best_uri)
+        source = best_uri if use_best else self.final_checkpoint
+        if source is None:
+            raise RuntimeError("training reported no checkpoint to export")
+        self.export_source = "best" if use_best else "final"
+        provenance = {
+            "run_id": cfg.run_id,
+            "source": self.export_source,
+            "step": metrics.get("best_step") if use_best else metrics.get("step"),
+            "val_loss": metrics.get("best_val_loss") if use_best else metrics.get("val_loss"),
+            "init_model": {"uri": cfg.init_model, "digest": self.spec.init_model_digest},
+            "recipe_digest": self.spec.recipe_digest,
+            "exported_at": datetime.now(UTC).isoformat(),
+        }
+        task = ray.remote(num_cpus=min(1.0, cfg.cpus_per_worker))(export_model)
+        self.model_digest = ray.get(task.remote(cfg.init_model, source, self.layout_model(), provenance))
+        self.timings["export_s"] = time.monotonic() - begin
+
+    def layout_model(self) -> str:
+        return storage.join(self.cfg.output, "model")
+
+    def record(self, running: bool = False) -> dict:
+        return report.run_record(self, running=running)
+
+    def close(self, lock: OutputLock) -> None:
+        elapsed = time.monotonic() - self.start
+        self.timings["total_s"] = elapsed
+        try:
+            report.write_record(self.layout, self.cfg.run_id, self.record())
+        except Exception as e:  # noqa: BLE001
+            log.error("could not write the run record: %s", e)
+        lock.release()
+        print(report.summary_text(self), flush=True)
+        if self.message:
+            print(f"  note       {self.message}", flush=True)
