@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import json
 
+import diffusers
 import torch
+import transformers
 
 from pipeline.model.checkpoint import CheckpointError, check_dtc_checkpoint, local_checkpoint, write_digest
 from pipeline.model.pipeline_dtc import DTCPipeline
@@ -31,6 +33,9 @@ def load_pipeline(
     cache_dir: str | None = None,
 ) -> DTCPipeline:
     """A ready-to-run DTCPipeline from a local folder or an `s3://` prefix."""
+    # Loading bars are console noise in a batch job: the worker's lines reach the driver's console.
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.disable_progress_bar()
     folder = local_checkpoint(uri, cache_dir)
     try:
         check_dtc_checkpoint(folder)
