@@ -16,7 +16,7 @@ import argparse
 import logging
 import sys
 
-from jobs.cli import Parser
+from jobs.cli import Parser, merge_options
 from pipeline.config import ConfigError, RenderConfig
 from pipeline.schema import EXIT_ERROR, EXIT_REFUSED, IMAGE_FORMATS, SCHEDULERS
 
@@ -85,31 +85,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def config_from_flags(flags: dict) -> RenderConfig:
     """RenderConfig from parsed flags (only those given) and the `--config` YAML they name."""
-    flags = dict(flags)
-    values: dict = {}
-    if "config" in flags:
-        import yaml
-
-        path = flags.pop("config")
-        try:
-            with open(path) as f:
-                loaded = yaml.safe_load(f) or {}
-        except (OSError, yaml.YAMLError) as e:
-            raise ConfigError(f"--config {path}: {e}") from e
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"--config {path} must be a mapping of option: value")
-        values.update({str(k).replace("-", "_"): v for k, v in loaded.items()})
-    values.update(flags)
-    unknown = sorted(set(values) - RenderConfig.keys())
-    if unknown:
-        raise ConfigError(f"unknown option(s) {unknown} (see --help)")
+    values = merge_options(flags, RenderConfig.keys())
     if "actors" in values and not isinstance(values["actors"], tuple):
         try:
             values["actors"] = _actors(str(values["actors"]).strip("[]() ").replace(" ", ""))
         except (ValueError, argparse.ArgumentTypeError) as e:
             raise ConfigError(f"actors must be MIN,MAX or N, got {values['actors']!r}") from e
-    if isinstance(values.get("allow_root"), str):
-        values["allow_root"] = [values["allow_root"]]
     try:
         return RenderConfig(**values)
     except TypeError as e:

@@ -18,7 +18,7 @@ import argparse
 import logging
 import sys
 
-from jobs.cli import Parser
+from jobs.cli import Parser, merge_options
 from pipeline.config import ConfigError
 from pipeline.schema import EXIT_REFUSED
 from pipeline.train.config import EXPORTS, TrainConfig
@@ -74,26 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def config_from_flags(flags: dict) -> TrainConfig:
     """TrainConfig from parsed flags (only those given) and the `--config` YAML they name."""
-    flags = dict(flags)
-    values: dict = {}
-    if "config" in flags:
-        import yaml
-
-        path = flags.pop("config")
-        try:
-            with open(path) as f:
-                loaded = yaml.safe_load(f) or {}
-        except (OSError, yaml.YAMLError) as e:
-            raise ConfigError(f"--config {path}: {e}") from e
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"--config {path} must be a mapping of option: value")
-        values.update({str(k).replace("-", "_"): v for k, v in loaded.items()})
-    values.update(flags)
-    unknown = sorted(set(values) - TrainConfig.keys())
-    if unknown:
-        raise ConfigError(f"unknown option(s) {unknown} (see --help)")
-    if isinstance(values.get("allow_root"), str):
-        values["allow_root"] = [values["allow_root"]]
+    values = merge_options(flags, TrainConfig.keys())
     return TrainConfig(**values)
 
 

@@ -40,6 +40,7 @@ __all__ = [
     "check",
     "new_run_id",
     "check_writable",
+    "init_ray",
     "quiet_console",
     "terminate_as_exception",
 ]
@@ -155,7 +156,7 @@ def check_writable(output: str, probe: bool = True) -> None:
         raise ConfigError(f"--output {output} cannot be written: {parent}: {e.strerror or e}") from e
 
 
-def _init_ray(address: str | None):
+def init_ray(address: str | None):
     """Ray, joined at `address` (or RAY_ADDRESS, which `ray job submit` sets for its
     entrypoint); with neither, a fresh local Ray of this process's own, never a cluster some
     earlier `ray start` left running on the machine (`--address auto` joins that one)."""
@@ -288,7 +289,7 @@ class RenderRun:
         """The Ray Data graph, its blocks into the sink, the stats and the metrics."""
         import pyarrow as pa
 
-        ray = _init_ray(self.spec.cfg.address)
+        ray = init_ray(self.spec.cfg.address)
         from pipeline.dataflow import build_dataset
 
         gpus = self.spec.cfg.gpus_per_actor

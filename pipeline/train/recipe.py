@@ -35,7 +35,7 @@ from pipeline.manifest import ManifestError, ManifestPlan, pair_id_conflicts, pl
 from pipeline.model.checkpoint import CheckpointError, check_dtc_checkpoint, model_digest
 from pipeline.output.layout import Layout
 from pipeline.output.lock import LockHeld, OutputLock
-from pipeline.run import check_writable, quiet_console, terminate_as_exception
+from pipeline.run import check_writable, init_ray, terminate_as_exception
 from pipeline.schema import EXIT_ERROR, EXIT_OK, EXIT_REFUSED
 from pipeline.stages.prepare_stage import PrepareConfig
 from pipeline.train import report
@@ -126,22 +126,6 @@ def _absolute_paths(cfg: TrainConfig) -> TrainConfig:
     )
 
 
-def _init_ray(address: str | None):
-    """Ray at `address` (or RAY_ADDRESS: `ray job submit` sets it), else a local Ray of its own,
-    with the render job's quiet console. Worker output reaches this driver (log_to_driver): rank
-    0's progress lines."""
-    import ray
-
-    if not ray.is_initialized():
-        address = address or os.environ.get("RAY_ADDRESS")
-        if address:
-            ray.init(address=address, logging_level=logging.WARNING)
-        else:
-            ray.init(address="local", include_dashboard=False, logging_level=logging.WARNING)
-    quiet_console(ray)
-    return ray
-
-
 class TrainRecipe:
     """The driver of one run (see the module docstring)."""
 
@@ -169,7 +153,7 @@ class TrainRecipe:
     def prepare(self) -> None:
         """The Ray Data pass: every row read, validated and prepared once; bad rows counted."""
         begin = time.monotonic()
-        _init_ray(self.cfg.address)
+        init_ray(self.cfg.address)  # rank 0's progress lines reach this driver (log_to_driver)
         spec, cfg = self.spec, self.cfg
         config = PrepareConfig(
             InputPolicy(manifest_dir=spec.plan.base_dir, allow_roots=tuple(cfg.allow_root), allow_http=cfg.allow_http),
