@@ -121,6 +121,14 @@ def _metrics_line(spec: RunSpec, metrics_summary: dict | None, layout: Layout) -
     return f"  metrics    FID {fid} (N={g['n']}), CLIP {clip}{warning}  -> {layout.metrics_dir(spec.run_id)}"
 
 
+def failure_message(error: Exception) -> str:
+    """The run record's message for the error that stopped a run (render and training alike)."""
+    if isinstance(error, (storage.StorageError, OSError)):
+        return f"storage error: {error}"
+    text = str(error).strip()
+    return f"{type(error).__name__}: {text.splitlines()[-1] if text else ''}"[:500]
+
+
 def run_record(
     spec: RunSpec,
     stats: RunStats,

@@ -250,11 +250,10 @@ class RenderRun:
             self.message = f"{e}; the next run of the same command resumes from the rows written"
             log.error(self.message)
         except (storage.StorageError, OSError) as e:
-            self.message = f"storage error: {e}"
+            self.message = record.failure_message(e)
             log.error(self.message)
         except Exception as e:  # noqa: BLE001 - the run record and summary must still be written
-            text = str(e).strip()
-            self.message = f"{type(e).__name__}: {text.splitlines()[-1] if text else ''}"[:500]
+            self.message = record.failure_message(e)
             log.exception("render run failed")
         finally:
             self.close(lock)

@@ -28,7 +28,7 @@ import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-from pipeline import storage
+from pipeline import record, storage
 from pipeline.config import ConfigError
 from pipeline.fetch import InputPolicy
 from pipeline.manifest import ManifestError, ManifestPlan, pair_id_conflicts, plan_manifest
@@ -193,11 +193,10 @@ class TrainRecipe:
             self.export()
             self.exit_code = EXIT_OK
         except (storage.StorageError, OSError) as e:
-            self.message = f"storage error: {e}"
+            self.message = record.failure_message(e)
             log.error(self.message)
         except Exception as e:  # noqa: BLE001 - the run record and summary must still be written
-            text = str(e).strip()
-            self.message = f"{type(e).__name__}: {text.splitlines()[-1] if text else ''}"[:500]
+            self.message = record.failure_message(e)
             log.exception("training run failed")
         finally:
             restore_signals()
