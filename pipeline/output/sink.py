@@ -5,12 +5,16 @@ run's output schema (`schema.output_schema`: the input columns as the plan typed
 the output columns of DESIGN.md; columns outside it, such as the stages' timings, are not
 written) and writes `manifest/<run_id>/part-NNNNN.parquet` every `part_rows` rows or `flush_s`
 seconds, so a killed run loses at most the rows of one unflushed part (their pairs are
-rendered again by the next run; never lost). The run's counts are `pipeline.output.stats`.
+rendered again by the next run; never lost). `fence`, when given, is called with the part's
+name right before each part is written and raises to stop the write (the driver passes
+`OutputLock.check`: a run that lost the output lock writes no more rows). The run's counts are
+`pipeline.output.stats`.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 import pyarrow as pa
 
@@ -21,8 +25,16 @@ __all__ = ["ManifestWriter"]
 
 
 class ManifestWriter:
-    def __init__(self, layout: Layout, run_id: str, schema: pa.Schema, part_rows: int = 1000, flush_s: float = 30.0):
-        self.layout, self.run_id, self.schema = layout, run_id, schema
+    def __init__(
+        self,
+        layout: Layout,
+        run_id: str,
+        schema: pa.Schema,
+        part_rows: int = 1000,
+        flush_s: float = 30.0,
+        fence: Callable[[str], None] | None = None,
+    ):
+        self.layout, self.run_id, self.schema, self.fence = layout, run_id, schema, fence
         self.part_rows, self.flush_s = part_rows, flush_s
         self.pending: list[pa.Table] = []
         self.pending_rows = 0
@@ -53,6 +65,8 @@ class ManifestWriter:
         self.last_flush = time.monotonic()
         if not self.pending:
             return
+        if self.fence is not None:
+            self.fence(f"manifest part {self.parts}")
         storage.write_parquet(self.layout.manifest_part(self.run_id, self.parts), pa.concat_tables(self.pending))
         self.parts += 1
         self.pending, self.pending_rows = [], 0
