@@ -1,22 +1,22 @@
-"""Driver scale benchmark: plan + resume filter of a 1M-row manifest, half of it already done.
+"""Scale benchmark: plan + resume decision of a 1M- and a 10M-row manifest, half of each done.
 
-    python bench/scale.py [--rows 1000000] [--files 4] [--done-fraction 0.5] [--profile]
+    python bench/scale.py [--rows 1000000,10000000] [--done-fraction 0.5] [--work DIR]
 
-Setup (not timed): a tiny DTC model folder (`jobs.make_model --preset tiny`), a generated
-Parquet manifest of `--rows` rows in `--files` files (pair_id, context_uri, product_uri, bbox),
-and an output whose `state/done.parquet` holds the `ok` rows of `--done-fraction` of the pairs
-with this run's model and settings digests, each with a zero-byte image under `images/` at the
-key `Layout(output).image(pair_id, "jpg")` (the resume filter only lists them).
+Setup (not timed, own process): a tiny DTC model folder, a generated Parquet manifest
+(pair_id, context_uri, product_uri, bbox) in one file per 250k rows, and an output whose
+bucketed done index (`state/buckets/`, written with the project's own `bucket_of` and `Layout`)
+holds `ok` rows of `--done-fraction` of the pairs with this run's model and settings digests.
 
-Measured, in a fresh driver process so that its peak RSS (`ru_maxrss`) is this work alone:
-`run_render(cfg, dry_run=True)`, which does on the driver exactly what a resumed run does
-before Ray starts (check inputs + `plan_manifest`, reusable state = `load_state` + listing
-`images/` + `reusable_state`, `StateIndex`, `pair_id_conflicts`) plus the resume filter over
-every row (`planned_batches`: read + `validate_rows` + `resume_batch`) that the Ray read stage
-runs in a real run. Per-stage seconds come from wrapping those project functions in place
-(same code path, nothing re-implemented). Prints one JSON line for the setup, one for the
-measurement; with `--profile`, a second (cProfile) driver prints the top functions.
-Target (issue "Throughput"): 1M rows <= 60 s with driver peak RSS <= 2048 MB.
+Measured, in a fresh driver process per size (its peak RSS is this work alone), the steps a
+render run takes before its first pair is prepared, with the run's own functions: `check`
+(config, manifest plan, model), `init_ray` (a local Ray on every core here), `compact_state`
+(the fold of unfinished runs: none here, so it only reads done.json) and the dataset up to the
+resume stage (`dataflow.resumed_rows`: read, hash shuffle by state bucket, validate, conflicts,
+bucket lookups), its rows counted per action by a task on the cluster, as a run hands them on
+to the prepare stage without the driver seeing them. A thread samples the RSS of every Ray
+worker process (the largest is printed: no worker may hold more than its share of the state).
+Targets (issue #17): driver peak RSS <= 1 GB at 10M, <= 10% growth from 1M to 10M, and seconds
+per row at 10M no worse than at 1M (linear).
 """
 
 from __future__ import annotations
@@ -35,7 +35,8 @@ import subprocess  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
 
-TARGET_S, TARGET_RSS_MB = 60.0, 2048.0
+TARGET_RSS_MB, TARGET_GROWTH = 1024.0, 0.10
+ROWS_PER_FILE = 250_000
 
 
 def emit(**record) -> None:
@@ -78,61 +79,74 @@ def _write_manifest(folder: str, rows: int, files: int, width: int) -> None:
 
 
 def _write_state(output: str, rows: int, done: int, width: int, model_digest: str, settings_digest: str) -> None:
-    """`state/done.parquet` with `done` ok rows (a fixed random half of the pairs) and their
-    zero-byte images, exactly where and how a finished run leaves them."""
+    """The bucketed done index with `done` ok rows (a fixed random half of the pairs), exactly
+    where and how compaction leaves them (images are not checked without --verify-images)."""
     import numpy as np
     import pyarrow as pa
+    import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
     from pipeline.output.layout import Layout
+    from pipeline.output.state import STATE_BUCKETS, bucket_of
     from pipeline.rows import stable_seed
     from pipeline.schema import EXTENSIONS, state_schema
 
     layout = Layout(output)
     chosen = np.sort(np.random.default_rng(0).permutation(rows)[:done])
-    pair_ids = [f"p{i:0{width}d}" for i in chosen.tolist()]
-    uris = [layout.image(pid, EXTENSIONS["jpeg"]) for pid in pair_ids]
-    images_dir = os.path.join(output, "images")
-    os.makedirs(images_dir, exist_ok=True)
-    flags = os.O_CREAT | os.O_WRONLY
-    for uri in uris:
-        os.close(os.open(uri, flags, 0o644))
+    pair_ids = _pair_ids(0, rows, width).take(pa.array(chosen))
     n = len(pair_ids)
     table = pa.table(
         {
             "pair_id": pair_ids,
-            "status": ["ok"] * n,
+            "status": pa.array(["ok"] * n),
             "error_code": pa.nulls(n, pa.string()),
             "error_message": pa.nulls(n, pa.string()),
-            "output_uri": uris,
+            "output_uri": pc.binary_join_element_wise(layout.images_dir + "/", pair_ids, "." + EXTENSIONS["jpeg"], ""),
             "width": np.full(n, 1024, np.int64),
             "height": np.full(n, 768, np.int64),
             "crop_box": pa.ListArray.from_arrays(
                 pa.array(np.arange(0, 4 * n + 1, 4, dtype=np.int32)),
                 pa.array(np.tile(np.array([0, 0, 512, 512], np.int64), n)),
             ),
-            "seed": [stable_seed(pid) for pid in pair_ids],
-            "model_digest": [model_digest] * n,
-            "settings_digest": [settings_digest] * n,
+            "seed": pa.array([stable_seed(p) for p in pair_ids.to_pylist()], pa.int64()),
+            "model_digest": pa.array([model_digest] * n),
+            "settings_digest": pa.array([settings_digest] * n),
             "clip_score": np.full(n, 27.5),
             "render_ms": np.full(n, 850.0),
-            "finished_at": ["2026-11-26T03:12:45.123+00:00"] * n,
-            "run_id": ["20261126T030000Z-abc123"] * n,
+            "finished_at": pa.array(["2026-11-26T03:12:45.123+00:00"] * n),
+            "run_id": pa.array(["20261126T030000Z-abc123"] * n),
         },
         schema=state_schema(),
     )
-    os.makedirs(os.path.dirname(layout.state), exist_ok=True)
-    pq.write_table(table, layout.state)
+    buckets = bucket_of(table["pair_id"])
+    table = table.append_column("b", buckets).sort_by("b")
+    sorted_buckets = table["b"].to_numpy()
+    bounds = np.searchsorted(sorted_buckets, np.arange(STATE_BUCKETS + 1))
+    os.makedirs(layout.state_buckets_dir, exist_ok=True)
+    pairs = {}
+    for b in range(STATE_BUCKETS):
+        part = table.slice(int(bounds[b]), int(bounds[b + 1] - bounds[b])).drop_columns(["b"])
+        pq.write_table(part, layout.state_bucket(b))
+        pairs[f"{b:04d}"] = part.num_rows
+    meta = {
+        "layout": 2,
+        "buckets": STATE_BUCKETS,
+        "compacted_runs": ["20261126T030000Z-abc123"],
+        "pairs": n,
+        "bucket_pairs": pairs,
+        "updated_at": time.time(),
+    }
     with open(layout.state_meta, "w") as f:
-        json.dump({"compacted_runs": ["20261126T030000Z-abc123"], "pairs": n, "updated_at": time.time()}, f)
+        json.dump(meta, f)
 
 
-def setup(work: str, rows: int, files: int, done: int, model: str | None) -> dict:
+def setup(work: str, rows: int, done: int, model: str | None) -> dict:
     """Build (or reuse, when `work` already holds the same sizes) model, manifest and output."""
     from pipeline.config import RenderConfig
     from pipeline.model.checkpoint import check_dtc_checkpoint, model_digest
 
-    key = f"rows={rows}-files={files}-done={done}"
+    files = max(1, rows // ROWS_PER_FILE)
+    key = f"rows={rows}-done={done}"
     spec_file = os.path.join(work, f"setup-{key}.json")
     if os.path.exists(spec_file):
         with open(spec_file) as f:
@@ -157,10 +171,6 @@ def setup(work: str, rows: int, files: int, done: int, model: str | None) -> dic
 # -- measurement (child process) ---------------------------------------------------------------
 
 
-def _where(path: str) -> str:
-    return os.path.relpath(path, ROOT) if path.startswith(ROOT) else path
-
-
 def _peak_mb() -> float:
     import resource
 
@@ -176,162 +186,147 @@ def _hwm_mb() -> float:
     return float("nan")
 
 
-def _rss_mb() -> float:
-    with open("/proc/self/statm") as f:
-        return round(int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20, 1)
+def _memory_mb(pid: int) -> tuple[float, float]:
+    """(RSS, RSS outside the object store) of a process, from /proc/<pid>/smaps: a worker maps
+    the plasma store (`/dev/shm/plasma*`), and the pages of the objects it wrote count in its
+    RSS (and in psutil's USS, while no other process maps them) though they are not its heap."""
+    total = store = 0
+    in_store = False
+    with open(f"/proc/{pid}/smaps") as f:
+        for line in f:
+            if line[0] in "0123456789abcdef" and "-" in line.split(" ", 1)[0]:
+                in_store = "/dev/shm/plasma" in line
+            elif line.startswith("Rss:"):
+                kb = int(line.split()[1])
+                total += kb
+                store += kb if in_store else 0
+    return total / 1024, (total - store) / 1024
 
 
-def child(spec: dict, profile: int) -> None:
-    """One dry run on the driver, with per-stage seconds and the peak RSS after each stage."""
-    import collections
-    import contextlib
-    import io
+class WorkerSampler:
+    """The largest RSS, and RSS outside the object store, of any worker process of this
+    driver's Ray (descendants of this process: its raylet's workers), sampled every 0.5 s."""
 
-    import pipeline.dry_run as dry_run_mod
-    import pipeline.manifest as manifest_mod
-    import pipeline.resume as resume_mod
-    import pipeline.run as run_mod
-    import pipeline.stages.read_stage as read_mod
-    from pipeline.config import RenderConfig
+    def __init__(self):
+        import threading
 
-    seconds: dict[str, float] = collections.defaultdict(float)
-    peak_after: dict[str, float] = {}
+        self.rss = self.own = 0.0
+        self.name = ""
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
 
-    def timed(name, fn):
-        def wrapper(*args, **kwargs):
-            start = time.perf_counter()
-            try:
-                return fn(*args, **kwargs)
-            finally:
-                seconds[name] += time.perf_counter() - start
-                peak_after[name] = _peak_mb()
+    def _run(self) -> None:
+        import psutil
 
-        return wrapper
-
-    def timed_iter(name, fn):
-        def wrapper(*args, **kwargs):
-            it = fn(*args, **kwargs)
-            while True:
-                start = time.perf_counter()
+        me = psutil.Process()
+        while not self._stop.wait(0.5):
+            for proc in me.children(recursive=True):
                 try:
-                    item = next(it)
-                except StopIteration:
-                    return
-                finally:
-                    seconds[name] += time.perf_counter() - start
-                    peak_after[name] = _peak_mb()
-                yield item
+                    cmdline = " ".join(proc.cmdline())
+                    if not cmdline.startswith("ray::") or "IDLE" in cmdline:
+                        continue
+                    rss, own = _memory_mb(proc.pid)
+                except (psutil.NoSuchProcess, psutil.AccessDenied, FileNotFoundError, ProcessLookupError):
+                    continue
+                if own > self.own:
+                    self.own, self.name = own, cmdline.split("(")[0]
+                self.rss = max(self.rss, rss)
 
-        return wrapper
+    def stop(self) -> dict:
+        self._stop.set()
+        self._thread.join()
+        return {
+            "largest_worker_rss_mb": round(self.rss, 1),
+            "largest_worker_heap_mb": round(self.own, 1),
+            "largest_worker": self.name,
+        }
 
-    class TimedIndex(resume_mod.StateIndex):
-        def __init__(self, state):
-            timed("index", super().__init__)(state)
 
-    # The run module's own globals and the module attributes the pipeline code looks up at call
-    # time: the code path is run_render's, only observed.
-    run_mod.plan_manifest = timed("plan", run_mod.plan_manifest)
-    run_mod.reusable = timed("state", run_mod.reusable)
-    run_mod.load_state = timed("state.load_state", run_mod.load_state)
-    resume_mod.reusable_state = timed("state.reusable_state", resume_mod.reusable_state)
-    dry_run_mod.StateIndex = TimedIndex
-    dry_run_mod.pair_id_conflicts = timed("duplicates", dry_run_mod.pair_id_conflicts)
-    read_mod.planned_batches = timed_iter("resume", read_mod.planned_batches)
-    manifest_mod.iter_batches = timed_iter("resume.read", manifest_mod.iter_batches)
-    read_mod.validate_rows = timed("resume.validate_rows", read_mod.validate_rows)
-    read_mod.resume_batch = timed("resume.resume_batch", read_mod.resume_batch)
+def _count_actions(batch):
+    import pyarrow as pa
+    import pyarrow.compute as pc
 
+    from pipeline.schema import REUSE
+
+    reuse = int(pc.sum(pc.equal(batch["action"], REUSE)).as_py() or 0)
+    invalid = int(pc.sum(pc.not_equal(batch["error_code"], "")).as_py() or 0)
+    return pa.table({"rows": [batch.num_rows], "reuse": [reuse], "invalid": [invalid]})
+
+
+def child(spec: dict) -> None:
+    """The run's steps up to the resume stage, timed, in this (fresh) driver process."""
+    import pyarrow as pa
+
+    from pipeline.config import RenderConfig
+    from pipeline.dataflow import resumed_rows, stage_configs
+    from pipeline.output.layout import Layout
+    from pipeline.output.state import compact_state
+    from pipeline.run import check, init_ray
+
+    pa.set_memory_pool(pa.system_memory_pool())  # as run_render does
     cfg = RenderConfig(manifest=spec["manifest"], output=spec["output"], model=spec["model"])
     baseline_mb = _peak_mb()
-    out = io.StringIO()
-    profiler = None
-    if profile:
-        import cProfile
-
-        profiler = cProfile.Profile()
-        profiler.enable()
+    seconds = {}
     start = time.perf_counter()
-    with contextlib.redirect_stdout(out):
-        result = run_mod.run_render(cfg, dry_run=True)
-    total = time.perf_counter() - start
-    if profiler is not None:
-        profiler.disable()
-    if result.exit_code != 0:
-        raise SystemExit(f"dry run exited {result.exit_code}: {result.message}\n{out.getvalue()[-2000:]}")
-    counts = result.counts
-    known = ("plan", "state", "index", "duplicates", "resume")
-    stages = {k: round(v, 3) for k, v in seconds.items()}
-    stages["state.list_images"] = round(
-        seconds["state"] - seconds["state.load_state"] - seconds["state.reusable_state"], 3
-    )
-    stages["other"] = round(
-        total - sum(seconds[k] for k in known), 3
-    )  # check_checkpoint, model digest, dry-run counting
+    run = check(cfg)
+    seconds["check_and_plan"] = time.perf_counter() - start
+    mark = time.perf_counter()
+    init_ray(None)
+    seconds["ray_start"] = time.perf_counter() - mark
+    sampler = WorkerSampler()
+    mark = time.perf_counter()
+    compact_state(Layout(run.output), exclude_run=run.run_id)
+    seconds["fold"] = time.perf_counter() - mark
+    mark = time.perf_counter()
+    read, resume, *_ = stage_configs(run, 0.0)
+    rows = resumed_rows(run, read, resume).map_batches(_count_actions, batch_format="pyarrow", num_cpus=0.25)
+    totals = {"rows": 0, "reuse": 0, "invalid": 0}
+    for batch in rows.iter_batches(batch_format="pyarrow", batch_size=None):
+        for key in totals:
+            totals[key] += int(pa.compute.sum(batch[key]).as_py())
+    seconds["resume"] = time.perf_counter() - mark
+    total = time.perf_counter() - start - seconds["ray_start"]
+    workers = sampler.stop()
     print(
         json.dumps(
             {
-                "total_s": round(total, 3),
-                "peak_rss_mb": _peak_mb(),
-                "vm_hwm_mb": _hwm_mb(),
-                "rss_mb_at_end": _rss_mb(),
-                "baseline_peak_rss_mb": baseline_mb,
-                "stages": stages,
-                "peak_rss_mb_after": peak_after,
-                "render": counts["pending"] + counts["invalid"],
-                "reuse": counts["done"] + counts["failed"],
-                "counts": {k: counts[k] for k in ("pending", "done", "failed", "invalid")},
+                "plan_and_resume_s": round(total, 3),
+                "driver_peak_rss_mb": _peak_mb(),
+                "driver_vm_hwm_mb": _hwm_mb(),
+                "driver_baseline_rss_mb": baseline_mb,
+                "seconds": {k: round(v, 3) for k, v in seconds.items()},
+                **workers,
+                **totals,
             }
         ),
         flush=True,
     )
-    if profiler is not None:
-        import pstats
-
-        for sort in ("tottime", "cumulative"):
-            stats = pstats.Stats(profiler)
-            stats.sort_stats(sort)
-            top = []
-            for func in stats.fcn_list[:profile]:
-                cc, nc, tt, ct, _ = stats.stats[func]
-                top.append(
-                    {
-                        "func": f"{_where(func[0])}:{func[1]}({func[2]})",
-                        "calls": nc,
-                        "tottime_s": round(tt, 3),
-                        "cumtime_s": round(ct, 3),
-                    }
-                )
-            print(json.dumps({"profile_sort": sort, "top": top}), flush=True)
 
 
-def _run_setup(work: str, rows: int, files: int, done: int, model: str | None) -> dict:
-    command = [sys.executable, os.path.abspath(__file__), "--setup", json.dumps([work, rows, files, done, model])]
+def _run_setup(work: str, rows: int, done: int, model: str | None) -> dict:
+    command = [sys.executable, os.path.abspath(__file__), "--setup", json.dumps([work, rows, done, model])]
     ran = subprocess.run(command, cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT), capture_output=True, text=True)
     if ran.returncode != 0:
         raise SystemExit(f"setup exited {ran.returncode}:\n{ran.stdout[-3000:]}\n{ran.stderr[-3000:]}")
     return json.loads(ran.stdout.strip().splitlines()[-1])
 
 
-def run_child(spec: dict, profile: int) -> tuple[dict, list[dict]]:
-    env = dict(os.environ, PYTHONPATH=ROOT)
-    command = [sys.executable, os.path.abspath(__file__), "--child", json.dumps(spec), "--profile", str(profile)]
+def run_child(spec: dict) -> dict:
+    env = dict(os.environ, PYTHONPATH=ROOT, RAY_ADDRESS="")
+    command = [sys.executable, os.path.abspath(__file__), "--child", json.dumps(spec)]
     done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True)
     if done.returncode != 0:
         raise SystemExit(f"measurement driver exited {done.returncode}:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
-    lines = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
-    return lines[0], lines[1:]
+    return [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")][0]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--rows", type=int, default=1_000_000)
-    parser.add_argument("--files", type=int, default=4, help="Parquet files the manifest is split into")
+    parser.add_argument("--rows", default="1000000,10000000", help="manifest sizes, comma-separated")
     parser.add_argument("--done-fraction", type=float, default=0.5)
     parser.add_argument("--work", help="keep (and reuse) the generated data here instead of a temp folder")
     parser.add_argument("--model", help="an existing DTC model folder (default: build a tiny one)")
-    parser.add_argument(
-        "--profile", type=int, default=0, help="also run a cProfile'd driver and print the top N functions"
-    )
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--setup", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -339,52 +334,54 @@ def main() -> None:
         print(json.dumps(setup(*json.loads(args.setup))), flush=True)
         return
     if args.child:
-        child(json.loads(args.child), args.profile)
+        child(json.loads(args.child))
         return
 
-    done = int(round(args.rows * args.done_fraction))
+    sizes = [int(r) for r in args.rows.split(",")]
     work = args.work or tempfile.mkdtemp(prefix="dtc-bench-scale-")
     os.makedirs(work, exist_ok=True)
+    results = []
     try:
-        # Setup runs in its own process: on Linux a child's ru_maxrss starts at its parent's RSS
-        # at fork time (exec keeps the old image's high-water mark), so the parent that spawns
-        # the measured driver must stay small.
-        start = time.perf_counter()
-        spec = _run_setup(work, args.rows, args.files, done, args.model)
-        emit(
-            bench="scale_setup",
-            rows=args.rows,
-            files=args.files,
-            done=done,
-            setup_s=round(time.perf_counter() - start, 2),
-            reused=spec.pop("reused_setup"),
-            counted=False,
-        )
-        result, _ = run_child(spec, 0)
-        meets = result["total_s"] <= TARGET_S and result["peak_rss_mb"] <= TARGET_RSS_MB
-        emit(
-            bench="scale",
-            rows=args.rows,
-            done=done,
-            files=args.files,
-            plan_and_resume_s=result["total_s"],
-            driver_peak_rss_mb=result["peak_rss_mb"],
-            driver_vm_hwm_mb=result["vm_hwm_mb"],
-            driver_baseline_rss_mb=result["baseline_peak_rss_mb"],
-            stages=result["stages"],
-            peak_rss_mb_after=result["peak_rss_mb_after"],
-            render=result["render"],
-            reuse=result["reuse"],
-            counts=result["counts"],
-            target_s=TARGET_S,
-            target_rss_mb=TARGET_RSS_MB,
-            meets_target=meets if args.rows >= 1_000_000 else None,
-            **({} if args.rows >= 1_000_000 else {"note": "below 1M rows: meets_target is only judged at 1M"}),
-        )
-        if args.profile:
-            _, profiles = run_child(spec, args.profile)
-            for record in profiles:
-                emit(bench="scale_profile", rows=args.rows, **record)
+        for rows in sizes:
+            done = int(round(rows * args.done_fraction))
+            # Setup runs in its own process: on Linux a child's ru_maxrss starts at its parent's
+            # RSS at fork time, so the parent that spawns the measured driver must stay small.
+            start = time.perf_counter()
+            spec = _run_setup(work, rows, done, args.model)
+            emit(
+                bench="scale_setup",
+                rows=rows,
+                files=spec["files"],
+                done=done,
+                setup_s=round(time.perf_counter() - start, 2),
+                reused=spec.pop("reused_setup"),
+            )
+            result = run_child(spec)
+            expected = {"rows": rows, "reuse": done, "invalid": 0}
+            correct = all(result[k] == v for k, v in expected.items())
+            results.append(result)
+            emit(bench="scale", manifest_rows=rows, done=done, files=spec["files"], correct=correct, **result)
+            if not args.work:
+                shutil.rmtree(spec["manifest"], ignore_errors=True)
+                shutil.rmtree(spec["output"], ignore_errors=True)
+        if len(sizes) > 1:
+            small, large = results[0], results[-1]
+            growth = large["driver_peak_rss_mb"] / small["driver_peak_rss_mb"] - 1
+            per_row = (large["plan_and_resume_s"] / sizes[-1]) / (small["plan_and_resume_s"] / sizes[0])
+            emit(
+                bench="scale_growth",
+                rows=[sizes[0], sizes[-1]],
+                driver_peak_rss_mb=[small["driver_peak_rss_mb"], large["driver_peak_rss_mb"]],
+                driver_rss_growth=round(growth, 4),
+                seconds_per_row_ratio=round(per_row, 3),
+                largest_worker_rss_mb=[small["largest_worker_rss_mb"], large["largest_worker_rss_mb"]],
+                largest_worker_heap_mb=[small["largest_worker_heap_mb"], large["largest_worker_heap_mb"]],
+                target_max_rss_mb=TARGET_RSS_MB,
+                target_max_growth=TARGET_GROWTH,
+                meets_target=large["driver_peak_rss_mb"] <= TARGET_RSS_MB
+                and growth <= TARGET_GROWTH
+                and per_row <= 1.0,
+            )
     finally:
         if not args.work:
             shutil.rmtree(work, ignore_errors=True)

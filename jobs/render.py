@@ -61,6 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("--limit", type=int, help="render at most N manifest rows")
     add("--force", action="store_true", help="re-render pairs that are already done")
     add("--retry-failed", action="store_true", help="re-try pairs whose latest row failed")
+    add("--verify-images", action="store_true", help="re-render done pairs whose image is gone (one HEAD each)")
     add("--run-id", help="run id (default: UTC time + random suffix)")
     add("--max-failed-fraction", type=float, help="exit 3 above this failed fraction (default 0.05)")
     add("--no-metrics", action="store_true", help="skip FID/KID/CLIP")

@@ -56,6 +56,7 @@ class RenderConfig:
     actors: tuple[int, int] = (1, 1)  # GPU-stage actor pool (min, max); autoscales in between
     gpus_per_actor: float | None = None  # None: 1 when the cluster has GPUs, else 0 (CPU render)
     cpus_per_actor: float = 1.0  # a fraction keeps small machines from starving the read stages
+    actor_resources: dict | None = None  # custom Ray resources per model actor (YAML), e.g. {gpu_node: 1}: pins the pool
     torch_threads: int | None = None  # torch threads inside a CPU actor (Ray sets 1 for fractional CPUs)
     cpu_stage_cpus: float = 0.5  # per fetch/decode/postprocess task; fractional so stages overlap
     compile: bool = (
@@ -66,6 +67,7 @@ class RenderConfig:
     limit: int | None = None  # render at most this many manifest rows (in manifest order)
     force: bool = False  # re-render pairs that are already done
     retry_failed: bool = False  # re-try pairs whose latest row is failed (they are skipped otherwise)
+    verify_images: bool = False  # reuse a done pair only if its image still exists (one HEAD per done pair)
     run_id: str | None = None  # default: UTC time + random suffix
     max_failed_fraction: float = 0.05  # above it the run exits 3: a nightly must not show green
     # -- inputs allowed ---------------------------------------------------------------------------
@@ -123,6 +125,10 @@ class RenderConfig:
             raise ConfigError(f"--gpus-per-actor must be >= 0, got {self.gpus_per_actor}")
         if self.cpus_per_actor <= 0 or self.cpu_stage_cpus <= 0:
             raise ConfigError("--cpus-per-actor and cpu_stage_cpus must be > 0")
+        for name, amount in (self.actor_resources or {}).items():
+            # Ray's own message for a bad resource comes from inside the actor pool, mid-run
+            if not isinstance(name, str) or not name or not has_type(amount, float) or amount < 0:
+                raise ConfigError(f"actor_resources must map names to amounts >= 0, got {name!r}: {amount!r}")
         if self.limit is not None and self.limit < 0:
             raise ConfigError(f"--limit must be >= 0, got {self.limit}")
         if not 0 <= self.max_failed_fraction <= 1:

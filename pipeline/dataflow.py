@@ -1,9 +1,12 @@
-"""The Ray Data graph of a render run: the one module that knows about `map_batches`.
+"""The Ray Data graph of a render run (the done index's own fold is `output/state.compact_state`).
 
-    manifest files ─▶ read_stage ─▶ prepare_stage ─▶ render_stage (actor pool) ─▶ finish_stage ─▶ driver
+    manifest files ─▶ read_stage ─▶ (group by state bucket) resume_stage ─▶ prepare_stage
+                  ─▶ render_stage (actor pool) ─▶ finish_stage ─▶ driver
 
-`read_stage` validates rows and decides render | reuse, `prepare_stage` fetches, decodes and
-cuts the model inputs, `render_stage` runs DTC (and the metric extractors), `finish_stage`
+`read_stage` reads rows and tags them with their pair's state bucket, `resume_stage` validates
+them and decides render | reuse one bucket at a time (all rows of a pair_id meet there, with
+the one state file that can hold it), `prepare_stage` fetches, decodes and cuts the model
+inputs, `render_stage` runs DTC (and the metric extractors), `finish_stage`
 pastes back, encodes and writes the image. Every input row flows through every stage exactly
 once, as data: rows that fail early, or that are carried over from an earlier run, pass the
 later stages untouched (payloads empty). Each stage's config gives its own resources.
@@ -16,26 +19,36 @@ inside it.
 
 from __future__ import annotations
 
-import pyarrow as pa
 import ray
 
 from pipeline.config import RunSpec
 from pipeline.fetch import InputPolicy
-from pipeline.manifest import PairIdConflicts
+from pipeline.schema import BUCKET
 from pipeline.stages.finish_stage import FinishConfig, finish_batch
 from pipeline.stages.prepare_stage import PrepareConfig, prepare_batch
 from pipeline.stages.read_stage import ReadConfig, read_files
 from pipeline.stages.render_stage import RenderStage, RenderStageConfig
+from pipeline.stages.resume_stage import ResumeConfig, resume_bucket
 
-__all__ = ["stage_configs", "build_dataset"]
+__all__ = ["stage_configs", "resumed_rows", "build_dataset"]
 
 
 def stage_configs(
     spec: RunSpec, gpus_per_actor: float
-) -> tuple[ReadConfig, PrepareConfig, RenderStageConfig, FinishConfig]:
+) -> tuple[ReadConfig, ResumeConfig, PrepareConfig, RenderStageConfig, FinishConfig]:
     """Each stage's config, from the run's spec (the one place settings are handed to stages)."""
     cfg, cpus = spec.cfg, spec.cfg.cpu_stage_cpus
-    read = ReadConfig(spec.plan, batch_rows=max(64, 4 * cfg.batch_size), num_cpus=cpus)
+    read = ReadConfig(spec.plan, num_cpus=cpus)
+    resume = ResumeConfig(
+        spec.plan,
+        spec.output,
+        spec.model_digest,
+        spec.settings_digest,
+        force=cfg.force,
+        retry_failed=cfg.retry_failed,
+        verify_images=cfg.verify_images,
+        num_cpus=cpus,
+    )
     prepare = PrepareConfig(
         InputPolicy(manifest_dir=spec.plan.base_dir, allow_roots=tuple(cfg.allow_root), allow_http=cfg.allow_http),
         resolution=spec.resolution,
@@ -61,6 +74,7 @@ def stage_configs(
         batch_size=cfg.batch_size,
         num_gpus=gpus_per_actor,
         num_cpus=cfg.cpus_per_actor,
+        resources=cfg.actor_resources,
     )
     finish = FinishConfig(
         spec.output,
@@ -77,28 +91,27 @@ def stage_configs(
         num_cpus=cpus,
         batch_size=cfg.batch_size,
     )
-    return read, prepare, render, finish
+    return read, resume, prepare, render, finish
 
 
-def build_dataset(
-    spec: RunSpec, gpus_per_actor: float, conflicts: PairIdConflicts, state: pa.Table | None
-) -> ray.data.Dataset:
-    read, prepare, render, finish = stage_configs(spec, gpus_per_actor)
-    # Object refs travel inside a list: Ray resolves only top-level ones, and each read task
-    # should fetch the (possibly large) state once from the object store, not pickle it.
-    state_ref = [ray.put(state)] if state is not None and state.num_rows else []
-    conflicts_ref = [ray.put(conflicts)] if conflicts.duplicates or conflicts.latest else []
+def resumed_rows(spec: RunSpec, read: ReadConfig, resume: ResumeConfig) -> ray.data.Dataset:
+    """Every row of the run (`--limit` applied), validated, with its action: the dataset up to
+    the resume stage (bench/scale.py measures it alone)."""
     files = ray.data.from_items(
         [{"file_index": i} for i in range(len(spec.plan.files))], override_num_blocks=len(spec.plan.files)
     )
-    rows = files.map_batches(
-        read_files,
-        batch_format="pyarrow",
-        **read.map_options(),
-        fn_kwargs=dict(config=read, conflicts_ref=conflicts_ref, state_ref=state_ref),
-    )
+    rows = files.map_batches(read_files, batch_format="pyarrow", fn_kwargs=dict(config=read), **read.map_options())
+    total = spec.plan.num_rows
     if spec.cfg.limit is not None:
-        rows = rows.limit(spec.cfg.limit)
+        rows, total = rows.limit(spec.cfg.limit), min(total, spec.cfg.limit)
+    return rows.groupby(BUCKET, num_partitions=resume.partitions(total)).map_groups(
+        resume_bucket, batch_format="pyarrow", fn_kwargs=dict(config=resume), **resume.map_options()
+    )
+
+
+def build_dataset(spec: RunSpec, gpus_per_actor: float) -> ray.data.Dataset:
+    read, resume, prepare, render, finish = stage_configs(spec, gpus_per_actor)
+    rows = resumed_rows(spec, read, resume)
     # One block per model batch: Ray merges a task's outputs into blocks of up to 128 MiB, so a
     # whole manifest file would otherwise reach the model, and the driver, as one block; rows
     # would then be written (and a killed run would keep its work) only at the very end.

@@ -52,6 +52,7 @@ __all__ = [
     "iter_batches",
     "PairIdConflicts",
     "pair_id_conflicts",
+    "conflicts_of",
     "file_folder",
 ]
 
@@ -473,25 +474,42 @@ class PairIdConflicts:
 
 
 def pair_id_conflicts(plan: ManifestPlan) -> PairIdConflicts:
-    """Streams the pair_id column alone; memory grows with the number of *distinct* ids: each
-    batch is reduced to (id, partition, count) and the partial counts are merged whenever they
-    pile up."""
+    """The whole manifest's conflicts, on one machine (`--dry-run`, training). Streams the
+    pair_id column alone; memory grows with the number of *distinct* ids: each batch is reduced
+    to (id, partition, count) and the partial counts are merged whenever they pile up. A render
+    run finds the same conflicts bucket by bucket on the cluster (`stages.resume_stage`)."""
     partials: list[pa.Table] = []
     pending = 0
     for index, batch in _scan(plan, ["pair_id"], 1 << 16):
         part = "" if plan.partitions is None else plan.partitions[index]
-        ids = pc.drop_null(batch.column(0))
-        table = pa.table({"pair_id": ids, "part": pa.array([part] * len(ids), pa.string())})
-        counts = table.group_by(["pair_id", "part"]).aggregate([("pair_id", "count")])
-        partials.append(pa.table({"pair_id": counts["pair_id"], "part": counts["part"], "n": counts["pair_id_count"]}))
-        pending += counts.num_rows
+        partials.append(_counts(batch.column(0), pa.array([part] * batch.num_rows, pa.string())))
+        pending += partials[-1].num_rows
         if pending > 1 << 22:
             partials = [_merge_counts(partials)]
             pending = partials[0].num_rows
     if not partials:
         return PairIdConflicts()
-    counts = _merge_counts(partials)
-    if plan.partitions is None:
+    return _conflicts(_merge_counts(partials), plan.partitions is not None)
+
+
+def conflicts_of(pair_ids: pa.Array, parts: pa.Array | None) -> PairIdConflicts:
+    """The conflicts among these rows alone (`parts`: each row's partition, None without a
+    backfill range): exact for a set of rows that holds every row of each of its pair_ids."""
+    parts = pa.array([""] * len(pair_ids), pa.string()) if parts is None else parts
+    return _conflicts(_counts(pair_ids, parts), partitioned=True)
+
+
+def _counts(pair_ids, parts) -> pa.Table:
+    """(pair_id, part, n) for the non-null ids."""
+    table = pa.table({"pair_id": pair_ids, "part": parts})
+    table = table.filter(pc.is_valid(table["pair_id"]))
+    counts = table.group_by(["pair_id", "part"]).aggregate([("pair_id", "count")])
+    return pa.table({"pair_id": counts["pair_id"], "part": counts["part"], "n": counts["pair_id_count"]})
+
+
+def _conflicts(counts: pa.Table, partitioned: bool) -> PairIdConflicts:
+    """The rule of `PairIdConflicts`, from (pair_id, part, n) counts."""
+    if not partitioned:
         return PairIdConflicts(frozenset(counts.filter(pc.greater(counts["n"], 1))["pair_id"].to_pylist()))
     per_pair = counts.group_by("pair_id").aggregate([("part", "max"), ("part", "count")])
     several = per_pair.filter(pc.greater(per_pair["part_count"], 1))

@@ -1,12 +1,13 @@
 """Which rows of this run to render, and which to carry over from earlier runs. No torch.
 
-The driver builds the *reusable* state once (`reusable_state`): the latest row per pair with
-this run's model and settings digests, `ok` rows only while their image still exists, and
+The *reusable* state (`reusable_state`) is the latest row per pair with this run's model and
+settings digests: `ok` rows (with `--verify-images`, only while their image still exists), and
 `failed` rows unless `--retry-failed` (or their failure is one the run's own options decide:
-REJUDGED_CODES). Each manifest batch is then joined against it
-(`StateIndex` + `resume_batch`): a valid row whose pair and seed match gets `action="reuse"` and the earlier
-row's results (its output manifest row is written again, with `attempt=0`); every other row
-gets `action="render"`. `--force` reuses nothing.
+REJUDGED_CODES). Manifest rows are joined against it (`StateIndex` + `resume_batch`): a valid
+row whose pair and seed match gets `action="reuse"` and the earlier row's results (its output
+manifest row is written again, with `attempt=0`); every other row gets `action="render"`.
+`--force` reuses nothing. A render run does this one state bucket at a time on the cluster
+(`stages.resume_stage`); `--dry-run` on the driver (`stages.read_stage.planned_batches`).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from __future__ import annotations
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from pipeline.schema import CARRIED_COLUMNS, PREV, RENDER, REUSE
+from pipeline.schema import CARRIED_COLUMNS, PREV, RENDER, REUSE, state_schema
 
 __all__ = ["reusable_state", "StateIndex", "resume_batch", "REJUDGED_CODES"]
 
@@ -25,17 +26,20 @@ REJUDGED_CODES = ("uri_not_allowed",)
 
 
 def reusable_state(
-    state: pa.Table, model_digest: str, settings_digest: str, existing_images: set[str], retry_failed: bool
+    state: pa.Table, model_digest: str, settings_digest: str, existing_images: set[str] | None, retry_failed: bool
 ) -> pa.Table:
-    """The state rows a run may reuse (see the module docstring)."""
+    """The state rows a run may reuse (see the module docstring). `existing_images`: the image
+    URIs known to exist (None: trust the index, which records only images already written)."""
     if state.num_rows == 0:
         return state
     same = pc.and_(pc.equal(state["model_digest"], model_digest), pc.equal(state["settings_digest"], settings_digest))
     state = state.filter(same)
     ok = pc.equal(state["status"], "ok")
-    has_image = pc.is_in(state["output_uri"], value_set=pa.array(sorted(existing_images), pa.string())).fill_null(
-        False
-    )
+    if existing_images is None:
+        has_image = pa.scalar(True)
+    else:
+        images = pa.array(sorted(existing_images), pa.string())
+        has_image = pc.is_in(state["output_uri"], value_set=images).fill_null(False)
     rejudged = pc.is_in(state["error_code"], value_set=pa.array(REJUDGED_CODES)).fill_null(False)
     carried_failure = pc.and_(pc.and_(pc.invert(ok), pc.invert(rejudged)), pa.scalar(not retry_failed))
     return state.filter(pc.or_(pc.and_(ok, has_image), carried_failure))
@@ -66,8 +70,8 @@ def resume_batch(batch: pa.Table, index: StateIndex | None) -> pa.Table:
             if row is not None and not code and index.seeds[row] == seed:
                 take[i] = row
     batch = batch.append_column("action", pa.array([RENDER if t is None else REUSE for t in take], pa.string()))
-    if index is None:
-        carried = {c: pa.nulls(n, pa.string()) for c in CARRIED_COLUMNS}
+    if index is None:  # typed nulls: blocks with and without reused rows must concatenate
+        carried = {c: pa.nulls(n, state_schema().field(c).type) for c in CARRIED_COLUMNS}
     else:
         rows = index.state.take(pa.array(take, pa.int64()))  # null index -> null row
         carried = {c: rows[c] for c in CARRIED_COLUMNS}

@@ -24,10 +24,11 @@ from datetime import UTC, datetime
 
 from pipeline import record, storage
 from pipeline.config import ConfigError, RenderConfig, RunSpec
-from pipeline.manifest import ManifestError, pair_id_conflicts, plan_manifest
+from pipeline.manifest import ManifestError, plan_manifest
 from pipeline.model.checkpoint import CheckpointError, check_dtc_checkpoint, model_digest
+from pipeline.nodes import NodeWatch
 from pipeline.output.layout import Layout
-from pipeline.output.lock import LockHeld, OutputLock
+from pipeline.output.lock import LockHeld, LockLost, OutputLock
 from pipeline.output.sink import ManifestWriter
 from pipeline.output.state import compact_state, load_state
 from pipeline.output.stats import RunStats
@@ -169,6 +170,10 @@ def init_ray(address: str | None):
         else:
             ray.init(address="local", include_dashboard=False, logging_level=logging.WARNING)
     quiet_console(ray)
+    # A hash-shuffle map task (the resume stage's group-by, the index's fold) takes input blocks
+    # of up to this many bytes at once and peaks at 2-3x that: Ray's 1 GiB default made one
+    # worker hold ~3 GB at 10M rows (bench/scale.py); 64 MiB keeps each worker to its share.
+    ray.data.DataContext.get_current().shuffle_input_batch_bytes = 64 << 20
     return ray
 
 
@@ -216,10 +221,12 @@ class RenderRun:
         self.writer = ManifestWriter(
             self.layout, spec.run_id, output_schema(spec.plan.schema), part_rows=spec.cfg.manifest_part_rows
         )
+        self.lock: OutputLock | None = None  # once held: its check() fences every shared write
         self.metrics = None
         self.metrics_summary: dict | None = None
         self.report_written = False
         self.progress: record.Progress | None = None
+        self.nodes = NodeWatch()  # Ray nodes lost while streaming: the run record's nodes_lost
         self.exit_code, self.message = EXIT_ERROR, ""
         self.started_at = datetime.now(UTC)
         self.start = time.monotonic()
@@ -242,12 +249,18 @@ class RenderRun:
             self.message = str(e)
             self.close(lock)
             return self.result()
+        # The fence: a run whose lock was taken over (it froze past lock_stale_s) stops before
+        # its next manifest part or state write, so two runs never both write them.
+        self.lock, self.writer.fence = lock, lock.check
         try:
-            state, conflicts = self.resume()
-            self.stream(state, conflicts)
+            self.resume()
+            self.stream()
             self.finalize()
         except Terminated as e:  # SIGTERM / Ctrl-C: record it, release the lock, stop Ray cleanly
             self.message = f"{e}; the next run of the same command resumes from the rows written"
+            log.error(self.message)
+        except LockLost as e:  # exit 1; the run that took the output over renders what is left
+            self.message = str(e)
             log.error(self.message)
         except (storage.StorageError, OSError) as e:
             self.message = record.failure_message(e)
@@ -268,27 +281,30 @@ class RenderRun:
             record_uri=self.layout.run_record(self.spec.run_id),
         )
 
-    def resume(self):
-        """(reusable state rows, pair_id conflicts): what earlier runs did with this model and
-        these settings (None state with --force), and which pair_ids name several rows."""
+    def resume(self) -> None:
+        """Ray up, and the done index brought up to date: runs that were killed before their
+        end (their part files) folded into it, on the cluster. Which rows are done is decided in
+        the stream, bucket by bucket (`stages.resume_stage`): the driver never holds the index."""
         spec = self.spec
-        state = None if spec.cfg.force else reusable(spec)
-        conflicts = pair_id_conflicts(spec.plan)
+        init_ray(spec.cfg.address)
+        if self.lock is not None:
+            self.lock.check("the state")
+        pairs = compact_state(self.layout, exclude_run=spec.run_id, num_cpus=spec.cfg.cpu_stage_cpus)
         total = spec.plan.num_rows if spec.cfg.limit is None else min(spec.cfg.limit, spec.plan.num_rows)
         self.progress = record.Progress(total)
         print(
             f"[dtc] run {spec.run_id}: {total} rows from {len(spec.plan.files)} manifest file(s); "
-            f"{0 if state is None else state.num_rows} pairs reusable; model sha256:{spec.model_digest[:12]}; "
-            f"output {self.layout.output}",
+            f"{pairs} pairs in the done index{' (ignored: --force)' if spec.cfg.force else ''}; "
+            f"model sha256:{spec.model_digest[:12]}; output {self.layout.output}",
             flush=True,
         )
-        return state, conflicts
 
-    def stream(self, state, conflicts) -> None:
+    def stream(self) -> None:
         """The Ray Data graph, its blocks into the sink, the stats and the metrics."""
         import pyarrow as pa
 
         ray = init_ray(self.spec.cfg.address)
+        self.nodes.start(ray)
         from pipeline.dataflow import build_dataset
 
         gpus = self.spec.cfg.gpus_per_actor
@@ -298,7 +314,7 @@ class RenderRun:
             from pipeline.metrics.shards import MetricsAccumulator
 
             self.metrics = MetricsAccumulator(self.layout, self.spec.run_id)
-        dataset = build_dataset(self.spec, gpus, conflicts, state)
+        dataset = build_dataset(self.spec, gpus)
         batch = None
         for batch in dataset.iter_batches(batch_format="pyarrow", batch_size=None):
             if self.metrics is not None:
@@ -306,11 +322,12 @@ class RenderRun:
             self.writer.add(batch)
             self.stats.add(batch)
             self.progress.update(self.stats)
+            self.nodes.poll()
         self.writer.flush()
         # The stream's buffers go before compaction allocates on top of them: the system pool's
         # release_unused() is glibc's malloc_trim, which also returns what Ray and Python freed
         # (without it the driver's peak RSS grew with the manifest: bench/pipeline.py 1k -> 5k).
-        dataset = state = batch = None  # (no batch at all with --limit 0)
+        dataset = batch = None  # (no batch at all with --limit 0)
         pa.default_memory_pool().release_unused()
 
     def finalize(self) -> None:
@@ -318,7 +335,9 @@ class RenderRun:
         import pyarrow as pa
 
         cfg = self.spec.cfg
-        compact_state(self.layout)
+        if self.lock is not None:
+            self.lock.check("state/done.parquet")
+        compact_state(self.layout, num_cpus=cfg.cpu_stage_cpus)
         pa.default_memory_pool().release_unused()  # give compaction's buffers back before the report
         if self.metrics is not None:
             shard_counts = {shard: dict(c) for shard, c in self.stats.shards.items()}
@@ -349,6 +368,8 @@ class RenderRun:
         """Last part, run record, lock, summary: whatever happened before."""
         try:
             self.writer.flush()
+        except LockLost as e:  # its rows stay unwritten (the run holding the lock renders them)
+            self.message = self.message or str(e)
         except Exception as e:  # noqa: BLE001
             log.error("could not flush the last manifest part: %s", e)
         elapsed = time.monotonic() - self.start
@@ -362,6 +383,7 @@ class RenderRun:
             manifest_parts=self.writer.parts,
             rss_samples=self.progress.rss_samples if self.progress else [],
         )
+        run["nodes_lost"] = self.nodes.finish()
         try:
             record.write_run_record(self.spec, run)
         except Exception as e:  # noqa: BLE001
@@ -373,16 +395,21 @@ class RenderRun:
             ),
             flush=True,
         )
+        if self.nodes.lost:
+            print(self.nodes.summary_line(), flush=True)
         if self.message:
             print(f"  note       {self.message}", flush=True)
 
 
 def reusable(spec: RunSpec):
-    """The state rows this run may reuse: this model and settings, ok rows whose image exists,
-    failed rows unless --retry-failed (`resume.reusable_state`)."""
+    """The state rows a run may reuse, on this machine (`--dry-run`): this model and settings,
+    ok rows (with --verify-images: whose image exists), failed rows unless --retry-failed
+    (`resume.reusable_state`). A render run decides the same on the cluster (resume_stage)."""
     from pipeline.resume import reusable_state
 
     layout = Layout(spec.output)
-    existing = {storage.join(layout.images_dir, rel) for rel, _, _ in storage.list_files(layout.images_dir)}
+    existing = None
+    if spec.cfg.verify_images:
+        existing = {storage.join(layout.images_dir, rel) for rel, _, _ in storage.list_files(layout.images_dir)}
     state = load_state(layout, exclude_run=spec.run_id)
     return reusable_state(state, spec.model_digest, spec.settings_digest, existing, spec.cfg.retry_failed)

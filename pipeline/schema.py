@@ -53,6 +53,8 @@ __all__ = [
     "RENDER",
     "REUSE",
     "PREV",
+    "BUCKET",
+    "FILE_INDEX",
     "CARRIED_COLUMNS",
     "PAYLOAD_TYPE",
     "PAYLOAD_COLUMNS",
@@ -205,6 +207,9 @@ PRESETS = ("tiny", "sd15")
 
 RENDER, REUSE = "render", "reuse"  # a row's `action`: render it, or carry an earlier run's result over
 PREV = "prev_"  # prefix of the carried-over result columns of a reused row
+# The read stage tags each row with its pair's state bucket (output/state.py bucket_of) and its
+# manifest file (plan.files[i]); the resume stage groups on the first and drops both.
+BUCKET, FILE_INDEX = "_bucket", "_file_index"
 PAYLOAD_TYPE = pa.large_binary()  # raw uint8 image bytes; 64-bit offsets: a block of photos can pass 2 GiB
 
 
@@ -286,7 +291,12 @@ MODEL_INPUTS = PAYLOAD_COLUMNS[2:]  # what the render stage reads and drops
 _QUALITY = ("feat_gen", "feat_real", "clip_score", "clip_floor")
 
 STAGES = {
-    "read": StageColumns(requires=(), adds=(*_VALIDATED, "action", *(PREV + c for c in CARRIED_COLUMNS))),
+    "read": StageColumns(requires=(), adds=(BUCKET, FILE_INDEX)),
+    "resume": StageColumns(
+        requires=("pair_id", BUCKET, FILE_INDEX),
+        adds=(*_VALIDATED, "action", *(PREV + c for c in CARRIED_COLUMNS)),
+        drops=(BUCKET, FILE_INDEX),
+    ),
     "prepare": StageColumns(
         requires=(
             "pair_id",

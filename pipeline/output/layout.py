@@ -27,8 +27,15 @@ class Layout:
         return storage.join(self.output, "manifest", run_id, f"part-{index:05d}.parquet")
 
     @property
-    def state(self) -> str:
+    def state(self) -> str:  # layout 1 (one file), read and folded into the buckets: output/state.py
         return storage.join(self.output, "state", "done.parquet")
+
+    @property
+    def state_buckets_dir(self) -> str:
+        return storage.join(self.output, "state", "buckets")
+
+    def state_bucket(self, bucket: int) -> str:
+        return storage.join(self.output, "state", "buckets", f"{bucket:04d}.parquet")
 
     @property
     def state_meta(self) -> str:

@@ -1,9 +1,10 @@
-"""The first stage: manifest files in, validated rows with their resume action out.
+"""The first stage: manifest files in, rows tagged with their state bucket out.
 
-Each task reads one manifest file (streamed in batches, bounded memory), validates its rows
-(`rows.validate_rows`: a bad row becomes data) and joins them against the reusable state of
-earlier runs (`resume.resume_batch`: `action` = render | reuse, and the carried result columns
-`prev_*` of reused rows). `planned_batches` is the same path on the driver, for `--dry-run`.
+Each task reads one manifest file (streamed in batches, bounded memory) and tags every row with
+its pair's state bucket (`output.state.bucket_of`) and its file, for the resume stage's group-by.
+`planned_batches` is the whole read + validate + resume path of one file on one machine, for
+`--dry-run` and training: `rows.validate_rows` (a bad row becomes data) and
+`resume.resume_batch` (`action` = render | reuse, and the carried columns `prev_*`).
 """
 
 from __future__ import annotations
@@ -12,11 +13,14 @@ import dataclasses
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+import numpy as np
 import pyarrow as pa
 
 from pipeline import manifest
+from pipeline.output.state import bucket_of
 from pipeline.resume import StateIndex, resume_batch
 from pipeline.rows import validate_rows
+from pipeline.schema import BUCKET, FILE_INDEX
 
 __all__ = ["ReadConfig", "planned_batches", "read_files"]
 
@@ -24,11 +28,21 @@ __all__ = ["ReadConfig", "planned_batches", "read_files"]
 @dataclass(frozen=True)
 class ReadConfig:
     plan: manifest.ManifestPlan  # the files to read, and the schema they are cast to
-    batch_rows: int = 64  # rows per yielded batch (a few model batches)
+    batch_rows: int = 16384  # rows per yielded block (the resume stage's shuffle regroups them)
     num_cpus: float = 0.5  # per task
 
     def map_options(self) -> dict:
         return {"batch_size": 1, "num_cpus": self.num_cpus}
+
+
+def _one_file(plan: manifest.ManifestPlan, file_index: int) -> manifest.ManifestPlan:
+    return dataclasses.replace(
+        plan,
+        files=(plan.files[file_index],),
+        file_rows=(plan.file_rows[file_index],),
+        default_shards=(plan.default_shards[file_index],),
+        partitions=None if plan.partitions is None else (plan.partitions[file_index],),
+    )
 
 
 def planned_batches(
@@ -38,36 +52,23 @@ def planned_batches(
     index: StateIndex | None,
     batch_rows: int,
 ) -> Iterator[pa.Table]:
-    """One manifest file, streamed: validated rows with their resume action."""
-    one = dataclasses.replace(
-        plan,
-        files=(plan.files[file_index],),
-        file_rows=(plan.file_rows[file_index],),
-        default_shards=(plan.default_shards[file_index],),
-    )
+    """One manifest file, streamed: validated rows with their resume action, on one machine
+    (`--dry-run`, training): `conflicts` and `index` cover the whole manifest."""
+    one = _one_file(plan, file_index)
     folder = manifest.file_folder(plan.files[file_index])
     partition = None if plan.partitions is None else plan.partitions[file_index]
     for batch in manifest.iter_batches(one, batch_size=batch_rows):
         yield resume_batch(validate_rows(batch, folder, conflicts, partition), index)
 
 
-_PER_PROCESS: dict[str, object] = {}  # this run's conflicts and state index, once per worker process
-
-
-def read_files(files: dict, *, config: ReadConfig, conflicts_ref: list, state_ref: list) -> Iterator[pa.Table]:
-    """The stage (a generator `map_batches` function over blocks of `{"file_index": i}` rows).
-
-    The pair_id conflicts and the state arrive as object refs inside lists (Ray resolves only
-    top-level refs); each worker process fetches them, and builds the state's index, once per
-    run, not per file."""
-    import ray
-
-    refs = tuple(ref[0].hex() if ref else None for ref in (conflicts_ref, state_ref))
-    if _PER_PROCESS.get("refs") != refs:  # a new run (a reused worker process), or the first file
-        _PER_PROCESS.clear()
-        _PER_PROCESS["refs"] = refs
-        _PER_PROCESS["conflicts"] = ray.get(conflicts_ref[0]) if conflicts_ref else manifest.PairIdConflicts()
-        _PER_PROCESS["state"] = StateIndex(ray.get(state_ref[0])) if state_ref else None
-    conflicts, state_index = _PER_PROCESS["conflicts"], _PER_PROCESS["state"]
-    for i in files["file_index"]:
-        yield from planned_batches(config.plan, int(i), conflicts, state_index, config.batch_rows)
+def read_files(files: pa.Table, *, config: ReadConfig) -> Iterator[pa.Table]:
+    """The stage (a generator `map_batches` function over blocks of `{"file_index": i}` rows):
+    each file's rows as read, with their state bucket and file index, for the resume stage's
+    group-by (`stages.resume_stage`: validation and the resume decision happen there, where
+    all rows of a pair_id meet)."""
+    for i in files["file_index"].to_pylist():
+        one = _one_file(config.plan, int(i))
+        for batch in manifest.iter_batches(one, batch_size=config.batch_rows):
+            table = pa.Table.from_batches([batch])
+            table = table.append_column(BUCKET, bucket_of(table["pair_id"]))
+            yield table.append_column(FILE_INDEX, pa.array(np.full(table.num_rows, int(i), np.int32)))

@@ -59,9 +59,15 @@ class RenderStageConfig:
     batch_size: int = 8  # pairs per model call
     num_gpus: float = 0.0  # per actor
     num_cpus: float = 1.0  # per actor
+    resources: dict | None = None  # custom Ray resources per actor (RenderConfig.actor_resources)
 
     def map_options(self) -> dict:
-        return {"batch_size": self.batch_size, "num_gpus": self.num_gpus, "num_cpus": self.num_cpus}
+        return {
+            "batch_size": self.batch_size,
+            "num_gpus": self.num_gpus,
+            "num_cpus": self.num_cpus,
+            "resources": self.resources,
+        }
 
 
 class CrashLedger:

@@ -28,6 +28,8 @@ from helpers import FAST, S3_SECRET, free_port, render_args
 
 from jobs.render import main as render
 from pipeline import storage
+from pipeline.output.layout import Layout
+from pipeline.output.state import load_state
 from pipeline.sample_catalog import make_catalog
 
 
@@ -116,7 +118,7 @@ def test_flaky_s3_is_retried_and_every_pair_lands_once(
     assert {r["status"] for r in rows} == {"ok"}
     images = [k for k in _keys(s3_bucket) if k.startswith("out/images/")]
     assert len(images) == 12
-    done = pq.read_table(io.BytesIO(storage.read_bytes(f"{output}/state/done.parquet")))
+    done = load_state(Layout(output))
     assert sorted(done["pair_id"].to_pylist()) == [f"pair-{i:04d}" for i in range(12)]
 
     # The secret key is in every process's environment; it must appear in no output object
@@ -209,6 +211,6 @@ def test_disk_full_is_one_error_nothing_half_written_and_a_rerun_completes(ray_a
         timeout=300,
     )
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
-    done = pq.read_table(output / "state" / "done.parquet").to_pylist()
+    done = load_state(Layout(str(output))).to_pylist()
     assert sorted(r["pair_id"] for r in done) == [f"pair-{i:04d}" for i in range(8)]
     assert {r["status"] for r in done} == {"ok"}

@@ -47,7 +47,8 @@ def test_s3_manifest_renders_to_s3(ray_address, s3_bucket, tmp_path):
     record = json.loads(storage.read_bytes(f"{output}/runs/s3run.json"))
     assert record["exit_code"] == 0 and record["counts"]["ok"] == 52
     assert record["steady_rows_per_s"] > 0 and record["arrival_rows_per_s"] > 0  # 13 model calls of 4
-    assert storage.exists(f"{output}/state/done.parquet") and not storage.exists(f"{output}/_lock")
+    assert storage.exists(f"{output}/state/done.json") and not storage.exists(f"{output}/_lock")
+    assert storage.list_files(f"{output}/state/buckets") and not storage.exists(f"{output}/state/done.parquet")
 
 
 _MODEL: list[str] = []

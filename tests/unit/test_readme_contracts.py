@@ -33,7 +33,7 @@ def test_every_manifest_and_output_column_is_documented():
         assert f"| `{column}` |" in README, column
     for field in OUTPUT_FIELDS:
         assert f"`{field.name}`" in README, field.name
-    for folder in ("images/", "manifest/", "state/done.parquet", "metrics/", "report/", "runs/", "_lock"):
+    for folder in ("images/", "manifest/", "state/buckets/", "metrics/", "report/", "runs/", "_lock"):
         assert folder in README, folder
 
 

@@ -1,5 +1,6 @@
-"""Each stage of the Ray Data graph on hand-built pyarrow tables, without Ray: read, prepare,
-render (the tiny DTC), finish; and the one error a stage raises when a block lacks a column."""
+"""Each stage of the Ray Data graph on hand-built pyarrow tables, without Ray: read, resume,
+prepare, render (the tiny DTC), finish; and the one error a stage raises when a block lacks a
+column. (Ray's group-by between read and resume is stood in for by `resumed`: a filter per bucket.)"""
 
 from __future__ import annotations
 
@@ -13,15 +14,29 @@ import pytest
 from helpers import png
 from PIL import Image
 
+from pipeline import storage
 from pipeline.fetch import InputPolicy
 from pipeline.manifest import PairIdConflicts, plan_manifest
+from pipeline.output.layout import Layout
+from pipeline.output.state import bucket_of, load_state
 from pipeline.resume import StateIndex
 from pipeline.sample_catalog import product, scene
-from pipeline.schema import CARRIED_COLUMNS, MODEL_INPUTS, PREV, STAGES, MissingColumns, output_schema
+from pipeline.schema import (
+    BUCKET,
+    CARRIED_COLUMNS,
+    FILE_INDEX,
+    MODEL_INPUTS,
+    PREV,
+    STAGES,
+    MissingColumns,
+    output_schema,
+    state_schema,
+)
 from pipeline.stages.finish_stage import FinishConfig, finish_batch
 from pipeline.stages.prepare_stage import PrepareConfig, prepare_batch
 from pipeline.stages.read_stage import ReadConfig, planned_batches, read_files
 from pipeline.stages.render_stage import RenderStage, RenderStageConfig
+from pipeline.stages.resume_stage import ResumeConfig, resume_bucket
 
 RESOLUTION, PRODUCT_SIZE = 128, 224  # the tiny preset's sizes (tests/unit/test_model.py checks them)
 
@@ -50,11 +65,26 @@ def catalog(tmp_path_factory) -> str:
     return str(folder / "manifest.parquet")
 
 
+def resumed(plan, config: ResumeConfig) -> pa.Table:
+    """read_stage over every file, then resume_stage once per bucket (as Ray's group-by calls
+    it), rows back in manifest order."""
+    files = pa.table({"file_index": list(range(len(plan.files)))})
+    rows = pa.concat_tables(read_files(files, config=ReadConfig(plan)))
+    buckets = sorted(set(rows[BUCKET].to_pylist()))
+    out = pa.concat_tables(
+        [resume_bucket(rows.filter(pa.compute.equal(rows[BUCKET], b)), config=config) for b in buckets]
+    )
+    return out.sort_by([("_source_file", "ascending"), ("_source_row", "ascending")])
+
+
+def resume_config(plan, output: str = "/nonexistent-output", **options) -> ResumeConfig:
+    return ResumeConfig(plan, output, "model-digest", "settings-digest", **options)
+
+
 @pytest.fixture(scope="module")
 def read_block(catalog) -> pa.Table:
     plan = plan_manifest(catalog)
-    (block,) = planned_batches(plan, 0, PairIdConflicts(), None, batch_rows=16)
-    return block
+    return resumed(plan, resume_config(plan))
 
 
 @pytest.fixture(scope="module")
@@ -69,8 +99,9 @@ def rendered(tiny_model_dir, prepared) -> pa.Table:
     return stage(prepared)
 
 
-def test_read_stage_validates_and_marks_actions(read_block):
-    assert set(STAGES["read"].adds) <= set(read_block.column_names)
+def test_read_and_resume_stages_validate_and_mark_actions(read_block):
+    assert set(STAGES["resume"].adds) <= set(read_block.column_names)
+    assert not set(STAGES["resume"].drops) & set(read_block.column_names)
     assert read_block["pair_id"].to_pylist() == ["box", "mask", "gone", "bad/id"]
     assert read_block["error_code"].to_pylist() == ["", "", "", "invalid_pair_id"]
     assert read_block["action"].to_pylist() == ["render"] * 4  # nothing done before
@@ -91,14 +122,81 @@ def test_read_stage_reuses_a_done_pair_with_the_same_seed(catalog, read_block):
     assert block[PREV + "status"].to_pylist() == ["ok", None, None, None]
 
 
-def test_read_files_is_the_stage_over_file_indexes(catalog):
-    # Without state or conflicts no object ref is read, so Ray need not run.
-    blocks = list(
-        read_files(
-            {"file_index": np.array([0])}, config=ReadConfig(plan_manifest(catalog)), conflicts_ref=[], state_ref=[]
-        )
+def test_read_files_tags_rows_with_their_bucket_and_file(catalog):
+    blocks = list(read_files(pa.table({"file_index": [0]}), config=ReadConfig(plan_manifest(catalog))))
+    rows = pa.concat_tables(blocks)
+    assert rows.num_rows == 4 and set(STAGES["read"].adds) <= set(rows.column_names)
+    assert rows[BUCKET].to_pylist() == bucket_of(rows["pair_id"]).to_pylist()
+    assert rows[FILE_INDEX].to_pylist() == [0] * 4
+
+
+def test_bucket_of_is_a_stable_digest():
+    # The bucket names a file that outlives processes and releases: it must never change.
+    assert bucket_of(pa.array(["box", "p0000001", None])).to_pylist() == BUCKETS_OF_BOX_P1_NONE
+
+
+BUCKETS_OF_BOX_P1_NONE = [81, 23, 0]
+
+
+def two_file_catalog(folder, first: list[str], second: list[str]) -> str:
+    """Two manifest files in `folder` with these pair_ids, every row valid (bbox regions)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(5)
+    (folder / "context.png").write_bytes(png(scene(64, 48, rng)))
+    (folder / "product.png").write_bytes(png(product(32, rng)))
+    for name, ids in (("a.parquet", first), ("b.parquet", second)):
+        n = len(ids)
+        table = {"pair_id": ids, "context_uri": ["context.png"] * n, "product_uri": ["product.png"] * n}
+        pq.write_table(pa.table({**table, "bbox": [[4.0, 4.0, 40.0, 30.0]] * n}), folder / name)
+    return str(folder)
+
+
+def test_resume_stage_fails_every_row_of_a_pair_id_repeated_across_files(tmp_path):
+    plan = plan_manifest(two_file_catalog(tmp_path, ["a", "dup", "b"], ["dup", "c"]))
+    rows = resumed(plan, resume_config(plan))
+    failed = [(r["pair_id"], os.path.basename(r["_source_file"])) for r in rows.to_pylist() if r["error_code"]]
+    assert sorted(failed) == [("dup", "a.parquet"), ("dup", "b.parquet")]
+    assert rows.filter(pa.compute.equal(rows["pair_id"], "dup"))["error_code"].to_pylist() == ["duplicate_pair_id"] * 2
+
+
+def test_resume_stage_reuses_done_pairs_from_their_bucket_and_verifies_images_when_asked(tmp_path):
+    plan = plan_manifest(two_file_catalog(tmp_path / "catalog", ["a", "b"], ["c"]))
+    layout = Layout(str(tmp_path / "out"))
+    first = resumed(plan, resume_config(plan))
+    done = first.filter(pa.compute.is_in(first["pair_id"], value_set=pa.array(["a", "b"])))
+    state = pa.table(
+        {
+            "pair_id": done["pair_id"],
+            "status": ["ok", "ok"],
+            "output_uri": [layout.image(p, "jpg") for p in done["pair_id"].to_pylist()],
+            "seed": done["seed"],
+            "model_digest": ["model-digest"] * 2,
+            "settings_digest": ["settings-digest"] * 2,
+            "finished_at": ["2026-12-01T00:00:00+00:00"] * 2,
+        }
     )
-    assert sum(b.num_rows for b in blocks) == 4
+    state = pa.table(
+        {f.name: state[f.name] if f.name in state.column_names else pa.nulls(2, f.type) for f in state_schema()},
+        schema=state_schema(),
+    )
+    for b in set(bucket_of(state["pair_id"]).to_pylist()):
+        storage.write_parquet(layout.state_bucket(b), state.filter(pa.compute.equal(bucket_of(state["pair_id"]), b)))
+    storage.write_bytes(layout.image("a", "jpg"), b"jpeg")  # b's image is gone
+    trusted = resumed(plan, resume_config(plan, layout.output))
+    assert dict(zip(trusted["pair_id"].to_pylist(), trusted["action"].to_pylist())) == {
+        "a": "reuse",
+        "b": "reuse",
+        "c": "render",
+    }
+    verified = resumed(plan, resume_config(plan, layout.output, verify_images=True))
+    assert dict(zip(verified["pair_id"].to_pylist(), verified["action"].to_pylist())) == {
+        "a": "reuse",
+        "b": "render",
+        "c": "render",
+    }
+    forced = resumed(plan, resume_config(plan, layout.output, force=True))
+    assert forced["action"].to_pylist() == ["render"] * 3
+    assert sorted(load_state(layout)["pair_id"].to_pylist()) == ["a", "b"]  # the buckets, read whole
 
 
 def test_prepare_stage_cuts_model_inputs_or_fails_the_row(prepared):
