@@ -101,6 +101,8 @@ def ray_address(s3_endpoint):
     real cluster carry theirs."""
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    # address="local": a multi-node test's cluster (or a `ray start` left on the machine) must
+    # not be joined instead of starting the session's own
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield ray.get_runtime_context().gcs_address
     ray.shutdown()
