@@ -64,6 +64,11 @@ def build_parser() -> argparse.ArgumentParser:
     add("--verify-images", action="store_true", help="re-render done pairs whose image is gone (one HEAD each)")
     add("--run-id", help="run id (default: UTC time + random suffix)")
     add("--max-failed-fraction", type=float, help="exit 3 above this failed fraction (default 0.05)")
+    add(
+        "--stall-timeout-s",
+        type=float,
+        help="exit 1, naming the stuck stage, when no batch arrives for this long (default 300; 0: never)",
+    )
     add("--no-metrics", action="store_true", help="skip FID/KID/CLIP")
     add("--inception-weights", help="pt_inception-2015-12-05 weights file (path or s3://)")
     add("--clip-model", help="CLIP ViT-B/32 folder (path or s3://)")

@@ -56,7 +56,7 @@ class RenderConfig:
     actors: tuple[int, int] = (1, 1)  # GPU-stage actor pool (min, max); autoscales in between
     gpus_per_actor: float | None = None  # None: 1 when the cluster has GPUs, else 0 (CPU render)
     cpus_per_actor: float = 1.0  # a fraction keeps small machines from starving the read stages
-    actor_resources: dict | None = None  # custom Ray resources per model actor (YAML), e.g. {gpu_node: 1}: pins the pool
+    actor_resources: dict | None = None  # custom Ray resources per actor (YAML), e.g. {gpu_node: 1}: pins the pool
     torch_threads: int | None = None  # torch threads inside a CPU actor (Ray sets 1 for fractional CPUs)
     cpu_stage_cpus: float = 0.5  # per fetch/decode/postprocess task; fractional so stages overlap
     compile: bool = (
@@ -87,6 +87,9 @@ class RenderConfig:
         None  # Ray cluster to join ("auto": the local `ray start` one); default RAY_ADDRESS, else a Ray of its own
     )
     lock_stale_s: float = 300.0  # a _lock whose heartbeat is older than this is taken over
+    # no batch reaching the driver for this long stops the run (exit 1) with a message naming the
+    # stage that waits and what for (Ray's own no-progress timeout is 30 min); 0: never
+    stall_timeout_s: float = 300.0
     manifest_part_rows: int = 1000  # output-manifest rows per part file (flushed at least every 30 s)
     fault_injection: dict | None = None  # chaos tests only (YAML): see pipeline.stages.faults
 
@@ -131,6 +134,8 @@ class RenderConfig:
                 raise ConfigError(f"actor_resources must map names to amounts >= 0, got {name!r}: {amount!r}")
         if self.limit is not None and self.limit < 0:
             raise ConfigError(f"--limit must be >= 0, got {self.limit}")
+        if self.stall_timeout_s < 0:
+            raise ConfigError(f"--stall-timeout-s must be >= 0 (0: no watchdog), got {self.stall_timeout_s}")
         if not 0 <= self.max_failed_fraction <= 1:
             raise ConfigError(f"--max-failed-fraction must be in 0..1, got {self.max_failed_fraction}")
         if self.run_id is not None and (problem := name_problem("--run-id", self.run_id)):

@@ -19,6 +19,8 @@ inside it.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import ray
 
 from pipeline.config import RunSpec
@@ -30,7 +32,21 @@ from pipeline.stages.read_stage import ReadConfig, read_files
 from pipeline.stages.render_stage import RenderStage, RenderStageConfig
 from pipeline.stages.resume_stage import ResumeConfig, resume_bucket
 
-__all__ = ["stage_configs", "resumed_rows", "build_dataset"]
+__all__ = ["RAY_STEP_CPUS", "ResourcePlan", "stage_configs", "resource_plan", "resumed_rows", "build_dataset"]
+
+# The steps Ray Data adds between the stages take no resource arguments: the group-by's hash
+# shuffle (map and reduce tasks) and `repartition` run tasks of Ray's default for a map task, 1 CPU
+# each. With less than that free beside the model actors, the stream waits forever at the shuffle.
+RAY_STEP_CPUS = 1.0
+
+
+@dataclass(frozen=True)
+class ResourcePlan:
+    """What the graph asks of Ray (`pipeline.fit` checks it against the cluster's nodes)."""
+
+    actor: dict[str, float]  # one model actor: CPU, GPU and custom resources (amounts > 0 only)
+    min_actors: int  # the pool's minimum: Ray Data starts them all before the first block
+    tasks: dict[str, dict[str, float]]  # one task of each task step, by step name (graph order)
 
 
 def stage_configs(
@@ -92,6 +108,23 @@ def stage_configs(
         batch_size=cfg.batch_size,
     )
     return read, resume, prepare, render, finish
+
+
+def resource_plan(spec: RunSpec, gpus_per_actor: float) -> ResourcePlan:
+    """The resources of the graph `build_dataset` builds, from each stage's own `map_options`."""
+    read, resume, prepare, render, finish = stage_configs(spec, gpus_per_actor)
+    tasks = {"read": _bundle(read.map_options()), "resume": _bundle(resume.map_options())}
+    tasks["hash shuffle"] = tasks["repartition"] = {"CPU": RAY_STEP_CPUS}
+    tasks |= {"prepare": _bundle(prepare.map_options()), "finish": _bundle(finish.map_options())}
+    return ResourcePlan(_bundle(render.map_options()), spec.cfg.actors[0], tasks)
+
+
+def _bundle(options: dict) -> dict[str, float]:
+    """A stage's `map_options` as Ray resource names; a task that names no CPUs gets Ray's 1."""
+    cpus = options.get("num_cpus")
+    bundle = {"CPU": RAY_STEP_CPUS if cpus is None else cpus, "GPU": options.get("num_gpus") or 0}
+    bundle |= options.get("resources") or {}
+    return {name: float(amount) for name, amount in bundle.items() if amount}
 
 
 def resumed_rows(spec: RunSpec, read: ReadConfig, resume: ResumeConfig) -> ray.data.Dataset:

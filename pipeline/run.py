@@ -6,7 +6,9 @@
 `RenderRun` is the driver as steps: `check` (config, output, manifest and model, before
 anything is written: exit 2) -> `lock` (exit 2 while another run holds the output) -> `resume`
 (what earlier runs already did) -> `stream` (the pairs through the Ray Data graph, manifest
-parts written as rows arrive, progress lines) -> `finalize` (state, metrics, report) ->
+parts written as rows arrive, progress lines; exit 2 first when the plan does not fit the
+cluster, `pipeline.fit`, and exit 1 when no batch arrives for `--stall-timeout-s`,
+`pipeline.watchdog`) -> `finalize` (state, metrics, report) ->
 `close` (run record, lock, summary). Exit 0, or 3 when the failed fraction is above
 `--max-failed-fraction`; 1 for anything unexpected (storage down).
 """
@@ -24,6 +26,7 @@ from datetime import UTC, datetime
 
 from pipeline import record, storage
 from pipeline.config import ConfigError, RenderConfig, RunSpec
+from pipeline.fit import DoesNotFit
 from pipeline.manifest import ManifestError, plan_manifest
 from pipeline.model.checkpoint import CheckpointError, check_dtc_checkpoint, model_digest
 from pipeline.nodes import NodeWatch
@@ -33,6 +36,7 @@ from pipeline.output.sink import ManifestWriter
 from pipeline.output.state import compact_state, load_state
 from pipeline.output.stats import RunStats
 from pipeline.schema import EXIT_ERROR, EXIT_OK, EXIT_REFUSED, EXIT_TOO_MANY_FAILED, output_schema
+from pipeline.watchdog import Stalled, StallWatchdog
 
 __all__ = [
     "RunResult",
@@ -44,6 +48,7 @@ __all__ = [
     "init_ray",
     "quiet_console",
     "terminate_as_exception",
+    "raise_in_main_thread",
 ]
 
 log = logging.getLogger("dtc.render")
@@ -205,10 +210,31 @@ def terminate_as_exception():
         return lambda: None
 
     def handler(signum, frame):
+        if signum == signal.SIGINT and _RAISE_NEXT:  # sent by raise_in_main_thread
+            raise _RAISE_NEXT.pop()
         raise Terminated(f"stopped by {signal.Signals(signum).name}")
 
+    handler.raises_for_threads = True
     old = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGINT)}
     return lambda: [signal.signal(sig, previous) for sig, previous in old.items()]
+
+
+_RAISE_NEXT: list[BaseException] = []  # what terminate_as_exception's handler raises on the next SIGINT
+
+
+def raise_in_main_thread(error: BaseException) -> bool:
+    """From another thread (the stall watchdog): `error` raised in the driver's main thread by
+    terminate_as_exception's handler. A real SIGINT to that one thread (not to Ray's workers), so
+    a wait inside Ray's iterator is interrupted as Ctrl-C would interrupt it. False where that
+    handler is not installed (a run started off the main thread): nothing is raised."""
+    import signal
+    import threading
+
+    if not getattr(signal.getsignal(signal.SIGINT), "raises_for_threads", False):
+        return False
+    _RAISE_NEXT.append(error)
+    signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
+    return True
 
 
 class RenderRun:
@@ -262,6 +288,11 @@ class RenderRun:
         except LockLost as e:  # exit 1; the run that took the output over renders what is left
             self.message = str(e)
             log.error(self.message)
+        except DoesNotFit as e:  # refused (exit 2) before any work: nothing written but the run record
+            self.exit_code, self.message = EXIT_REFUSED, str(e)
+        except Stalled as e:  # exit 1: the watchdog's message names the stage that waits
+            self.message = str(e)
+            log.error(self.message)
         except (storage.StorageError, OSError) as e:
             self.message = record.failure_message(e)
             log.error(self.message)
@@ -288,7 +319,7 @@ class RenderRun:
         spec = self.spec
         init_ray(spec.cfg.address)
         if self.lock is not None:
-            self.lock.check("the state")
+            self.lock.check("the done index")
         pairs = compact_state(self.layout, exclude_run=spec.run_id, num_cpus=spec.cfg.cpu_stage_cpus)
         total = spec.plan.num_rows if spec.cfg.limit is None else min(spec.cfg.limit, spec.plan.num_rows)
         self.progress = record.Progress(total)
@@ -310,13 +341,17 @@ class RenderRun:
         gpus = self.spec.cfg.gpus_per_actor
         if gpus is None:
             gpus = 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
+        from pipeline.fit import check_fit
+
+        check_fit(ray, self.spec, gpus)  # DoesNotFit: before the first block, nothing written yet
+        watchdog = self._watchdog(gpus)
         if self.spec.with_metrics:
             from pipeline.metrics.shards import MetricsAccumulator
 
             self.metrics = MetricsAccumulator(self.layout, self.spec.run_id)
         dataset = build_dataset(self.spec, gpus)
         batch = None
-        for batch in dataset.iter_batches(batch_format="pyarrow", batch_size=None):
+        for batch in watchdog.watch(dataset.iter_batches(batch_format="pyarrow", batch_size=None)):
             if self.metrics is not None:
                 self.metrics.add(batch)
             self.writer.add(batch)
@@ -330,13 +365,22 @@ class RenderRun:
         dataset = batch = None  # (no batch at all with --limit 0)
         pa.default_memory_pool().release_unused()
 
+    def _watchdog(self, gpus: float) -> StallWatchdog:
+        from pipeline.dataflow import resource_plan
+        from pipeline.watchdog import stage_report
+
+        actor = resource_plan(self.spec, gpus).actor
+        return StallWatchdog(
+            self.spec.cfg.stall_timeout_s, lambda executors: stage_report(executors, actor), raise_in_main_thread
+        )
+
     def finalize(self) -> None:
         """State, metrics and report; the exit code from the failed fraction."""
         import pyarrow as pa
 
         cfg = self.spec.cfg
         if self.lock is not None:
-            self.lock.check("state/done.parquet")
+            self.lock.check("the done index")
         compact_state(self.layout, num_cpus=cfg.cpu_stage_cpus)
         pa.default_memory_pool().release_unused()  # give compaction's buffers back before the report
         if self.metrics is not None:

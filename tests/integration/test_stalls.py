@@ -1,0 +1,69 @@
+"""No silent stalls, on the session's 2-CPU Ray: a plan whose actor pool cannot start beside one
+task of the other steps is refused before any work (exit 2, the numbers in the message), and a
+run that cannot move stops after --stall-timeout-s (exit 1, the waiting stages named) and hands
+the cluster's resources back."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import ray
+from helpers import FAST, render_args
+
+from jobs.render import main as render
+from pipeline.sample_catalog import make_catalog
+
+
+def _catalog(tmp_path) -> str:
+    return make_catalog(str(tmp_path / "catalog"), n_pairs=2, bad_rows=False, sizes=[(64, 48)])
+
+
+def test_a_pool_that_does_not_fit_the_cluster_is_refused_before_any_work(
+    ray_address, tmp_path, capsys, tiny_model_dir
+):
+    output = tmp_path / "out"
+    args = render_args(_catalog(tmp_path), output, tiny_model_dir, "--run-id", "too-big", *FAST)
+    assert render([*args, "--actors", "2,2", "--cpus-per-actor", "1"]) == 2
+    out, err = capsys.readouterr()
+    expected = "--actors 2,2 needs 2 x 1.0 CPU for the model actors plus 1.0 CPU for one hash shuffle/repartition"
+    assert expected in err and "the cluster has 2.0 CPUs and no autoscaler" in err
+    record = json.loads((output / "runs" / "too-big.json").read_text())
+    assert record["exit_code"] == 2 and expected in record["message"] and "= 3.0 CPUs" in record["message"]
+    assert f"note       {record['message']}" in out
+    assert not (output / "manifest").exists() or not any((output / "manifest").rglob("*"))
+    assert not (output / "_lock").exists()
+
+
+@ray.remote(num_cpus=2)
+class Placeholder:
+    """Another job's actor holding every CPU of the cluster: the totals fit, nothing can start."""
+
+    def ready(self) -> bool:
+        return True
+
+
+def test_a_run_that_cannot_move_stops_naming_the_stages_and_frees_the_cluster(
+    ray_address, tmp_path, capsys, tiny_model_dir
+):
+    placeholder = Placeholder.remote()
+    assert ray.get(placeholder.ready.remote())
+    output = tmp_path / "out"
+    args = render_args(_catalog(tmp_path), output, tiny_model_dir, "--run-id", "stuck", *FAST)
+    try:
+        assert render([*args, "--stall-timeout-s", "5"]) == 1
+    finally:
+        ray.kill(placeholder)
+    out, err = capsys.readouterr()
+    message = json.loads((output / "runs" / "stuck.json").read_text())["message"]
+    assert message.startswith("no progress for 5 s (no batch reached the driver since the stream started"), message
+    assert "MapBatches(read_files) has 1 submitted task, waiting for {CPU: 0.5} per task" in message
+    assert "MapBatches(RenderStage) has 0 running actors of min 1 (pending: 1 waiting for resources" in message
+    assert "free now CPU 0 of 2" in message
+    assert f"note       {message}" in out and f"render: failed: {message}" in err
+    assert not (output / "_lock").exists()
+    # the stalled stream's actor and task are gone: the next test gets both CPUs back
+    deadline = time.monotonic() + 60
+    while ray.available_resources().get("CPU", 0) < 2 and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert ray.available_resources().get("CPU", 0) == 2
