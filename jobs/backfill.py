@@ -4,7 +4,7 @@
         --output s3://renders/try-all --model s3://models/dtc/v3 [--dry-run] [render options]
 
 Idempotent: pairs already done with the same model and settings are not rendered again, so
-re-running a range renders only what is missing (deleted images included). `--dry-run`
+re-running a range renders only what is missing (images deleted by hand: with --verify-images). `--dry-run`
 prints pending/done/failed/invalid/skipped counts per partition and renders nothing. Shards are
 the partitions (`dt=2026-11-26`), so metrics and the run record's per-shard counts are per day.
 A pair_id on several days is rendered from its latest day; its earlier rows are `skipped`

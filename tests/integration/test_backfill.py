@@ -78,6 +78,8 @@ def test_backfill_dry_run_idempotence_and_repair(ray_address, tmp_path, capsys, 
     for row in first:  # lose the images of one day
         if row["shard"] == f"dt={DAYS[1]}":
             os.remove(row["output_uri"])
+    assert _dry_run_counts(capsys, args)[f"dt={DAYS[1]}"] == [0, 3, 0, 0, 0]  # the done index is trusted
+    args.append("--verify-images")  # the repair: done pairs whose image is gone are rendered again
     assert _dry_run_counts(capsys, args)[f"dt={DAYS[1]}"] == [3, 0, 0, 0, 0]
     assert backfill([*args, "--run-id", "b3"]) == 0
     third = _rows(output, "b3")
