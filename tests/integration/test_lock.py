@@ -1,6 +1,6 @@
 """`_lock` on the S3 endpoint (moto: If-None-Match / If-Match are real 412s) with real processes,
-and at job level on local files: eight render jobs started at once, and a frozen run taken over
-that stops before writing (DESIGN.md "Resume, staleness, concurrency"). The local-file races at
+and at job level: eight render jobs started at once (local and S3 outputs), and a frozen run
+taken over that stops before writing (local) (DESIGN.md "Resume, staleness, concurrency"). The local-file races at
 lock level are tests/unit/test_output_lock.py."""
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import sys
 import time
 
 import pyarrow.parquet as pq
+import pytest
 from contenders import (
     assert_fenced,
     assert_one_winner,
@@ -23,7 +24,7 @@ from contenders import (
     race,
     wait_stale,
 )
-from helpers import FAST, ROOT, render_args
+from helpers import FAST, ROOT, read_manifest, render_args
 
 from pipeline import storage
 from pipeline.sample_catalog import make_catalog
@@ -72,9 +73,10 @@ def _env() -> dict:
     return dict(os.environ, PYTHONPATH=ROOT, RAY_USAGE_STATS_ENABLED="0")
 
 
-def test_eight_render_jobs_started_together_one_renders(ray_address, tmp_path, tiny_model_dir):
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_eight_render_jobs_started_together_one_renders(where, ray_address, tmp_path, tiny_model_dir, request):
     manifest = make_catalog(str(tmp_path / "catalog"), n_pairs=2, bad_rows=False, sizes=[(64, 48)])
-    output = tmp_path / "out"
+    output = str(tmp_path / "out") if where == "local" else f"s3://{request.getfixturevalue('s3_bucket')}/out"
     go = tmp_path / "go"
     jobs = {}
     for i in range(8):
@@ -100,9 +102,10 @@ def test_eight_render_jobs_started_together_one_renders(ray_address, tmp_path, t
             continue
         assert code == 2 and f"is locked by run {winner} on host" in err, (run_id, code, err[-2000:])
         assert "[dtc] run" not in out  # refused before resume and Ray
-        assert not (output / "manifest" / run_id).exists() and not (output / "runs" / f"{run_id}.json").exists()
-    assert pq.read_table(output / "manifest" / winner).num_rows == 2
-    assert not (output / "_lock").exists()
+        assert not storage.list_files(storage.join(output, "manifest", run_id))
+        assert not storage.exists(storage.join(output, "runs", f"{run_id}.json"))
+    assert read_manifest(output, winner).num_rows == 2
+    assert not storage.exists(storage.join(output, "_lock"))
 
 
 def test_a_frozen_run_taken_over_exits_1_without_writing(ray_address, tmp_path, tiny_model_dir):

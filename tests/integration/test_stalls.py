@@ -1,15 +1,19 @@
-"""No silent stalls, on the session's 2-CPU Ray: a plan whose actor pool cannot start beside one
-task of the other steps is refused before any work (exit 2, the numbers in the message), and a
+"""No silent stalls: a plan whose actor pool cannot start beside one task of the other steps is
+refused before any work (exit 2, the numbers in the message; a job with a fresh 2-CPU Ray of its
+own, as a first-day user runs it: the session's Ray has carried other tests' clusters), and a
 run that cannot move stops after --stall-timeout-s (exit 1, the waiting stages named) and hands
 the cluster's resources back."""
 
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 import time
 
 import ray
-from helpers import FAST, render_args
+from helpers import FAST, ROOT, render_args
 
 from jobs.render import main as render
 from pipeline.sample_catalog import make_catalog
@@ -24,12 +28,28 @@ def test_a_pool_that_does_not_fit_the_cluster_is_refused_before_any_work(
 ):
     output = tmp_path / "out"
     args = render_args(_catalog(tmp_path), output, tiny_model_dir, "--run-id", "too-big", *FAST)
-    assert render([*args, "--actors", "2,2", "--cpus-per-actor", "1"]) == 2
-    out, err = capsys.readouterr()
-    expected = "--actors 2,2 needs 2 x 1.0 CPU for the model actors plus 1.0 CPU for one hash shuffle/repartition"
-    assert expected in err and "the cluster has 2.0 CPUs and no autoscaler" in err
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {"PYTHONPATH": ROOT}
+    cpus = float(os.cpu_count())  # the job's own local Ray has every core: two such actors never fit
+    job = subprocess.run(
+        [sys.executable, "-m", "jobs.render", *args, "--actors", "2,2", "--cpus-per-actor", str(cpus)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert job.returncode == 2, job.stdout[-2000:] + job.stderr[-2000:]
+    out, err = job.stdout, job.stderr
+    expected = (
+        f"--actors 2,2 needs 2 x {cpus:.1f} CPU for the model actors plus 1.0 CPU for one hash shuffle/repartition"
+    )
+    assert expected in err and f"the cluster has {cpus:.1f} CPUs and no autoscaler" in err
     record = json.loads((output / "runs" / "too-big.json").read_text())
-    assert record["exit_code"] == 2 and expected in record["message"] and "= 3.0 CPUs" in record["message"]
+    assert (
+        record["exit_code"] == 2
+        and expected in record["message"]
+        and f"= {2 * cpus + 1:.1f} CPUs" in record["message"]
+    )
     assert f"note       {record['message']}" in out
     assert not (output / "manifest").exists() or not any((output / "manifest").rglob("*"))
     assert not (output / "_lock").exists()
