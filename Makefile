@@ -1,11 +1,12 @@
-# `make demo` renders the embedded sample catalog; `make test` runs ruff and every test tier;
-# `make test-unit` the unit tier alone (no Ray, S3 endpoint or browser: about two minutes).
+# `make demo` renders the embedded sample catalog; `make test` runs ruff and every test tier
+# but the chaos cases (`make test-chaos`: extra multi-node faults); `make test-unit` the unit
+# tier alone (no Ray, S3 endpoint or browser: about two minutes).
 # Each target creates .venv first when it is missing (torch CPU wheel first, then the rest
 # under constraints.txt so nothing swaps torch for a CUDA build).
 PY := .venv/bin/python
 VENV_STAMP := .venv/.installed
 
-.PHONY: venv demo test test-unit lint bench clean
+.PHONY: venv demo test test-unit test-chaos lint bench clean
 
 venv: $(VENV_STAMP)
 
@@ -24,7 +25,11 @@ lint: $(VENV_STAMP)
 	$(PY) -m ruff format --check .
 
 test: lint
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -m "not chaos" tests
+
+# the extra multi-node fault cases (two nodes in a row, lost during the last parts or the fold)
+test-chaos: $(VENV_STAMP)
+	$(PY) -m pytest -q -m chaos tests
 
 test-unit: $(VENV_STAMP)
 	$(PY) -m pytest -q -m "not integration" tests

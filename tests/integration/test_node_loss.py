@@ -267,6 +267,7 @@ def test_tasks_node_lost_mid_run(cluster, nodes, tmp_path, tiny_model_dir):
     assert _lost_ids(record) == [tasks.node_id]
 
 
+@pytest.mark.chaos
 def test_two_nodes_lost_in_a_row(cluster, nodes, tmp_path, tiny_model_dir):
     model, tasks = nodes
     job = Job(cluster, tmp_path)
@@ -291,6 +292,7 @@ def test_two_nodes_lost_in_a_row(cluster, nodes, tmp_path, tiny_model_dir):
     assert "2 Ray node(s) lost during the run" in log
 
 
+@pytest.mark.chaos
 @pytest.mark.parametrize("rows_before", [PAIRS - 2 * PART_ROWS, PAIRS], ids=["last-parts", "state-fold"])
 def test_tasks_node_lost_at_the_end(cluster, nodes, tmp_path, tiny_model_dir, rows_before):
     """Lost while the last parts are written (the last rows' finish tasks were on it), or once
