@@ -10,7 +10,8 @@ sheets (context | product | output, region outlined in red) for the lowest-scori
 random sample, and the failed pairs with their error code and message. A run whose metrics used
 random-weight extractors (the demo) says so in large type. Element ids for headless checks:
 `random-weights` / `metrics-skipped`, `settings`, `counts`, `error-codes`, `global`, `shards`,
-`clip-histogram`, `lowest`, `sample`, `failed-pairs`.
+`clip-histogram`, `lowest`, `sample`, `failed-pairs`; and, when the manifest has their columns,
+metrics/qa.py's `scene-strips`, `variant-grids`, `identity-distribution`, `lowest-identity`.
 """
 
 from __future__ import annotations
@@ -38,7 +39,18 @@ MESSAGE_CHARS = 400  # an error message is cut here: a traceback-sized message w
 # The manifest columns the page reads; every output manifest has the first six (the others are
 # input columns a manifest may lack: mask_uri or bbox).
 REQUIRED_COLUMNS = ("pair_id", "status", "error_code", "error_message", "clip_score", "shard")
-REPORT_COLUMNS = (*REQUIRED_COLUMNS, "context_uri", "product_uri", "output_uri", "mask_uri", "bbox")
+# Scenes, variants, identity (metrics/qa.py's sections): read where a part has them; an older
+# manifest has none and qa.py leaves its sections out.
+QA_COLUMNS = (
+    "scene_id",
+    "step",
+    "identity_score",
+    "needs_review",
+    "variant_seeds",
+    "variant_scores",
+    "chosen_variant",
+)
+REPORT_COLUMNS = (*REQUIRED_COLUMNS, "context_uri", "product_uri", "output_uri", "mask_uri", "bbox", *QA_COLUMNS)
 _TYPES = {f.name: f.type for f in OUTPUT_FIELDS} | {"pair_id": pa.string(), "shard": pa.string()}
 _NO_ROWS = pa.schema([(name, _TYPES[name]) for name in REQUIRED_COLUMNS]).empty_table()
 
@@ -271,6 +283,14 @@ def _failed_pairs(rows: pa.Table, cap: int) -> str:
 # -- the page ------------------------------------------------------------------------------------
 
 
+def _qa_sections(rows: pa.Table) -> list[str]:
+    """Scene strips, variant grids, lowest identity scores (metrics/qa.py). Imported here: qa
+    builds on this module's thumbnail and contact-sheet helpers, so it imports this module."""
+    from pipeline.metrics.qa import qa_sections
+
+    return qa_sections(rows)
+
+
 def render_report(
     run_id: str,
     rows: pa.Table,
@@ -301,6 +321,7 @@ def render_report(
     sections += [
         _sheet("Lowest CLIP scores", "lowest", _lowest(scored, sample_size)),
         _sheet("Random sample", "sample", _sample(ok, sample_size, seed)),
+        *_qa_sections(rows),
         _failed_pairs(rows, failed_shown),
         _IMAGES_LOADED,
         "</body></html>",

@@ -20,6 +20,10 @@ class Layout:
     def image(self, pair_id: str, ext: str) -> str:
         return storage.join(self.output, "images", f"{pair_id}.{ext}")
 
+    def variant_image(self, pair_id: str, k: int, ext: str) -> str:
+        """Variant `k` (an index into the row's variant_seeds) not chosen, with --keep-variants."""
+        return storage.join(self.output, "variants", pair_id, f"{k}.{ext}")
+
     def manifest_dir(self, run_id: str) -> str:
         return storage.join(self.output, "manifest", run_id)
 
