@@ -18,7 +18,7 @@ import sys
 
 from jobs.cli import Parser, merge_options
 from pipeline.config import ConfigError, RenderConfig
-from pipeline.schema import EXIT_ERROR, EXIT_REFUSED, IMAGE_FORMATS, SCHEDULERS
+from pipeline.schema import EXIT_ERROR, EXIT_REFUSED, IMAGE_FORMATS, SCHEDULERS, SELECTIONS
 
 
 def _actors(text: str) -> tuple[int, int]:
@@ -58,6 +58,15 @@ def build_parser() -> argparse.ArgumentParser:
     add("--channels-last", action="store_true", help="channels_last memory format for the convolutions (GPU)")
     add("--image-format", choices=IMAGE_FORMATS, help="output image format (default jpeg)")
     add("--jpeg-quality", type=int, help="JPEG/WebP quality (default 92)")
+    add("--variants", type=int, help="renders per pair, each its own seed, in the same batches; the best is kept")
+    add(
+        "--select",
+        choices=SELECTIONS,
+        help="how the best variant is chosen (default identity; clip needs --clip-model)",
+    )
+    add("--keep-variants", action="store_true", help="also write the variants not chosen, to variants/<pair_id>/")
+    add("--min-identity-score", type=float, help="rows whose identity_score is below it get needs_review = true")
+    add("--max-scene-steps", type=int, help="a scene with more steps fails scene_invalid (default 8)")
     add("--limit", type=int, help="render at most N manifest rows")
     add("--force", action="store_true", help="re-render pairs that are already done")
     add("--retry-failed", action="store_true", help="re-try pairs whose latest row failed")

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from datetime import date
 from typing import TYPE_CHECKING
 
-from pipeline.schema import IMAGE_FORMATS, SCHEDULERS, name_problem
+from pipeline.schema import IMAGE_FORMATS, SCHEDULERS, SELECTIONS, name_problem
 
 if TYPE_CHECKING:
     from pipeline.manifest import ManifestPlan
@@ -51,6 +51,12 @@ class RenderConfig:
     jpeg_quality: int = 92  # also WebP quality
     crop_margin: float = 0.25  # the square window = region bbox grown by this fraction per side
     feather_px: int = 4  # paste-back ramp, inside the region only: outside pixels stay exact
+    variants: int = 1  # renders per pair, each with its own seed, in the same model batches; the best is kept
+    select: str = "identity"  # how the best variant is chosen: identity (the model's image encoder) | clip
+    # -- scenes and review (no effect on pixels) ---------------------------------------------------
+    keep_variants: bool = False  # also write the variants not chosen, to variants/<pair_id>/<k>.<ext>
+    min_identity_score: float | None = None  # rendered rows scoring below it get needs_review = true
+    max_scene_steps: int = 8  # a scene with more steps fails every row scene_invalid
     # -- how: resources and batching (no effect on pixels for a fixed batch composition) ----------
     batch_size: int = 8  # pairs per model call (one UNet call of 2B with CFG)
     actors: tuple[int, int] = (1, 1)  # GPU-stage actor pool (min, max); autoscales in between
@@ -146,6 +152,16 @@ class RenderConfig:
             raise ConfigError(f"feather_px must be in 0..64, got {self.feather_px}")
         if self.max_pixels < 1:
             raise ConfigError(f"max_pixels must be >= 1, got {self.max_pixels}")
+        if not 1 <= self.variants <= 16:
+            raise ConfigError(f"--variants must be in 1..16, got {self.variants}")
+        if self.select not in SELECTIONS:
+            raise ConfigError(f"--select must be one of {SELECTIONS}, got {self.select!r}")
+        if self.select == "clip" and self.variants > 1 and not self.clip_model:
+            raise ConfigError("--select clip needs --clip-model (the CLIP region score chooses the variant)")
+        if self.keep_variants and self.variants < 2:
+            raise ConfigError("--keep-variants needs --variants 2 or more")
+        if not 1 <= self.max_scene_steps <= 64:
+            raise ConfigError(f"--max-scene-steps must be in 1..64, got {self.max_scene_steps}")
         if self.fid_reference:
             raise ConfigError(
                 "--fid-reference is not supported yet: FID compares against the shard's own context crops"
@@ -168,7 +184,11 @@ class RenderConfig:
             # what the hint is made from: a change of it changes the model's input, so the digest
             # moves and earlier renders are not reused (the old hint came from the 224^2 encoder input)
             "hint": "product at working resolution",
-        }
+        } | (
+            # best of N: a different pair image (and scores) than one render; left out at N = 1
+            # so that the digests of runs before variants existed still match
+            {"variants": self.variants, "select": self.select} if self.variants > 1 else {}
+        )
 
     def settings_digest(self, resolution: int) -> str:
         blob = json.dumps(self.settings(resolution), sort_keys=True).encode()

@@ -5,7 +5,9 @@
 
 `read_stage` reads rows and tags them with their pair's state bucket, `resume_stage` validates
 them and decides render | reuse one bucket at a time (all rows of a pair_id meet there, with
-the one state file that can hold it), `prepare_stage` fetches, decodes and cuts the model
+the one state file that can hold it), a manifest with scenes is grouped once more by scene
+(`scene_stage.plan_scene`: a scene's steps checked, chained and packed into one row),
+`prepare_stage` fetches, decodes and cuts the model
 inputs, `render_stage` runs DTC (and the metric extractors), `finish_stage`
 pastes back, encodes and writes the image. Every input row flows through every stage exactly
 once, as data: rows that fail early, or that are carried over from an earlier run, pass the
@@ -29,10 +31,19 @@ from pipeline.schema import BUCKET
 from pipeline.stages.finish_stage import FinishConfig, finish_batch
 from pipeline.stages.prepare_stage import PrepareConfig, prepare_batch
 from pipeline.stages.read_stage import ReadConfig, read_files
-from pipeline.stages.render_stage import RenderStage, RenderStageConfig
+from pipeline.stages.render_stage import RenderStage, RenderStageConfig, SceneSteps
 from pipeline.stages.resume_stage import ResumeConfig, resume_bucket
+from pipeline.stages.scene_stage import GROUP, SceneConfig, plan_scene
 
-__all__ = ["RAY_STEP_CPUS", "ResourcePlan", "stage_configs", "resource_plan", "resumed_rows", "build_dataset"]
+__all__ = [
+    "RAY_STEP_CPUS",
+    "ResourcePlan",
+    "has_scenes",
+    "stage_configs",
+    "resource_plan",
+    "resumed_rows",
+    "build_dataset",
+]
 
 # The steps Ray Data adds between the stages take no resource arguments: the group-by's hash
 # shuffle (map and reduce tasks) and `repartition` run tasks of Ray's default for a map task, 1 CPU
@@ -49,11 +60,16 @@ class ResourcePlan:
     tasks: dict[str, dict[str, float]]  # one task of each task step, by step name (graph order)
 
 
+def has_scenes(spec: RunSpec) -> bool:
+    """A manifest with a scene_id column gets the scene group-by (`stages.scene_stage`)."""
+    return "scene_id" in spec.plan.schema.names
+
+
 def stage_configs(
     spec: RunSpec, gpus_per_actor: float
 ) -> tuple[ReadConfig, ResumeConfig, PrepareConfig, RenderStageConfig, FinishConfig]:
     """Each stage's config, from the run's spec (the one place settings are handed to stages)."""
-    cfg, cpus = spec.cfg, spec.cfg.cpu_stage_cpus
+    cfg, cpus, scenes = spec.cfg, spec.cfg.cpu_stage_cpus, has_scenes(spec)
     read = ReadConfig(spec.plan, num_cpus=cpus)
     resume = ResumeConfig(
         spec.plan,
@@ -63,6 +79,7 @@ def stage_configs(
         force=cfg.force,
         retry_failed=cfg.retry_failed,
         verify_images=cfg.verify_images,
+        scenes=scenes,
         num_cpus=cpus,
     )
     prepare = PrepareConfig(
@@ -82,7 +99,8 @@ def stage_configs(
         output=spec.output,
         run_id=spec.run_id,
         inception_weights=cfg.inception_weights if spec.with_metrics else None,
-        clip_model=cfg.clip_model if spec.with_metrics else None,
+        # the CLIP region score also chooses variants with --select clip
+        clip_model=cfg.clip_model if spec.with_metrics or (cfg.select == "clip" and cfg.variants > 1) else None,
         torch_threads=cfg.torch_threads,
         compile_model=cfg.compile,
         channels_last=cfg.channels_last,
@@ -91,6 +109,10 @@ def stage_configs(
         num_gpus=gpus_per_actor,
         num_cpus=cfg.cpus_per_actor,
         resources=cfg.actor_resources,
+        variants=cfg.variants,
+        select=cfg.select,
+        keep_variants=cfg.keep_variants,
+        scenes=SceneSteps(prepare, cfg.feather_px) if scenes else None,
     )
     finish = FinishConfig(
         spec.output,
@@ -104,6 +126,7 @@ def stage_configs(
         image_format=cfg.image_format,
         quality=cfg.jpeg_quality,
         feather_px=cfg.feather_px,
+        min_identity_score=cfg.min_identity_score,
         num_cpus=cpus,
         batch_size=cfg.batch_size,
     )
@@ -115,6 +138,8 @@ def resource_plan(spec: RunSpec, gpus_per_actor: float) -> ResourcePlan:
     read, resume, prepare, render, finish = stage_configs(spec, gpus_per_actor)
     tasks = {"read": _bundle(read.map_options()), "resume": _bundle(resume.map_options())}
     tasks["hash shuffle"] = tasks["repartition"] = {"CPU": RAY_STEP_CPUS}
+    if has_scenes(spec):
+        tasks["scenes"] = _bundle(_scene_config(spec).map_options())
     tasks |= {"prepare": _bundle(prepare.map_options()), "finish": _bundle(finish.map_options())}
     return ResourcePlan(_bundle(render.map_options()), spec.cfg.actors[0], tasks)
 
@@ -142,9 +167,19 @@ def resumed_rows(spec: RunSpec, read: ReadConfig, resume: ResumeConfig) -> ray.d
     )
 
 
+def _scene_config(spec: RunSpec) -> SceneConfig:
+    return SceneConfig(spec.output, max_scene_steps=spec.cfg.max_scene_steps, num_cpus=spec.cfg.cpu_stage_cpus)
+
+
 def build_dataset(spec: RunSpec, gpus_per_actor: float) -> ray.data.Dataset:
     read, resume, prepare, render, finish = stage_configs(spec, gpus_per_actor)
     rows = resumed_rows(spec, read, resume)
+    if has_scenes(spec):  # all rows of a scene meet, whatever files they sit in, and travel as one
+        scenes = _scene_config(spec)
+        total = spec.plan.num_rows if spec.cfg.limit is None else min(spec.plan.num_rows, spec.cfg.limit)
+        rows = rows.groupby(GROUP, num_partitions=resume.partitions(total)).map_groups(
+            plan_scene, batch_format="pyarrow", fn_kwargs=dict(config=scenes), **scenes.map_options()
+        )
     # One block per model batch: Ray merges a task's outputs into blocks of up to 128 MiB, so a
     # whole manifest file would otherwise reach the model, and the driver, as one block; rows
     # would then be written (and a killed run would keep its work) only at the very end.

@@ -57,7 +57,7 @@ __all__ = [
 ]
 
 REQUIRED_COLUMNS = ("pair_id", "context_uri", "product_uri")
-STRING_COLUMNS = ("pair_id", "context_uri", "product_uri", "mask_uri", "shard")
+STRING_COLUMNS = ("pair_id", "context_uri", "product_uri", "mask_uri", "shard", "scene_id")
 FORMATS = {
     ".parquet": "parquet",
     ".pq": "parquet",
@@ -403,8 +403,8 @@ def _check_columns(schema: pa.Schema, file: str, fmt: str) -> None:
             continue
         if field.name in STRING_COLUMNS and not _is_string_type(t):
             raise ManifestError(f"manifest file {file}: column {field.name} must be a string, got {t}")
-        if field.name == "seed" and not pa.types.is_integer(t):
-            raise ManifestError(f"manifest file {file}: column seed must be an integer (int64), got {t}")
+        if field.name in ("seed", "step") and not pa.types.is_integer(t):
+            raise ManifestError(f"manifest file {file}: column {field.name} must be an integer (int64), got {t}")
         if field.name == "bbox":
             numeric_list = _is_list_type(t) and (
                 pa.types.is_integer(t.value_type)
@@ -424,7 +424,7 @@ def _canonical_type(name: str, t: pa.DataType, fmt: str) -> pa.DataType:
     fixed-size int bboxes): the scanner casts every file to it, so batches look alike."""
     if name in STRING_COLUMNS:
         return pa.string()
-    if name == "seed":
+    if name in ("seed", "step"):
         return pa.int64()
     if name == "bbox":
         if _is_string_type(t) or (pa.types.is_null(t) and fmt == "csv"):

@@ -15,13 +15,14 @@ import os
 import posixpath
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 
 from pipeline import storage
 from pipeline.manifest import PairIdConflicts
-from pipeline.schema import is_missing, is_safe_name, name_problem, parse_bbox, set_columns
+from pipeline.schema import is_missing, is_safe_name, name_problem, parse_bbox, set_columns, show
 
-__all__ = ["validate_rows", "stable_seed"]
+__all__ = ["validate_rows", "stable_seed", "variant_seeds"]
 
 VALIDATED_TYPES = {
     "error_code": pa.string(),
@@ -42,6 +43,16 @@ def stable_seed(pair_id: str) -> int:
     """
     digest = hashlib.sha256(pair_id.encode("utf-8")).digest()
     return int.from_bytes(digest[:8], "big") & (2**63 - 1)
+
+
+def variant_seeds(seed: int, variants: int) -> list[int]:
+    """The seeds of a pair's `variants` renders: its own seed first, then
+    sha256("<seed>/<k>")'s first 8 bytes masked to 63 bits, as `stable_seed`."""
+    derived = [
+        int.from_bytes(hashlib.sha256(f"{seed}/{k}".encode()).digest()[:8], "big") & (2**63 - 1)
+        for k in range(1, variants)
+    ]
+    return [int(seed), *derived]
 
 
 def validate_rows(
@@ -70,7 +81,7 @@ def validate_rows(
     absent = [None] * table.num_rows
     column = {
         name: table.column(name).to_pylist() if name in table.column_names else absent
-        for name in ("pair_id", "context_uri", "product_uri", "mask_uri", "bbox", "seed", "shard")
+        for name in ("pair_id", "context_uri", "product_uri", "mask_uri", "bbox", "seed", "shard", "scene_id", "step")
     }
     out: dict[str, list] = {name: [] for name in VALIDATED_TYPES}
     for i in range(table.num_rows):
@@ -91,6 +102,11 @@ def validate_rows(
             code, message = _check(
                 pair_id, context_uri, product_uri, mask_uri, bbox_given, bbox_problem, shard, conflicts.duplicates
             )
+            scene_problem = _scene_problem(column["scene_id"][i], column["step"][i])
+            if scene_problem and code not in ("invalid_pair_id", "duplicate_pair_id"):
+                code, message = "scene_invalid", scene_problem
+            elif code == "missing_uri" and context_uri is None and product_uri and _later_step(column["step"][i]):
+                code, message = "", ""  # a later step is rendered into its predecessor: no context of its own
         for name, value in zip(
             out, (code, message, context_uri, product_uri, mask_uri, bbox, _seed(column["seed"][i], pair_id), shard)
         ):
@@ -119,6 +135,23 @@ def _check(
     if problem:
         return "invalid_shard", problem
     return "", ""
+
+
+def _scene_problem(scene_id: Any, step: Any) -> str | None:
+    """Why a row's scene columns are unusable (None: no scene, or a good one)."""
+    if is_missing(scene_id) and is_missing(step):
+        return None
+    if is_missing(scene_id) or is_missing(step):
+        return "scene_id and step go together: give both or neither"
+    if problem := name_problem("scene_id", _text(scene_id)):
+        return problem
+    if isinstance(step, bool) or not isinstance(step, (int, np.integer)) or step < 1:
+        return f"step must be an integer >= 1, got {show(step)}"
+    return None
+
+
+def _later_step(step: Any) -> bool:
+    return isinstance(step, (int, np.integer)) and not isinstance(step, bool) and step > 1
 
 
 def _text(value: Any) -> str | None:

@@ -19,7 +19,7 @@ from PIL import Image, ImageDraw
 
 from pipeline import storage
 
-__all__ = ["make_catalog", "scene", "product"]
+__all__ = ["make_catalog", "make_scene_catalog", "scene", "product"]
 
 SIZES = [(320, 240), (256, 256), (400, 300), (240, 360), (512, 384), (300, 200)]
 
@@ -138,5 +138,47 @@ def make_catalog(
         }
     )
     path = os.path.join(folder, manifest_name)
+    storage.write_parquet(path, table)
+    return path
+
+
+def make_scene_catalog(folder: str, n_scenes: int = 4, steps: int = 3, seed: int = 0) -> str:
+    """Scenes to decorate step by step: each a photo and `steps` products, step k's region a
+    bbox in the k-th of `steps` side-by-side cells of the floor (regions never overlap). Only
+    step 1 names the photo; later steps leave context_uri empty. -> the manifest's path."""
+    os.makedirs(os.path.join(folder, "images"), exist_ok=True)
+    rng = np.random.default_rng(seed)
+    rows = []
+    for s in range(n_scenes):
+        width, height = SIZES[s % len(SIZES)]
+        photo_rel = f"images/scene-{s:03d}.jpg"
+        _save(scene(width, height, rng), os.path.join(folder, photo_rel), "jpeg")
+        cell = width // steps
+        for k in range(1, steps + 1):
+            product_rel = f"images/scene-{s:03d}-item-{k}.png"
+            _save(product(int(rng.integers(64, 128)), rng), os.path.join(folder, product_rel), "png")
+            x0 = (k - 1) * cell + cell // 8
+            box = [float(x0), height * 0.45, float(x0 + cell * 3 // 4), height * 0.9]
+            rows.append(
+                {
+                    "pair_id": f"scene-{s:03d}-step-{k}",
+                    "scene_id": f"scene-{s:03d}",
+                    "step": k,
+                    "context_uri": photo_rel if k == 1 else None,
+                    "product_uri": product_rel,
+                    "bbox": box,
+                }
+            )
+    table = pa.table(
+        {
+            "pair_id": pa.array([r["pair_id"] for r in rows], pa.string()),
+            "scene_id": pa.array([r["scene_id"] for r in rows], pa.string()),
+            "step": pa.array([r["step"] for r in rows], pa.int64()),
+            "context_uri": pa.array([r["context_uri"] for r in rows], pa.string()),
+            "product_uri": pa.array([r["product_uri"] for r in rows], pa.string()),
+            "bbox": pa.array([r["bbox"] for r in rows], pa.list_(pa.float64())),
+        }
+    )
+    path = os.path.join(folder, "manifest.parquet")
     storage.write_parquet(path, table)
     return path

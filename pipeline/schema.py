@@ -48,6 +48,7 @@ __all__ = [
     "EXTENSIONS",
     "MEDIA_TYPES",
     "SCHEDULERS",
+    "SELECTIONS",
     "FILM_MODES",
     "PRESETS",
     "RENDER",
@@ -63,6 +64,7 @@ __all__ = [
     "STAGES",
     "MissingColumns",
     "require_columns",
+    "conform",
     "set_columns",
     "OUTPUT_FIELDS",
     "STATE_COLUMNS",
@@ -185,6 +187,8 @@ ERROR_CODES = {
     "oom": "the pair does not fit in GPU memory even alone",
     "worker_crash": "rendering the pair killed its worker three times",
     "superseded": "a backfill row whose pair_id is also in a later partition of the range (status skipped)",
+    "scene_invalid": "a scene with a gap, a repeated step or too many steps, or a step with its own other context",
+    "upstream_failed": "an earlier step of the row's scene failed, so there is nothing to render it into",
 }
 # A row's status: rendered, failed, or skipped (a backfill row superseded by a later partition's).
 OK, FAILED, SKIPPED = "ok", "failed", "skipped"
@@ -200,6 +204,7 @@ IMAGE_FORMATS = ("jpeg", "png", "webp")
 EXTENSIONS = {"jpeg": "jpg", "png": "png", "webp": "webp"}
 MEDIA_TYPES = {"jpeg": "image/jpeg", "png": "image/png", "webp": "image/webp"}
 SCHEDULERS = ("ddim", "dpmpp")
+SELECTIONS = ("identity", "clip")  # --select: how the best of --variants is chosen
 FILM_MODES = ("spatial", "channel")
 PRESETS = ("tiny", "sd15")
 
@@ -238,6 +243,13 @@ OUTPUT_FIELDS = (
     pa.field("guidance_scale", pa.float64()),
     pa.field("scheduler", pa.string()),
     pa.field("clip_score", pa.float64()),
+    pa.field("identity_score", pa.float64()),
+    pa.field("needs_review", pa.bool_()),
+    pa.field("variant_seeds", pa.list_(pa.int64())),
+    pa.field("variant_scores", pa.list_(pa.float64())),
+    pa.field("chosen_variant", pa.int64()),
+    pa.field("context_digest", pa.string()),
+    pa.field("pixels_digest", pa.string()),
     pa.field("run_id", pa.string()),
     pa.field("attempt", pa.int64()),
     pa.field("render_ms", pa.float64()),
@@ -257,6 +269,12 @@ STATE_COLUMNS = (
     "model_digest",
     "settings_digest",
     "clip_score",
+    "identity_score",
+    "variant_seeds",
+    "variant_scores",
+    "chosen_variant",
+    "context_digest",
+    "pixels_digest",
     "render_ms",
     "finished_at",
     "run_id",
@@ -289,6 +307,7 @@ PAYLOAD_COLUMNS = (
 )
 MODEL_INPUTS = PAYLOAD_COLUMNS[2:]  # what the render stage reads and drops
 _QUALITY = ("feat_gen", "feat_real", "clip_score", "clip_floor")
+_IDENTITY = ("identity_score", "variant_seeds", "variant_scores", "chosen_variant", "variant_renders")
 
 STAGES = {
     "read": StageColumns(requires=(), adds=(BUCKET, FILE_INDEX)),
@@ -312,7 +331,7 @@ STAGES = {
     ),
     "render": StageColumns(
         requires=("pair_id", *MODEL_INPUTS, "seed", "error_code", "error_message", "action"),
-        adds=("rendered", "render_attempts", "render_ms", "render_ended_at", *_QUALITY),
+        adds=("rendered", "render_attempts", "render_ms", "render_ended_at", *_QUALITY, *_IDENTITY),
         drops=MODEL_INPUTS,
     ),
     "finish": StageColumns(
@@ -328,6 +347,8 @@ STAGES = {
             "context_raw",
             "hole_bits",
             "rendered",
+            "render_attempts",
+            *_IDENTITY,
             *(PREV + c for c in CARRIED_COLUMNS),
         ),
         adds=tuple(f.name for f in OUTPUT_FIELDS if f.name != "seed") + ("postprocess_ms",),
@@ -335,6 +356,7 @@ STAGES = {
             "context_raw",
             "hole_bits",
             "rendered",
+            "variant_renders",
             "action",
             "render_attempts",
             *(PREV + c for c in CARRIED_COLUMNS),
@@ -355,6 +377,14 @@ def require_columns(stage: str, block: pa.Table) -> None:
     missing = [c for c in STAGES[stage].requires if c not in block.column_names]
     if missing:
         raise MissingColumns(f"{stage} stage: the block lacks column(s) {missing} (it has {block.column_names})")
+
+
+def conform(table: pa.Table, schema: pa.Schema) -> pa.Table:
+    """`table` with exactly `schema`'s columns, in its order and types; columns it lacks as nulls."""
+    for f in schema:
+        if f.name not in table.column_names:
+            table = table.append_column(f.name, pa.nulls(table.num_rows, f.type))
+    return table.select(schema.names).cast(schema)
 
 
 def set_columns(table: pa.Table, columns: dict[str, pa.Array]) -> pa.Table:

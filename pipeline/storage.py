@@ -31,6 +31,8 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from pipeline.schema import conform
+
 __all__ = [
     "StorageError",
     "is_s3",
@@ -199,12 +201,23 @@ def write_bytes(uri: str, data: bytes) -> None:
         raise StorageError(f"cannot write {uri}: {e}") from e
 
 
-def read_parquet(uri: str, columns: list[str] | None = None) -> pa.Table:
+def read_parquet(uri: str, columns: list[str] | None = None, schema: pa.Schema | None = None) -> pa.Table:
     """A Parquet object as a Table, reading only `columns` when given (column chunks, not the
     whole object); FileNotFoundError when absent. Single-threaded: readers open many small
-    files, and per-thread arena growth would make the driver's memory scale with their number."""
+    files, and per-thread arena growth would make the driver's memory scale with their number.
+    `schema` (instead of `columns`): its columns in its types, those the object lacks as nulls:
+    files written before a column existed (the done index, earlier runs' manifests)."""
     fs, path = filesystem(uri)
+
+    def conformed() -> pa.Table:
+        with fs.open_input_file(path) as f:
+            parquet = pq.ParquetFile(f)
+            present = set(parquet.schema_arrow.names)
+            return conform(parquet.read(columns=[n for n in schema.names if n in present], use_threads=False), schema)
+
     try:
+        if schema is not None:
+            return retry_transient(conformed)
         return retry_transient(lambda: pq.read_table(path, filesystem=fs, columns=columns, use_threads=False))
     except FileNotFoundError:
         raise

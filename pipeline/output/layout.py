@@ -24,6 +24,11 @@ class Layout:
         """Variant `k` (an index into the row's variant_seeds) not chosen, with --keep-variants."""
         return storage.join(self.output, "variants", pair_id, f"{k}.{ext}")
 
+    def scene_pixels(self, scene_id: str, pair_id: str) -> str:
+        """A scene step's pixels, lossless (PNG): what the scene's next step is rendered into,
+        in this run or a later one (a re-run after a kill, a step appended later)."""
+        return storage.join(self.output, "scenes", scene_id, f"{pair_id}.png")
+
     def manifest_dir(self, run_id: str) -> str:
         return storage.join(self.output, "manifest", run_id)
 

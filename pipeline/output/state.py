@@ -31,7 +31,7 @@ import pyarrow.compute as pc
 
 from pipeline import storage
 from pipeline.output.layout import Layout
-from pipeline.schema import BUCKET, STATE_COLUMNS, state_schema
+from pipeline.schema import BUCKET, state_schema
 
 __all__ = ["STATE_BUCKETS", "bucket_of", "read_bucket", "load_state", "compact_state", "uncompacted_runs"]
 
@@ -88,7 +88,7 @@ def _part_files(layout: Layout, runs: list[str]) -> list[str]:
 
 def _state_rows(uri: str) -> pa.Table:
     """A manifest part's (or layout-1 index's) state columns, without the rows that are not state."""
-    table = storage.read_parquet(uri, list(STATE_COLUMNS)).cast(state_schema())
+    table = storage.read_parquet(uri, schema=state_schema())
     return table.filter(pc.invert(pc.is_in(table["error_code"].fill_null(""), value_set=pa.array(NOT_STATE))))
 
 
@@ -105,7 +105,7 @@ def latest(table: pa.Table) -> pa.Table:
 def read_bucket(layout: Layout, bucket: int) -> pa.Table:
     """One bucket of the index (empty when it has no file yet)."""
     try:
-        return storage.read_parquet(layout.state_bucket(bucket)).cast(state_schema())
+        return storage.read_parquet(layout.state_bucket(bucket), schema=state_schema())
     except FileNotFoundError:
         return state_schema().empty_table()
 

@@ -26,6 +26,7 @@ from pipeline.schema import (
     EXTENSIONS,
     FAILED,
     OK,
+    OUTPUT_FIELDS,
     PREV,
     REUSE,
     SKIPPED,
@@ -33,8 +34,26 @@ from pipeline.schema import (
     require_columns,
     set_columns,
 )
+from pipeline.stages import scene_stage
 
 __all__ = ["FinishConfig", "finish_batch"]
+
+# A row's results that a reused row takes from the earlier run's (PREV + name), beside status and
+# output_uri: the rest of `schema.CARRIED_COLUMNS` but the timings and the CLIP score.
+_RESULTS = (
+    "error_code",
+    "error_message",
+    "width",
+    "height",
+    "crop_box",
+    "identity_score",
+    "variant_seeds",
+    "variant_scores",
+    "chosen_variant",
+    "context_digest",  # the last two: a scene step's, computed here
+    "pixels_digest",
+)
+_TYPES = {f.name: f.type for f in OUTPUT_FIELDS}
 
 
 @dataclass(frozen=True)
@@ -52,6 +71,7 @@ class FinishConfig:
     image_format: str = "jpeg"  # jpeg | png | webp
     quality: int = 92  # JPEG/WebP quality
     feather_px: int = 4  # paste-back ramp, inside the region only
+    min_identity_score: float | None = None  # rows scoring below it get needs_review (None: none do)
     num_cpus: float = 0.5
     batch_size: int = 8
 
@@ -63,8 +83,13 @@ def _now() -> str:
     return datetime.now(UTC).isoformat(timespec="milliseconds")
 
 
-def _write_image(batch: pa.Table, i: int, box: list[int], config: FinishConfig, layout: Layout) -> str:
-    """Row i's render pasted into its photo, encoded and written; returns the image's URI."""
+def _write_image(
+    batch: pa.Table, i: int, box: list[int], config: FinishConfig, layout: Layout, scene_id: str | None
+) -> tuple[str, str | None, str | None]:
+    """Row i's render pasted into its photo, encoded and written; returns the image's URI and,
+    for a scene step, its context and pixels digests (its pixels also go, lossless, where the
+    next step reads them). With kept variants (`variant_renders`), the ones not chosen go to
+    variants/<pair_id>/<k>.<ext>."""
     h, w, r = batch["height"][i].as_py(), batch["width"][i].as_py(), config.resolution
     # as_buffer(): views of the block's memory; as_py() would copy each photo once more
     context = np.frombuffer(batch["context_raw"][i].as_buffer(), dtype=np.uint8).reshape(h, w, 3)
@@ -72,53 +97,66 @@ def _write_image(batch: pa.Table, i: int, box: list[int], config: FinishConfig, 
     hole = np.unpackbits(hole_bits, count=h * w).reshape(h, w).view(bool)
     rendered = np.frombuffer(batch["rendered"][i].as_buffer(), dtype=np.uint8).reshape(r, r, 3)
     final = compose.postprocess(context, rendered, hole, tuple(box), feather_px=config.feather_px)
-    uri = layout.image(batch["pair_id"][i].as_py(), EXTENSIONS[config.image_format])
+    pair_id, ext = batch["pair_id"][i].as_py(), EXTENSIONS[config.image_format]
+    uri = layout.image(pair_id, ext)
     storage.write_bytes(uri, images.encode_image(final, config.image_format, quality=config.quality))
-    return uri
+    digests = None, None
+    if scene_id is not None:
+        pixels = np.asarray(final)
+        storage.write_bytes(layout.scene_pixels(scene_id, pair_id), images.encode_image(pixels, "png"))
+        digests = scene_stage.pixels_digest(context), scene_stage.pixels_digest(pixels)
+    kept = batch["variant_renders"][i]
+    if kept.is_valid:
+        renders = np.frombuffer(kept.as_buffer(), dtype=np.uint8).reshape(-1, r, r, 3)
+        chosen = batch["chosen_variant"][i].as_py()
+        for k in (k for k in range(len(renders)) if k != chosen):
+            pixels = compose.postprocess(context, renders[k], hole, tuple(box), feather_px=config.feather_px)
+            encoded = images.encode_image(pixels, config.image_format, quality=config.quality)
+            storage.write_bytes(layout.variant_image(pair_id, k, ext), encoded)
+    return (uri, *digests)
 
 
 def finish_batch(batch: pa.Table, *, config: FinishConfig) -> pa.Table:
     """The stage (a `map_batches` function): every row leaves as its output-manifest row."""
     require_columns("finish", batch)
     layout, n = Layout(config.output), batch.num_rows
-    col = {
-        c: batch[c].to_pylist()
-        for c in ("action", "error_code", "error_message", "width", "height", "crop_box", "render_ms")
-    }
+    col = {c: batch[c].to_pylist() for c in (*_RESULTS[:-2], "action", "render_ms")}
+    col |= {c: [None] * n for c in _RESULTS[-2:]}  # a scene step's, from its pixels
     prev = {c: batch[PREV + c].to_pylist() for c in CARRIED_COLUMNS}
     status, output_uri, finished_at = [FAILED] * n, [None] * n, [None] * n
     # attempts at rendering the pair in this run (> 1 after worker deaths)
-    attempt = batch["render_attempts"].to_pylist() if "render_attempts" in batch.column_names else [1] * n
+    attempt = batch["render_attempts"].fill_null(1).to_pylist()
     clip_score = batch["clip_score"].to_pylist() if "clip_score" in batch.column_names else [None] * n
-    codes, messages, render_ms = col["error_code"], col["error_message"], col["render_ms"]
-    width, height, crop_box = col["width"], col["height"], col["crop_box"]
-    postprocess_ms = [0.0] * n
+    render_ms, postprocess_ms = col["render_ms"], [0.0] * n
+    scene_ids = batch["scene_id"].to_pylist() if "scene_id" in batch.column_names else [None] * n
     for i in range(n):
         if col["action"][i] == REUSE:  # carried from an earlier run: its results, attempt 0
             status[i], output_uri[i] = prev["status"][i], prev["output_uri"][i]
-            codes[i], messages[i] = prev["error_code"][i], prev["error_message"][i]
-            width[i], height[i], crop_box[i] = prev["width"][i], prev["height"][i], prev["crop_box"][i]
+            for c in _RESULTS:
+                col[c][i] = prev[c][i]
             render_ms[i], finished_at[i], attempt[i] = prev["render_ms"][i], prev["finished_at"][i], 0
             clip_score[i] = prev["clip_score"][i]
             continue
-        if not codes[i]:
+        if not col["error_code"][i]:
             start = time.perf_counter()
-            status[i], output_uri[i] = OK, _write_image(batch, i, crop_box[i], config, layout)
+            written = _write_image(batch, i, col["crop_box"][i], config, layout, scene_ids[i])
+            status[i], (output_uri[i], col["context_digest"][i], col["pixels_digest"][i]) = OK, written
             postprocess_ms[i] = (time.perf_counter() - start) * 1000
-        elif codes[i] == "superseded":  # a later partition's row of this pair is rendered instead
+        elif col["error_code"][i] == "superseded":  # a later partition's row of this pair is rendered instead
             status[i], attempt[i] = SKIPPED, 0
         finished_at[i] = _now()
     batch = batch.drop_columns([c for c in STAGES["finish"].drops if c in batch.column_names])
+    threshold = config.min_identity_score
+    review = [None if s is None else bool(threshold is not None and s < threshold) for s in col["identity_score"]]
     return set_columns(
         batch,
         {
             "status": pa.array(status, pa.string()),
-            "error_code": pa.array([c or None for c in codes], pa.string()),
-            "error_message": pa.array([m or None for m in messages], pa.string()),
+            "error_code": pa.array([c or None for c in col["error_code"]], pa.string()),
+            "error_message": pa.array([m or None for m in col["error_message"]], pa.string()),
             "output_uri": pa.array(output_uri, pa.string()),
-            "width": pa.array(width, pa.int64()),
-            "height": pa.array(height, pa.int64()),
-            "crop_box": pa.array(crop_box, pa.list_(pa.int64())),
+            **{c: pa.array(col[c], _TYPES[c]) for c in _RESULTS if c not in ("error_code", "error_message")},
+            "needs_review": pa.array(review, pa.bool_()),
             "render_ms": pa.array(render_ms, pa.float64()),
             "finished_at": pa.array(finished_at, pa.string()),
             "attempt": pa.array(attempt, pa.int64()),

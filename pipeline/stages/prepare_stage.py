@@ -28,8 +28,17 @@ import pyarrow as pa
 from pipeline import compose, images, regions
 from pipeline.fetch import InputPolicy, fetch
 from pipeline.schema import PAYLOAD_COLUMNS, PAYLOAD_TYPE, PREV, RENDER, STAGES, RowError, require_columns, set_columns
+from pipeline.stages import scene_stage
 
-__all__ = ["PrepareConfig", "PreparedPair", "prepare_pair", "payloads", "prepare_batch"]
+__all__ = [
+    "PrepareConfig",
+    "PreparedPair",
+    "prepare_pair",
+    "prepare_into",
+    "step_columns",
+    "payloads",
+    "prepare_batch",
+]
 
 
 @dataclass(frozen=True)
@@ -73,13 +82,26 @@ def prepare_pair(
     from the mask, else the bbox. Raises RowError for a bad pair."""
     context_bytes = _read(context, config.policy)
     photo = images.decode_image(context_bytes, max_pixels=config.max_pixels)
-    height, width = photo.shape[:2]
     mask_bytes = None if mask is None else _read(mask, config.policy)
-    hole = regions.region_of(mask_bytes, bbox, width, height, max_pixels=config.max_pixels)
     product_bytes = _read(product, config.policy)
-    cutout = images.decode_image(product_bytes, max_pixels=config.max_pixels, keep_alpha=True, premultiply=True)
+    pair = prepare_into(photo, product_bytes, mask_bytes, bbox, config)
+    pair.sources = (context_bytes, product_bytes, mask_bytes)
+    return pair
+
+
+def prepare_into(
+    photo: np.ndarray, product: bytes, mask: bytes | None, bbox, config: PrepareConfig, *, cut: bool = True
+) -> PreparedPair:
+    """A pair whose photo is already pixels: a decoded photo, or a scene's previous step
+    (`stages.scene_stage`). `cut=False` checks the region and the product without cutting the
+    model's inputs (a later scene step, whose photo is not rendered yet). Raises RowError."""
+    height, width = photo.shape[:2]
+    hole = regions.region_of(mask, bbox, width, height, max_pixels=config.max_pixels)
+    cutout = images.decode_image(product, max_pixels=config.max_pixels, keep_alpha=True, premultiply=True)
+    if not cut:
+        return PreparedPair(photo, hole, {}, (b"", product, mask))
     model = compose.preprocess(photo, hole, cutout, config.resolution, config.product_size, margin=config.crop_margin)
-    return PreparedPair(photo, hole, model, (context_bytes, product_bytes, mask_bytes))
+    return PreparedPair(photo, hole, model, (b"", product, mask))
 
 
 def _read(source: bytes | str, policy: InputPolicy) -> bytes:
@@ -105,6 +127,24 @@ def payloads(pair: PreparedPair) -> dict[str, memoryview]:
     }
 
 
+def step_columns(photo: np.ndarray, product: bytes, mask: bytes | None, bbox, config: PrepareConfig) -> dict:
+    """A later scene step's columns (one row) as `prepare_batch` gives a pair's, cut from the
+    previous step's pixels `photo` (the render stage calls it between steps). Raises RowError."""
+    start = time.perf_counter()
+    pair = prepare_into(photo, product, mask, bbox, config)
+    columns = {c: pa.array([value], PAYLOAD_TYPE) for c, value in payloads(pair).items()}
+    return columns | {
+        "width": pa.array([pair.width], pa.int64()),
+        "height": pa.array([pair.height], pa.int64()),
+        "crop_box": pa.array([list(pair.model["crop_box"])], pa.list_(pa.int64())),
+        "prepare_ms": pa.array([(time.perf_counter() - start) * 1000], pa.float64()),
+    }
+
+
+def _column(batch: pa.Table, name: str, n: int) -> list:
+    return batch[name].to_pylist() if name in batch.column_names else [None] * n
+
+
 def prepare_batch(batch: pa.Table, *, config: PrepareConfig) -> pa.Table:
     """The stage (a `map_batches` function): every row to render gets its payloads or its error."""
     require_columns("prepare", batch)
@@ -118,14 +158,25 @@ def prepare_batch(batch: pa.Table, *, config: PrepareConfig) -> pa.Table:
     )
     codes, messages = col["error_code"], col["error_message"]
     prepare_ms = [0.0] * n
+    # a scene's first step to render, and the steps after it (stages.scene_stage)
+    scene_context = _column(batch, scene_stage.SCENE_CONTEXT, n)
+    rest = _column(batch, scene_stage.SCENE_REST, n)
     for i in range(n):
         if col["action"][i] != RENDER or codes[i]:
             continue
         start = time.perf_counter()
         try:
-            pair = prepare_pair(
-                col["context_uri"][i], col["product_uri"][i], col["mask_uri"][i], col["bbox"][i], config
-            )
+            context = col["context_uri"][i]
+            if scene_context[i] is not None:  # rendered into the previous step's lossless pixels
+                context = scene_stage.read_scene_context(scene_context[i])
+            pair = prepare_pair(context, col["product_uri"][i], col["mask_uri"][i], col["bbox"][i], config)
+            if rest[i] is not None:
+                rest[i] = scene_stage.prepare_rest(
+                    rest[i],
+                    pair.context,
+                    lambda photo, product, mask, bbox: prepare_into(photo, product, mask, bbox, config, cut=False),
+                    lambda uri: fetch(uri, config.policy),
+                )
         except RowError as e:
             codes[i], messages[i] = e.code, e.message
             continue
@@ -138,6 +189,8 @@ def prepare_batch(batch: pa.Table, *, config: PrepareConfig) -> pa.Table:
             payload[c][i] = value
         width[i], height[i], crop_box[i] = pair.width, pair.height, list(pair.model["crop_box"])
     columns = {c: pa.array(v, PAYLOAD_TYPE) for c, v in payload.items()}
+    if scene_stage.SCENE_REST in batch.column_names:
+        columns[scene_stage.SCENE_REST] = pa.array(rest, pa.large_binary())
     columns.update(
         error_code=pa.array(codes, pa.string()),
         error_message=pa.array(messages, pa.string()),

@@ -10,7 +10,12 @@ stage: context, hole, product, product alpha, hint and hint mask; `seed`, `error
 `action`). Output: the block without the `model_*` payloads, plus
 `rendered` (R*R*3 raw uint8 bytes, empty for rows not rendered), `render_attempts`,
 `render_ms`, `render_ended_at` (when the row's model call ended, epoch seconds: the run's
-steady-state throughput runs on this clock) and the metric features. A pair that does not
+steady-state throughput runs on this clock), the metric features, and the identity columns:
+`identity_score` (the model's own image encoder on the rendered region vs the product,
+`model.identity`) and, with `variants` > 1, `variant_seeds`, `variant_scores`, `chosen_variant`
+(and with `keep_variants` the other renders in `variant_renders`). A pair's N variants ride in
+the block's one model call (N*B pairs, 2*N*B UNet rows with CFG), each with its own seed
+(`rows.variant_seeds`); the best by `select` becomes `rendered`. A pair that does not
 fit in GPU memory even alone gets `error_code="oom"`; one that kills its worker three times,
 `worker_crash`.
 """
@@ -27,9 +32,12 @@ import pyarrow as pa
 
 from pipeline import storage
 from pipeline.output.layout import Layout
+from pipeline.rows import variant_seeds
 from pipeline.schema import MODEL_INPUTS, PAYLOAD_TYPE, RENDER, require_columns, set_columns
+from pipeline.stages.prepare_stage import PrepareConfig, step_columns
+from pipeline.stages.scene_stage import SCENE_REST, unroll
 
-__all__ = ["RenderStageConfig", "RenderStage", "CrashLedger"]
+__all__ = ["RenderStageConfig", "SceneSteps", "RenderStage", "CrashLedger"]
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +68,10 @@ class RenderStageConfig:
     num_gpus: float = 0.0  # per actor
     num_cpus: float = 1.0  # per actor
     resources: dict | None = None  # custom Ray resources per actor (RenderConfig.actor_resources)
+    variants: int = 1  # renders per pair (seeds: rows.variant_seeds); the best is the pair's image
+    select: str = "identity"  # how the best is chosen: identity (model.identity) | clip (needs clip_model)
+    keep_variants: bool = False  # pass every variant's render on (variant_renders) for variants/
+    scenes: SceneSteps | None = None  # a manifest with scenes: how later steps are cut and pasted
 
     def map_options(self) -> dict:
         return {
@@ -68,6 +80,14 @@ class RenderStageConfig:
             "num_cpus": self.num_cpus,
             "resources": self.resources,
         }
+
+
+@dataclass(frozen=True)
+class SceneSteps:
+    """What the actor needs to render a scene's later steps into the earlier ones' pixels."""
+
+    prepare: PrepareConfig  # the cut of a step's model inputs, as the prepare stage makes it
+    feather_px: int  # the paste-back between steps, as the finish stage pastes
 
 
 class CrashLedger:
@@ -129,13 +149,25 @@ class RenderStage:
             self.inject = FaultInjector(config.fault_injection)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        # 1. check columns, pick the rows to render
         require_columns("render", batch)
+        out = self._render_block(batch)
+        if self.config.scenes is not None and SCENE_REST in batch.column_names:
+            # scenes' later steps, a model call per step for every scene of the block
+            scenes = self.config.scenes
+            out = unroll(out, self._render_block, self._cut, scenes.feather_px)
+        return out
+
+    def _cut(self, photo: np.ndarray, product: bytes, mask: bytes | None, bbox) -> dict:
+        return step_columns(photo, product, mask, bbox, self.config.scenes.prepare)
+
+    def _render_block(self, batch: pa.Table) -> pa.Table:
+        # 1. pick the rows to render
         n = batch.num_rows
         action, codes = batch["action"].to_pylist(), batch["error_code"].to_pylist()
         todo = [i for i in range(n) if action[i] == RENDER and not codes[i]]
-        work = _Work(batch, todo, self.renderer.resolution, self.renderer.product_size)
-        # 2. one batched model call (split only on GPU out-of-memory; pair by pair after a death)
+        work = _Work(batch, todo, self.renderer.resolution, self.renderer.product_size, self.config.variants)
+        # 2. one batched model call, every variant of every pair in it (split only on GPU
+        # out-of-memory; pair by pair after a death)
         render_ms, ended_at, attempts = [0.0] * n, [None] * n, [1] * n
         if todo:
             start = time.perf_counter()
@@ -143,29 +175,80 @@ class RenderStage:
             per_pair, ended = (time.perf_counter() - start) * 1000 / len(todo), time.time()
             for i in todo:
                 render_ms[i], ended_at[i] = per_pair, ended
-        # 3. metric features of the renders, before any lossy encoding
-        quality = self._quality(work, n)
-        # 4. output: drop the model inputs, add the renders
+        # 3. score the variants, keep the best
+        done = np.asarray([j for j in range(len(todo)) if j not in work.errors], dtype=np.int64)
+        identity = self._choose(work, done)
+        # 4. metric features of the chosen renders, before any lossy encoding
+        quality = self._quality(work, done, n)
+        # 5. output: drop the model inputs, add the renders
+        return set_columns(
+            batch.drop_columns(list(MODEL_INPUTS)),
+            self._columns(batch, work, identity, quality, (render_ms, ended_at, attempts, codes)),
+        )
+
+    def _columns(self, batch: pa.Table, work: _Work, identity: dict, quality: dict, stats: tuple) -> dict:
+        render_ms, ended_at, attempts, codes = stats
+        n, many = batch.num_rows, self.config.variants > 1
         messages = batch["error_message"].to_pylist()
         out_bytes: list[bytes] = [b""] * n
-        for j, i in enumerate(todo):
+        kept: list[bytes | None] = [None] * n
+        seeds, scores, chosen = [None] * n, [None] * n, [None] * n
+        for j, i in enumerate(work.todo):
             if j in work.errors:
                 codes[i], messages[i] = work.errors[j], REASONS[work.errors[j]]
-            else:
-                out_bytes[i] = work.rendered[j].tobytes()
-        columns = {
+                continue
+            out_bytes[i] = work.rendered[j * work.variants + work.chosen[j]].tobytes()
+            if many:
+                seeds[i], scores[i], chosen[i] = work.variant_seeds(j), identity["variant_scores"][j], work.chosen[j]
+                if self.config.keep_variants:
+                    kept[i] = work.rendered[j * work.variants : (j + 1) * work.variants].tobytes()
+        identity_score = [None] * n
+        for j, i in enumerate(work.todo):
+            identity_score[i] = identity["identity_score"].get(j)
+        return {
             "rendered": pa.array(out_bytes, PAYLOAD_TYPE),
+            "variant_renders": pa.array(kept, PAYLOAD_TYPE),
             "render_attempts": pa.array(attempts, pa.int64()),
             "render_ms": pa.array(render_ms, pa.float64()),
             "render_ended_at": pa.array(ended_at, pa.float64()),
             "error_code": pa.array(codes, pa.string()),
             "error_message": pa.array(messages, pa.string()),
+            "identity_score": pa.array(identity_score, pa.float64()),
+            "variant_seeds": pa.array(seeds, pa.list_(pa.int64())),
+            "variant_scores": pa.array(scores, pa.list_(pa.float64())),
+            "chosen_variant": pa.array(chosen, pa.int64()),
             "feat_gen": pa.array(quality["feat_gen"], pa.binary()),
             "feat_real": pa.array(quality["feat_real"], pa.binary()),
             "clip_score": pa.array(quality["clip_score"], pa.float64()),
             "clip_floor": pa.array(quality["clip_floor"], pa.float64()),
         }
-        return set_columns(batch.drop_columns(list(MODEL_INPUTS)), columns)
+
+    def _choose(self, work: _Work, done: np.ndarray) -> dict:
+        """Identity scores of every variant of the rendered pairs (one encoder forward per
+        render), the CLIP region score instead with select=clip; the best variant of each pair
+        (the first of equals) becomes its render. -> {"identity_score": {j: chosen's score},
+        "variant_scores": {j: [the selection's score of each variant]}}."""
+        out: dict = {"identity_score": {}, "variant_scores": {}}
+        if not len(done):
+            return out
+        n_var = work.variants
+        every = (done[:, None] * n_var + np.arange(n_var)).ravel()  # render rows of the done pairs
+        _, hole, product, *_ = work.inputs(every)
+        products = product[::n_var]
+        identity = self.renderer.identity_scores(work.rendered[every], hole, products).reshape(-1, n_var)
+        selection = identity
+        if self.config.select == "clip" and n_var > 1:
+            from pipeline.regions import bounding_box
+
+            boxes = [bounding_box(h) for h in hole]
+            clip = self.quality.clip.score(list(work.rendered[every]), boxes, list(product))
+            selection = clip.reshape(-1, n_var)
+        for row, j in enumerate(done):
+            best = int(np.argmax(selection[row]))
+            work.chosen[int(j)] = best
+            out["identity_score"][int(j)] = float(identity[row, best])
+            out["variant_scores"][int(j)] = [float(v) for v in selection[row]]
+        return out
 
     def _render_guarded(self, work: _Work, attempts: list[int]) -> None:
         """The whole batch in one call, under the crash ledger: after a death, pair by pair, and a
@@ -173,7 +256,7 @@ class RenderStage:
         batch_key = "batch:" + "\n".join(work.pair_ids)
         earlier = self.ledger.begin(batch_key) if self.ledger else 0
         if earlier == 0:
-            self._render_splitting(work, np.arange(len(work.todo)))
+            self._render_splitting(work, np.arange(len(work.todo) * work.variants))
         else:
             log.warning(
                 "a worker died on this batch before (%d time(s)): rendering its %d pairs one by one",
@@ -187,18 +270,18 @@ class RenderStage:
                     work.errors[j], attempts[work.todo[j]] = "worker_crash", 1 + tried
                 else:
                     attempts[work.todo[j]] = 2 + tried
-                    self._render_splitting(work, np.asarray([j]))
+                    self._render_splitting(work, np.arange(j * work.variants, (j + 1) * work.variants))
                 self.ledger.end("pair:" + pair_id)
         if self.ledger:
             self.ledger.end(batch_key)
 
     def _render_splitting(self, work: _Work, rows: np.ndarray) -> None:
-        """Render `rows`; on GPU out-of-memory split them in halves and retry. A single pair that
-        still does not fit is marked `oom`."""
+        """Render `rows` (render rows: pair j's variant k is row j*N+k); on GPU out-of-memory
+        split them in halves and retry. A single render that still does not fit marks its pair `oom`."""
         renderer = self.renderer
         try:
             if self.inject is not None:
-                self.inject([work.pair_ids[j] for j in rows])
+                self.inject(list(dict.fromkeys(work.pair_ids[j // work.variants] for j in rows)))
             context, hole, product, alpha, hint, hint_mask = work.inputs(rows)
             work.rendered[rows] = renderer.render(
                 context,
@@ -216,33 +299,36 @@ class RenderStage:
                 raise
             renderer.free_memory()
             if len(rows) == 1:
-                work.errors[int(rows[0])] = "oom"
+                work.errors[int(rows[0]) // work.variants] = "oom"
                 return
             log.warning("GPU out of memory on a batch of %d: splitting", len(rows))
             half = len(rows) // 2
             self._render_splitting(work, rows[:half])
             self._render_splitting(work, rows[half:])
 
-    def _quality(self, work: _Work, n: int) -> dict[str, list]:
+    def _quality(self, work: _Work, done: np.ndarray, n: int) -> dict[str, list]:
         quality = {c: [None] * n for c in ("feat_gen", "feat_real", "clip_score", "clip_floor")}
-        done = np.asarray([j for j in range(len(work.todo)) if j not in work.errors], dtype=np.int64)
         if self.quality is None or not len(done):
             return quality
-        context, hole, product, *_ = work.inputs(done)
-        for column, values in self.quality(work.rendered[done], context, hole, product).items():
+        chosen = np.asarray([int(j) * work.variants + work.chosen[int(j)] for j in done], dtype=np.int64)
+        context, hole, product, *_ = work.inputs(chosen)
+        for column, values in self.quality(work.rendered[chosen], context, hole, product).items():
             for j, value in zip(done, values):
                 quality[column][work.todo[j]] = value
         return quality
 
 
 class _Work:
-    """The rows of one block to render: their payloads, seeds, renders and errors."""
+    """The rows of one block to render: their payloads, seeds, renders and errors. With N
+    variants a pair j has N render rows, j*N .. j*N+N-1, sharing its payloads."""
 
-    def __init__(self, batch: pa.Table, todo: list[int], resolution: int, product_size: int):
+    def __init__(self, batch: pa.Table, todo: list[int], resolution: int, product_size: int, variants: int = 1):
         self.todo = todo
+        self.variants = variants
         self.pair_ids = [batch["pair_id"][i].as_py() for i in todo]
         self.payloads = {c: [batch[c][i].as_py() for i in todo] for c in MODEL_INPUTS}
-        self.seeds = np.asarray([batch["seed"][i].as_py() for i in todo], dtype=np.int64)
+        base = [batch["seed"][i].as_py() for i in todo]
+        self.seeds = np.asarray([s for seed in base for s in variant_seeds(seed, variants)], dtype=np.int64)
         r, s = resolution, product_size
         self.shapes = {
             "model_context": (r, r, 3),
@@ -252,16 +338,23 @@ class _Work:
             "model_hint": (r, r, 3),
             "model_hint_mask": (r, r),
         }
-        self.rendered = np.zeros((len(todo), r, r, 3), dtype=np.uint8)
-        self.errors: dict[int, str] = {}  # position in todo -> error code
+        self.rendered = np.zeros((len(todo) * variants, r, r, 3), dtype=np.uint8)
+        self.errors: dict[int, str] = {}  # pair position in todo -> error code
+        self.chosen = [0] * len(todo)  # pair position in todo -> its best variant
+
+    def variant_seeds(self, j: int) -> list[int]:
+        return [int(s) for s in self.seeds[j * self.variants : (j + 1) * self.variants]]
 
     def inputs(self, rows: np.ndarray) -> list[np.ndarray]:
-        """context, hole (bool), product, product alpha (bool), hint, hint mask (bool) of `rows`,
-        stacked (MODEL_INPUTS' order)."""
+        """context, hole (bool), product, product alpha (bool), hint, hint mask (bool) of render
+        `rows`, stacked (MODEL_INPUTS' order)."""
         stacked = []
         for c in MODEL_INPUTS:
             array = np.stack(
-                [np.frombuffer(self.payloads[c][j], dtype=np.uint8).reshape(self.shapes[c]) for j in rows]
+                [
+                    np.frombuffer(self.payloads[c][j // self.variants], dtype=np.uint8).reshape(self.shapes[c])
+                    for j in rows
+                ]
             )
             stacked.append(
                 array.view(bool) if c in ("model_hole", "model_product_alpha", "model_hint_mask") else array

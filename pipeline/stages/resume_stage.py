@@ -26,6 +26,7 @@ from pipeline.output.state import read_bucket
 from pipeline.resume import StateIndex, resume_batch, reusable_state
 from pipeline.rows import validate_rows
 from pipeline.schema import BUCKET, FILE_INDEX, require_columns
+from pipeline.stages.scene_stage import GROUP, group_keys
 
 __all__ = ["ResumeConfig", "resume_bucket"]
 
@@ -39,6 +40,7 @@ class ResumeConfig:
     force: bool = False  # reuse nothing (conflicts and validation still apply)
     retry_failed: bool = False  # failed rows are rendered again, not carried
     verify_images: bool = False  # an ok row is reused only if its image still exists (one HEAD each)
+    scenes: bool = False  # the manifest has scene columns: tag rows with their scene group (scene_stage.GROUP)
     num_cpus: float = 0.5  # per task
 
     def partitions(self, rows: int) -> int:
@@ -57,6 +59,7 @@ def resume_bucket(rows: pa.Table, *, config: ResumeConfig) -> pa.Table:
     if plan.partitions is not None:
         parts = pc.take(pa.array(plan.partitions, pa.string()), rows[FILE_INDEX])
     conflicts = manifest.conflicts_of(rows["pair_id"], parts)
+    bucket = int(rows[BUCKET][0].as_py())
     index = None if config.force else _bucket_index(rows, config)
     rows = rows.sort_by(FILE_INDEX)
     files = rows[FILE_INDEX].to_numpy()
@@ -68,7 +71,10 @@ def resume_bucket(rows: pa.Table, *, config: ResumeConfig) -> pa.Table:
         partition = None if plan.partitions is None else plan.partitions[i]
         validated = validate_rows(one_file, manifest.file_folder(plan.files[i]), conflicts, partition)
         out.append(resume_batch(validated, index))
-    return pa.concat_tables(out)
+    table = pa.concat_tables(out)
+    if config.scenes:
+        table = table.append_column(GROUP, group_keys(table["scene_id"], pa.array([bucket] * table.num_rows)))
+    return table
 
 
 def _bucket_index(rows: pa.Table, config: ResumeConfig) -> StateIndex | None:
