@@ -19,6 +19,7 @@ from __future__ import annotations
 import base64
 import html
 import io
+import json
 import random
 
 import numpy as np
@@ -299,6 +300,7 @@ def render_report(
     sample_size: int = 8,
     seed: int = 0,
     failed_shown: int = FAILED_PAIRS_SHOWN,
+    identity: dict | None = None,
 ) -> str:
     """The page as a string. `rows`: output-manifest rows (REQUIRED_COLUMNS at least; any
     number, none included); `summary`: summary.json's content, or None when metrics were
@@ -313,6 +315,7 @@ def render_report(
         f"<!doctype html><html><head><meta charset='utf-8'><title>DTC render {esc(run_id)}</title>",
         f"<style>{_STYLE}</style></head><body><h1>DTC render {esc(run_id)}</h1>",
         _banner(summary),
+        _identity(identity),
         _settings(settings),
         _counts(rows),
     ]
@@ -327,6 +330,22 @@ def render_report(
         "</body></html>",
     ]
     return "\n".join(s for s in sections if s)
+
+
+def _identity(metrics: dict | None) -> str:
+    """The synthetic split's identity metrics (jobs.eval_synthetic's synthetic.json), when scored:
+    figures that need no metric weights, so they stand beside a random-weight FID warning."""
+    if not metrics:
+        return ""
+    names = {
+        "hue_error_deg": "hue error (deg, chance ~90)",
+        "swap": "swap test (chance 0.5)",
+        "retrieval_top1": "retrieval top-1 of 16 (chance 0.06)",
+        "quadrant_acc": "label quadrant (chance 0.25)",
+        "masked_psnr_db": "masked PSNR (dB)",
+    }
+    cells = "".join(f"<tr><td>{esc(label)}</td><td>{_fmt(metrics.get(key))}</td></tr>" for key, label in names.items())
+    return f"<h2 id='identity'>Identity on the synthetic test split</h2><table>{cells}</table>"
 
 
 def read_manifest_rows(layout: Layout, run_ids: list[str], columns: tuple[str, ...] = REPORT_COLUMNS) -> pa.Table:
@@ -354,5 +373,7 @@ def write_report(
     alone; a merge names its runs and its own id); returns the page's URI."""
     rows = read_manifest_rows(layout, run_ids or [run_id])
     uri = layout.report(run_id)
-    storage.write_bytes(uri, render_report(run_id, rows, summary, settings).encode())
+    identity_uri = storage.join(layout.metrics_dir(run_id), "synthetic.json")  # jobs.eval_synthetic's, if run
+    identity = json.loads(storage.read_bytes(identity_uri)) if storage.exists(identity_uri) else None
+    storage.write_bytes(uri, render_report(run_id, rows, summary, settings, identity=identity).encode())
     return uri
