@@ -1,8 +1,11 @@
-"""Model presets: `tiny` (tests and the demo: < 5M parameters, 128 px) and `sd15` (the paper's
-sizes: SD-1.5 inpainting UNet, SD VAE, DINOv2-g/14 at 224, 512 px). Both are random-init: they
-fix shapes, not behaviour. Real weights come from `assemble.assemble_from_parts` (an untrained
-warm start, see there for what it does and does not compute) and then fine-tuning, or from a
-trained folder.
+"""Model presets: `tiny` (tests: < 5M parameters, 128 px), `sd15` (the paper's sizes: SD-1.5
+inpainting UNet, SD VAE, DINOv2-g/14 at 224, 512 px) and `train-tiny` (the toy that learns on 2
+CPUs in minutes: 64 px, a VAE of factor 4 so the latents are 16 x 16, DINOv2 at 56 px). All are
+random-init: they fix shapes, not behaviour; `train-tiny` is meant to get its VAE fitted on the
+synthetic domain first (`python -m jobs.fit_vae`, pipeline/train/vae_fit.py), because no
+diffusion training through a random VAE gives meaningful pixels. Real weights come from
+`assemble.assemble_from_parts` (an untrained warm start, see there for what it does and does not
+compute) and then fine-tuning, or from a trained folder.
 
 `sd_scheduler()` is the one place a DTC's scheduler is built (presets and assembly alike).
 """
@@ -13,9 +16,15 @@ import torch
 from diffusers import AutoencoderKL, DDIMScheduler
 from transformers import Dinov2Config, Dinov2Model
 
-from pipeline.model.components import DTCUNet2DConditionModel
+from pipeline.model.components import DTCHintAdapter, DTCUNet2DConditionModel
 from pipeline.model.pipeline_dtc import DTCPipeline
 from pipeline.schema import PRESETS
+
+# Presets only the training side builds (`jobs.fit_vae`); `jobs.make_model` keeps schema.PRESETS.
+TRAIN_PRESETS = ("train-tiny",)
+# train-tiny's image-encoder input: 4 x 4 patches of 14 px (16 tokens + CLS). The toy's identity
+# (hue, label quadrant) survives 56 px; 224 would cost 16x the tokens for nothing here.
+TRAIN_TINY_PRODUCT_SIZE = 56
 
 # Stable Diffusion 1.x noise schedule as DDIM samples it. The training half (betas, 1000 steps,
 # epsilon) is what SD-1.5 inpainting was trained on; the sampling half is what SD's DDIM uses:
@@ -57,7 +66,7 @@ def dinov2_config(preset: str) -> Dinov2Config:
         drop_path_rate=0.0,
         qkv_bias=True,
     )
-    if preset == "tiny":
+    if preset in ("tiny", "train-tiny"):
         giant.update(hidden_size=32, num_hidden_layers=2, num_attention_heads=2)
     return Dinov2Config(**giant)
 
@@ -76,6 +85,19 @@ def unet_config(preset: str) -> dict:
             attention_head_dim=8,
             norm_num_groups=32,
         )
+    if preset == "train-tiny":  # 16 x 16 latents at 64 px (tiny: 16 x 16 at 128 px)
+        return dict(
+            sample_size=16,
+            in_channels=9,
+            out_channels=4,
+            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+            block_out_channels=(32, 64),
+            layers_per_block=1,
+            cross_attention_dim=32,
+            attention_head_dim=4,
+            norm_num_groups=8,
+        )
     return dict(
         sample_size=16,
         in_channels=9,
@@ -91,6 +113,19 @@ def unet_config(preset: str) -> dict:
 
 
 def vae_config(preset: str) -> dict:
+    if preset == "train-tiny":  # factor 4 (three blocks): the label patch is ~3 latent pixels, not 1
+        return dict(
+            in_channels=3,
+            out_channels=3,
+            down_block_types=("DownEncoderBlock2D",) * 3,
+            up_block_types=("UpDecoderBlock2D",) * 3,
+            block_out_channels=(16, 32, 32),
+            layers_per_block=1,
+            latent_channels=4,
+            norm_num_groups=8,
+            sample_size=64,
+            scaling_factor=1.0,  # set from the fitted latents' spread by jobs.fit_vae
+        )
     widths = (128, 256, 512, 512) if preset == "sd15" else (8, 16, 32, 32)
     return dict(
         in_channels=3,
@@ -112,10 +147,18 @@ def build_preset(preset: str, seed: int = 0, film_mode: str = "spatial") -> DTCP
     Wrap in `with torch.device("meta"):` to get the shapes without allocating (sd15 is ~3B
     parameters, 12 GB in fp32).
     """
-    if preset not in PRESETS:
-        raise ValueError(f"preset must be one of {PRESETS}, got {preset!r}")
+    if preset not in PRESETS + TRAIN_PRESETS:
+        raise ValueError(f"preset must be one of {PRESETS + TRAIN_PRESETS}, got {preset!r}")
     torch.manual_seed(seed)
     unet = DTCUNet2DConditionModel(**unet_config(preset))
     vae = AutoencoderKL(**vae_config(preset))
     image_encoder = Dinov2Model(dinov2_config(preset))
-    return DTCPipeline.from_parts(vae, unet, image_encoder, sd_scheduler(), product_size=224, film_mode=film_mode)
+    product_size = TRAIN_TINY_PRODUCT_SIZE if preset == "train-tiny" else 224
+    pipe = DTCPipeline.from_parts(
+        vae, unet, image_encoder, sd_scheduler(), product_size=product_size, film_mode=film_mode
+    )
+    if preset == "train-tiny":
+        # the hint adapter must land on the VAE's latent grid: one stride-2 conv per factor of 2
+        # (from_parts' default has three, for factor-8 VAEs); its last conv starts at zero, as there
+        pipe.register_modules(hint_adapter=DTCHintAdapter(latent_channels=4, channels=(32, 64)).eval())
+    return pipe

@@ -1,70 +1,252 @@
-"""A learnable synthetic training catalog: photos that show the product. No torch.
+"""A learnable synthetic catalog: products as identities, photos that show them. No torch.
 
-    make_training_catalog("train_catalog", n_pairs=16) -> path of manifest.parquet
+    make_training_catalog("toy", n_pairs=256, n_test=32) -> path of manifest.parquet (+ test.parquet)
 
-Each pair is a procedural scene (`sample_catalog.scene`) with a product cut-out pasted into it
-at a random place and size (`context_uri`: the training target), the region where it is
-(`mask_uri`: the product's own silhouette in the photo, on every other row; `bbox` on the
-others), and a *different shot* of the same product (`product_uri`: the cut-out rotated and
-rescaled on its own transparent canvas), as DESIGN.md "Training (contract)" asks. The last
-`val_fraction` of the pairs get `split=val`. With `bad_rows`, two rows are broken on purpose (a
-missing photo and a bbox outside the photo): training skips and counts them.
+Every product is an *identity*: a shape (disc, square, ring, hexagon: the ring's inscribed
+rectangle is not its bounding box), a continuous hue (saturated), and a label patch of the
+opposite hue in one of four quadrants. Scenes are of low saturation (< ~0.2), so a saturated pixel
+is a product pixel and the hue of a render's region says which product it shows.
+
+- `context_uri` (x_s): the product composited into a scene: scaled, turned a little (+-12 deg),
+  brightened or darkened (x0.85..1.1), over a soft shadow.
+- `mask_uri`: its alpha, every pixel the product touches (> 0, not >= 128: the anti-aliased
+  fringe would otherwise stay in the masked photo and tell the model the hue); every fourth row
+  gives the alpha's bounding box as `bbox` instead, as catalogs do.
+- `product_uri` (x_r): the same product on white from another rotation (>= 10 deg apart), so
+  training never sees the target as its own reference.
+- `split`: train | val, from **disjoint hue ranges**: the circle in 24 sectors of 15 deg, sectors
+  3 mod 8 are val, 7 mod 8 are test, the rest train. Nothing can be memorised by hue.
+- `shape`, `hue`, `quadrant`: the product's metadata, pass-through columns.
+
+`test.parquet` (with `n_test` > 0) is a *render* manifest of the test split, two rows per test
+product: `role=own` (its own product) and `role=swap` (another test product, >= 60 deg of hue
+away, in the same scene and mask: the swap test). Its context is the scene with the shadow but
+without the product (nothing of the product is left to copy outside the hole), and `target_uri`
+is the true x_s; `hue` is the hue of the product *given*, `scene_hue` that of the one the photo
+showed. `jobs.eval_synthetic` scores renders of it.
+
+With `bad_rows`, two training rows are broken on purpose (a missing photo, a bbox outside the
+photo): training skips and counts them.
 """
 
 from __future__ import annotations
 
+import colorsys
+import math
 import os
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFilter
 
-from pipeline.sample_catalog import product, scene
+__all__ = ["make_training_catalog", "SHAPES", "hue_split", "split_hue", "PRODUCT_SIDE"]
 
-__all__ = ["make_training_catalog"]
-
-
-def _paste(photo: np.ndarray, cutout: np.ndarray, box: tuple[int, int, int, int]) -> tuple[np.ndarray, np.ndarray]:
-    """The photo with the RGBA cut-out resized into `box` (alpha-composited), and its silhouette."""
-    x0, y0, x1, y1 = box
-    small = np.asarray(Image.fromarray(cutout).resize((x1 - x0, y1 - y0), Image.Resampling.BILINEAR))
-    alpha = small[..., 3:4].astype(np.float32) / 255
-    out = photo.copy()
-    region = out[y0:y1, x0:x1].astype(np.float32)
-    out[y0:y1, x0:x1] = (small[..., :3] * alpha + region * (1 - alpha)).round().astype(np.uint8)
-    silhouette = np.zeros(photo.shape[:2], dtype=np.uint8)
-    silhouette[y0:y1, x0:x1] = np.where(small[..., 3] >= 128, 255, 0)
-    return out, silhouette
+SHAPES = ("disc", "square", "ring", "hexagon")
+PRODUCT_SIDE = 96  # the canonical product drawing, px (resized into each photo)
+SECTOR_DEG = 15.0
+_SPLIT_OF_SECTOR = {3: "val", 7: "test"}  # sector index mod 8; the rest are train
+SATURATION, VALUE = 0.8, 0.85
 
 
-def _other_shot(cutout: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """The same product as another photo would show it: turned and rescaled, own margins."""
-    image = Image.fromarray(cutout).rotate(float(rng.uniform(-30, 30)), resample=Image.Resampling.BICUBIC, expand=True)
-    side = int(rng.integers(120, 220))
-    image = image.resize((side, side), Image.Resampling.BICUBIC)
-    canvas = Image.new("RGBA", (side + 40, side + 24), (0, 0, 0, 0))
-    canvas.paste(image, (int(rng.integers(0, 40)), int(rng.integers(0, 24))))
+def hue_split(hue: float) -> str:
+    """train | val | test for a hue in degrees: the split's hue ranges are disjoint."""
+    return _SPLIT_OF_SECTOR.get(int(hue % 360 // SECTOR_DEG) % 8, "train")
+
+
+def split_hue(split: str, rng: np.random.Generator) -> float:
+    """A hue drawn uniformly from `split`'s sectors."""
+    sectors = [s for s in range(24) if hue_split(s * SECTOR_DEG) == split]
+    return float(sectors[int(rng.integers(len(sectors)))] * SECTOR_DEG + rng.uniform(0, SECTOR_DEG))
+
+
+def _rgb(hue: float) -> tuple[int, int, int]:
+    r, g, b = colorsys.hsv_to_rgb(hue % 360 / 360, SATURATION, VALUE)
+    return round(r * 255), round(g * 255), round(b * 255)
+
+
+def product_image(shape: str, hue: float, quadrant: int) -> np.ndarray:
+    """The canonical RGBA drawing: the shape in `hue`, a label of the opposite hue in `quadrant`
+    (0 top-left, 1 top-right, 2 bottom-left, 3 bottom-right), clipped to the shape."""
+    p = PRODUCT_SIDE
+    alpha = Image.new("L", (p, p), 0)
+    draw = ImageDraw.Draw(alpha)
+    c, r = p / 2, 0.46 * p
+    if shape == "disc":
+        draw.ellipse([c - r, c - r, c + r, c + r], fill=255)
+    elif shape == "square":
+        draw.rounded_rectangle([c - 0.42 * p, c - 0.42 * p, c + 0.42 * p, c + 0.42 * p], radius=p // 10, fill=255)
+    elif shape == "ring":
+        draw.ellipse([c - r, c - r, c + r, c + r], fill=255)
+        inner = 0.22 * p
+        draw.ellipse([c - inner, c - inner, c + inner, c + inner], fill=0)
+    elif shape == "hexagon":
+        draw.polygon([(c + r * math.cos(math.pi / 3 * k), c + r * math.sin(math.pi / 3 * k)) for k in range(6)], 255)
+    else:
+        raise ValueError(f"shape must be one of {SHAPES}, got {shape!r}")
+    colour = Image.new("RGB", (p, p), _rgb(hue))
+    # The label sits at the quadrant's centre (+-0.25 p), inside every shape's band (the ring's too).
+    lx, ly = c + (0.25 if quadrant % 2 else -0.25) * p, c + (0.25 if quadrant >= 2 else -0.25) * p
+    half = 0.12 * p
+    ImageDraw.Draw(colour).rectangle([lx - half, ly - half, lx + half, ly + half], fill=_rgb(hue + 180))
+    return np.dstack([np.asarray(colour), np.asarray(alpha)])
+
+
+def scene(width: int, height: int, rng: np.random.Generator) -> np.ndarray:
+    """A low-saturation photo: a tinted grey gradient, a floor band, a few soft blobs, grain."""
+    y = np.linspace(0, 1, height, dtype=np.float32)[:, None, None]
+    base, tint = rng.uniform(70, 200), rng.uniform(-10, 10, 3)
+    top, bottom = base + tint + rng.uniform(-30, 30), base + tint + rng.uniform(-30, 30)
+    img = np.broadcast_to(top * (1 - y) + bottom * y, (height, width, 3)).copy()
+    floor = int(height * rng.uniform(0.55, 0.8))
+    img[floor:] = img[floor:] * rng.uniform(0.7, 0.95) + rng.uniform(-6, 6, 3)
+    pil = Image.fromarray(img.clip(0, 255).astype(np.uint8))
+    draw = ImageDraw.Draw(pil)
+    for _ in range(3):
+        x0, y0 = int(rng.integers(0, width - 16)), int(rng.integers(0, height - 16))
+        w, h = int(rng.integers(8, width // 3)), int(rng.integers(8, height // 3))
+        grey = rng.uniform(50, 220)
+        draw.ellipse([x0, y0, x0 + w, y0 + h], fill=tuple(int(grey + t) for t in rng.uniform(-8, 8, 3)))
+    out = np.asarray(pil.filter(ImageFilter.GaussianBlur(1.0))).astype(np.float32)
+    return (out + rng.normal(0, 3, out.shape)).clip(0, 255).astype(np.uint8)
+
+
+def _turned(rgba: np.ndarray, degrees: float, side: int) -> Image.Image:
+    image = Image.fromarray(rgba, "RGBA").rotate(degrees, resample=Image.Resampling.BICUBIC, expand=True)
+    return image.resize((side, side), Image.Resampling.BILINEAR)
+
+
+def composite(photo: np.ndarray, rgba: np.ndarray, x: int, y: int, brightness: float) -> dict[str, np.ndarray]:
+    """The product (RGBA, already turned and sized) placed at (x, y) over a soft shadow.
+
+    Returns `shown` (x_s), `shadowed` (the scene with the shadow alone: the test rows' context)
+    and `alpha` (float, photo-sized)."""
+    height, width = photo.shape[:2]
+    side = rgba.shape[0]
+    alpha = np.zeros((height, width), np.float32)
+    alpha[y : y + side, x : x + side] = rgba[..., 3] / 255.0
+    shadow = np.asarray(
+        Image.fromarray((np.roll(alpha, (3, 4), (0, 1)) * 255).astype(np.uint8)).filter(ImageFilter.GaussianBlur(3))
+    )
+    shadowed = photo.astype(np.float32) * (1 - 0.4 * shadow[..., None] / 255.0)
+    colour = np.zeros_like(shadowed)
+    colour[y : y + side, x : x + side] = rgba[..., :3].astype(np.float32) * brightness
+    shown = colour * alpha[..., None] + shadowed * (1 - alpha[..., None])
+    as_uint8 = lambda a: a.round().clip(0, 255).astype(np.uint8)  # noqa: E731
+    return {"shown": as_uint8(shown), "shadowed": as_uint8(shadowed), "alpha": alpha}
+
+
+def _reference(rgba: np.ndarray, degrees: float) -> np.ndarray:
+    """x_r: the product on white, turned by `degrees`, on a canvas with its own margins."""
+    turned = Image.fromarray(rgba, "RGBA").rotate(degrees, resample=Image.Resampling.BICUBIC, expand=True)
+    canvas = Image.new("RGB", (turned.width + 16, turned.height + 16), (255, 255, 255))
+    canvas.paste(turned, (8, 8), turned)
     return np.asarray(canvas)
 
 
-def _row(folder: str, i: int, rng: np.random.Generator, size: tuple[int, int]) -> dict:
-    width, height = size
-    photo = scene(width, height, rng)
-    cutout = product(int(rng.integers(96, 160)), rng)
-    bw, bh = int(width * rng.uniform(0.3, 0.5)), int(height * rng.uniform(0.3, 0.5))
-    x0, y0 = int(rng.integers(0, width - bw)), int(rng.integers(0, height - bh))
-    shown, silhouette = _paste(photo, cutout, (x0, y0, x0 + bw, y0 + bh))
-    names = {
-        k: f"images/pair-{i:04d}-{k}.{ext}" for k, ext in (("context", "jpg"), ("product", "png"), ("mask", "png"))
+def _identity(split: str, rng: np.random.Generator) -> dict:
+    return {
+        "shape": SHAPES[int(rng.integers(len(SHAPES)))],
+        "hue": split_hue(split, rng),
+        "quadrant": int(rng.integers(4)),
     }
-    Image.fromarray(shown).save(os.path.join(folder, names["context"]), quality=95)
-    Image.fromarray(_other_shot(cutout, rng)).save(os.path.join(folder, names["product"]))
-    row = {"pair_id": f"pair-{i:04d}", "context_uri": names["context"], "product_uri": names["product"]}
-    if i % 2:
-        Image.fromarray(silhouette).save(os.path.join(folder, names["mask"]))
-        return {**row, "mask_uri": names["mask"], "bbox": None}
-    return {**row, "mask_uri": None, "bbox": [float(x0), float(y0), float(x0 + bw), float(y0 + bh)]}
+
+
+def _pair(folder: str, name: str, identity: dict, size: tuple[int, int], rng: np.random.Generator) -> dict:
+    """Write one pair's images; returns its paths (relative), region and the product's drawing."""
+    width, height = size
+    drawing = product_image(identity["shape"], identity["hue"], identity["quadrant"])
+    angle = float(rng.uniform(-12, 12))
+    other = angle + float(rng.choice([-1, 1]) * rng.uniform(10, 30))  # another view, never the same one
+    side = int(min(width, height) * rng.uniform(0.38, 0.55))
+    x, y = int(rng.integers(0, width - side)), int(rng.integers(0, height - side))
+    layers = composite(
+        scene(width, height, rng), np.asarray(_turned(drawing, angle, side)), x, y, rng.uniform(0.85, 1.1)
+    )
+    mask = layers["alpha"] > 0
+    paths = {k: f"images/{name}-{k}.png" for k in ("context", "scene", "product", "mask")}
+    Image.fromarray(layers["shown"]).save(os.path.join(folder, paths["context"]))
+    Image.fromarray(layers["shadowed"]).save(os.path.join(folder, paths["scene"]))
+    Image.fromarray(_reference(drawing, other)).save(os.path.join(folder, paths["product"]))
+    Image.fromarray((mask * 255).astype(np.uint8)).save(os.path.join(folder, paths["mask"]))
+    ys, xs = np.nonzero(mask)
+    return {**paths, "bbox": [float(xs.min()), float(ys.min()), float(xs.max() + 1), float(ys.max() + 1)]}
+
+
+def _hue_distance(a: float, b: float) -> float:
+    return abs((a - b + 180) % 360 - 180)
+
+
+def _training_rows(folder: str, n_pairs: int, val_fraction: float, rng, sizes) -> list[dict]:
+    n_val = int(round(n_pairs * val_fraction))
+    rows = []
+    for i in range(n_pairs):
+        split = "val" if i >= n_pairs - n_val else "train"
+        identity = _identity(split, rng)
+        pair = _pair(folder, f"pair-{i:04d}", identity, sizes[i % len(sizes)], rng)
+        row = {"pair_id": f"pair-{i:04d}", "context_uri": pair["context"], "product_uri": pair["product"]}
+        region = {"mask_uri": None, "bbox": pair["bbox"]} if i % 4 == 0 else {"mask_uri": pair["mask"], "bbox": None}
+        rows.append({**row, **region, "split": split, **identity})
+    return rows
+
+
+def _test_rows(folder: str, n_test: int, rng, sizes) -> list[dict]:
+    """Two render rows per test product: its own product, and another one (the swap test)."""
+    identities = [_identity("test", rng) for _ in range(n_test)]
+    pairs = [_pair(folder, f"test-{i:04d}", identities[i], sizes[i % len(sizes)], rng) for i in range(n_test)]
+    rows = []
+    for i, (identity, pair) in enumerate(zip(identities, pairs)):
+        # the next test product at least 60 deg of hue away (the test sectors are 120 deg apart)
+        j = next(
+            (
+                k % n_test
+                for k in range(i + 1, i + n_test)
+                if _hue_distance(identities[k % n_test]["hue"], identity["hue"]) >= 60
+            ),
+            i,
+        )
+        common = {
+            "context_uri": pair["scene"],
+            "mask_uri": pair["mask"],
+            "scene_pair": f"test-{i:04d}",
+            "scene_hue": identity["hue"],
+        }
+        rows.append(
+            {
+                "pair_id": f"test-{i:04d}-own",
+                **common,
+                "product_uri": pair["product"],
+                "role": "own",
+                "target_uri": pair["context"],
+                **identity,
+            }
+        )
+        rows.append(
+            {
+                "pair_id": f"test-{i:04d}-swap",
+                **common,
+                "product_uri": pairs[j]["product"],
+                "role": "swap",
+                "target_uri": None,
+                **identities[j],
+            }
+        )
+    return rows
+
+
+def _bad_rows(first: dict) -> list[dict]:
+    missing = {"context_uri": "images/does-not-exist.png", "mask_uri": None, "bbox": [4.0, 4.0, 60.0, 60.0]}
+    outside = {"mask_uri": None, "bbox": [5000.0, 5000.0, 5100.0, 5100.0]}
+    return [
+        {**first, **missing, "pair_id": "bad-missing-context", "split": "train"},
+        {**first, **outside, "pair_id": "bad-bbox-outside", "split": "train"},
+    ]
+
+
+def _write(rows: list[dict], path: str) -> None:
+    types = {"bbox": pa.list_(pa.float64()), "hue": pa.float64(), "scene_hue": pa.float64(), "quadrant": pa.int64()}
+    names = list(dict.fromkeys(k for r in rows for k in r))
+    pq.write_table(pa.table({c: pa.array([r.get(c) for r in rows], types.get(c, pa.string())) for c in names}), path)
 
 
 def make_training_catalog(
@@ -75,41 +257,18 @@ def make_training_catalog(
     seed: int = 0,
     sizes: list[tuple[int, int]] | None = None,
     manifest_name: str = "manifest.parquet",
+    n_test: int = 0,
 ) -> str:
-    """Write images under `folder` and a Parquet manifest with relative paths; returns its path."""
+    """Write images under `folder`, the training manifest (train + val) and, with `n_test`,
+    `test.parquet` beside it; relative paths. Returns the training manifest's path."""
     rng = np.random.default_rng(seed)
-    sizes = sizes or [(192, 160), (160, 160), (224, 168), (160, 208)]
+    sizes = sizes or [(128, 112), (112, 112), (144, 120), (112, 128)]
     os.makedirs(os.path.join(folder, "images"), exist_ok=True)
-    rows = [_row(folder, i, rng, sizes[i % len(sizes)]) for i in range(n_pairs)]
-    n_val = int(round(n_pairs * val_fraction))
-    for i, row in enumerate(rows):
-        row["split"] = "val" if i >= n_pairs - n_val else "train"
+    rows = _training_rows(folder, n_pairs, val_fraction, rng, sizes)
     if bad_rows:
-        first = rows[0]
-        rows.append(
-            {
-                **first,
-                "pair_id": "bad-missing-context",
-                "context_uri": "images/does-not-exist.jpg",
-                "mask_uri": None,
-                "bbox": [4.0, 4.0, 60.0, 60.0],
-                "split": "train",
-            }
-        )
-        rows.append(
-            {
-                **first,
-                "pair_id": "bad-bbox-outside",
-                "mask_uri": None,
-                "bbox": [5000.0, 5000.0, 5100.0, 5100.0],
-                "split": "train",
-            }
-        )
-    columns = ("pair_id", "context_uri", "product_uri", "mask_uri", "split")
-    table = pa.table(
-        {c: pa.array([r[c] for r in rows], pa.string()) for c in columns}
-        | {"bbox": pa.array([r["bbox"] for r in rows], pa.list_(pa.float64()))}
-    )
+        rows += _bad_rows(rows[0])
     path = os.path.join(folder, manifest_name)
-    pq.write_table(table, path)
+    _write(rows, path)
+    if n_test:
+        _write(_test_rows(folder, n_test, rng, sizes), os.path.join(folder, "test.parquet"))
     return path

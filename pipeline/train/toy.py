@@ -1,0 +1,167 @@
+"""The train-tiny toy's small helpers: ablation model folders and an in-process training run.
+
+    with_film_mode("models/train-tiny-init", "models/init-channel", "channel")   # same VAE, other FiLM
+    hint_off("models/train-tiny", "models/train-tiny-hint-off")                  # FiLM heads zeroed
+    pipe = train_in_process(init, manifest, TrainConfig(...))                      # the CI test's run
+
+`hint_off` zeroes the FiLM heads of a trained model: FiLM is `skip * (1 + gamma) + beta`, so the
+hint branch then changes nothing and the rest of the trained model renders as it was (the
+ablation "hint branch off" at inference). `train_in_process` is `step.Engine` (the training
+job's step) on `vae_fit.local_samples`, without Ray: the CI test trains this way in a couple of
+minutes; the bench trains with `jobs.train`.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from pipeline.train.config import TrainConfig
+
+__all__ = ["with_film_mode", "hint_off", "train_in_process"]
+
+
+def with_film_mode(init_model: str, out: str, film_mode: str, seed: int = 0) -> None:
+    """An untrained train-tiny DTC of `film_mode` around the (fitted) VAE of `init_model`."""
+    from pipeline.model.loading import load_pipeline, save_pipeline
+    from pipeline.model.presets import build_preset
+
+    fitted = load_pipeline(init_model, device="cpu", dtype=torch.float32)
+    pipe = build_preset("train-tiny", seed=seed, film_mode=film_mode)
+    pipe.register_modules(vae=fitted.vae)
+    save_pipeline(pipe, out)
+
+
+def hint_off(model: str, out: str) -> None:
+    """`model` with every FiLM head at zero: the hint branch is off, nothing else changes."""
+    from pipeline.model.loading import load_pipeline, save_pipeline
+
+    pipe = load_pipeline(model, device="cpu", dtype=torch.float32)
+    with torch.no_grad():
+        for head in pipe.hint_encoder.film_heads:
+            head.weight.zero_()
+            head.bias.zero_()
+    save_pipeline(pipe, out)
+
+
+def train_in_process(init_model: str, manifest: str, cfg: TrainConfig, say=None):
+    """Train `cfg.steps` steps of `cfg`'s recipe from `init_model` on `manifest`'s train rows in
+    this process (no Ray, one worker); returns the trained pipeline (eval mode) and the losses."""
+    from pipeline.model.loading import load_pipeline
+    from pipeline.train.loss import TrainableDTC
+    from pipeline.train.step import Engine
+    from pipeline.train.vae_fit import local_samples
+
+    pipe = load_pipeline(init_model, device="cpu", dtype=torch.float32)
+    train, _ = local_samples(manifest, pipe.config.resolution, pipe.config.product_size)
+    engine = Engine(TrainableDTC(pipe), cfg)
+    losses = []
+    for step in range(cfg.steps):
+        losses.append(engine.train_step(step, train).mse)
+        if say and (step + 1) % cfg.log_every == 0:
+            say(f"[toy] step {step + 1}/{cfg.steps} mse {sum(losses[-cfg.log_every :]) / cfg.log_every:.4f}")
+    for component in pipe.components.values():
+        if isinstance(component, torch.nn.Module):
+            component.eval()
+    return pipe, losses
+
+
+# The CI test's fixed run (tests/unit/test_learned.py) and the bench's calibration of it
+# (bench/learned.py, seeds CALIBRATION_SEEDS): a small fixed catalog, the committed train-tiny
+# model's fitted VAE around a fresh random DTC of the run's seed, a fixed number of steps.
+CI_CATALOG = dict(n_pairs=96, val_fraction=0.0, n_test=8, seed=7)
+CI_STEPS, CI_RENDER_STEPS, CI_GUIDANCE = 300, 10, 5.0
+CALIBRATION_SEEDS = (0, 1, 2)
+
+
+def ci_run(weights: str, folder: str, seed: int) -> dict:
+    """Hue error (and the other metrics) of the untrained and the trained model of the CI recipe
+    with `seed`; `weights`: a train-tiny folder whose VAE is used (the committed one in CI)."""
+    import os
+
+    import pyarrow.parquet as pq
+
+    from pipeline.train.catalog import make_training_catalog
+    from pipeline.train.synthetic_eval import evaluate_images, render_in_process
+
+    catalog = os.path.join(folder, "catalog")
+    manifest = make_training_catalog(catalog, **CI_CATALOG)
+    test = os.path.join(catalog, "test.parquet")
+    init = os.path.join(folder, f"init-{seed}")
+    with_film_mode(weights, init, "spatial", seed=seed)
+    rows = pq.read_table(test).to_pylist()
+    cfg = TrainConfig(
+        manifest=manifest,
+        init_model=init,
+        output=folder,
+        seed=seed,
+        steps=CI_STEPS,
+        batch_size=16,
+        learning_rate=1e-3,
+        perceptual_weight=0.0,
+        pixel_weight=0.0,
+    )
+
+    def score(pipe) -> dict:
+        images = render_in_process(pipe, test, steps=CI_RENDER_STEPS, guidance_scale=CI_GUIDANCE)
+        return evaluate_images(rows, images, catalog)
+
+    out = {"seed": seed, "untrained": score(_load(init))}
+    trained, losses = train_in_process(init, manifest, cfg)
+    out["trained"] = score(trained)
+    out["last_mse"] = round(sum(losses[-50:]) / len(losses[-50:]), 4)
+    return out
+
+
+def _load(model: str):
+    from pipeline.model.loading import load_pipeline
+
+    return load_pipeline(model, device="cpu", dtype=torch.float32)
+
+
+# -- the committed demo weights: one file instead of a DTC folder's dozen ---------------------------
+
+PACKED_COMPONENTS = ("vae", "unet", "hint_encoder", "hint_adapter", "image_encoder", "image_projection")
+
+
+def pack(model: str, out_file: str) -> None:
+    """A trained train-tiny folder -> one safetensors file (every component's weights, prefixed by
+    its name; the FiLM mode, VAE scaling factor and the training provenance as metadata)."""
+    import json
+    import os
+
+    from safetensors.torch import save_file
+
+    pipe = _load(model)
+    tensors = {
+        f"{name}.{key}": value.contiguous()
+        for name in PACKED_COMPONENTS
+        for key, value in getattr(pipe, name).state_dict().items()
+    }
+    provenance_path = os.path.join(model, "dtc_training.json")
+    metadata = {
+        "preset": "train-tiny",
+        "film_mode": pipe.hint_encoder.config.film_mode,
+        "scaling_factor": str(pipe.vae.config.scaling_factor),
+        "dtc_training": open(provenance_path).read() if os.path.exists(provenance_path) else "{}",
+    }
+    json.loads(metadata["dtc_training"])  # a broken provenance file must not be packed
+    save_file(tensors, out_file, metadata=metadata)
+
+
+def unpack(packed_file: str, out: str) -> str:
+    """The inverse of `pack`: a DTC folder at `out` that jobs.render loads; returns `out`."""
+    from safetensors import safe_open
+
+    from pipeline.model.loading import save_pipeline
+    from pipeline.model.presets import build_preset
+
+    with safe_open(packed_file, framework="pt") as f:
+        metadata = f.metadata()
+        tensors = {key: f.get_tensor(key) for key in f.keys()}
+    pipe = build_preset(metadata["preset"], film_mode=metadata["film_mode"])
+    for name in PACKED_COMPONENTS:
+        prefix = f"{name}."
+        getattr(pipe, name).load_state_dict({k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)})
+    pipe.vae.register_to_config(scaling_factor=float(metadata["scaling_factor"]))
+    save_pipeline(pipe, out)
+    return out
