@@ -29,6 +29,7 @@ BENCHES = {
     "serve": ["bench/serve.py"],
     "soak": ["bench/soak.py"],
     "train": ["bench/train.py"],
+    "learned": ["bench/learned.py"],
 }
 GPU_COMMAND = (
     "python bench/model.py --gpu-batches 1,2,4,8,16 --steps 40   # on the GPU node; add --compile to try torch.compile"

@@ -1,0 +1,243 @@
+"""A model that learned (issue 15): the train-tiny recipe end to end, one JSON line per figure.
+
+    python bench/learned.py [--work DIR] [--steps 1500]     # ~30 CPU-minutes on 2 cores
+
+Every step is the production command, in a subprocess: `jobs.make_training_catalog` (the toy
+catalog), `jobs.fit_vae` (stage 0), `jobs.train` with `pipeline/train/train-tiny.yaml` (spatial
+and channel FiLM), `jobs.render` of the test split, `jobs.eval_synthetic`'s metrics. Records:
+
+- `vae`: stage 0's PSNR on the val windows and its loss curve;
+- `loss_curve`: the training loss (train.jsonl, every 25 steps) and the validation loss;
+- `table`: the learning table on the test split: trained (spatial FiLM, the default), untrained
+  (the stage-0 model: random DTC, fitted VAE), copy-paste of the hint (no model: the identity
+  upper reference), hint branch off (the trained model with its FiLM heads zeroed), channel
+  FiLM and spatial FiLM (trained alike), each with the five metrics;
+- `profile`: the trained model with DDIM 40 (the default), DPM-Solver++ 20 (the fast profile) and
+  fewer steps of each, with the metrics and the render's steady images/s (same run, same machine);
+- `ci_calibration`: the CI test's recipe (`toy.ci_run`) on CALIBRATION_SEEDS: trained and untrained
+  hue error per seed, the run-to-run spread (max - min) and the margin the CI test asserts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from common import ROOT, render_command  # noqa: E402  (bench/common.py: bench/ is first on sys.path)
+
+RECIPE = os.path.join(ROOT, "pipeline", "train", "train-tiny.yaml")
+CATALOG_FLAGS = ["--pairs", "448", "--val-fraction", "0.125", "--test-pairs", "32"]
+PROFILES = [("ddim", 40), ("dpmpp", 20), ("ddim", 20), ("dpmpp", 10), ("ddim", 10)]
+
+
+def emit(**record) -> None:
+    print(json.dumps({"bench": "learned", **record}), flush=True)
+
+
+def run(*command: str) -> None:
+    began = time.perf_counter()
+    done = subprocess.run(
+        [sys.executable, "-m", *command],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env=dict(os.environ, PYTHONPATH=ROOT),
+    )
+    if done.returncode != 0:
+        raise RuntimeError(
+            f"{' '.join(command)} exited {done.returncode}:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+        )
+    print(f"[learned] {command[0]} {time.perf_counter() - began:.0f}s", file=sys.stderr, flush=True)
+
+
+def train(work: str, init: str, name: str, steps: int) -> str:
+    output = os.path.join(work, f"train-{name}")
+    run(
+        "jobs.train",
+        "--config",
+        RECIPE,
+        "--manifest",
+        os.path.join(work, "toy", "manifest.parquet"),
+        "--init-model",
+        init,
+        "--output",
+        output,
+        "--steps",
+        str(steps),
+        "--export",
+        "final",
+    )
+    return output
+
+
+def loss_curve(output: str) -> dict:
+    lines = [json.loads(line) for line in open(os.path.join(output, "metrics", "train", "train.jsonl"))]
+    train = [[r["step"], round(r["loss"], 4)] for r in lines if "loss" in r]
+    val = [[r["step"], round(r["val_loss"], 4)] for r in lines if r.get("val_loss") is not None]
+    return {"train": train, "val": val}
+
+
+def render_and_score(work: str, model: str, run_id: str, scheduler: str = "ddim", steps: int = 40) -> dict:
+    """jobs.render of the test split, then jobs.eval_synthetic's metrics (its JSON file)."""
+    output = os.path.join(work, "renders")
+    test = os.path.join(work, "toy", "test.parquet")
+    command = render_command(
+        test,
+        output,
+        model,
+        "--run-id",
+        run_id,
+        "--scheduler",
+        scheduler,
+        "--steps",
+        str(steps),
+        "--image-format",
+        "png",
+        "--batch-size",
+        "8",
+        "--torch-threads",
+        "2",
+    )
+    run(*command[2:])
+    run("jobs.eval_synthetic", "--test-manifest", test, "--output", output, "--run-id", run_id)
+    metrics = json.load(open(os.path.join(output, "metrics", run_id, "synthetic.json")))
+    record = json.load(open(os.path.join(output, "runs", f"{run_id}.json")))
+    keep = ("hue_error_deg", "swap", "retrieval_top1", "quadrant_acc", "masked_psnr_db", "own_rows", "missing_rows")
+    return {k: metrics[k] for k in keep} | {"steady_rows_per_s": record.get("steady_rows_per_s")}
+
+
+def stage0(work: str) -> str:
+    """The catalog and the fitted VAE (reused when this --work has them); the `vae` line."""
+    init = os.path.join(work, "init-spatial")
+    reused = os.path.exists(os.path.join(init, "vae_fit.json"))  # stage 0 of an earlier run of this --work
+    if not reused:
+        run("jobs.make_training_catalog", "--out", os.path.join(work, "toy"), *CATALOG_FLAGS)
+        run(
+            "jobs.fit_vae",
+            "--manifest",
+            os.path.join(work, "toy", "manifest.parquet"),
+            "--out",
+            init,
+            "--torch-threads",
+            "2",
+        )
+    fit = json.load(open(os.path.join(init, "vae_fit.json")))
+    emit(
+        what="vae",
+        reused_from_earlier_run=reused,
+        psnr_val_db=fit["psnr_val_db"],
+        psnr_train_db=fit["psnr_train_db"],
+        steps=fit["config"]["steps"],
+        seconds=fit["seconds"],
+        scaling_factor=fit["scaling_factor"],
+        curve=[[p["step"], p["mse"]] for p in fit["curve"]],
+    )
+    return init
+
+
+def learning_table(work: str, init: str, steps: int) -> dict:
+    """Two trainings, the ablation models; one `table` line per row. Returns model paths."""
+    from pipeline.train import synthetic_eval, toy
+
+    toy.with_film_mode(init, os.path.join(work, "init-channel"), "channel")
+    models = {"untrained": init}
+    for film in ("spatial", "channel"):
+        began = time.perf_counter()
+        output = train(work, os.path.join(work, f"init-{film}"), film, steps)
+        emit(
+            what="loss_curve",
+            film=film,
+            steps=steps,
+            seconds=round(time.perf_counter() - began, 1),
+            **loss_curve(output),
+        )
+        models[f"{film} FiLM"] = os.path.join(output, "model")
+    from pipeline.train.vae_fit import VaeFitConfig
+
+    default = f"{VaeFitConfig().film_mode} FiLM"  # the train-tiny recipe's FiLM mode
+    toy.hint_off(models[default], os.path.join(work, "hint-off"))
+    models["hint branch off"] = os.path.join(work, "hint-off")
+    rows = {name: render_and_score(work, model, name.replace(" ", "-")) for name, model in models.items()}
+    test = os.path.join(work, "toy", "test.parquet")
+    import pyarrow.parquet as pq
+
+    images = synthetic_eval.copy_paste_images(test, 64, 56)
+    test_rows = pq.read_table(test).to_pylist()
+    rows["copy-paste of the hint"] = synthetic_eval.evaluate_images(test_rows, images, os.path.dirname(test))
+    for name in ("spatial FiLM", "channel FiLM", "untrained", "copy-paste of the hint", "hint branch off"):
+        metrics = {k: rows[name].get(k) for k in (*synthetic_eval.METRICS, "own_rows", "missing_rows")}
+        emit(what="table", model=name, trained_default=name == default, scheduler="ddim", steps=40, **metrics)
+    return models
+
+
+def profiles(work: str, model: str) -> None:
+    for scheduler, steps in PROFILES:
+        metrics = render_and_score(work, model, f"profile-{scheduler}-{steps}", scheduler, steps)
+        emit(what="profile", scheduler=scheduler, steps=steps, **metrics)
+
+
+def calibration(work: str, weights: str) -> None:
+    """The CI test's run on the calibration seeds: the spread its margin must clear twice over."""
+    from pipeline.train import toy
+
+    runs = [toy.ci_run(weights, os.path.join(work, f"ci-{seed}"), seed) for seed in toy.CALIBRATION_SEEDS]
+    trained = [r["trained"]["hue_error_deg"] for r in runs]
+    untrained = [r["untrained"]["hue_error_deg"] for r in runs]
+    gaps = [u - t for u, t in zip(untrained, trained)]
+    spread = max(trained) - min(trained)
+    emit(
+        what="ci_calibration",
+        seeds=list(toy.CALIBRATION_SEEDS),
+        steps=toy.CI_STEPS,
+        trained_hue_error_deg=trained,
+        untrained_hue_error_deg=untrained,
+        gap_deg=[round(g, 2) for g in gaps],
+        spread_deg=round(spread, 2),
+        two_spreads_deg=round(2 * spread, 2),
+        smallest_gap_over_two_spreads=round(min(gaps) / max(2 * spread, 1e-9), 2),
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument(
+        "--work",
+        default=os.environ.get("DTC_BENCH_WORK"),
+        help="keep everything here (default: "
+        "$DTC_BENCH_WORK, else a temporary folder); a stage 0 already there is reused",
+    )
+    parser.add_argument("--steps", type=int, default=700, help="training steps of each FiLM mode")
+    parser.add_argument("--calibration-only", action="store_true", help="only the CI calibration (needs stage 0)")
+    args = parser.parse_args()
+    work = args.work or tempfile.mkdtemp(prefix="dtc-bench-learned-")
+    os.makedirs(work, exist_ok=True)
+    if args.calibration_only:
+        return calibration(work, os.path.join(work, "init-spatial"))
+    init = stage0(work)
+    # The calibration runs beside the rest, in its own process: it needs only stage 0's VAE (the
+    # committed weights' VAE: frozen through training), and on a shared 2-core machine two
+    # processes finish sooner than one after the other.
+    side = subprocess.Popen(
+        [sys.executable, __file__, "--work", work, "--calibration-only"],
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+        env=dict(os.environ, PYTHONPATH=ROOT),
+    )
+    models = learning_table(work, init, args.steps)
+    profiles(work, models["spatial FiLM"])
+    out, _ = side.communicate()
+    print(out, end="", flush=True)
+    if side.returncode != 0:
+        raise SystemExit(f"calibration exited {side.returncode}")
+
+
+if __name__ == "__main__":
+    main()
