@@ -25,6 +25,7 @@ BENCHES = {
     "data_path": ["bench/data_path.py"],
     "scale": ["bench/scale.py"],
     "pipeline": ["bench/pipeline.py"],
+    "scenes": ["bench/scenes.py"],
     "metrics": ["bench/metrics.py"],
     "serve": ["bench/serve.py"],
     "soak": ["bench/soak.py"],
