@@ -2,6 +2,7 @@
 
     scorer = IdentityScorer(pipe.image_encoder, size=pipe.config.product_size, device="cuda")
     scores = scorer.score(rendered, holes, products)   # float64 (B,), 100 * cosine
+    chosen, scores = best_variants(renderer, rendered, holes, products, n)   # best of N per pair
 
 The rendered window is cropped to its region's bounding box and padded square on grey, exactly
 as the CLIP region score crops it (`metrics.clip_score.region_crop` / `pad_to_square`); the
@@ -12,12 +13,18 @@ tokens, the tokens DTC conditions on (before the projection). The score is 100 *
 measure, as any embedding cosine: compare rows of one model, and calibrate a review threshold
 (`--min-identity-score`) on renders someone has looked at.
 
+`best_variants` is the best-of-N rule, the one copy the render stage (`--variants`) and Serve
+(the `variants` request option) both call: a pair's N renders scored, the highest kept, the
+first of equals (`choose_best`, also the rule under `--select clip`).
+
 Why mean tokens and not the CLS token: a position-free summary of every patch, and on the tiny
 random encoder of tests and the demo the CLS output sits near one direction for every image
 (cosines 75-100 between unrelated images), where mean tokens spread them out.
 """
 
 from __future__ import annotations
+
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -27,7 +34,10 @@ from pipeline.metrics.clip_score import pad_to_square, region_crop
 from pipeline.model.pipeline_dtc import IMAGENET_MEAN, IMAGENET_STD
 from pipeline.regions import bounding_box
 
-__all__ = ["IdentityScorer"]
+if TYPE_CHECKING:
+    from pipeline.model.renderer import Renderer
+
+__all__ = ["IdentityScorer", "best_variants", "choose_best"]
 
 
 class IdentityScorer:
@@ -66,3 +76,19 @@ class IdentityScorer:
         goods = embeddings[count:].repeat_interleave(count // len(products), dim=0)
         cosine = (embeddings[:count] * goods).sum(dim=-1)
         return 100.0 * cosine.double().cpu().numpy()
+
+
+def choose_best(scores: np.ndarray) -> np.ndarray:
+    """float (B, N) scores of B pairs' N variants -> int64 (B,): each pair's best variant, the
+    first of equals (a fixed rule, so a re-run or an online render picks the same one)."""
+    return np.argmax(scores, axis=1).astype(np.int64)
+
+
+def best_variants(
+    renderer: Renderer, rendered: np.ndarray, holes: np.ndarray, products: np.ndarray, n: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """uint8 (B*N,R,R,3) renders (pair i's variants at rows i*N..i*N+N-1), bool (B*N,R,R) their
+    holes, uint8 (B,S,S,3) products -> (int64 (B,) the chosen variant of each pair, float64
+    (B, N) every variant's identity score), in one encoder forward."""
+    scores = renderer.identity_scores(rendered, holes, products).reshape(-1, n)
+    return choose_best(scores), scores

@@ -7,17 +7,20 @@ HTTP on 127.0.0.1:8000 unless `http_options` say otherwise. The API (DESIGN.md "
 
     POST /v1/render   multipart/form-data: files `context`, `product`, and a `mask` file or a
                       `bbox` field ("[x0, y0, x1, y1]"); optional `pair_id`, `seed`, `steps`,
-                      `guidance_scale`, `format` (jpeg|png|webp).
+                      `guidance_scale`, `variants` (1..max_variants), `format` (jpeg|png|webp).
                       application/json: `context_uri`, `product_uri`, `mask_uri` or `bbox`, and
                       the same options; URIs pass the allowlist of pipeline.fetch.
                       200 -> image bytes (the context photo's size; pixels outside the region
-                      untouched), headers X-Seed, X-Model-Digest, X-Render-Ms, X-Batch-Size, and
-                      X-Pair-Id when the request named one.
+                      untouched), headers X-Seed, X-Model-Digest, X-Render-Ms, X-Batch-Size,
+                      X-Identity-Score (the image's, 2 decimals), X-Pair-Id when the request
+                      named one, and with variants > 1 X-Variant-Seeds, X-Variant-Scores (comma-
+                      separated, in variant order) and X-Chosen-Variant (the index answered).
     GET  /healthz     200 {"status": "ok", ...} from a replica whose model is loaded and usable;
                       503 once it is not (a fatal CUDA error: Serve then replaces the replica).
                       Before the first replica has loaded, Serve has no replica to route to:
                       the probe waits, then gets Serve's 408 (see "Decisions").
-    GET  /v1/stats    this replica's counters: requests, rendered, model_calls, batch sizes, errors.
+    GET  /v1/stats    this replica's counters: requests, rendered, variants_rendered (renders made
+                      for answered requests: their variants summed), model_calls, batch sizes, errors.
 
     curl -H "Authorization: Bearer $TOKEN" -F context=@photo.jpg -F product=@shoe.png \\
          -F bbox='[40, 60, 200, 220]' -F pair_id=sku-123 http://127.0.0.1:8000/v1/render -o out.jpg
@@ -53,6 +56,11 @@ Decisions:
   per-pair generators, so a pair's pixels do not depend on its batch-mates beyond 1 uint8
   level). If a group's call fails, its members are rendered one by one, so only the culprit
   fails; a device fault fails the group at once and marks the replica broken.
+- Variants: a request with `variants` N adds N render rows to its group's one model call (seeds
+  `rows.variant_seeds(seed, N)`, `seed` first), as the render job's `--variants` rides in its
+  batches; each request's renders are scored and the best kept by `model.identity.best_variants`,
+  the render stage's own rule (identity score, the first of equals), so the online answer is the
+  batch job's chosen image. X-Seed stays the request's seed; X-Variant-Seeds names the rest.
 - Per-pair preparation is the batch job's own `prepare_pair` (fetch under the allowlist,
   decode, region, model inputs and hint), and the paste-back is `compose.postprocess` with
   RenderConfig's crop margin and feather: online and batch renders of a pair agree.
@@ -90,6 +98,7 @@ from pipeline.compose import postprocess
 from pipeline.fetch import InputPolicy
 from pipeline.images import encode_image
 from pipeline.model.checkpoint import CheckpointError, check_dtc_checkpoint, model_digest
+from pipeline.rows import variant_seeds
 from pipeline.schema import RowError
 from pipeline.serve.args import RENDER_DEFAULTS, ServeArgs
 from pipeline.serve.http import CONTENT_TYPES, ApiError, RenderRequest, error_response, parse_request, request_seed
@@ -117,16 +126,20 @@ class Job:
     seed: int
     steps: int
     guidance_scale: float
+    variants: int  # renders of the pair in the model call, seeds rows.variant_seeds(seed, variants)
     image_format: str
     pair_id: str | None
 
 
 @dataclass
 class Rendered:
-    image: np.ndarray | None = None  # R x R x 3 uint8
+    image: np.ndarray | None = None  # R x R x 3 uint8, the chosen variant
     error: ApiError | None = None
     batch_size: int = 0  # requests that shared the model call
     render_ms: float = 0.0  # wall time of that model call
+    seeds: list[int] | None = None  # every variant's seed, the request's own first
+    scores: list[float] | None = None  # every variant's identity score
+    chosen: int = 0  # the variant answered
 
 
 @serve.deployment(name="DTCServer")
@@ -166,7 +179,7 @@ class DTCServer:
         self._render_batch.set_max_batch_size(args.max_batch_size)
         self._render_batch.set_batch_wait_timeout_s(args.batch_wait_timeout_s)
         # 4. counters for /v1/stats; `broken` is set by an error that leaves the model unusable
-        self.requests, self.rendered = 0, 0
+        self.requests, self.rendered, self.variants_rendered = 0, 0, 0
         self.batch_sizes: Counter[int] = Counter()
         self.errors: Counter[str] = Counter()
         self.broken: str | None = None
@@ -240,6 +253,7 @@ class DTCServer:
         return {
             "requests": self.requests,
             "rendered": self.rendered,
+            "variants_rendered": self.variants_rendered,
             "model_calls": self.renderer.model_calls,
             "batch_sizes": {str(k): v for k, v in sorted(self.batch_sizes.items())},
             "errors": dict(self.errors),
@@ -268,7 +282,12 @@ class DTCServer:
             "X-Model-Digest": self.model_digest,
             "X-Render-Ms": f"{result.render_ms:.1f}",
             "X-Batch-Size": str(result.batch_size),
+            "X-Identity-Score": f"{result.scores[result.chosen]:.2f}",
         }
+        if job.variants > 1:
+            headers["X-Variant-Seeds"] = ",".join(str(seed) for seed in result.seeds)
+            headers["X-Variant-Scores"] = ",".join(f"{score:.2f}" for score in result.scores)
+            headers["X-Chosen-Variant"] = str(result.chosen)
         if job.pair_id is not None:
             headers["X-Pair-Id"] = job.pair_id  # the name rule's charset: safe in a header
         return Response(data, media_type=CONTENT_TYPES[job.image_format], headers=headers)
@@ -276,9 +295,17 @@ class DTCServer:
     def _prepare(self, request: RenderRequest) -> Job:
         """Fetch (JSON requests), decode, region, model inputs: the batch job's per-pair path."""
         pair = prepare_pair(request.context, request.product, request.mask, request.bbox, self.prepare_config)
-        seed = request_seed(request, pair.sources)
-        options = (request.steps, request.guidance_scale, request.image_format, request.pair_id)
-        return Job(pair.model, pair.context, pair.hole, seed, *options)
+        return Job(
+            pair.model,
+            pair.context,
+            pair.hole,
+            seed=request_seed(request, pair.sources),
+            steps=request.steps,
+            guidance_scale=request.guidance_scale,
+            variants=request.variants,
+            image_format=request.image_format,
+            pair_id=request.pair_id,
+        )
 
     def _finish(self, job: Job, rendered: np.ndarray) -> bytes:
         final = postprocess(
@@ -317,26 +344,48 @@ class DTCServer:
             return
         render_ms = (time.perf_counter() - start) * 1000
         self.batch_sizes[len(members)] += 1
+        self.variants_rendered += sum(jobs[i].variants for i in members)
         for k, i in enumerate(members):
-            results[i] = Rendered(image=rendered[k], batch_size=len(members), render_ms=render_ms)
+            rendered[k].batch_size, rendered[k].render_ms = len(members), render_ms
+            results[i] = rendered[k]
 
-    def _model_call(self, jobs: list[Job]) -> np.ndarray:
-        """The render job's batched call, with this group's steps and guidance (model thread only)."""
+    def _model_call(self, jobs: list[Job]) -> list[Rendered]:
+        """The render job's batched call, with this group's steps and guidance: every variant of
+        every request in it (request i's N_i rows one after the other), then each request's
+        variants scored and the best kept by the render stage's rule (model thread only)."""
+        from pipeline.model.identity import best_variants  # torch: in the replica only
 
-        def stack(key: str) -> np.ndarray:
-            return np.stack([job.model[key] for job in jobs])
+        counts = [job.variants for job in jobs]
+        seeds = [variant_seeds(job.seed, job.variants) for job in jobs]
 
-        return self.renderer.render(
+        def stack(key: str) -> np.ndarray:  # each request's input once per variant
+            return np.repeat(np.stack([job.model[key] for job in jobs]), counts, axis=0)
+
+        hole = stack("hole")
+        rendered = self.renderer.render(
             stack("context"),
-            stack("hole"),
+            hole,
             stack("product"),
             stack("product_alpha"),
-            np.asarray([job.seed for job in jobs], dtype=np.int64),
+            np.asarray([seed for request in seeds for seed in request], dtype=np.int64),
             steps=jobs[0].steps,
             guidance_scale=jobs[0].guidance_scale,
             hint=stack("hint"),
             hint_mask=stack("hint_mask"),
         )
+        first = np.cumsum([0, *counts])  # request i's rows: first[i] .. first[i] + counts[i] - 1
+        results: list[Rendered | None] = [None] * len(jobs)
+        # best_variants takes N renders per pair: one encoder forward per distinct N of the group
+        for n in sorted(set(counts)):
+            members = [i for i, count in enumerate(counts) if count == n]
+            rows = np.concatenate([np.arange(first[i], first[i] + n) for i in members])
+            products = np.stack([jobs[i].model["product"] for i in members])
+            chosen, scores = best_variants(self.renderer, rendered[rows], hole[rows], products, n)
+            for k, i in enumerate(members):
+                best = int(chosen[k])
+                image = rendered[first[i] + best]
+                results[i] = Rendered(image=image, seeds=seeds[i], scores=scores[k].tolist(), chosen=best)
+        return results
 
     def _model_error(self, error: Exception, alone: bool) -> ApiError | None:
         """What a failed model call means for its requests; None: try them one by one."""

@@ -8,9 +8,10 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, m
 from pipeline.config import RenderConfig
 from pipeline.schema import IMAGE_FORMATS, SCHEDULERS
 
-__all__ = ["RENDER_DEFAULTS", "ServeArgs"]
+__all__ = ["MAX_VARIANTS", "RENDER_DEFAULTS", "ServeArgs"]
 
 RENDER_DEFAULTS = RenderConfig()  # crop margin, feather, JPEG quality, steps: the same as the batch job
+MAX_VARIANTS = 16  # the batch job's --variants limit (RenderConfig.validate; a unit test keeps the two equal)
 
 
 class ServeArgs(BaseModel):
@@ -22,7 +23,7 @@ class ServeArgs(BaseModel):
 
     model_uri: str  # DTC checkpoint folder or s3:// prefix (jobs.make_model writes one)
     # -- batching: one model call per batch (per steps/guidance group inside it) --------------
-    max_batch_size: int = Field(8, ge=1)  # pairs per model call; bounded by GPU memory
+    max_batch_size: int = Field(8, ge=1)  # requests per model call (each adds its `variants` renders); GPU memory
     batch_wait_timeout_s: float = Field(0.05, ge=0)  # how long a lone request waits for company
     # None: 2 * max_batch_size, so the next batch fills while one renders
     max_ongoing_requests: int | None = Field(None, ge=1)
@@ -31,6 +32,8 @@ class ServeArgs(BaseModel):
     max_request_bytes: int = Field(64 * 2**20, ge=1)  # whole body; three phone photos fit
     max_pixels: int = Field(50_000_000, ge=1)  # per image, checked from the header before decoding
     max_steps: int = Field(100, ge=1)  # a request's `steps` cap: 1000 steps would hold the GPU for minutes
+    # a request's `variants` cap: each variant is one more render in the model call (N * batch rows)
+    max_variants: int = Field(MAX_VARIANTS, ge=1, le=MAX_VARIANTS)
     # when set (or api_token_env), requests need "Authorization: Bearer <token>"
     api_token: SecretStr | None = None
     api_token_env: str | None = None  # name of an env var holding the token (keeps it out of the Serve config)

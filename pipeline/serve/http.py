@@ -43,7 +43,7 @@ __all__ = [
 
 CONTENT_TYPES = MEDIA_TYPES  # format -> the answer's Content-Type
 FILE_FIELDS = ("context", "product", "mask")
-OPTION_FIELDS = ("bbox", "pair_id", "seed", "steps", "guidance_scale", "format")
+OPTION_FIELDS = ("bbox", "pair_id", "seed", "steps", "guidance_scale", "variants", "format")
 MULTIPART_FIELDS = (*FILE_FIELDS, *OPTION_FIELDS)
 JSON_FIELDS = ("context_uri", "product_uri", "mask_uri", *OPTION_FIELDS)
 MAX_SEED = 2**63 - 1  # int64, as the manifest's seed column
@@ -82,6 +82,7 @@ class RenderRequest:
     steps: int
     guidance_scale: float
     image_format: str
+    variants: int = 1  # renders with seeds rows.variant_seeds(seed, variants); the best is answered
 
 
 def error_response(error: ApiError) -> JSONResponse:
@@ -257,7 +258,7 @@ def _options(raw: dict, args: ServeArgs, has_mask: bool) -> dict:
     image_format = raw.get("format") or args.image_format
     if image_format not in IMAGE_FORMATS:
         raise ApiError(400, "bad_option", f"format must be one of {list(IMAGE_FORMATS)}, got {image_format!r}")
-    seed, steps, guidance = raw.get("seed"), raw.get("steps"), raw.get("guidance_scale")
+    seed, steps, guidance, variants = (raw.get(name) for name in ("seed", "steps", "guidance_scale", "variants"))
     return {
         "bbox": bbox,
         "pair_id": _pair_id(raw.get("pair_id")),
@@ -267,6 +268,7 @@ def _options(raw: dict, args: ServeArgs, has_mask: bool) -> dict:
             args.guidance_scale if guidance in (None, "") else _float_option(guidance, "guidance_scale", 0, 50)
         ),
         "image_format": image_format,
+        "variants": 1 if variants in (None, "") else _int_option(variants, "variants", 1, args.max_variants),
     }
 
 

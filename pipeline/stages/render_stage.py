@@ -228,14 +228,15 @@ class RenderStage:
         render), the CLIP region score instead with select=clip; the best variant of each pair
         (the first of equals) becomes its render. -> {"identity_score": {j: chosen's score},
         "variant_scores": {j: [the selection's score of each variant]}}."""
+        from pipeline.model.identity import best_variants, choose_best  # torch: in the actor only
+
         out: dict = {"identity_score": {}, "variant_scores": {}}
         if not len(done):
             return out
         n_var = work.variants
         every = (done[:, None] * n_var + np.arange(n_var)).ravel()  # render rows of the done pairs
         _, hole, product, *_ = work.inputs(every)
-        products = product[::n_var]
-        identity = self.renderer.identity_scores(work.rendered[every], hole, products).reshape(-1, n_var)
+        chosen, identity = best_variants(self.renderer, work.rendered[every], hole, product[::n_var], n_var)
         selection = identity
         if self.config.select == "clip" and n_var > 1:
             from pipeline.regions import bounding_box
@@ -243,8 +244,9 @@ class RenderStage:
             boxes = [bounding_box(h) for h in hole]
             clip = self.quality.clip.score(list(work.rendered[every]), boxes, list(product))
             selection = clip.reshape(-1, n_var)
+            chosen = choose_best(selection)
         for row, j in enumerate(done):
-            best = int(np.argmax(selection[row]))
+            best = int(chosen[row])
             work.chosen[int(j)] = best
             out["identity_score"][int(j)] = float(identity[row, best])
             out["variant_scores"][int(j)] = [float(v) for v in selection[row]]

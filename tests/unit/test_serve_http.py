@@ -12,7 +12,7 @@ from urllib3 import encode_multipart_formdata
 
 from pipeline.fetch import InputPolicy
 from pipeline.rows import stable_seed
-from pipeline.serve.args import ServeArgs
+from pipeline.serve.args import MAX_VARIANTS, ServeArgs
 from pipeline.serve.http import ApiError, default_seed, error_response, parse_request, request_seed
 
 LIMIT = 200_000
@@ -54,13 +54,13 @@ def files(**extra):
     return {**fields, **extra}
 
 
-def parse(req, policy: InputPolicy | None = None):
-    return asyncio.run(parse_request(req[0] if isinstance(req, tuple) else req, ARGS, policy or InputPolicy("s3://")))
+def parse(req, policy: InputPolicy | None = None, args: ServeArgs = ARGS):
+    return asyncio.run(parse_request(req[0] if isinstance(req, tuple) else req, args, policy or InputPolicy("s3://")))
 
 
-def refused(req, policy: InputPolicy | None = None) -> ApiError:
+def refused(req, policy: InputPolicy | None = None, args: ServeArgs = ARGS) -> ApiError:
     with pytest.raises(ApiError) as caught:
-        parse(req, policy)
+        parse(req, policy, args)
     return caught.value
 
 
@@ -73,6 +73,7 @@ def test_multipart_with_bbox_takes_the_defaults_of_the_args():
     assert parsed.bbox == [10.0, 20.0, 90.0, 99.0]
     assert (parsed.steps, parsed.guidance_scale, parsed.image_format) == (3, 4.0, "png")
     assert parsed.seed is None and parsed.pair_id is None
+    assert parsed.variants == 1
 
 
 def test_multipart_with_mask_and_every_option():
@@ -87,6 +88,27 @@ def test_multipart_with_mask_and_every_option():
 def test_an_option_sent_as_a_file_part_is_read_as_text():
     parsed = parse(form(files(seed=("seed.txt", b"12\n", "text/plain"))))
     assert parsed.seed == 12
+
+
+def test_variants_is_an_int_option_up_to_the_batch_job_s_limit():
+    assert parse(form(files(variants=" 3 "))).variants == 3
+    assert parse(form(files(variants=str(MAX_VARIANTS)))).variants == MAX_VARIANTS
+    assert parse(form(files(variants=""))).variants == 1  # an unfilled form field: the default
+    capped = ARGS.model_copy(update={"max_variants": 4})
+    error = refused(form(files(variants="5")), args=capped)
+    assert (error.status, error.code) == (400, "bad_option") and "variants must be an integer in 1..4" in error.message
+
+
+def test_the_variants_limit_is_the_batch_job_s():
+    from pydantic import ValidationError
+
+    from pipeline.config import ConfigError, RenderConfig
+
+    RenderConfig(manifest="m", output="o", model="x", variants=MAX_VARIANTS).validate()
+    with pytest.raises(ConfigError, match="--variants"):
+        RenderConfig(manifest="m", output="o", model="x", variants=MAX_VARIANTS + 1).validate()
+    with pytest.raises(ValidationError, match="max_variants"):
+        ServeArgs(model_uri="m", max_variants=MAX_VARIANTS + 1)
 
 
 @pytest.mark.parametrize("name", ["context", "product"])
@@ -145,6 +167,10 @@ def test_bad_regions(fields, code):
         ("guidance_scale", "51"),
         ("guidance_scale", "lots"),
         ("format", "gif"),
+        ("variants", "0"),
+        ("variants", "17"),  # above the batch job's limit of 16
+        ("variants", "three"),
+        ("variants", "2.5"),
     ],
 )
 def test_bad_options(option, value):
@@ -249,6 +275,7 @@ def test_json_request_names_uris_under_the_allowlist(tmp_path):
     parsed = parse(json_request({**document, "pair_id": "sku-9", "steps": 5}), policy)
     assert (parsed.context, parsed.product, parsed.mask) == (str(tmp_path / "c.png"), "s3://bucket/p.png", None)
     assert (parsed.bbox, parsed.pair_id, parsed.steps, parsed.seed) == ([1.0, 2.0, 30.0, 40.0], "sku-9", 5, None)
+    assert parse(json_request({**document, "variants": 4}), policy).variants == 4
     masked = {**document, "mask_uri": str(tmp_path / "m.png")}
     masked.pop("bbox")
     assert parse(json_request(masked), policy).mask == str(tmp_path / "m.png")
@@ -279,6 +306,14 @@ def test_json_request_names_uris_under_the_allowlist(tmp_path):
             {"context_uri": "s3://b/c", "product_uri": "s3://b/p", "bbox": [1, 2, 30, 40], "steps": True},
             400,
             "bad_option",
+        ),
+        *(
+            (
+                {"context_uri": "s3://b/c", "product_uri": "s3://b/p", "bbox": [1, 2, 30, 40], "variants": v},
+                400,
+                "bad_option",
+            )
+            for v in (0, 17, 2.5, "three", True)
         ),
         (
             {"context_uri": "s3://b/c", "product_uri": "s3://b/p", "bbox": [1, 2, 30, 40], "pair_id": 7},
