@@ -1,11 +1,17 @@
-"""The embedded default: a sample catalog rendered with the tiny DTC on a local Ray.
+"""The embedded default: the render job on a sample catalog, then a model that learned.
 
-    python -m jobs.demo [--out demo_out] [--pairs 40]
+    python -m jobs.demo [--out demo_out] [--pairs 40] [--toy-pairs 16]
 
-Generates a catalog (photos of varied sizes, RGBA products, bbox and mask rows, two rows
-broken on purpose), makes the tiny model, renders on a local Ray, prints the summary and
-where to look. No downloads; a few minutes at most on 2 cores. Re-running it resumes: every
-pair is already done, so nothing is rendered again (use --force to re-render).
+1. The job: a sample catalog (photos of varied sizes, RGBA products, bbox and mask rows, two rows
+   broken on purpose) rendered with the random-weight `tiny` DTC on a local Ray -> output/.
+2. A model that learned: the synthetic test split (`jobs.make_training_catalog`: hues no training
+   row had) rendered with the committed `train-tiny` model (models/train-tiny.safetensors, made
+   by the training job here: README "A model that learned" has the command) -> learned/, scored
+   by `jobs.eval_synthetic`; its QA page shows the identity metrics beside the random-weight FID
+   warning, and contact sheets with the product in the photo.
+
+No downloads; a few minutes at most on 2 cores. Re-running it resumes: every pair is already
+done, so nothing is rendered again (use --force to re-render).
 """
 
 from __future__ import annotations
@@ -15,6 +21,12 @@ import sys
 
 from jobs.cli import Parser
 from pipeline.schema import EXIT_ERROR
+
+# the train-tiny weights the training job made here (README "A model that learned": the command)
+TRAIN_TINY_WEIGHTS = os.path.join(
+    os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "models", "train-tiny.safetensors"
+)
+LEARNED_RENDER = "--steps 40 --batch-size 8 --image-format png --cpus-per-actor 0.5 --torch-threads 2".split()
 
 
 def _random_weights_config(out: str) -> str:
@@ -28,8 +40,20 @@ def main(argv: list[str] | None = None) -> int:
     parser = Parser(prog="python -m jobs.demo", description=__doc__.split("\n")[0])
     parser.add_argument("--out", default="demo_out", help="folder for catalog, model and output")
     parser.add_argument("--pairs", type=int, default=40, help="good pairs in the catalog (2 bad ones are added)")
+    parser.add_argument("--toy-pairs", type=int, default=16, help="test products of part 2 (two rows each); 0: skip")
     parser.add_argument("--force", action="store_true", help="re-render even if done")
+    parser.add_argument(
+        "--pack-weights",
+        metavar="MODEL_DIR",
+        help="write a trained train-tiny folder into models/train-tiny.safetensors",
+    )
     args = parser.parse_args(argv)
+    if args.pack_weights:
+        from pipeline.train.toy import pack
+
+        pack(args.pack_weights, TRAIN_TINY_WEIGHTS)
+        print(f"[demo] packed {args.pack_weights} into {TRAIN_TINY_WEIGHTS}")
+        return 0
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
     from pipeline.sample_catalog import make_catalog
@@ -72,6 +96,8 @@ def main(argv: list[str] | None = None) -> int:
         _random_weights_config(args.out),
     ]
     code = render(flags + (["--force"] if args.force else []))
+    if code == 0 and args.toy_pairs:
+        code = _learned(args.out, args.toy_pairs, flags[flags.index("--inception-weights") :], args.force)
     print(
         f"\n[demo] look at {os.path.join(args.out, 'output', 'images')} and the QA page "
         f"{os.path.join(args.out, 'output', 'report')}/*/index.html"
@@ -80,6 +106,31 @@ def main(argv: list[str] | None = None) -> int:
         "[demo] the 2 failed rows are deliberate: a missing photo (image_missing) "
         "and a bbox outside the photo (bad_bbox)"
     )
+    return code
+
+
+def _learned(out: str, toy_pairs: int, metric_flags: list[str], force: bool) -> int:
+    """Part 2: the toy test split rendered with the committed train-tiny model, then scored."""
+    from jobs.eval_synthetic import main as eval_synthetic
+    from jobs.render import main as render
+    from pipeline.train.catalog import make_training_catalog
+    from pipeline.train.toy import unpack
+
+    toy = os.path.join(out, "toy")
+    test = os.path.join(toy, "test.parquet")
+    if not os.path.exists(test):
+        make_training_catalog(toy, n_pairs=4, n_test=toy_pairs, seed=1)
+        print(f"[demo] synthetic test split: {test} ({toy_pairs} products, own and swapped, 2 rows each)")
+    model = os.path.join(out, "model", "train-tiny")
+    if not os.path.exists(os.path.join(model, "model_index.json")):
+        unpack(TRAIN_TINY_WEIGHTS, model)  # cached: the folder jobs.render loads
+    learned = os.path.join(out, "learned")
+    flags = ["--manifest", test, "--output", learned, "--model", model, "--run-id", "learned", *LEARNED_RENDER]
+    code = render(flags + metric_flags + (["--force"] if force else []))
+    if code != 0:
+        return code
+    code = eval_synthetic(["--test-manifest", test, "--output", learned, "--run-id", "learned"])
+    print(f"[demo] a model that learned: {learned}/report/learned/index.html (identity metrics at the top)")
     return code
 
 
