@@ -92,6 +92,14 @@ def summary_text(
     ]
     if stats.error_codes:
         lines.append("  failures   " + ", ".join(f"{code} {n}" for code, n in stats.error_codes.most_common()))
+    identity = stats.identity_all.summary()
+    if identity["n"]:
+        review = spec.cfg.min_identity_score
+        lines.append(
+            f"  identity   mean {identity['mean']:.1f}, p10 {identity['p10']:.1f}, p50 {identity['p50']:.1f}, "
+            f"p90 {identity['p90']:.1f} over {identity['n']} ok rows"
+            + (f"; needs_review {stats.needs_review} (below {review:g})" if review is not None else "")
+        )
     if stats.reused_failed:
         lines.append(
             f"  carried    {stats.reused_failed} failed rows are earlier runs' results, not tried again: "

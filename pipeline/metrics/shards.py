@@ -2,9 +2,9 @@
 
 During a run, `MetricsAccumulator.add` takes each batch of finished rows (rendered in this run,
 status ok): float64 sufficient statistics per shard and side (n, sum, sum of outer products),
-CLIP scores, and the raw fp16 features, flushed to `metrics/<run_id>/features/part-*.parquet`.
+CLIP and identity scores, and the raw fp16 features, flushed to `metrics/<run_id>/features/part-*.parquet`.
 At the end `finalize` writes, per shard, `shard=<s>.json` (FID@N labelled with N, KID mean ±
-std, CLIP mean/p10/p50/p90, lowest-scoring pairs, the protocol), `shard=<s>.real.npz` /
+std, CLIP and identity_score mean/p10/p50/p90, lowest-scoring pairs, the protocol), `shard=<s>.real.npz` /
 `shard=<s>.gen.npz` (the statistics) and `shard=<s>.features.parquet` (raw features, which KID
 needs), then `summary.json`: the global FID from merged statistics, the global KID from
 subsets drawn across shards, CLIP, and the per-shard table.
@@ -43,6 +43,7 @@ FEATURE_SCHEMA = pa.schema(
         ("feat_gen", pa.binary()),
         ("clip_score", pa.float64()),
         ("clip_floor", pa.float64()),
+        ("identity_score", pa.float64()),
     ]
 )
 
@@ -98,11 +99,21 @@ class _Shard:
         self.gen: FeatureStats | None = None
         self.clip = ClipStats()
         self.floor = ClipStats()
+        self.identity = ClipStats()  # identity_score (model.identity): the same kind of figure
         self.lowest: list[tuple[float, str]] = []
 
     def add(
-        self, real: np.ndarray | None, gen: np.ndarray | None, clip: list, floor: list, pair_ids: list[str]
+        self,
+        real: np.ndarray | None,
+        gen: np.ndarray | None,
+        clip: list,
+        floor: list,
+        pair_ids: list[str],
+        identity: list | None = None,
     ) -> None:
+        scores = [s for s in identity or () if s is not None]
+        if scores:
+            self.identity = self.identity + ClipStats.from_scores(scores)
         if real is not None and len(real):
             self.real = _sum(self.real, FeatureStats.from_features(real))
             self.gen = _sum(self.gen, FeatureStats.from_features(gen))
@@ -119,6 +130,7 @@ class _Shard:
         out = _Shard()
         out.real, out.gen = _sum(self.real, other.real), _sum(self.gen, other.gen)
         out.clip, out.floor = self.clip + other.clip, self.floor + other.floor
+        out.identity = self.identity + other.identity
         out.lowest = sorted(self.lowest + other.lowest)[:LOWEST]
         return out
 
@@ -148,8 +160,9 @@ class MetricsAccumulator:
             has_features = part["feat_gen"].null_count == 0
             real = _features(part["feat_real"].to_pylist()) if has_features else None
             gen = _features(part["feat_gen"].to_pylist()) if has_features else None
-            clip, floor, pair_ids = (part[c].to_pylist() for c in ("clip_score", "clip_floor", "pair_id"))
-            self.shards[shard].add(real, gen, clip, floor, pair_ids)
+            columns = ("clip_score", "clip_floor", "pair_id", "identity_score")
+            clip, floor, pair_ids, identity = (part[c].to_pylist() for c in columns)
+            self.shards[shard].add(real, gen, clip, floor, pair_ids, identity)
         self.pending.append(table)
         self.pending_rows += table.num_rows
         if self.pending_rows >= self.part_rows:
@@ -171,7 +184,7 @@ class MetricsAccumulator:
         features_dir = storage.join(metrics_dir, "features")
         parts = [storage.join(features_dir, rel) for rel, _, _ in storage.list_files(features_dir)]
         features = pa.concat_tables(
-            [FEATURE_SCHEMA.empty_table(), *(storage.read_parquet(p).cast(FEATURE_SCHEMA) for p in parts)]
+            [FEATURE_SCHEMA.empty_table(), *(storage.read_parquet(p, schema=FEATURE_SCHEMA) for p in parts)]
         )
         for shard, acc in self.shards.items():
             base = storage.join(metrics_dir, f"shard={shard}")
@@ -225,6 +238,7 @@ def _figures(acc: _Shard, features: pa.Table) -> dict:
         "kid_subsets": KID_SUBSETS if kid_size else None,
         "clip": acc.clip.summary(),
         "clip_floor": acc.floor.summary()["mean"],
+        "identity_score": acc.identity.summary(),
         "lowest": [{"pair_id": p, "clip_score": s} for s, p in acc.lowest],
     }
 
@@ -273,8 +287,9 @@ def _load_run(layout: Layout, run_id: str) -> tuple[dict[str, _Shard], list[pa.T
         if f"shard={shard}.real.npz" in files:
             acc.real = FeatureStats.from_npz_bytes(storage.read_bytes(f"{base}.real.npz"))
             acc.gen = FeatureStats.from_npz_bytes(storage.read_bytes(f"{base}.gen.npz"))
-        features = storage.read_parquet(f"{base}.features.parquet").cast(FEATURE_SCHEMA)
-        acc.add(None, None, *(features[c].to_pylist() for c in ("clip_score", "clip_floor", "pair_id")))
+        features = storage.read_parquet(f"{base}.features.parquet", schema=FEATURE_SCHEMA)
+        columns = ("clip_score", "clip_floor", "pair_id", "identity_score")
+        acc.add(None, None, *(features[c].to_pylist() for c in columns))
         tables.append(features)
     return shards, tables, protocol
 

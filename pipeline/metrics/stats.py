@@ -23,7 +23,15 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-__all__ = ["FeatureStats", "frechet_distance", "fid_from_stats", "kid", "kid_from_subsets", "ClipStats"]
+__all__ = [
+    "ScoreHistogram",
+    "FeatureStats",
+    "frechet_distance",
+    "fid_from_stats",
+    "kid",
+    "kid_from_subsets",
+    "ClipStats",
+]
 
 # Bumped when the npz layout changes, so an old statistics file is refused, not misread.
 _STATS_FORMAT = 1
@@ -272,3 +280,36 @@ class ClipStats:
             "p50": float(p50),
             "p90": float(p90),
         }
+
+
+class ScoreHistogram:
+    """A score distribution in fixed 0.1-wide bins over [-100, 100] (cosine x 100 scores):
+    memory that does not grow with the rows (the driver's run statistics), percentiles to 0.1.
+    Mean from exact sums."""
+
+    LOW, HIGH, WIDTH = -100.0, 100.0, 0.1
+
+    def __init__(self):
+        self.bins = np.zeros(int(round((self.HIGH - self.LOW) / self.WIDTH)) + 1, dtype=np.int64)
+        self.count, self.sum = 0, 0.0
+
+    def add(self, scores: Sequence[float]) -> None:
+        values = np.asarray([s for s in scores if s is not None], dtype=np.float64)
+        if not values.size:
+            return
+        index = np.clip(np.round((values - self.LOW) / self.WIDTH), 0, len(self.bins) - 1).astype(np.int64)
+        np.add.at(self.bins, index, 1)
+        self.count += int(values.size)
+        self.sum += float(values.sum())
+
+    def percentile(self, q: float) -> float | None:
+        """The smallest bin value with at least q% of the scores at or below it."""
+        if not self.count:
+            return None
+        rank = max(1, int(np.ceil(q / 100 * self.count)))
+        return round(self.LOW + int(np.searchsorted(np.cumsum(self.bins), rank)) * self.WIDTH, 1)
+
+    def summary(self) -> dict[str, float | int | None]:
+        """n, mean, p10, p50, p90 (None without scores)."""
+        mean = self.sum / self.count if self.count else None
+        return {"n": self.count, "mean": mean, **{f"p{q}": self.percentile(q) for q in (10, 50, 90)}}

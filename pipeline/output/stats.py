@@ -13,6 +13,8 @@ import time
 
 import pyarrow as pa
 
+from pipeline.metrics.stats import ScoreHistogram
+
 __all__ = ["RunStats"]
 
 # stage -> the column holding its busy time per row (ms), summed over the rows rendered here
@@ -27,6 +29,10 @@ class RunStats:
         self.reused = 0  # rows carried over from earlier runs (attempt 0, not skipped)
         self.reused_failed = 0  # of which failed: --retry-failed tries them again
         self.shards: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
+        # identity_score of the ok rows (this run's and reused), per shard and in all; needs_review counts
+        self.identity: dict[str, ScoreHistogram] = collections.defaultdict(ScoreHistogram)
+        self.identity_all = ScoreHistogram()
+        self.needs_review = 0
         self.stage_seconds = {stage: 0.0 for stage in STAGE_TIMES}
         # steady-state throughput on the model's clock (render_ended_at): the rows of the model
         # calls that ended after the first one, over the time from its end to the last one's
@@ -77,10 +83,25 @@ class RunStats:
         self.reused += sum(1 for a, row_status in zip(attempts, status) if a == 0 and row_status != "skipped")
         self.reused_failed += sum(1 for a, row_status in zip(attempts, status) if a == 0 and row_status == "failed")
         self.error_codes.update(code for code, row_status in zip(codes, status) if row_status == "failed")
-        for shard, row_status, attempt in zip(batch["shard"].to_pylist(), status, attempts):
+        shards = batch["shard"].to_pylist()
+        for shard, row_status, attempt in zip(shards, status, attempts):
             self.shards[shard][row_status] += 1
             if row_status != "skipped":
                 self.shards[shard]["reused" if attempt == 0 else "rendered"] += 1
+        self._identity(batch, shards, status)
+
+    def _identity(self, batch: pa.Table, shards: list, status: list) -> None:
+        if "identity_score" not in batch.column_names:
+            return
+        scores = batch["identity_score"].to_pylist()
+        by_shard: dict[str, list] = collections.defaultdict(list)
+        for shard, row_status, score in zip(shards, status, scores):
+            if row_status == "ok" and score is not None:
+                by_shard[shard].append(score)
+        for shard, values in by_shard.items():
+            self.identity[shard].add(values)
+            self.identity_all.add(values)
+        self.needs_review += sum(1 for flag in batch["needs_review"].to_pylist() if flag)
 
     def _model_call(self, ended: float, rows: int) -> None:
         """`rows` rendered by a model call that ended at `ended` (a call's rows may come in parts)."""
@@ -116,4 +137,9 @@ class RunStats:
             "reused_failed": self.reused_failed,
             "error_codes": dict(self.error_codes),
             "shards": {shard: dict(c) for shard, c in sorted(self.shards.items())},
+            "needs_review": self.needs_review,
+            "identity_score": {
+                "all": self.identity_all.summary(),
+                "shards": {shard: h.summary() for shard, h in sorted(self.identity.items())},
+            },
         }

@@ -132,8 +132,9 @@ def plan_scene(rows: pa.Table, *, config: SceneConfig) -> pa.Table:
     lead = first_render
     if lead is not None and not codes[lead]:
         stop = next((i for i in range(lead + 1, n) if codes[i]), n)
-        if stop > lead + 1:
-            rest[lead] = _pack(rows.slice(lead + 1, stop - lead - 1))
+        if stop > lead + 1:  # the later steps as this plan leaves them (to render, every one)
+            planned = _with(rows, codes, messages, action, rest, context).slice(lead + 1, stop - lead - 1)
+            rest[lead] = _pack(planned)
         if lead > 0:
             context[lead] = Layout(config.output).scene_pixels(key, col["pair_id"][lead - 1])
         keep = [i for i in range(n) if not lead < i < stop]

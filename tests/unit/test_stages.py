@@ -4,6 +4,7 @@ column. (Ray's group-by between read and resume is stood in for by `resumed`: a 
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import os
 
@@ -263,3 +264,36 @@ def test_a_block_without_a_required_column_names_the_stage_and_columns(stage, ti
     with pytest.raises(MissingColumns) as caught:
         run(broken)
     assert f"{stage} stage" in str(caught.value) and all(c in str(caught.value) for c in gone)
+
+
+def test_render_stage_scores_every_render_with_the_models_own_encoder(rendered):
+    scores = rendered["identity_score"].to_pylist()
+    assert all(isinstance(s, float) and -100 <= s <= 100 for s in scores[:2]) and scores[2:] == [None, None]
+    assert rendered["variant_seeds"].to_pylist() == [None] * 4  # one render: no variant columns
+
+
+def test_render_stage_renders_every_variant_in_the_one_call_and_keeps_the_best(tiny_model_dir, prepared, rendered):
+    config = RenderStageConfig(tiny_model_dir, steps=2, guidance_scale=3.0, torch_threads=2, variants=3)
+    stage = RenderStage(dataclasses.replace(config, keep_variants=True))
+    out = stage(prepared)
+    assert stage.renderer.model_calls == 1  # 2 pairs x 3 variants in one pipeline call
+    seeds, scores = out["variant_seeds"].to_pylist(), out["variant_scores"].to_pylist()
+    chosen, identity = out["chosen_variant"].to_pylist(), out["identity_score"].to_pylist()
+    side = (RESOLUTION, RESOLUTION, 3)
+    for i in (0, 1):
+        assert seeds[i][0] == prepared["seed"][i].as_py() and len(set(seeds[i])) == 3
+        assert chosen[i] == int(np.argmax(scores[i])) and identity[i] == scores[i][chosen[i]]
+        kept = np.frombuffer(out["variant_renders"][i].as_py(), np.uint8).reshape(3, *side)
+        assert kept[chosen[i]].tobytes() == out["rendered"][i].as_py()
+        # variant 0 is the pair's own seed: the one-render stage's image, up to batch composition
+        plain = np.frombuffer(rendered["rendered"][i].as_py(), np.uint8).reshape(side)
+        assert np.abs(kept[0].astype(int) - plain).max() <= 1
+    # the chosen image is what one render with the chosen seed gives
+    chosen_seeds = pa.array([seeds[0][chosen[0]], seeds[1][chosen[1]], 0, 0], pa.int64())
+    single = RenderStage(dataclasses.replace(config, variants=1))(
+        prepared.set_column(prepared.schema.get_field_index("seed"), "seed", chosen_seeds)
+    )
+    for i in (0, 1):
+        a = np.frombuffer(single["rendered"][i].as_py(), np.uint8).astype(int)
+        assert np.abs(a - np.frombuffer(out["rendered"][i].as_py(), np.uint8)).max() <= 1
+    assert out["variant_renders"].to_pylist()[2:] == [None, None]
