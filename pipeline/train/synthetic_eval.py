@@ -164,16 +164,24 @@ def _mask_of(rows: list[dict], scene_pair: str) -> str:
 
 
 def read_run_images(output: str, run_id: str) -> dict[str, np.ndarray]:
-    """pair_id -> rendered image of the `ok` rows of a local jobs.render run."""
+    """pair_id -> rendered image of the `ok` rows of a local jobs.render run. Every run writes
+    `images/<pair_id>.*`, so a later run of the same pairs into the same output overwrites them:
+    an image written after its row finished (by > 5 s) is another run's and is left out (missing)."""
+    from datetime import datetime
+
     from PIL import Image
 
     folder = os.path.join(output, "manifest", run_id)
-    table = pq.read_table(folder, columns=["pair_id", "status", "output_uri"])
+    table = pq.read_table(folder, columns=["pair_id", "status", "output_uri", "finished_at"])
     table = table.filter(pc.equal(table["status"], "ok"))
-    return {
-        pair_id: np.asarray(Image.open(uri).convert("RGB"))
-        for pair_id, uri in zip(table["pair_id"].to_pylist(), table["output_uri"].to_pylist())
-    }
+    images = {}
+    for pair_id, uri, finished in zip(*(table[c].to_pylist() for c in ("pair_id", "output_uri", "finished_at"))):
+        finished_s = (
+            finished.timestamp() if isinstance(finished, datetime) else datetime.fromisoformat(finished).timestamp()
+        )
+        if os.path.getmtime(uri) <= finished_s + 5:
+            images[pair_id] = np.asarray(Image.open(uri).convert("RGB"))
+    return images
 
 
 def evaluate_run(test_manifest: str, output: str, run_id: str, write: bool = True) -> dict:
