@@ -6,6 +6,9 @@ import glob
 import io
 import os
 import socket
+import subprocess
+import sys
+import time
 
 import numpy as np
 import pyarrow as pa
@@ -72,3 +75,25 @@ def check_ok_rows(table: pa.Table) -> int:
         assert not np.array_equal(out[region], context[region]), f"{row['pair_id']}: region not rendered"
         checked += 1
     return checked
+
+
+def subprocess_render(args: list[str], log_path) -> subprocess.Popen:
+    """`python -m jobs.render ARGS` as its own driver process (in its own process group, so that
+    a test can kill it and its children at once), output to `log_path`."""
+    env = dict(os.environ, PYTHONPATH=os.getcwd(), RAY_USAGE_STATS_ENABLED="0")
+    return subprocess.Popen(
+        [sys.executable, "-m", "jobs.render", *args],
+        stdout=open(log_path, "w"),
+        stderr=subprocess.STDOUT,
+        env=env,
+        start_new_session=True,
+    )
+
+
+def wait_for_parts(proc: subprocess.Popen, output, run_id: str, parts: int, log_path, timeout: float = 240) -> None:
+    """Until the run has written `parts` manifest part files (a deadline on the wait, not a timing assertion)."""
+    deadline = time.time() + timeout
+    while len(glob.glob(os.path.join(str(output), "manifest", run_id, "part-*.parquet"))) < parts:
+        assert proc.poll() is None, open(log_path).read()[-3000:]
+        assert time.time() < deadline, f"run {run_id} wrote {parts} manifest part(s) not in time"
+        time.sleep(0.2)

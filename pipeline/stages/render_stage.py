@@ -235,7 +235,7 @@ class RenderStage:
             return out
         n_var = work.variants
         every = (done[:, None] * n_var + np.arange(n_var)).ravel()  # render rows of the done pairs
-        _, hole, product, *_ = work.inputs(every)
+        hole, product = work.inputs(every, ("model_hole", "model_product"))
         chosen, identity = best_variants(self.renderer, work.rendered[every], hole, product[::n_var], n_var)
         selection = identity
         if self.config.select == "clip" and n_var > 1:
@@ -347,17 +347,16 @@ class _Work:
     def variant_seeds(self, j: int) -> list[int]:
         return [int(s) for s in self.seeds[j * self.variants : (j + 1) * self.variants]]
 
-    def inputs(self, rows: np.ndarray) -> list[np.ndarray]:
+    def inputs(self, rows: np.ndarray, columns: tuple[str, ...] = MODEL_INPUTS) -> list[np.ndarray]:
         """context, hole (bool), product, product alpha (bool), hint, hint mask (bool) of render
-        `rows`, stacked (MODEL_INPUTS' order)."""
+        `rows`, stacked (MODEL_INPUTS' order; or just `columns`). Render rows of one pair share
+        its payload: each pair is decoded once and repeated."""
+        pairs, index = np.unique(np.asarray(rows) // self.variants, return_inverse=True)
         stacked = []
-        for c in MODEL_INPUTS:
+        for c in columns:
             array = np.stack(
-                [
-                    np.frombuffer(self.payloads[c][j // self.variants], dtype=np.uint8).reshape(self.shapes[c])
-                    for j in rows
-                ]
-            )
+                [np.frombuffer(self.payloads[c][j], dtype=np.uint8).reshape(self.shapes[c]) for j in pairs]
+            )[index]
             stacked.append(
                 array.view(bool) if c in ("model_hole", "model_product_alpha", "model_hint_mask") else array
             )

@@ -11,15 +11,13 @@ import io
 import json
 import os
 import signal
-import subprocess
-import sys
 import time
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from helpers import FAST, check_ok_rows, read_manifest, render_args
+from helpers import FAST, check_ok_rows, read_manifest, render_args, subprocess_render, wait_for_parts
 from PIL import Image
 
 from jobs.render import main as render
@@ -202,17 +200,6 @@ def test_most_rows_failing_exits_3_with_outputs(ray_address, tmp_path):
     )
 
 
-def _subprocess_render(args: list[str], log_path) -> subprocess.Popen:
-    env = dict(os.environ, PYTHONPATH=os.getcwd(), RAY_USAGE_STATS_ENABLED="0")
-    return subprocess.Popen(
-        [sys.executable, "-m", "jobs.render", *args],
-        stdout=open(log_path, "w"),
-        stderr=subprocess.STDOUT,
-        env=env,
-        start_new_session=True,
-    )
-
-
 def _latest_rows(output) -> dict[str, dict]:
     latest: dict[str, dict] = {}
     for row in read_manifest(str(output)).to_pylist():
@@ -240,13 +227,9 @@ def test_interrupt_resume_lock_staleness_and_determinism(ray_address, tmp_path):
         ray_address,
         *"--steps 12 --image-format png --cpus-per-actor 0.5 --torch-threads 1".split(),  # batch size from the YAML
     ]
-    first = _subprocess_render([*args, "--run-id", "first"], tmp_path / "first.log")
+    first = subprocess_render([*args, "--run-id", "first"], tmp_path / "first.log")
     try:
-        deadline = time.time() + 240
-        while len(glob.glob(str(output / "manifest" / "first" / "part-*.parquet"))) < 2:
-            assert first.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
-            assert time.time() < deadline, "the first run wrote no manifest part in time"
-            time.sleep(0.5)
+        wait_for_parts(first, output, "first", 2, tmp_path / "first.log")
         # a second run on the same output is refused while the first holds the lock
         assert render([*args, "--run-id", "second"]) == 2
         assert not (output / "manifest" / "second").exists()

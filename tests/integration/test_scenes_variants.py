@@ -5,19 +5,16 @@ resume and staleness follow DESIGN.md "Scenes and variants"; variants ride in th
 
 from __future__ import annotations
 
-import glob
 import io
 import json
 import os
 import signal
-import subprocess
-import sys
 import time
 
 import numpy as np
 import pyarrow as pa
 import pytest
-from helpers import FAST, read_manifest
+from helpers import FAST, read_manifest, subprocess_render, wait_for_parts
 from helpers import render_args as _render_args
 from PIL import Image
 
@@ -215,21 +212,9 @@ def test_a_killed_run_with_scenes_and_variants_resumes_keeping_its_choices(
         *("--batch-size", "1", "--address", ray_address, "--config", str(tmp_path / "k.yaml")),
     ]
     (tmp_path / "k.yaml").write_text("manifest_part_rows: 1\nlock_stale_s: 3\n")
-    env = dict(os.environ, PYTHONPATH=os.getcwd(), RAY_USAGE_STATS_ENABLED="0")
-    log = open(tmp_path / "first.log", "w")
-    first = subprocess.Popen(
-        [sys.executable, "-m", "jobs.render", *args, "--run-id", "k1"],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        env=env,
-        start_new_session=True,
-    )
+    first = subprocess_render([*args, "--run-id", "k1"], tmp_path / "first.log")
     try:
-        deadline = time.time() + 240
-        while len(glob.glob(str(output / "manifest" / "k1" / "part-*.parquet"))) < 2:
-            assert first.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
-            assert time.time() < deadline, "the first run wrote no manifest part in time"
-            time.sleep(0.2)
+        wait_for_parts(first, output, "k1", 2, tmp_path / "first.log")
     finally:
         os.killpg(first.pid, signal.SIGKILL)
         first.wait()
