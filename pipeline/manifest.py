@@ -149,7 +149,7 @@ def plan_manifest(uri: str, partition_range: tuple[str, str, str] | None = None)
         if fmt == "parquet":
             file_rows.append(_read_file(file, fragment.count_rows))
         else:
-            typed = [n for n in ("pair_id", "seed", "bbox") if n in physical.names]
+            typed = [n for n in ("pair_id", "seed", "step", "bbox") if n in physical.names]
             count = lambda: sum(b.num_rows for b in fragment.to_batches(columns=typed, batch_size=65536))  # noqa: E731
             file_rows.append(_read_file(file, count, physical.names))
     try:
@@ -319,8 +319,9 @@ def _file_format(fmt: str, csv_names: list[str]) -> ds.FileFormat:
     if fmt == "json":
         return ds.JsonFileFormat()
     types = {name: pa.string() for name in csv_names}
-    if "seed" in types:
-        types["seed"] = pa.int64()
+    for name in ("seed", "step"):
+        if name in types:
+            types[name] = pa.int64()
     return ds.CsvFileFormat(convert_options=pacsv.ConvertOptions(column_types=types))
 
 
@@ -397,6 +398,8 @@ def _check_columns(schema: pa.Schema, file: str, fmt: str) -> None:
         raise ManifestError(
             f"manifest file {file} has neither a mask_uri nor a bbox column: one is needed to mark the region"
         )
+    if ("scene_id" in names) != ("step" in names):
+        raise ManifestError(f"manifest file {file}: scene_id and step go together (a scene's rows need both columns)")
     for field in schema:
         t = field.type
         if pa.types.is_null(t):  # an all-null column: every row says so itself

@@ -84,6 +84,8 @@ def validate_rows(
         for name in ("pair_id", "context_uri", "product_uri", "mask_uri", "bbox", "seed", "shard", "scene_id", "step")
     }
     out: dict[str, list] = {name: [] for name in VALIDATED_TYPES}
+    # a blank scene_id (an empty CSV cell) is no scene
+    scene_ids = [None if is_missing(v) or not str(v).strip() else v for v in column["scene_id"]]
     for i in range(table.num_rows):
         pair_id, shard = _text(column["pair_id"][i]), _text(column["shard"][i])
         uris = [_text(column[name][i]) for name in ("context_uri", "product_uri", "mask_uri")]
@@ -99,19 +101,29 @@ def validate_rows(
                 "that row is rendered",
             )
         else:
+            # a later scene step is rendered into its predecessor: no context of its own to check
+            later = _later_step(column["step"][i]) and context_uri is None
             code, message = _check(
-                pair_id, context_uri, product_uri, mask_uri, bbox_given, bbox_problem, shard, conflicts.duplicates
+                pair_id,
+                "(the previous step)" if later else context_uri,
+                product_uri,
+                mask_uri,
+                bbox_given,
+                bbox_problem,
+                shard,
+                conflicts.duplicates,
             )
-            scene_problem = _scene_problem(column["scene_id"][i], column["step"][i])
+            scene_problem = _scene_problem(scene_ids[i], column["step"][i])
             if scene_problem and code not in ("invalid_pair_id", "duplicate_pair_id"):
                 code, message = "scene_invalid", scene_problem
-            elif code == "missing_uri" and context_uri is None and product_uri and _later_step(column["step"][i]):
-                code, message = "", ""  # a later step is rendered into its predecessor: no context of its own
         for name, value in zip(
             out, (code, message, context_uri, product_uri, mask_uri, bbox, _seed(column["seed"][i], pair_id), shard)
         ):
             out[name].append(value)
-    return set_columns(table, {name: pa.array(values, VALIDATED_TYPES[name]) for name, values in out.items()})
+    columns = {name: pa.array(values, VALIDATED_TYPES[name]) for name, values in out.items()}
+    if "scene_id" in table.column_names:
+        columns["scene_id"] = pa.array(scene_ids, pa.string())
+    return set_columns(table, columns)
 
 
 def _check(

@@ -18,6 +18,7 @@ from __future__ import annotations
 import collections
 import hashlib
 import json
+import math
 import time
 
 import numpy as np
@@ -111,7 +112,7 @@ class _Shard:
         pair_ids: list[str],
         identity: list | None = None,
     ) -> None:
-        scores = [s for s in identity or () if s is not None]
+        scores = [s for s in identity or () if s is not None and math.isfinite(s)]
         if scores:
             self.identity = self.identity + ClipStats.from_scores(scores)
         if real is not None and len(real):

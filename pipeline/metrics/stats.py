@@ -295,6 +295,7 @@ class ScoreHistogram:
 
     def add(self, scores: Sequence[float]) -> None:
         values = np.asarray([s for s in scores if s is not None], dtype=np.float64)
+        values = values[np.isfinite(values)]  # a NaN score is no score (its row is flagged for review)
         if not values.size:
             return
         index = np.clip(np.round((values - self.LOW) / self.WIDTH), 0, len(self.bins) - 1).astype(np.int64)

@@ -147,7 +147,8 @@ def finish_batch(batch: pa.Table, *, config: FinishConfig) -> pa.Table:
         finished_at[i] = _now()
     batch = batch.drop_columns([c for c in STAGES["finish"].drops if c in batch.column_names])
     threshold = config.min_identity_score
-    review = [None if s is None else bool(threshold is not None and s < threshold) for s in col["identity_score"]]
+    # `not s >= threshold`: a score that is not a number (a degenerate render) is held back too
+    review = [None if s is None else bool(threshold is not None and not s >= threshold) for s in col["identity_score"]]
     return set_columns(
         batch,
         {

@@ -78,7 +78,8 @@ def pixels_digest(pixels: np.ndarray) -> str:
 def group_keys(scene_ids: pa.ChunkedArray | pa.Array, buckets: pa.ChunkedArray | pa.Array) -> pa.Array:
     """scene_id, or "#<bucket>" ("#" is outside the name rule, so no scene_id can equal it)."""
     outside = pc.binary_join_element_wise("#", pc.cast(buckets, pa.string()), "")
-    return pc.if_else(pc.is_null(scene_ids), outside, pc.cast(scene_ids, pa.string())).combine_chunks()
+    scene_ids = pc.cast(scene_ids, pa.string())
+    return pc.if_else(pc.is_null(scene_ids), outside, scene_ids).combine_chunks()
 
 
 def _pack(rows: pa.Table) -> bytes:
@@ -96,11 +97,28 @@ def plan_scene(rows: pa.Table, *, config: SceneConfig) -> pa.Table:
     """The stage (a `map_groups` function; a group = one scene's rows, or a bucket's plain rows)."""
     key = rows[GROUP][0].as_py()
     rows = rows.drop_columns([GROUP])
-    n = rows.num_rows
     if key.startswith("#"):
-        return rows.append_column(SCENE_REST, pa.nulls(n, pa.large_binary())).append_column(
-            SCENE_CONTEXT, pa.nulls(n, pa.string())
-        )
+        return _with_scene_columns(rows)
+    # a backfill's superseded rows are another partition's copy of the scene: they pass as they are
+    superseded = pc.equal(rows["error_code"].fill_null(""), "superseded")
+    passed = _with_scene_columns(rows.filter(superseded))
+    rows = rows.filter(pc.invert(superseded))
+    if rows.num_rows == 0:
+        return passed
+    planned = _plan_steps(rows, key, config)
+    return pa.concat_tables([planned, passed.cast(planned.schema)]) if passed.num_rows else planned
+
+
+def _with_scene_columns(rows: pa.Table) -> pa.Table:
+    n = rows.num_rows
+    return rows.append_column(SCENE_REST, pa.nulls(n, pa.large_binary())).append_column(
+        SCENE_CONTEXT, pa.nulls(n, pa.string())
+    )
+
+
+def _plan_steps(rows: pa.Table, key: str, config: SceneConfig) -> pa.Table:
+    """One scene's rows (superseded ones set aside): steps 1-3 of the module docstring."""
+    n = rows.num_rows
     rows = rows.sort_by("step")
     col = {c: rows[c].to_pylist() for c in ("pair_id", "step", "context_uri", "action", "error_code", "error_message")}
     prev = {c: rows[PREV + c].to_pylist() for c in ("status", "error_code", "context_digest", "pixels_digest")}
@@ -118,7 +136,16 @@ def plan_scene(rows: pa.Table, *, config: SceneConfig) -> pa.Table:
                 messages[i] = f"step {col['step'][failed]} ({col['pair_id'][failed]}) of scene {key!r} failed"
             continue
         if first_render is None:
-            chained = i == 0 or prev["context_digest"][i] == prev["pixels_digest"][i - 1]
+            # a step is done only if it was rendered as a scene step, into its predecessor's
+            # current pixels (a pair rendered before as a plain row has no digests)
+            chained = prev["pixels_digest"][i] is not None and (
+                i == 0
+                or (
+                    prev["context_digest"][i] is not None and prev["context_digest"][i] == prev["pixels_digest"][i - 1]
+                )
+            )
+            if action[i] == REUSE and prev["status"][i] != "ok":
+                chained = True  # a carried failure has no pixels: it stays carried (--retry-failed)
             if action[i] == REUSE and chained:
                 failed = i if prev["status"][i] != "ok" else None  # a carried failure
                 continue
@@ -155,8 +182,8 @@ def _scene_problem(key: str, steps: list, contexts: list, max_steps: int) -> str
         repeated = sorted({s for s in steps if steps.count(s) > 1})
         return f"step(s) {repeated} given more than once"
     if steps != list(range(1, len(steps) + 1)):
-        missing = sorted(set(range(1, max(steps) + 1)) - set(steps))
-        return f"steps {steps} have a gap: missing {missing}"
+        missing = sorted(set(range(1, len(steps) + 1)) - set(steps))  # bounded: len <= max_steps
+        return f"steps {[min(s, 10**9) for s in steps]} have a gap: missing {missing}"
     for step, uri in zip(steps[1:], contexts[1:]):
         if uri is not None and uri != contexts[0]:
             return f"step {step}'s context_uri is not step 1's (a later step is rendered into the previous one)"
@@ -189,6 +216,9 @@ def prepare_rest(blob: bytes, photo: np.ndarray, check: Callable, fetch: Callabl
             check(photo, product, mask, col["bbox"][i])
         except RowError as e:
             col["error_code"][i], col["error_message"][i] = e.code, e.message
+            continue
+        except Exception as e:  # noqa: BLE001 - an input no check foresaw fails its own step, not the scene's first
+            col["error_code"][i], col["error_message"][i] = "prepare_failed", f"{type(e).__name__}: {e}"[:500]
             continue
         fetched["scene_product"][i], fetched["scene_mask"][i] = product, mask
     columns = {c: pa.array(v, pa.large_binary()) for c, v in fetched.items()}
@@ -242,6 +272,8 @@ def _next_step(wave: pa.Table, i: int, step: pa.Table, cut: Callable, feather_px
         columns = cut(photo, step["scene_product"][0].as_py(), step["scene_mask"][0].as_py(), step["bbox"][0].as_py())
     except RowError as e:
         return _fail(step, e.code, e.message), None
+    except Exception as e:  # noqa: BLE001 - a step no check foresaw fails alone, not the actor's block
+        return _fail(step, "prepare_failed", f"{type(e).__name__}: {e}"[:500]), None
     return set_columns(step.drop_columns(list(_FETCHED)), columns), True
 
 

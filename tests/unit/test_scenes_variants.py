@@ -174,3 +174,43 @@ def test_variants_and_selection_are_in_the_settings_digest_and_one_variant_keeps
     four = digest(variants=4)
     assert len({one, four, digest(variants=2), digest(variants=4, select="clip")}) == 4
     assert digest(variants=4, keep_variants=True, min_identity_score=50.0) == four  # no effect on pixels
+
+
+def test_a_huge_step_number_is_a_bounded_gap_message():
+    rows = _plan(_group([1, 10**12]))
+    assert {r["error_code"] for r in rows} == {"scene_invalid"}
+    assert len(rows[0]["error_message"]) < 200 and "missing [2]" in rows[0]["error_message"]
+
+
+def test_steps_rendered_before_as_plain_pairs_have_no_digests_and_are_not_reused():
+    group = _group([1, 2], reused=(1, 2), digests={1: (None, None), 2: (None, None)})
+    rows = _plan(group)
+    assert [r["step"] for r in rows] == [1] and rows[0]["action"] == RENDER and rows[0][SCENE_CONTEXT] is None
+    assert [r["step"] for r in _unpack(rows[0][SCENE_REST]).to_pylist()] == [2]
+
+
+def test_a_backfills_superseded_copy_of_a_scene_passes_and_the_latest_renders():
+    group = pa.concat_tables([_group([1, 2]), _group([1, 2], codes=["superseded", "superseded"])])
+    rows = _plan(group)
+    assert sorted(r["error_code"] for r in rows) == ["", "superseded", "superseded"]  # the lead + 2 passed
+    lead = next(r for r in rows if not r["error_code"])
+    assert [r["step"] for r in _unpack(lead[SCENE_REST]).to_pylist()] == [2]
+
+
+def test_a_later_step_without_a_context_is_still_checked_and_a_blank_scene_id_is_no_scene(tmp_path):
+    from pipeline.rows import validate_rows
+
+    table = pa.table(
+        {
+            "pair_id": ["s-1", "s-2", "s-3", "plain"],
+            "scene_id": ["s", "s", "s", "  "],
+            "step": pa.array([1, 2, 3, None], pa.int64()),
+            "context_uri": ["photo.jpg", None, None, "photo.jpg"],
+            "product_uri": ["p.png"] * 4,
+            "bbox": pa.array([[1.0, 1.0, 9.0, 9.0]] * 4, pa.list_(pa.float64())),
+            "shard": ["a", "x/../../evil", "a", "a"],
+        }
+    )
+    out = validate_rows(table, str(tmp_path)).to_pylist()
+    assert [r["error_code"] for r in out] == ["", "invalid_shard", "", ""]
+    assert out[3]["scene_id"] is None
