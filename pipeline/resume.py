@@ -19,10 +19,11 @@ from pipeline.schema import CARRIED_COLUMNS, PREV, RENDER, REUSE, state_schema
 
 __all__ = ["reusable_state", "StateIndex", "resume_batch", "REJUDGED_CODES"]
 
-# Failures that this run's own options decide, judged again every run instead of carried over:
-# an input refused by the allowlist may be allowed now (--allow-root, --allow-http), and
-# judging it fetches nothing.
-REJUDGED_CODES = ("uri_not_allowed",)
+# Failures that this run decides anew, judged again every run instead of carried over: an input
+# refused by the allowlist may be allowed now (--allow-root, --allow-http); a scene's failures
+# come from its other rows (a fixed gap, a predecessor that renders now). Judging any of them
+# fetches nothing.
+REJUDGED_CODES = ("uri_not_allowed", "scene_invalid", "upstream_failed")
 
 
 def reusable_state(

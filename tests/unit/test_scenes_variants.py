@@ -214,3 +214,18 @@ def test_a_later_step_without_a_context_is_still_checked_and_a_blank_scene_id_is
     out = validate_rows(table, str(tmp_path)).to_pylist()
     assert [r["error_code"] for r in out] == ["", "invalid_shard", "", ""]
     assert out[3]["scene_id"] is None
+
+
+def test_a_scenes_failures_are_judged_again_every_run_other_failures_are_carried():
+    from pipeline.resume import reusable_state
+
+    codes = ["scene_invalid", "upstream_failed", "bad_bbox"]
+    state = pa.Table.from_pylist(
+        [
+            {"pair_id": f"p{i}", "status": "failed", "error_code": c, "model_digest": "m", "settings_digest": "s"}
+            for i, c in enumerate(codes)
+        ],
+        schema=state_schema(),
+    )
+    kept = reusable_state(state, "m", "s", None, retry_failed=False)
+    assert kept["error_code"].to_pylist() == ["bad_bbox"]  # a fixed scene renders without --retry-failed
