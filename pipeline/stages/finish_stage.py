@@ -35,6 +35,7 @@ from pipeline.schema import (
     set_columns,
 )
 from pipeline.stages import scene_stage
+from pipeline.stages.prepare_stage import unpack_photo
 
 __all__ = ["FinishConfig", "finish_batch"]
 
@@ -90,11 +91,8 @@ def _write_image(
     for a scene step, its context and pixels digests (its pixels also go, lossless, where the
     next step reads them). With kept variants (`variant_renders`), the ones not chosen go to
     variants/<pair_id>/<k>.<ext>."""
-    h, w, r = batch["height"][i].as_py(), batch["width"][i].as_py(), config.resolution
-    # as_buffer(): views of the block's memory; as_py() would copy each photo once more
-    context = np.frombuffer(batch["context_raw"][i].as_buffer(), dtype=np.uint8).reshape(h, w, 3)
-    hole_bits = np.frombuffer(batch["hole_bits"][i].as_buffer(), dtype=np.uint8)
-    hole = np.unpackbits(hole_bits, count=h * w).reshape(h, w).view(bool)
+    r = config.resolution
+    context, hole = unpack_photo(batch, i)
     rendered = np.frombuffer(batch["rendered"][i].as_buffer(), dtype=np.uint8).reshape(r, r, 3)
     final = compose.postprocess(context, rendered, hole, tuple(box), feather_px=config.feather_px)
     pair_id, ext = batch["pair_id"][i].as_py(), EXTENSIONS[config.image_format]

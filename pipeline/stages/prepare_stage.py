@@ -36,6 +36,7 @@ __all__ = [
     "prepare_pair",
     "prepare_into",
     "step_columns",
+    "unpack_photo",
     "payloads",
     "prepare_batch",
 ]
@@ -125,6 +126,15 @@ def payloads(pair: PreparedPair) -> dict[str, memoryview]:
         "model_hint": _raw(model["hint"]),
         "model_hint_mask": _raw(model["hint_mask"].view(np.uint8)),
     }
+
+
+def unpack_photo(block: pa.Table, i: int) -> tuple[np.ndarray, np.ndarray]:
+    """Row i's `context_raw` and `hole_bits` back as the H x W x 3 photo and H x W bool region
+    (the inverse of `payloads`; views of the block's memory, no copy of the photo)."""
+    h, w = block["height"][i].as_py(), block["width"][i].as_py()
+    context = np.frombuffer(block["context_raw"][i].as_buffer(), dtype=np.uint8).reshape(h, w, 3)
+    hole_bits = np.frombuffer(block["hole_bits"][i].as_buffer(), dtype=np.uint8)
+    return context, np.unpackbits(hole_bits, count=h * w).reshape(h, w).view(bool)
 
 
 def step_columns(photo: np.ndarray, product: bytes, mask: bytes | None, bbox, config: PrepareConfig) -> dict:

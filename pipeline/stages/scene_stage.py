@@ -279,13 +279,13 @@ def _next_step(wave: pa.Table, i: int, step: pa.Table, cut: Callable, feather_px
 
 def _pasted(wave: pa.Table, i: int, feather_px: int) -> np.ndarray:
     """Wave row i's render pasted into the pixels it was rendered into, as the finish stage does."""
-    h, w = wave["height"][i].as_py(), wave["width"][i].as_py()
-    context = np.frombuffer(wave["context_raw"][i].as_buffer(), dtype=np.uint8).reshape(h, w, 3)
-    hole = np.unpackbits(np.frombuffer(wave["hole_bits"][i].as_buffer(), dtype=np.uint8), count=h * w)
+    from pipeline.stages.prepare_stage import unpack_photo  # here: prepare_stage imports this module
+
+    context, hole = unpack_photo(wave, i)
     r = int(round((len(wave["rendered"][i].as_buffer()) // 3) ** 0.5))
     rendered = np.frombuffer(wave["rendered"][i].as_buffer(), dtype=np.uint8).reshape(r, r, 3)
     box = tuple(wave["crop_box"][i].as_py())
-    return np.asarray(compose.postprocess(context, rendered, hole.reshape(h, w).view(bool), box, feather_px))
+    return np.asarray(compose.postprocess(context, rendered, hole, box, feather_px))
 
 
 def _fail(rows: pa.Table, code: str, message: str) -> pa.Table:
