@@ -1,14 +1,14 @@
 """A model that learned (issue 15): the train-tiny recipe end to end, one JSON line per figure.
 
-    python bench/learned.py [--work DIR] [--steps 1500]     # ~30 CPU-minutes on 2 cores
+    python bench/learned.py [--work DIR] [--steps 800]     # ~45 minutes on 2 shared cores
 
 Every step is the production command, in a subprocess: `jobs.make_training_catalog` (the toy
-catalog), `jobs.fit_vae` (stage 0), `jobs.train` with `pipeline/train/train-tiny.yaml` (spatial
-and channel FiLM), `jobs.render` of the test split, `jobs.eval_synthetic`'s metrics. Records:
+catalog), `jobs.fit_vae` (stage 0), `jobs.train` with `pipeline/train/train-tiny.yaml` (channel
+and spatial FiLM), `jobs.render` of the test split, `jobs.eval_synthetic`'s metrics. Records:
 
 - `vae`: stage 0's PSNR on the val windows and its loss curve;
 - `loss_curve`: the training loss (train.jsonl, every 25 steps) and the validation loss;
-- `table`: the learning table on the test split: trained (spatial FiLM, the default), untrained
+- `table`: the learning table on the test split: trained (channel FiLM, the default), untrained
   (the stage-0 model: random DTC, fitted VAE), copy-paste of the hint (no model: the identity
   upper reference), hint branch off (the trained model with its FiLM heads zeroed), channel
   FiLM and spatial FiLM (trained alike), each with the five metrics;
@@ -32,6 +32,8 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from common import ROOT, render_command  # noqa: E402  (bench/common.py: bench/ is first on sys.path)
+
+from pipeline.schema import DEFAULT_FILM_MODE, FILM_MODES  # noqa: E402
 
 RECIPE = os.path.join(ROOT, "pipeline", "train", "train-tiny.yaml")
 CATALOG_FLAGS = ["--pairs", "448", "--val-fraction", "0.125", "--test-pairs", "32"]
@@ -114,7 +116,7 @@ def render_and_score(work: str, model: str, run_id: str, scheduler: str = "ddim"
 
 def stage0(work: str) -> str:
     """The catalog and the fitted VAE (reused when this --work has them); the `vae` line."""
-    init = os.path.join(work, "init-spatial")
+    init = os.path.join(work, f"init-{DEFAULT_FILM_MODE}")
     reused = os.path.exists(os.path.join(init, "vae_fit.json"))  # stage 0 of an earlier run of this --work
     if not reused:
         run("jobs.make_training_catalog", "--out", os.path.join(work, "toy"), *CATALOG_FLAGS)
@@ -145,10 +147,11 @@ def learning_table(work: str, init: str, steps: int) -> dict:
     """Two trainings, the ablation models; one `table` line per row. Returns model paths."""
     from pipeline.train import synthetic_eval, toy
 
-    toy.with_film_mode(init, os.path.join(work, "init-channel"), "channel")
+    films = (DEFAULT_FILM_MODE, *(m for m in FILM_MODES if m != DEFAULT_FILM_MODE))
+    for film in films[1:]:  # stage 0 fitted the default mode's folder; the others share its VAE
+        toy.with_film_mode(init, os.path.join(work, f"init-{film}"), film)
     models = {"untrained": init}
     began = time.perf_counter()
-    films = ("spatial", "channel")
     # both FiLM modes at once, one torch thread each: on a shared 2-core machine that ends sooner
     with concurrent.futures.ThreadPoolExecutor(len(films)) as pool:
         outputs = list(pool.map(lambda film: train(work, os.path.join(work, f"init-{film}"), film, steps), films))
@@ -156,9 +159,7 @@ def learning_table(work: str, init: str, steps: int) -> dict:
     for film, output in zip(films, outputs):
         emit(what="loss_curve", film=film, steps=steps, seconds_both=seconds, **loss_curve(output))
         models[f"{film} FiLM"] = os.path.join(output, "model")
-    from pipeline.train.vae_fit import VaeFitConfig
-
-    default = f"{VaeFitConfig().film_mode} FiLM"  # the train-tiny recipe's FiLM mode
+    default = f"{DEFAULT_FILM_MODE} FiLM"
     toy.hint_off(models[default], os.path.join(work, "hint-off"))
     models["hint branch off"] = os.path.join(work, "hint-off")
     rows = {name: render_and_score(work, model, name.replace(" ", "-")) for name, model in models.items()}
@@ -168,7 +169,7 @@ def learning_table(work: str, init: str, steps: int) -> dict:
     images = synthetic_eval.copy_paste_images(test, 64, 56)
     test_rows = pq.read_table(test).to_pylist()
     rows["copy-paste of the hint"] = synthetic_eval.evaluate_images(test_rows, images, os.path.dirname(test))
-    for name in ("spatial FiLM", "channel FiLM", "untrained", "copy-paste of the hint", "hint branch off"):
+    for name in (*(f"{film} FiLM" for film in films), "untrained", "copy-paste of the hint", "hint branch off"):
         metrics = {k: rows[name].get(k) for k in (*synthetic_eval.METRICS, "own_rows", "missing_rows")}
         emit(what="table", model=name, trained_default=name == default, scheduler="ddim", steps=40, **metrics)
     return models
@@ -219,13 +220,13 @@ def main() -> None:
         help="keep everything here (default: "
         "$DTC_BENCH_WORK, else a temporary folder); a stage 0 already there is reused",
     )
-    parser.add_argument("--steps", type=int, default=400, help="training steps of each FiLM mode")
+    parser.add_argument("--steps", type=int, default=800, help="training steps of each FiLM mode")
     parser.add_argument("--calibration-only", action="store_true", help="only the CI calibration (needs stage 0)")
     args = parser.parse_args()
     work = args.work or tempfile.mkdtemp(prefix="dtc-bench-learned-")
     os.makedirs(work, exist_ok=True)
     if args.calibration_only:
-        return calibration(work, os.path.join(work, "init-spatial"))
+        return calibration(work, os.path.join(work, f"init-{DEFAULT_FILM_MODE}"))
     init = stage0(work)
     # The calibration runs beside the rest, in its own process: it needs only stage 0's VAE (the
     # committed weights' VAE: frozen through training), and on a shared 2-core machine two
@@ -238,7 +239,7 @@ def main() -> None:
         env=dict(os.environ, PYTHONPATH=ROOT),
     )
     models = learning_table(work, init, args.steps)
-    profiles(work, models["spatial FiLM"])
+    profiles(work, models[f"{DEFAULT_FILM_MODE} FiLM"])
     out, _ = side.communicate()
     print(out, end="", flush=True)
     if side.returncode != 0:

@@ -16,6 +16,7 @@ done, so nothing is rendered again (use --force to re-render).
 
 from __future__ import annotations
 
+import hashlib
 import os
 import sys
 
@@ -124,9 +125,12 @@ def _learned(out: str, toy_pairs: int, metric_flags: list[str], force: bool) -> 
     if not os.path.exists(test):
         make_training_catalog(toy, n_pairs=4, n_test=toy_pairs, seed=1)
         print(f"[demo] synthetic test split: {test} ({toy_pairs} products, own and swapped, 2 rows each)")
-    model = os.path.join(out, "model", "train-tiny")
+    # cached per weights file: new committed weights (a pull) unpack to a new folder, never the stale one
+    with open(TRAIN_TINY_WEIGHTS, "rb") as f:
+        weights = hashlib.sha256(f.read()).hexdigest()[:12]
+    model = os.path.join(out, "model", f"train-tiny-{weights}")
     if not os.path.exists(os.path.join(model, "model_index.json")):
-        unpack(TRAIN_TINY_WEIGHTS, model)  # cached: the folder jobs.render loads
+        unpack(TRAIN_TINY_WEIGHTS, model)  # the folder jobs.render loads
     learned = os.path.join(out, "learned")
     flags = ["--manifest", test, "--output", learned, "--model", model, "--run-id", "learned", *LEARNED_RENDER]
     code = render(flags + metric_flags + (["--force"] if force else []))

@@ -50,6 +50,7 @@ __all__ = [
     "SCHEDULERS",
     "SELECTIONS",
     "FILM_MODES",
+    "DEFAULT_FILM_MODE",
     "PRESETS",
     "RENDER",
     "REUSE",
@@ -206,6 +207,8 @@ MEDIA_TYPES = {"jpeg": "image/jpeg", "png": "image/png", "webp": "image/webp"}
 SCHEDULERS = ("ddim", "dpmpp")
 SELECTIONS = ("identity", "clip")  # --select: how the best of --variants is chosen
 FILM_MODES = ("spatial", "channel")
+# One value per channel won the toy ablation (README "A model that learned": hue error and swap test)
+DEFAULT_FILM_MODE = "channel"
 PRESETS = ("tiny", "sd15")
 
 # -- block columns, stage by stage --------------------------------------------------------------------

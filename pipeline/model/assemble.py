@@ -49,6 +49,7 @@ from pipeline.model.checkpoint import CheckpointError, check_checkpoint, local_c
 from pipeline.model.components import DTCUNet2DConditionModel
 from pipeline.model.pipeline_dtc import DTCPipeline
 from pipeline.model.presets import SD_SCHEDULE, sd_scheduler
+from pipeline.schema import DEFAULT_FILM_MODE
 
 __all__ = ["assemble_from_parts"]
 
@@ -86,7 +87,11 @@ def _check_training_schedule(folder: str, uri: str) -> None:
 
 
 def assemble_from_parts(
-    sd_inpainting: str, dinov2: str, vae: str | None = None, film_mode: str = "spatial", product_size: int = 224
+    sd_inpainting: str,
+    dinov2: str,
+    vae: str | None = None,
+    film_mode: str = DEFAULT_FILM_MODE,
+    product_size: int = 224,
 ) -> DTCPipeline:
     """An untrained DTC from an SD-inpainting pipeline folder and a DINOv2 folder (local or s3://).
 

@@ -37,7 +37,7 @@ from diffusers.models.unets.unet_2d_blocks import get_down_block, get_mid_block
 from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
 from torch import nn
 
-from pipeline.schema import FILM_MODES
+from pipeline.schema import DEFAULT_FILM_MODE, FILM_MODES
 
 FilmParams = list[tuple[torch.Tensor, torch.Tensor]]
 
@@ -144,8 +144,9 @@ class DTCHintEncoder(ModelMixin, ConfigMixin):
     """Encoder half of a UNet (conv_in, time embedding, down blocks, mid block) whose skip
     tensors become FiLM parameters for the main UNet: 13 sites for SD-1.5.
 
-    `film_mode="spatial"` (default): `[gamma, beta] = Conv1x1(h)` per site, one value per pixel.
-    `film_mode="channel"`: `[gamma, beta] = Linear(mean_hw(h))`, one value per channel.
+    `film_mode="channel"` (default, `schema.DEFAULT_FILM_MODE`): `[gamma, beta] = Linear(mean_hw(h))`,
+    one value per channel. `film_mode="spatial"`: `[gamma, beta] = Conv1x1(h)` per site, one value
+    per pixel. A saved folder records its mode, so changing the default never changes a model.
     Every head starts at zero, so a fresh encoder leaves the main UNet untouched.
 
     Gradient checkpointing is diffusers' own: the down and mid blocks carry the
@@ -182,7 +183,7 @@ class DTCHintEncoder(ModelMixin, ConfigMixin):
         flip_sin_to_cos: bool = True,
         freq_shift: int = 0,
         resnet_time_scale_shift: str = "default",
-        film_mode: str = "spatial",
+        film_mode: str = DEFAULT_FILM_MODE,
     ):
         super().__init__()
         if film_mode not in FILM_MODES:
@@ -259,7 +260,7 @@ class DTCHintEncoder(ModelMixin, ConfigMixin):
         return len(self.film_heads)
 
     @classmethod
-    def from_unet(cls, unet: UNet2DConditionModel, film_mode: str = "spatial") -> DTCHintEncoder:
+    def from_unet(cls, unet: UNet2DConditionModel, film_mode: str = DEFAULT_FILM_MODE) -> DTCHintEncoder:
         """A hint encoder whose encoder weights are a copy of `unet`'s (fresh FiLM heads)."""
         cfg = unet.config
         check_sd_style(cfg)

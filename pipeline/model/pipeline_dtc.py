@@ -134,7 +134,7 @@ class DTCPipeline(DiffusionPipeline):
 
     @classmethod
     def from_parts(
-        cls, vae, unet, image_encoder, scheduler, *, product_size: int = 224, film_mode: str = "spatial"
+        cls, vae, unet, image_encoder, scheduler, *, product_size: int = 224, film_mode: str = schema.DEFAULT_FILM_MODE
     ) -> DTCPipeline:
         """A DTC around a main UNet, a VAE and a DINOv2 encoder (random presets and public
         checkpoints alike): the hint encoder copied from the UNet's encoder, the adapter and the

@@ -18,7 +18,7 @@ from transformers import Dinov2Config, Dinov2Model
 
 from pipeline.model.components import DTCHintAdapter, DTCUNet2DConditionModel
 from pipeline.model.pipeline_dtc import DTCPipeline
-from pipeline.schema import PRESETS
+from pipeline.schema import DEFAULT_FILM_MODE, PRESETS
 
 # Presets only the training side builds (`jobs.fit_vae`); `jobs.make_model` keeps schema.PRESETS.
 TRAIN_PRESETS = ("train-tiny",)
@@ -141,7 +141,7 @@ def vae_config(preset: str) -> dict:
     )
 
 
-def build_preset(preset: str, seed: int = 0, film_mode: str = "spatial") -> DTCPipeline:
+def build_preset(preset: str, seed: int = 0, film_mode: str = DEFAULT_FILM_MODE) -> DTCPipeline:
     """A random-init DTC of the preset's sizes. The same seed gives the same weights.
 
     Wrap in `with torch.device("meta"):` to get the shapes without allocating (sd15 is ~3B

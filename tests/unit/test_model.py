@@ -249,7 +249,7 @@ def test_bad_inputs_name_the_value(tiny, field, value, message):
 
 def test_sd15_film_sites_have_the_paper_shapes():
     with torch.device("meta"):
-        pipe = build_preset("sd15")
+        pipe = build_preset("sd15", film_mode="spatial")  # one gamma per pixel: the sites' sides
         assert pipe.config.resolution == 512 and pipe.image_projection.config.num_tokens == 257
         assert pipe.image_encoder.config.hidden_size == 1536
         sample = torch.empty(2, 9, 64, 64)
