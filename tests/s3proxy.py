@@ -5,12 +5,19 @@ Every request is forwarded unchanged (method, path, headers, body) to moto, exce
 server errors instead — `503 SlowDown` and `500 InternalError`, alternately, with S3's XML
 error body — so the clients' retry-with-backoff is exercised for real.
 
+Conditional writes (a PUT or DELETE with If-None-Match / If-Match) are forwarded one at a time:
+moto checks the precondition and then stores, in separate steps of whichever server thread has
+the request, so two racing `If-None-Match: *` PUTs could both succeed there (seen on a loaded CI
+machine: two runs acquired `_lock`). S3 applies a conditional write atomically; serialising
+them here gives the lock tests S3's guarantee instead of moto's race.
+
 The test session points every S3 client (tests, the job's driver, Ray workers) at the proxy;
 it listens on 127.0.0.1 only and is stopped with the session.
 """
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -31,6 +38,7 @@ class FlakyS3Proxy:
         self.requests = 0
         self.injected = 0
         self._lock = threading.Lock()
+        self._conditional = threading.Lock()  # one conditional write at a time (module docstring)
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
         self._server.daemon_threads = True
         self._thread = threading.Thread(target=self._server.serve_forever, name="flaky-s3-proxy", daemon=True)
@@ -98,11 +106,15 @@ class FlakyS3Proxy:
                 headers = {k: v for k, v in self.headers.items() if k.lower() not in HOP_BY_HOP}
                 if body or self.command in ("PUT", "POST"):
                     headers["Content-Length"] = str(len(body))
+                conditional = self.command in ("PUT", "DELETE") and (
+                    "If-None-Match" in self.headers or "If-Match" in self.headers
+                )
                 upstream = http.client.HTTPConnection(*proxy.upstream, timeout=60)
                 try:
-                    upstream.request(self.command, self.path, body=body, headers=headers)
-                    response = upstream.getresponse()
-                    data = response.read()
+                    with proxy._conditional if conditional else contextlib.nullcontext():
+                        upstream.request(self.command, self.path, body=body, headers=headers)
+                        response = upstream.getresponse()
+                        data = response.read()
                     self.send_response(response.status, response.reason)
                     for key, value in response.getheaders():
                         if key.lower() in HOP_BY_HOP or (key.lower() == "content-length" and self.command != "HEAD"):
