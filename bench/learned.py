@@ -1,6 +1,7 @@
 """A model that learned (issue 15): the train-tiny recipe end to end, one JSON line per figure.
 
     python bench/learned.py [--work DIR] [--steps 800]     # ~45 minutes on 2 shared cores
+    python bench/learned.py --calibration-only              # the CI test's calibration, ~8 minutes
 
 Every step is the production command, in a subprocess: `jobs.make_training_catalog` (the toy
 catalog), `jobs.fit_vae` (stage 0), `jobs.train` with `pipeline/train/train-tiny.yaml` (channel
@@ -14,8 +15,10 @@ and spatial FiLM), `jobs.render` of the test split, `jobs.eval_synthetic`'s metr
   FiLM and spatial FiLM (trained alike), each with the five metrics;
 - `profile`: the trained model with DDIM 40 (the default), DPM-Solver++ 20 (the fast profile) and
   fewer steps of each, with the metrics and the render's steady images/s (same run, same machine);
-- `ci_calibration`: the CI test's recipe (`toy.ci_run`) on CALIBRATION_SEEDS: trained and untrained
-  hue error per seed, the run-to-run spread (max - min) and the margin the CI test asserts.
+- `ci_calibration` (`--calibration-only`, its own section `learned_ci` of RESULTS.md): the CI
+  test's recipe (`toy.ci_run`, with the committed models/train-tiny.safetensors as CI has it) on
+  CALIBRATION_SEEDS: trained and untrained hue error per seed, the run-to-run spread (max - min)
+  and the margin the CI test asserts.
 """
 
 from __future__ import annotations
@@ -181,13 +184,11 @@ def profiles(work: str, model: str) -> None:
         emit(what="profile", scheduler=scheduler, steps=steps, **metrics)
 
 
-def calibration(work: str, weights: str) -> None:
+def calibration(work: str) -> None:
     """The CI test's run on the calibration seeds: the spread its margin must clear twice over."""
-    import torch
-
     from pipeline.train import toy
 
-    torch.set_num_threads(1)
+    weights = toy.unpack(os.path.join(ROOT, "models", "train-tiny.safetensors"), os.path.join(work, "committed"))
     runs = []
     for seed in toy.CALIBRATION_SEEDS:  # a seed already run in this --work is read back, not run again
         done = os.path.join(work, f"ci-{seed}.json")
@@ -203,6 +204,7 @@ def calibration(work: str, weights: str) -> None:
         what="ci_calibration",
         seeds=list(toy.CALIBRATION_SEEDS),
         steps=toy.CI_STEPS,
+        film_mode=toy.CI_FILM_MODE,
         trained_hue_error_deg=trained,
         untrained_hue_error_deg=untrained,
         gap_deg=[round(g, 2) for g in gaps],
@@ -221,29 +223,16 @@ def main() -> None:
         "$DTC_BENCH_WORK, else a temporary folder); a stage 0 already there is reused",
     )
     parser.add_argument("--steps", type=int, default=800, help="training steps of each FiLM mode")
-    parser.add_argument("--calibration-only", action="store_true", help="only the CI calibration (needs stage 0)")
+    parser.add_argument(
+        "--calibration-only", action="store_true", help="only the CI test's calibration (on the committed weights)"
+    )
     args = parser.parse_args()
     work = args.work or tempfile.mkdtemp(prefix="dtc-bench-learned-")
     os.makedirs(work, exist_ok=True)
     if args.calibration_only:
-        return calibration(work, os.path.join(work, f"init-{DEFAULT_FILM_MODE}"))
-    init = stage0(work)
-    # The calibration runs beside the rest, in its own process: it needs only stage 0's VAE (the
-    # committed weights' VAE: frozen through training), and on a shared 2-core machine two
-    # processes finish sooner than one after the other.
-    side = subprocess.Popen(
-        [sys.executable, __file__, "--work", work, "--calibration-only"],
-        stdout=subprocess.PIPE,
-        text=True,
-        cwd=ROOT,
-        env=dict(os.environ, PYTHONPATH=ROOT),
-    )
-    models = learning_table(work, init, args.steps)
+        return calibration(work)
+    models = learning_table(work, stage0(work), args.steps)
     profiles(work, models[f"{DEFAULT_FILM_MODE} FiLM"])
-    out, _ = side.communicate()
-    print(out, end="", flush=True)
-    if side.returncode != 0:
-        raise SystemExit(f"calibration exited {side.returncode}")
 
 
 if __name__ == "__main__":

@@ -31,6 +31,7 @@ BENCHES = {
     "soak": ["bench/soak.py"],
     "train": ["bench/train.py"],
     "learned": ["bench/learned.py"],
+    "learned_ci": ["bench/learned.py", "--calibration-only"],
 }
 GPU_COMMAND = (
     "python bench/model.py --gpu-batches 1,2,4,8,16 --steps 40   # on the GPU node; add --compile to try torch.compile"
