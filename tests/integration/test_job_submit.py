@@ -70,8 +70,8 @@ def cluster():
             time.sleep(1)
     yield address, env
     os.killpg(head.pid, signal.SIGTERM)
-    try:
-        head.wait(timeout=60)
+    try:  # its graceful stop can take half a minute; what is left of the group is killed after 10 s
+        head.wait(timeout=10)
     except subprocess.TimeoutExpired:
         os.killpg(head.pid, signal.SIGKILL)
         head.wait()

@@ -33,9 +33,9 @@ def test_readme_quick_start_runs_as_written(ray_address, tmp_path):
         PYTHONPATH=ROOT,
         RAY_ADDRESS=ray_address,
     )
-    # `make demo` is `python -m jobs.demo`; a smaller catalog keeps CI lean (18 pairs + the 2
-    # broken ones stay within the demo's --max-failed-fraction 0.1)
-    demo = run("python -m jobs.demo --out demo_out --pairs 18", str(tmp_path), env)
+    # `make demo` is `python -m jobs.demo`; smaller catalogs keep CI lean (18 pairs + the 2
+    # broken ones stay within the demo's --max-failed-fraction 0.1; 4 toy products for part 2)
+    demo = run("python -m jobs.demo --out demo_out --pairs 18 --toy-pairs 4", str(tmp_path), env)
     assert demo.returncode == 0, demo.stdout[-2000:] + demo.stderr[-2000:]
     commands = readme_commands()
     assert any(c.startswith("python -m jobs.render") for c in commands)
