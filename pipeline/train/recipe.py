@@ -24,6 +24,7 @@ import dataclasses
 import logging
 import math
 import os
+import threading
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -35,7 +36,7 @@ from pipeline.manifest import ManifestError, ManifestPlan, pair_id_conflicts, pl
 from pipeline.model.checkpoint import CheckpointError, check_dtc_checkpoint, model_digest
 from pipeline.output.layout import Layout
 from pipeline.output.lock import LockHeld, OutputLock
-from pipeline.run import check_writable, init_ray, terminate_as_exception
+from pipeline.run import Terminated, check_writable, init_ray, terminate_as_exception
 from pipeline.schema import EXIT_ERROR, EXIT_OK, EXIT_REFUSED
 from pipeline.stages.prepare_stage import PrepareConfig
 from pipeline.train import report
@@ -192,7 +193,7 @@ class TrainRecipe:
             self.train()
             self.export()
             self.exit_code = EXIT_OK
-        except (storage.StorageError, OSError) as e:
+        except (storage.StorageError, OSError, Terminated) as e:  # said in one line: no traceback
             self.message = record.failure_message(e)
             log.error(self.message)
         except Exception as e:  # noqa: BLE001 - the run record and summary must still be written
@@ -248,7 +249,7 @@ class TrainRecipe:
             datasets={"train": self.dataset},
             dataset_config=DataConfig(datasets_to_split=[]),  # every worker sees every row; it picks by index
         )
-        result = trainer.fit()
+        result = fit_interruptibly(trainer)
         self.timings["train_s"] = time.monotonic() - begin
         self.result_metrics = dict(result.metrics or {})
         self.final_checkpoint = result.checkpoint
@@ -296,3 +297,31 @@ class TrainRecipe:
         print(report.summary_text(self), flush=True)
         if self.message:
             print(f"  note       {self.message}", flush=True)
+
+
+def fit_interruptibly(trainer):
+    """`trainer.fit()` in a thread while the main thread waits in short joins.
+
+    Why: the Train V2 driver waits in one blocking `ray.get` for the whole run, and a blocking
+    `ray.get` lets nothing but KeyboardInterrupt out of a signal handler: the Terminated that
+    `terminate_as_exception` raises on SIGTERM stayed pending until training ended (a SIGTERM
+    3 s into a 30 s `ray.get` surfaced at 30 s, as a SystemError). In a join loop it is raised at
+    once, and the run fails like any other (record, lock released); the controller and workers are
+    this driver's actors and end with it. Off the main thread Train does not install its own
+    SIGINT handler (as under Tune), so Ctrl-C takes the same path as SIGTERM.
+    """
+    outcome: dict = {}
+
+    def fit() -> None:
+        try:
+            outcome["result"] = trainer.fit()
+        except BaseException as e:  # noqa: BLE001 - re-raised in the main thread below
+            outcome["error"] = e
+
+    thread = threading.Thread(target=fit, name="dtc-train-fit", daemon=True)
+    thread.start()
+    while thread.is_alive():
+        thread.join(0.5)
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["result"]

@@ -266,6 +266,63 @@ def test_driver_sigkill_then_the_same_command_resumes_exactly(reference, catalog
     assert record["steps"]["run_this_attempt"] == 2 and record["attempts"][-1]["status"] == "running"
 
 
+def test_sigterm_stops_a_training_run_with_its_record_and_the_lock_released(catalog, tmp_path, ray_address):
+    """SIGTERM mid-training (a scheduler's stop) ends the driver and its Ray Train workers: exit 1,
+    the run record says why, `_lock` is released, and the session's CPUs are free again."""
+    import ray
+
+    config = tmp_path / "long.yaml"
+    config.write_text(RECIPE.replace("steps: 4\n", "steps: 100000\n"))
+    output = tmp_path / "out"
+    command = [
+        sys.executable,
+        "-m",
+        "jobs.train",
+        "--manifest",
+        catalog["manifest"],
+        "--init-model",
+        _tiny(),
+        "--output",
+        str(output),
+        "--config",
+        str(config),
+        "--perceptual-weight",
+        "0",
+        "--address",
+        ray_address,
+    ]
+    run = subprocess.Popen(
+        command,
+        cwd=ROOT,
+        env=dict(os.environ, PYTHONPATH=ROOT),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        log = output / "metrics" / "train" / "train.jsonl"
+        deadline = time.time() + 240
+        while not (log.exists() and log.read_text().count("\n") >= 2):  # training steps are being taken
+            assert time.time() < deadline and run.poll() is None, "training did not start"
+            time.sleep(0.2)
+        run.send_signal(signal.SIGTERM)
+        out, _ = run.communicate(timeout=120)  # before the fix it trained on: its one ray.get swallowed it
+    finally:
+        if run.poll() is None:
+            os.killpg(run.pid, signal.SIGKILL)
+            run.wait()
+    assert run.returncode == 1, out[-3000:]
+    assert "stopped by SIGTERM" in out and "Traceback" not in out, out[-3000:]
+    record = json.loads((output / "runs" / "train.json").read_text())
+    assert record["exit_code"] == 1 and "stopped by SIGTERM" in record["message"]
+    assert not (output / "_lock").exists() and not (output / "model").exists()
+    deadline = time.time() + 60  # the run's controller and workers end with their driver
+    while ray.available_resources().get("CPU", 0) < ray.cluster_resources()["CPU"]:
+        assert time.time() < deadline, ray.available_resources()
+        time.sleep(0.5)
+
+
 def test_export_renders_on_s3_as_an_in_memory_render(reference, tmp_path):
     bucket, output = reference["bucket"], reference["output"]
     model = f"{output}/model"
