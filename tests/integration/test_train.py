@@ -219,28 +219,21 @@ def test_a_killed_worker_resumes_exactly(two_workers, catalog, tmp_path):
     assert _losses(output) == _losses(two_workers)  # train.jsonl cut back to step 2, then redone
 
 
+def _train_command(catalog: dict, output, config, ray_address: str, *flags: str) -> list[str]:
+    """`python -m jobs.train` on the local catalog and the tiny model, joining the session's Ray."""
+    return [
+        sys.executable,
+        *("-m", "jobs.train", "--manifest", catalog["manifest"], "--init-model", _tiny()),
+        *("--output", str(output), "--config", str(config), "--address", ray_address, *flags),
+    ]
+
+
 def test_driver_sigkill_then_the_same_command_resumes_exactly(reference, catalog, tmp_path, ray_address):
     marker = tmp_path / "paused"
     config = tmp_path / "pause.yaml"
     config.write_text(RECIPE + f'fault_injection: {{pause_at_step: 3, pause_s: 60, pause_once_marker: "{marker}"}}\n')
     output = tmp_path / "out"
-    command = [
-        sys.executable,
-        "-m",
-        "jobs.train",
-        "--manifest",
-        catalog["manifest"],
-        "--init-model",
-        _tiny(),
-        "--output",
-        str(output),
-        "--config",
-        str(config),
-        "--vgg-weights",
-        catalog["vgg"],
-        "--address",
-        ray_address,
-    ]
+    command = _train_command(catalog, output, config, ray_address, "--vgg-weights", catalog["vgg"])
     env = dict(os.environ, PYTHONPATH=ROOT)
     first = subprocess.Popen(
         command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
@@ -274,23 +267,7 @@ def test_sigterm_stops_a_training_run_with_its_record_and_the_lock_released(cata
     config = tmp_path / "long.yaml"
     config.write_text(RECIPE.replace("steps: 4\n", "steps: 100000\n"))
     output = tmp_path / "out"
-    command = [
-        sys.executable,
-        "-m",
-        "jobs.train",
-        "--manifest",
-        catalog["manifest"],
-        "--init-model",
-        _tiny(),
-        "--output",
-        str(output),
-        "--config",
-        str(config),
-        "--perceptual-weight",
-        "0",
-        "--address",
-        ray_address,
-    ]
+    command = _train_command(catalog, output, config, ray_address, "--perceptual-weight", "0")
     run = subprocess.Popen(
         command,
         cwd=ROOT,
