@@ -17,8 +17,9 @@ and spatial FiLM), `jobs.render` of the test split, `jobs.eval_synthetic`'s metr
   fewer steps of each, with the metrics and the render's steady images/s (same run, same machine);
 - `ci_calibration` (`--calibration-only`, its own section `learned_ci` of RESULTS.md): the CI
   test's recipe (`toy.ci_run`, with the committed models/train-tiny.safetensors as CI has it) on
-  CALIBRATION_SEEDS: trained and untrained hue error per seed, the run-to-run spread (max - min)
-  and the margin the CI test asserts.
+  CALIBRATION_SEEDS: trained and untrained hue error per seed, their gap (what the test asserts)
+  and its run-to-run spread (the gaps' sample standard deviation), and twice that spread: the
+  least margin the CI test may assert.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import argparse
 import concurrent.futures
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -199,7 +201,7 @@ def calibration(work: str) -> None:
     trained = [r["trained"]["hue_error_deg"] for r in runs]
     untrained = [r["untrained"]["hue_error_deg"] for r in runs]
     gaps = [u - t for u, t in zip(untrained, trained)]
-    spread = max(trained) - min(trained)
+    spread = statistics.stdev(gaps)  # of the quantity the test asserts: the gap, not one side of it
     emit(
         what="ci_calibration",
         seeds=list(toy.CALIBRATION_SEEDS),
@@ -208,6 +210,7 @@ def calibration(work: str) -> None:
         trained_hue_error_deg=trained,
         untrained_hue_error_deg=untrained,
         gap_deg=[round(g, 2) for g in gaps],
+        gap_mean_deg=round(statistics.mean(gaps), 2),
         spread_deg=round(spread, 2),
         two_spreads_deg=round(2 * spread, 2),
         smallest_gap_over_two_spreads=round(min(gaps) / max(2 * spread, 1e-9), 2),

@@ -19,12 +19,14 @@ from helpers import ROOT
 from pipeline.train import catalog, synthetic_eval, toy
 
 WEIGHTS = os.path.join(ROOT, "models", "train-tiny.safetensors")
-SEED = 3  # not a calibration seed
-# bench/RESULTS.md section learned_ci (`bench/run_all.py --only learned_ci`; seeds 0, 1, 2): the
-# trained model's hue error was 18.8, 20.2 and 23.3 deg (run-to-run spread 4.5 deg), the untrained
-# one's 60.1, 70.1 and 121.6 deg: gaps of 41.3, 49.9 and 98.3 deg. The margin asserted is twice
-# that spread with room to spare (4x) and under half the smallest gap.
-MARGIN_DEG = 18.0
+SEED = 6  # not a calibration seed
+# bench/RESULTS.md section learned_ci (`bench/run_all.py --only learned_ci`; seeds 0-5): the
+# untrained model's hue error minus the trained one's was 60.0, 62.1, 60.7, 51.2, 62.0 and 58.8 deg
+# (mean 59.1, run-to-run spread - their standard deviation - 4.1 deg). The margin asserted is over
+# twice that spread (three times, with room) and under half the smallest calibration gap. Seed 6's
+# own gap (40.6: trained 35.3, untrained 75.9) lies below all six; counted in, the spread is 7.9 deg
+# and the margin still over twice it.
+MARGIN_DEG = 25.0
 
 
 def test_training_beats_the_untrained_model_by_twice_the_run_to_run_spread(tmp_path):
