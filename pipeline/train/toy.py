@@ -75,9 +75,10 @@ CI_STEPS, CI_RENDER_STEPS, CI_GUIDANCE = 300, 10, 5.0
 # Six seeds, not three: three understated the spread (the fourth fell outside their range).
 CALIBRATION_SEEDS = (0, 1, 2, 3, 4, 5)
 # The default channel FiLM, as the committed weights: on this 32-product catalog (seeds 0-5, 300
-# steps) its gap to the untrained model varied with a standard deviation of 4.1 deg, spatial
-# FiLM's of 10.5 (bench/RESULTS.md section learned_ci has the channel runs). On the earlier
-# 8-product catalog channel had looked the unsteady one (trained 13.2-42.2 deg over seeds 0-2).
+# steps) its gap to the untrained model varied with a standard deviation of 4.1 deg (bench/RESULTS.md
+# section learned_ci), spatial FiLM's of 10.5 (the same calibration run with spatial here, before the
+# switch). On the earlier 8-product catalog channel had looked the unsteady one (trained 13.2-42.2
+# deg over seeds 0-2).
 CI_FILM_MODE = "channel"
 
 
