@@ -1,12 +1,12 @@
-# `make demo` renders the embedded sample catalog; `make test` runs ruff and every test tier
-# but the chaos cases (`make test-chaos`: extra multi-node faults); `make test-unit` the unit
-# tier alone (no Ray, S3 endpoint or browser: about two minutes).
+# `make demo` renders the embedded sample catalog; `make test` runs ruff, the docs build and every
+# test tier but the chaos cases (`make test-chaos`: extra multi-node faults); `make test-unit` the
+# unit tier alone (no Ray, S3 endpoint or browser); `make docs` the user guide into site/.
 # Each target creates .venv first when it is missing (torch CPU wheel first, then the rest
 # under constraints.txt so nothing swaps torch for a CUDA build).
 PY := .venv/bin/python
 VENV_STAMP := .venv/.installed
 
-.PHONY: venv demo test test-unit test-chaos lint bench clean
+.PHONY: venv demo test test-unit test-chaos lint docs bench clean
 
 venv: $(VENV_STAMP)
 
@@ -20,9 +20,13 @@ $(VENV_STAMP): pyproject.toml constraints.txt
 demo: $(VENV_STAMP)
 	$(PY) -m jobs.demo
 
-lint: $(VENV_STAMP)
+lint: $(VENV_STAMP) docs
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
+
+# strict: a broken link, a missing anchor or a page left out of nav fails the build (and CI)
+docs: $(VENV_STAMP)
+	$(PY) -m mkdocs build --strict --quiet --site-dir site
 
 test: lint
 	$(PY) -m pytest -q -m "not chaos" tests
@@ -38,4 +42,4 @@ bench: $(VENV_STAMP)
 	$(PY) bench/run_all.py
 
 clean:
-	rm -rf .venv build *.egg-info
+	rm -rf .venv build site *.egg-info

@@ -6,7 +6,7 @@
    broken on purpose) rendered with the random-weight `tiny` DTC on a local Ray -> output/.
 2. A model that learned: the synthetic test split (`jobs.make_training_catalog`: hues no training
    row had) rendered with the committed `train-tiny` model (models/train-tiny.safetensors, made
-   by the training job here: README "A model that learned" has the command) -> learned/, scored
+   by the training job here: docs/training.md "A model that learned" has the command) -> learned/, scored
    by `jobs.eval_synthetic`; its QA page shows the identity metrics beside the random-weight FID
    warning, and contact sheets with the product in the photo.
 
@@ -23,11 +23,11 @@ import sys
 from jobs.cli import Parser
 from pipeline.schema import EXIT_ERROR
 
-# the train-tiny weights the training job made here (README "A model that learned": the command)
+# the train-tiny weights the training job made here (docs/training.md "A model that learned": the command)
 TRAIN_TINY_WEIGHTS = os.path.join(
     os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "models", "train-tiny.safetensors"
 )
-# the fast profile: on the toy it matches DDIM 40 on every identity metric at half the UNet work (README)
+# the fast profile: on the toy it matches DDIM 40 on every identity metric at half the UNet work (docs/running.md)
 LEARNED_RENDER = (
     "--scheduler dpmpp --steps 20 --batch-size 8 --image-format png --cpus-per-actor 0.5 --torch-threads 2".split()
 )

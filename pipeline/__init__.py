@@ -5,7 +5,7 @@ The public surface, driver-safe (importing it pulls in neither torch nor diffuse
     from pipeline import RenderConfig, run_render
     result = run_render(RenderConfig(manifest="catalog/manifest.parquet", output="out/", model="models/dtc-tiny"))
 
-Stages, model, metrics and Serve live in their subpackages (README "Files").
+Stages, model, metrics and Serve live in their subpackages (docs/files.md).
 """
 
 from pipeline.config import ConfigError, RenderConfig, RunSpec

@@ -207,7 +207,7 @@ MEDIA_TYPES = {"jpeg": "image/jpeg", "png": "image/png", "webp": "image/webp"}
 SCHEDULERS = ("ddim", "dpmpp")
 SELECTIONS = ("identity", "clip")  # --select: how the best of --variants is chosen
 FILM_MODES = ("spatial", "channel")
-# One value per channel won the toy ablation (README "A model that learned": hue error and swap test)
+# One value per channel won the toy ablation (docs/training.md "A model that learned": hue error and swap test)
 DEFAULT_FILM_MODE = "channel"
 PRESETS = ("tiny", "sd15")
 

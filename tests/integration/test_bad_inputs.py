@@ -1,5 +1,5 @@
 """Bad inputs, table-driven: every case is one manifest row with its documented outcome
-(README "Failure semantics"): rendered with a defined behaviour (`ok`), or `failed` with an
+(docs/failures.md): rendered with a defined behaviour (`ok`), or `failed` with an
 error code. All cases go through one real job run (local Ray, tiny model), which must finish;
 afterwards a scan proves nothing was written outside the output prefix.
 """
