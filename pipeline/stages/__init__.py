@@ -7,6 +7,6 @@
     render_stage   the model actor: batched DTC, best variant, identity score       GPU actor pool
     finish_stage   paste back, encode, write the image, stamp the row               CPU tasks
 
-`faults.py` is the chaos tests' fault injection (YAML only). The README's flow diagram and
+`faults.py` is the chaos tests' fault injection (YAML only). README.md's flow diagram and
 docs/files.md follow this order and these names.
 """

@@ -68,17 +68,14 @@ def train_in_process(init_model: str, manifest: str, cfg: TrainConfig, say=None)
 # The CI test's fixed run (tests/unit/test_learned.py) and the bench's calibration of it
 # (bench/learned.py, seeds CALIBRATION_SEEDS): a small fixed catalog, the committed train-tiny
 # model's fitted VAE around a fresh random DTC of the run's seed, a fixed number of steps.
-# 32 test products, not 8: over 8 the untrained model's hue error ranged 52.7-121.6 deg between
-# seeds, over 32 69.9-90.6 (the render is ~7 s of a ~60 s run; training is the rest).
+# 32 test products, not 8: over 8 the untrained model's hue error varied far more between seeds.
 CI_CATALOG = dict(n_pairs=96, val_fraction=0.0, n_test=32, seed=7)
 CI_STEPS, CI_RENDER_STEPS, CI_GUIDANCE = 300, 10, 5.0
 # Six seeds, not three: three understated the spread (the fourth fell outside their range).
 CALIBRATION_SEEDS = (0, 1, 2, 3, 4, 5)
-# The default channel FiLM, as the committed weights: on this 32-product catalog (seeds 0-5, 300
-# steps) its gap to the untrained model varied with a standard deviation of 4.1 deg (bench/RESULTS.md
-# section learned_ci), spatial FiLM's of 10.5 (the same calibration run with spatial here, before the
-# switch). On the earlier 8-product catalog channel had looked the unsteady one (trained 13.2-42.2
-# deg over seeds 0-2).
+# The default channel FiLM, as the committed weights: on this 32-product catalog its gap to the
+# untrained model varies less between seeds than spatial FiLM's (the spread: bench/RESULTS.md
+# section learned_ci, `python bench/learned.py --calibration-only`; docs/training.md reads it).
 CI_FILM_MODE = "channel"
 
 
