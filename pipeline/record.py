@@ -52,7 +52,6 @@ class Progress:
 
     def __init__(self, total: int):
         self.total = total
-        self.started = time.monotonic()
         self.last = 0.0
         self.rss_samples: list[list] = []  # [rows written, driver RSS MB]
         self._marks = iter(sorted({max(1, total * k // 4) for k in (1, 2, 3, 4)}))
@@ -66,10 +65,10 @@ class Progress:
         if now - self.last < PROGRESS_EVERY_S and stats.rows < self.total:
             return
         self.last = now
-        elapsed = now - self.started
+        elapsed = now - stats.started
         print(
             f"[dtc] {stats.rows}/{self.total} rows  ok {stats.ok}  failed {stats.failed}  reused {stats.reused}  "
-            f"{stats.rows / max(elapsed, 1e-9):.2f} rows/s  {elapsed:.0f}s",
+            f"{stats.rows_per_s(elapsed):g} rows/s  {elapsed:.0f}s",
             flush=True,
         )
 
@@ -79,8 +78,6 @@ def summary_text(
 ) -> str:
     """The one-screen summary printed at the end of a run."""
     layout = Layout(spec.output)
-    here = stats.rows - stats.reused - stats.skipped  # rendered, or failed, in this run
-    rendered = stats.ok - (stats.reused - stats.reused_failed)
     finished = exit_code in (EXIT_OK, EXIT_TOO_MANY_FAILED)
     lines = [
         "",
@@ -88,7 +85,8 @@ def summary_text(
         f"  rows       {stats.rows}  (ok {stats.ok}, failed {stats.failed}"
         + (f", skipped {stats.skipped} (pair in a later partition)" if stats.skipped else "")
         + f"; reused from earlier runs {stats.reused})",
-        f"  this run   {here} rows rendered or failed ({rendered} rendered), {here / max(elapsed, 1e-9):.2f} rows/s",
+        f"  this run   {stats.tried} rows rendered or failed ({stats.rendered} rendered), "
+        f"{stats.rows_per_s(elapsed):g} rows/s",
     ]
     if stats.error_codes:
         lines.append("  failures   " + ", ".join(f"{code} {n}" for code, n in stats.error_codes.most_common()))
@@ -96,8 +94,8 @@ def summary_text(
     if identity["n"]:
         review = spec.cfg.min_identity_score
         lines.append(
-            f"  identity   mean {identity['mean']:.1f}, p10 {identity['p10']:.1f}, p50 {identity['p50']:.1f}, "
-            f"p90 {identity['p90']:.1f} over {identity['n']} ok rows"
+            f"  identity   mean {identity['mean']:g}, p10 {identity['p10']:g}, p50 {identity['p50']:g}, "
+            f"p90 {identity['p90']:g} over {identity['n']} ok rows"
             + (f"; needs_review {stats.needs_review} (below {review:g})" if review is not None else "")
         )
     if stats.reused_failed:
@@ -157,7 +155,7 @@ def run_record(
         "started_at": started_at.isoformat(),
         "finished_at": datetime.now(UTC).isoformat(),
         "elapsed_s": round(elapsed, 3),
-        "rows_per_s": round(stats.rows / max(elapsed, 1e-9), 3),
+        "rows_per_s": stats.rows_per_s(elapsed),
         "counts": {**stats.counts(), "manifest_parts": manifest_parts},
         "stage_seconds": {k: round(v, 3) for k, v in stats.stage_seconds.items()},
         "steady_rows_per_s": stats.steady_rows_per_s(),

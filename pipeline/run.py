@@ -255,7 +255,7 @@ class RenderRun:
         self.nodes = NodeWatch()  # Ray nodes lost while streaming: the run record's nodes_lost
         self.exit_code, self.message = EXIT_ERROR, ""
         self.started_at = datetime.now(UTC)
-        self.start = time.monotonic()
+        self.start = self.stats.started  # one clock for the progress line, the summary and the record
 
     def run(self) -> RunResult:
         restore = terminate_as_exception()

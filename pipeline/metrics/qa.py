@@ -27,6 +27,7 @@ from pipeline import images, regions, storage
 
 # The report's own helpers: one thumbnail size and encoding, one contact-sheet row, one number format.
 from pipeline.metrics.report import _fmt, _thumb, contact_row, esc
+from pipeline.metrics.stats import ScoreHistogram
 from pipeline.output.layout import Layout
 from pipeline.schema import RowError
 
@@ -234,10 +235,12 @@ def variant_grids(rows: pa.Table, count: int = VARIANT_PAIRS_SHOWN) -> str:
 
 
 def _distribution(scores: pa.ChunkedArray, flagged: int) -> str:
-    p10, p50, p90 = pc.quantile(scores, q=[0.1, 0.5, 0.9]).to_pylist()  # linear, as np.percentile
+    """The figures the console summary and the run record give (one definition: ScoreHistogram)."""
+    figures = ScoreHistogram.of(scores.to_pylist()).summary()
+    p10, p50, p90, mean = (f"{figures[k]:g}" for k in ("p10", "p50", "p90", "mean"))
     return (
-        f"<p id='identity-distribution'>identity_score over {len(scores)} rendered rows: "
-        f"p10 {_fmt(p10)} · p50 {_fmt(p50)} · p90 {_fmt(p90)}; needs_review: {flagged}</p>"
+        f"<p id='identity-distribution'>identity_score over {figures['n']} rendered rows: "
+        f"mean {mean} · p10 {p10} · p50 {p50} · p90 {p90}; needs_review: {flagged}</p>"
     )
 
 

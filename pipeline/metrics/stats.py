@@ -284,16 +284,26 @@ class ClipStats:
 
 class ScoreHistogram:
     """A score distribution in fixed 0.1-wide bins over [-100, 100] (cosine x 100 scores):
-    memory that does not grow with the rows (the driver's run statistics), percentiles to 0.1.
-    Mean from exact sums."""
+    memory that does not grow with the rows (the driver's run statistics).
+
+    The one definition of the identity figures the console summary, the run record and the QA
+    page print (each reads `summary()`): the scores are rounded to 0.1 (their bin), then
+    pXX is numpy's default percentile of them (linear between the two nearest ranks: the p50
+    of an even count is the mean of the middle two) and mean their mean, both rounded to 0.01."""
 
     LOW, HIGH, WIDTH = -100.0, 100.0, 0.1
 
     def __init__(self):
         self.bins = np.zeros(int(round((self.HIGH - self.LOW) / self.WIDTH)) + 1, dtype=np.int64)
-        self.count, self.sum = 0, 0.0
+        self.count = 0
 
-    def add(self, scores: Sequence[float]) -> None:
+    @classmethod
+    def of(cls, scores: Sequence[float | None]) -> ScoreHistogram:
+        histogram = cls()
+        histogram.add(scores)
+        return histogram
+
+    def add(self, scores: Sequence[float | None]) -> None:
         values = np.asarray([s for s in scores if s is not None], dtype=np.float64)
         values = values[np.isfinite(values)]  # a NaN score is no score (its row is flagged for review)
         if not values.size:
@@ -301,16 +311,30 @@ class ScoreHistogram:
         index = np.clip(np.round((values - self.LOW) / self.WIDTH), 0, len(self.bins) - 1).astype(np.int64)
         np.add.at(self.bins, index, 1)
         self.count += int(values.size)
-        self.sum += float(values.sum())
+
+    def _value(self, index: np.ndarray | int) -> np.ndarray:
+        return self.LOW + np.asarray(index) * self.WIDTH
+
+    def _order_statistic(self, cumulative: np.ndarray, rank: int) -> float:
+        """The rank-th smallest binned score (0-based)."""
+        return float(self._value(int(np.searchsorted(cumulative, rank + 1))))
 
     def percentile(self, q: float) -> float | None:
-        """The smallest bin value with at least q% of the scores at or below it."""
+        """numpy's default (linear) percentile of the binned scores; None without scores."""
         if not self.count:
             return None
-        rank = max(1, int(np.ceil(q / 100 * self.count)))
-        return round(self.LOW + int(np.searchsorted(np.cumsum(self.bins), rank)) * self.WIDTH, 1)
+        cumulative = np.cumsum(self.bins)
+        position = q / 100 * (self.count - 1)
+        below = int(np.floor(position))
+        low = self._order_statistic(cumulative, below)
+        high = self._order_statistic(cumulative, min(below + 1, self.count - 1))
+        return round(low + (position - below) * (high - low), 2)
+
+    def mean(self) -> float | None:
+        if not self.count:
+            return None
+        return round(float((self.bins * self._value(np.arange(len(self.bins)))).sum() / self.count), 2)
 
     def summary(self) -> dict[str, float | int | None]:
         """n, mean, p10, p50, p90 (None without scores)."""
-        mean = self.sum / self.count if self.count else None
-        return {"n": self.count, "mean": mean, **{f"p{q}": self.percentile(q) for q in (10, 50, 90)}}
+        return {"n": self.count, "mean": self.mean(), **{f"p{q}": self.percentile(q) for q in (10, 50, 90)}}

@@ -3,7 +3,11 @@ throughput. What the progress line, the summary and the run record print. No tor
 
     stats = RunStats()
     stats.add(block)            # the finish stage's block (every row has `attempt`)
+    stats.rows_per_s(elapsed)   # the run's rows/s: the progress line's, the summary's, the record's
     stats.steady_rows_per_s()   # rows/s after the first model call, on the model's clock
+
+Each figure has one definition, here (the identity ones in `metrics.stats.ScoreHistogram`);
+`record.py` only formats them.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ STAGE_TIMES = {"prepare": "prepare_ms", "render": "render_ms", "postprocess": "p
 
 class RunStats:
     def __init__(self):
+        self.started = time.monotonic()  # the run's clock: rows_per_s counts from here
         self.rows = 0
         self.status: collections.Counter[str] = collections.Counter()
         self.error_codes: collections.Counter[str] = collections.Counter()
@@ -57,6 +62,23 @@ class RunStats:
     @property
     def skipped(self) -> int:
         return self.status.get("skipped", 0)
+
+    @property
+    def tried(self) -> int:
+        """Rows this run rendered or failed: not reused from earlier runs, not skipped."""
+        return self.rows - self.reused - self.skipped
+
+    @property
+    def rendered(self) -> int:
+        """Rows this run rendered ok (the ok rows not reused)."""
+        return self.ok - (self.reused - self.reused_failed)
+
+    def rows_per_s(self, elapsed: float | None = None) -> float:
+        """The run's throughput: `tried` rows over the seconds since the run started (Ray's
+        start, model load and the end's bookkeeping included), 0.0 for a run that tried none.
+        `elapsed`: the seconds to divide by (the summary's and the record's), else now's."""
+        elapsed = time.monotonic() - self.started if elapsed is None else elapsed
+        return round(self.tried / max(elapsed, 1e-9), 2)
 
     @property
     def failed_fraction(self) -> float:
