@@ -78,7 +78,9 @@ def test_console_record_and_qa_page_give_the_same_identity_figures_and_rows_per_
     writer = ManifestWriter(layout, spec.run_id, output_schema(spec.plan.schema), part_rows=100)
     blocks = [
         _block([f"p{i}" for i in range(4)], ["ok"] * 4, [1] * 4, SCORES[:4]),
-        _block(["p4", "p5", "bad", "old"], ["ok", "ok", "failed", "ok"], [1, 1, 1, 0], [*SCORES[4:6], None, SCORES[6]]),
+        _block(
+            ["p4", "p5", "bad", "old"], ["ok", "ok", "failed", "ok"], [1, 1, 1, 0], [*SCORES[4:6], None, SCORES[6]]
+        ),
         _block(["p7"], ["ok"], [1], SCORES[7:]),
     ]
     progress = record.Progress(total=9)
