@@ -289,13 +289,14 @@ class ScoreHistogram:
     The one definition of the identity figures the console summary, the run record and the QA
     page print (each reads `summary()`): the scores are rounded to 0.1 (their bin), then
     pXX is numpy's default percentile of them (linear between the two nearest ranks: the p50
-    of an even count is the mean of the middle two) and mean their mean, both rounded to 0.01."""
+    of an even count is the mean of the middle two); the mean is the scores' own (exact sums);
+    both rounded to 0.01."""
 
     LOW, HIGH, WIDTH = -100.0, 100.0, 0.1
 
     def __init__(self):
         self.bins = np.zeros(int(round((self.HIGH - self.LOW) / self.WIDTH)) + 1, dtype=np.int64)
-        self.count = 0
+        self.count, self.sum = 0, 0.0
 
     @classmethod
     def of(cls, scores: Sequence[float | None]) -> ScoreHistogram:
@@ -311,6 +312,7 @@ class ScoreHistogram:
         index = np.clip(np.round((values - self.LOW) / self.WIDTH), 0, len(self.bins) - 1).astype(np.int64)
         np.add.at(self.bins, index, 1)
         self.count += int(values.size)
+        self.sum += float(values.sum())
 
     def _value(self, index: np.ndarray | int) -> np.ndarray:
         return self.LOW + np.asarray(index) * self.WIDTH
@@ -333,7 +335,7 @@ class ScoreHistogram:
     def mean(self) -> float | None:
         if not self.count:
             return None
-        return round(float((self.bins * self._value(np.arange(len(self.bins)))).sum() / self.count), 2)
+        return round(self.sum / self.count, 2)
 
     def summary(self) -> dict[str, float | int | None]:
         """n, mean, p10, p50, p90 (None without scores)."""

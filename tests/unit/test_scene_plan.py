@@ -159,7 +159,7 @@ def test_score_histogram_percentiles_agree_with_numpy_to_its_bin_width():
     hist.add(list(values[:2000]))
     hist.add(list(values[2000:]) + [None])
     summary = hist.summary()
-    assert summary["n"] == 5000 and abs(summary["mean"] - values.mean()) < 1e-9
+    assert summary["n"] == 5000 and abs(summary["mean"] - values.mean()) <= 0.005  # to 0.01
     for q in (10, 50, 90):
         assert abs(summary[f"p{q}"] - np.percentile(values, q)) <= 0.1 + 1e-9
 
