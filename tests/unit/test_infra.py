@@ -18,7 +18,7 @@ import pytest
 import yaml
 from helpers import ROOT  # noqa: E402
 
-CRDS = os.path.join(ROOT, "..", "shared", "kuberay-crds")
+CRDS = os.path.join(ROOT, "tests", "data", "kuberay-crds")  # vendored: source, commit and licence in its README
 MANIFESTS = sorted(glob.glob(os.path.join(ROOT, "infra", "k8s", "*.yaml")))
 
 
@@ -53,6 +53,7 @@ def _crd_schemas() -> dict[str, dict]:
         for version in crd["spec"]["versions"]:
             key = f"{crd['spec']['group']}/{version['name']}:{crd['spec']['names']['kind']}"
             schemas[key] = _strict(version["schema"]["openAPIV3Schema"])
+    assert len(schemas) >= 4, f"the vendored KubeRay CRDs are missing under {CRDS}"
     return schemas
 
 

@@ -284,7 +284,7 @@ def test_validate_rows_resolves_paths():
     table = pa.table(
         {
             "pair_id": ["a", "b", "c", "d"],
-            "context_uri": ["img/a.jpg", "../shared/b.jpg", "/abs/c.jpg", "s3://other/d.jpg"],
+            "context_uri": ["img/a.jpg", "../outside/b.jpg", "/abs/c.jpg", "s3://other/d.jpg"],
             "product_uri": ["file:///x/p.png", "https://cdn/p.png", "p.png", "./p.png"],
             "mask_uri": ["m.png", "m.png", "m.png", "m.png"],
             "shard": ["s", "s", "s", "s"],
