@@ -293,7 +293,7 @@ def test_validate_rows_resolves_paths():
     out = validate_rows(table, "s3://bucket/manifests")
     assert out["context_uri"].to_pylist() == [
         "s3://bucket/manifests/img/a.jpg",
-        "s3://bucket/shared/b.jpg",
+        "s3://bucket/outside/b.jpg",
         "/abs/c.jpg",
         "s3://other/d.jpg",
     ]
@@ -305,7 +305,7 @@ def test_validate_rows_resolves_paths():
     ]
     assert out.schema.field("seed").type == pa.int64() and out["bbox"].to_pylist() == [None] * 4
     local = validate_rows(table.slice(0, 2), "/data/m")
-    assert local["context_uri"].to_pylist() == ["/data/m/img/a.jpg", "/data/shared/b.jpg"]
+    assert local["context_uri"].to_pylist() == ["/data/m/img/a.jpg", "/data/outside/b.jpg"]
 
 
 def test_stable_seed_and_pair_id_charset():
