@@ -117,3 +117,23 @@ def test_the_readme_is_a_short_front_door():
     assert not missing, f"README's folder tree misses {missing}"
     gone = sorted(folder for folder in folders if not os.path.isdir(os.path.join(ROOT, folder)))
     assert not gone, f"README's folder tree names folders that do not exist: {gone}"
+
+
+def _figures(text: str) -> set[str]:
+    """Decimal figures of three or more significant digits in prose (code blocks and spans are
+    commands and settings, not figures)."""
+    prose = re.sub(r"`[^`\n]*`", "", re.sub(r"```.*?```", "", text, flags=re.S))
+    return {m for m in re.findall(r"(?<![\w.])\d+\.\d+(?![\w.])", prose) if len(m.replace(".", "").lstrip("0")) >= 3}
+
+
+def test_no_page_copies_a_figure_from_the_results():
+    results = read("bench/RESULTS.md")
+    measured = set()
+    for figure in re.findall(r"-?\d+\.\d+", results):
+        measured |= {f"{round(float(figure), digits):.{digits}f}" for digits in (1, 2, 3)} | {figure}
+    pages = ["README.md"] + [f"docs/{name}" for name in sorted(os.listdir(DOCS)) if name != "results.md"]
+    copied = {page: sorted(_figures(read(page)) & measured) for page in pages}
+    copied = {page: figures for page, figures in copied.items() if figures}
+    assert not copied, (
+        f"figures that bench/RESULTS.md holds, copied into pages (link to its section instead): {copied}"
+    )
