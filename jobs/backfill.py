@@ -18,8 +18,10 @@ import sys
 from datetime import UTC, datetime
 
 from jobs.render import build_parser, run_job
+from pipeline.config import RenderConfig
+from pipeline.options import add_flags
 
-BACKFILL_KEYS = ("manifest_root", "start", "end", "dry_run", "partition_key")
+BACKFILL_KEYS = ("manifest_root", "start", "end", "dry_run")
 
 
 def parse_args(argv: list[str] | None) -> tuple[dict, dict]:
@@ -32,7 +34,7 @@ def parse_args(argv: list[str] | None) -> tuple[dict, dict]:
     parser.add_argument("--manifest-root", required=True, help="folder holding <key>=YYYY-MM-DD/ partitions")
     parser.add_argument("--start", required=True, help="first date, YYYY-MM-DD (inclusive)")
     parser.add_argument("--end", required=True, help="last date, YYYY-MM-DD (inclusive)")
-    parser.add_argument("--partition-key", default="dt", help="hive partition key (default dt)")
+    add_flags(parser, RenderConfig, which="backfill")  # --partition-key
     parser.add_argument(
         "--dry-run", action="store_true", default=False, help="print counts per partition, render nothing"
     )
@@ -46,7 +48,6 @@ def main(argv: list[str] | None = None) -> int:
     backfill, flags = parse_args(argv)
     flags["manifest"] = backfill["manifest_root"]
     flags["partition_range"] = (backfill["start"], backfill["end"])
-    flags["partition_key"] = backfill["partition_key"]
     if "run_id" not in flags and not backfill["dry_run"]:
         stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
         flags["run_id"] = f"backfill-{backfill['start']}_{backfill['end']}-{stamp}"

@@ -15,7 +15,6 @@ cluster, `pipeline.fit`, and exit 1 when no batch arrives for `--stall-timeout-s
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 import secrets
@@ -133,13 +132,14 @@ def _absolute_paths(cfg: RenderConfig) -> RenderConfig:
     def absolute(uri: str | None) -> str | None:
         return uri if not uri or "://" in uri else os.path.abspath(uri)
 
-    return dataclasses.replace(
-        cfg,
-        output=absolute(cfg.output),
-        model=absolute(cfg.model),
-        inception_weights=absolute(cfg.inception_weights),
-        clip_model=absolute(cfg.clip_model),
-        allow_root=[absolute(root) for root in cfg.allow_root],
+    return cfg.model_copy(
+        update=dict(
+            output=absolute(cfg.output),
+            model=absolute(cfg.model),
+            inception_weights=absolute(cfg.inception_weights),
+            clip_model=absolute(cfg.clip_model),
+            allow_root=[absolute(root) for root in cfg.allow_root],
+        )
     )
 
 

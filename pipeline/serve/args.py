@@ -5,13 +5,15 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
-from pipeline.config import RenderConfig
-from pipeline.schema import IMAGE_FORMATS, SCHEDULERS
+from pipeline.config import MAX_VARIANTS, RENDER_DEFAULTS, RenderConfig
+from pipeline.options import bounds
 
 __all__ = ["MAX_VARIANTS", "RENDER_DEFAULTS", "ServeArgs"]
 
-RENDER_DEFAULTS = RenderConfig()  # crop margin, feather, JPEG quality, steps: the same as the batch job
-MAX_VARIANTS = 16  # the batch job's --variants limit (RenderConfig.validate; a unit test keeps the two equal)
+# A request's defaults and limits are the batch job's option declarations (RenderConfig): the
+# same defaults, the same ranges, and scheduler/format the same choices (their annotations).
+Scheduler = RenderConfig.model_fields["scheduler"].annotation
+ImageFormat = RenderConfig.model_fields["image_format"].annotation
 
 
 class ServeArgs(BaseModel):
@@ -46,11 +48,11 @@ class ServeArgs(BaseModel):
     # CPU rendering: Ray gives an actor OMP_NUM_THREADS = its whole CPUs
     torch_threads: int | None = Field(None, ge=1)
     # -- defaults of a request --------------------------------------------------------------------
-    steps: int = Field(RENDER_DEFAULTS.steps, ge=1)
-    guidance_scale: float = Field(RENDER_DEFAULTS.guidance_scale, ge=0, le=50)
-    scheduler: str = RENDER_DEFAULTS.scheduler  # fixed per deployment: it is part of the loaded pipeline
-    image_format: str = RENDER_DEFAULTS.image_format
-    jpeg_quality: int = Field(RENDER_DEFAULTS.jpeg_quality, ge=1, le=100)  # also WebP quality
+    steps: int = Field(RENDER_DEFAULTS.steps, **bounds(RenderConfig, "steps"))
+    guidance_scale: float = Field(RENDER_DEFAULTS.guidance_scale, **bounds(RenderConfig, "guidance_scale"))
+    scheduler: Scheduler = RENDER_DEFAULTS.scheduler  # fixed per deployment: it is part of the loaded pipeline
+    image_format: ImageFormat = RENDER_DEFAULTS.image_format
+    jpeg_quality: int = Field(RENDER_DEFAULTS.jpeg_quality, **bounds(RenderConfig, "jpeg_quality"))  # also WebP
 
     @field_validator("allow_roots", mode="before")
     @classmethod
@@ -66,10 +68,6 @@ class ServeArgs(BaseModel):
 
     @model_validator(mode="after")
     def _check(self) -> ServeArgs:
-        if self.scheduler not in SCHEDULERS:
-            raise ValueError(f"scheduler must be one of {SCHEDULERS}, got {self.scheduler!r}")
-        if self.image_format not in IMAGE_FORMATS:
-            raise ValueError(f"image_format must be one of {IMAGE_FORMATS}, got {self.image_format!r}")
         if self.steps > self.max_steps:
             raise ValueError(f"steps ({self.steps}) is above max_steps ({self.max_steps})")
         if self.max_ongoing_requests is not None and self.max_ongoing_requests < self.max_batch_size:

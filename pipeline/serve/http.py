@@ -26,10 +26,12 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.types import Message, Receive
 
+from pipeline.config import RenderConfig
 from pipeline.fetch import InputPolicy
+from pipeline.options import bounds
 from pipeline.rows import stable_seed
 from pipeline.schema import IMAGE_FORMATS, MEDIA_TYPES, RowError, name_problem, parse_bbox
-from pipeline.serve.args import ServeArgs
+from pipeline.serve.args import RENDER_DEFAULTS, ServeArgs
 
 __all__ = [
     "ApiError",
@@ -50,6 +52,8 @@ MAX_SEED = 2**63 - 1  # int64, as the manifest's seed column
 # A plain (non-file) form field holds an option of a few bytes; images come as file parts, which
 # only the body limit bounds (Starlette spools them to a temp file past 1 MiB).
 MAX_FIELD_BYTES = 64 * 1024
+# a request's steps, guidance and variants: the batch job's declared ranges (Serve caps steps and variants lower)
+STEPS, GUIDANCE, VARIANTS = (bounds(RenderConfig, name) for name in ("steps", "guidance_scale", "variants"))
 # The body's last bytes kept for the closing-boundary check: a boundary is at most 70 characters
 # (RFC 2046), so its close delimiter and a trailing CRLF fit with room to spare.
 TAIL_BYTES = 256
@@ -263,12 +267,16 @@ def _options(raw: dict, args: ServeArgs, has_mask: bool) -> dict:
         "bbox": bbox,
         "pair_id": _pair_id(raw.get("pair_id")),
         "seed": None if seed in (None, "") else _int_option(seed, "seed", 0, MAX_SEED),
-        "steps": args.steps if steps in (None, "") else _int_option(steps, "steps", 1, args.max_steps),
+        "steps": args.steps if steps in (None, "") else _int_option(steps, "steps", STEPS["ge"], args.max_steps),
         "guidance_scale": (
-            args.guidance_scale if guidance in (None, "") else _float_option(guidance, "guidance_scale", 0, 50)
+            args.guidance_scale
+            if guidance in (None, "")
+            else _float_option(guidance, "guidance_scale", GUIDANCE["ge"], GUIDANCE["le"])
         ),
         "image_format": image_format,
-        "variants": 1 if variants in (None, "") else _int_option(variants, "variants", 1, args.max_variants),
+        "variants": RENDER_DEFAULTS.variants
+        if variants in (None, "")
+        else _int_option(variants, "variants", VARIANTS["ge"], args.max_variants),
     }
 
 

@@ -20,6 +20,7 @@ import numpy as np
 import pyarrow as pa
 
 from pipeline import compose, images, storage
+from pipeline.config import RENDER_DEFAULTS
 from pipeline.output.layout import Layout
 from pipeline.schema import (
     CARRIED_COLUMNS,
@@ -69,12 +70,12 @@ class FinishConfig:
     steps: int
     guidance_scale: float
     scheduler: str
-    image_format: str = "jpeg"  # jpeg | png | webp
-    quality: int = 92  # JPEG/WebP quality
-    feather_px: int = 4  # paste-back ramp, inside the region only
+    image_format: str = RENDER_DEFAULTS.image_format  # jpeg | png | webp
+    quality: int = RENDER_DEFAULTS.jpeg_quality  # JPEG/WebP quality
+    feather_px: int = RENDER_DEFAULTS.feather_px  # paste-back ramp, inside the region only
     min_identity_score: float | None = None  # rows scoring below it get needs_review (None: none do)
-    num_cpus: float = 0.5
-    batch_size: int = 8
+    num_cpus: float = RENDER_DEFAULTS.cpu_stage_cpus
+    batch_size: int = RENDER_DEFAULTS.batch_size
 
     def map_options(self) -> dict:
         return {"batch_size": self.batch_size, "num_cpus": self.num_cpus}

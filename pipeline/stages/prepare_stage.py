@@ -26,6 +26,7 @@ import numpy as np
 import pyarrow as pa
 
 from pipeline import compose, images, regions
+from pipeline.config import RENDER_DEFAULTS
 from pipeline.fetch import InputPolicy, fetch
 from pipeline.schema import PAYLOAD_COLUMNS, PAYLOAD_TYPE, PREV, RENDER, STAGES, RowError, require_columns, set_columns
 from pipeline.stages import scene_stage
@@ -49,10 +50,10 @@ class PrepareConfig:
     policy: InputPolicy  # the allowlist every fetched URI passes
     resolution: int  # the model's working resolution R
     product_size: int  # the image encoder's input size S
-    max_pixels: int = 50_000_000  # images above this fail with too_large before being decoded
-    crop_margin: float = 0.25  # the square window = region bbox grown by this fraction per side
-    num_cpus: float = 0.5  # per task; fractional so stages overlap on small machines
-    batch_size: int = 8  # rows per task call: the model's batch size
+    max_pixels: int = RENDER_DEFAULTS.max_pixels  # images above this fail with too_large before being decoded
+    crop_margin: float = RENDER_DEFAULTS.crop_margin  # the square window = region bbox grown by this fraction per side
+    num_cpus: float = RENDER_DEFAULTS.cpu_stage_cpus  # per task; fractional so stages overlap on small machines
+    batch_size: int = RENDER_DEFAULTS.batch_size  # rows per task call: the model's batch size
 
     def map_options(self) -> dict:
         return {"batch_size": self.batch_size, "num_cpus": self.num_cpus}

@@ -17,6 +17,7 @@ import numpy as np
 import pyarrow as pa
 
 from pipeline import manifest
+from pipeline.config import RENDER_DEFAULTS
 from pipeline.output.state import bucket_of
 from pipeline.resume import StateIndex, resume_batch
 from pipeline.rows import validate_rows
@@ -29,7 +30,7 @@ __all__ = ["ReadConfig", "planned_batches", "read_files"]
 class ReadConfig:
     plan: manifest.ManifestPlan  # the files to read, and the schema they are cast to
     batch_rows: int = 16384  # rows per yielded block (the resume stage's shuffle regroups them)
-    num_cpus: float = 0.5  # per task
+    num_cpus: float = RENDER_DEFAULTS.cpu_stage_cpus  # per task
 
     def map_options(self) -> dict:
         return {"batch_size": 1, "num_cpus": self.num_cpus}

@@ -31,6 +31,7 @@ import numpy as np
 import pyarrow as pa
 
 from pipeline import storage
+from pipeline.config import RENDER_DEFAULTS
 from pipeline.output.layout import Layout
 from pipeline.rows import variant_seeds
 from pipeline.schema import MODEL_INPUTS, PAYLOAD_TYPE, RENDER, require_columns, set_columns
@@ -53,24 +54,24 @@ class RenderStageConfig:
     """The model actor: what it loads, how it renders, and what it asks Ray for."""
 
     model_uri: str  # DTC checkpoint folder or s3:// prefix
-    steps: int = 40  # denoising steps
-    guidance_scale: float = 5.0  # classifier-free guidance
-    scheduler: str = "ddim"  # ddim | dpmpp
+    steps: int = RENDER_DEFAULTS.steps  # denoising steps
+    guidance_scale: float = RENDER_DEFAULTS.guidance_scale  # classifier-free guidance
+    scheduler: str = RENDER_DEFAULTS.scheduler  # ddim | dpmpp
     output: str | None = None  # with run_id: the crash ledger's home (None: no ledger)
     run_id: str | None = None
     inception_weights: str | None = None  # FID/KID features (None: none)
     clip_model: str | None = None  # CLIP region score (None: none)
     torch_threads: int | None = None  # CPU rendering: Ray gives a fractional-CPU actor 1 thread
-    compile_model: bool = False  # torch.compile the UNet and hint encoder
-    channels_last: bool = False  # NHWC convolutions
+    compile_model: bool = RENDER_DEFAULTS.compile  # torch.compile the UNet and hint encoder
+    channels_last: bool = RENDER_DEFAULTS.channels_last  # NHWC convolutions
     fault_injection: dict | None = None  # chaos tests only: see stages.faults
-    batch_size: int = 8  # pairs per model call
+    batch_size: int = RENDER_DEFAULTS.batch_size  # pairs per model call
     num_gpus: float = 0.0  # per actor
-    num_cpus: float = 1.0  # per actor
+    num_cpus: float = RENDER_DEFAULTS.cpus_per_actor  # per actor
     resources: dict | None = None  # custom Ray resources per actor (RenderConfig.actor_resources)
-    variants: int = 1  # renders per pair (seeds: rows.variant_seeds); the best is the pair's image
-    select: str = "identity"  # how the best is chosen: identity (model.identity) | clip (needs clip_model)
-    keep_variants: bool = False  # pass every variant's render on (variant_renders) for variants/
+    variants: int = RENDER_DEFAULTS.variants  # renders per pair (seeds: rows.variant_seeds); the best is kept
+    select: str = RENDER_DEFAULTS.select  # how the best is chosen: identity (model.identity) | clip (needs clip_model)
+    keep_variants: bool = RENDER_DEFAULTS.keep_variants  # pass every render on (variant_renders) for variants/
     scenes: SceneSteps | None = None  # a manifest with scenes: how later steps are cut and pasted
 
     def map_options(self) -> dict:

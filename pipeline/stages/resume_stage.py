@@ -21,6 +21,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipeline import manifest, storage
+from pipeline.config import RENDER_DEFAULTS
 from pipeline.output.layout import Layout
 from pipeline.output.state import read_bucket
 from pipeline.resume import StateIndex, resume_batch, reusable_state
@@ -41,7 +42,7 @@ class ResumeConfig:
     retry_failed: bool = False  # failed rows are rendered again, not carried
     verify_images: bool = False  # an ok row is reused only if its image still exists (one HEAD each)
     scenes: bool = False  # the manifest has scene columns: tag rows with their scene group (scene_stage.GROUP)
-    num_cpus: float = 0.5  # per task
+    num_cpus: float = RENDER_DEFAULTS.cpu_stage_cpus  # per task
 
     def partitions(self, rows: int) -> int:
         """Shuffle partitions: each reducer holds about 200k rows (~60 MB of manifest)."""

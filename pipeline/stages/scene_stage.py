@@ -36,6 +36,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipeline import compose, storage
+from pipeline.config import RENDER_DEFAULTS
 from pipeline.output.layout import Layout
 from pipeline.schema import NAME_RULE, PREV, RENDER, REUSE, RowError, conform, is_safe_name, set_columns, show
 
@@ -61,8 +62,8 @@ _FETCHED = ("scene_product", "scene_mask")  # a later step's inputs, fetched by 
 @dataclass(frozen=True)
 class SceneConfig:
     output: str  # the run's --output (the scene pixels under it)
-    max_scene_steps: int = 8
-    num_cpus: float = 0.5
+    max_scene_steps: int = RENDER_DEFAULTS.max_scene_steps
+    num_cpus: float = RENDER_DEFAULTS.cpu_stage_cpus
 
     def map_options(self) -> dict:
         return {"num_cpus": self.num_cpus}

@@ -20,7 +20,6 @@ preparing and refusing do not, and the export runs in a task.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import math
 import os
@@ -117,13 +116,14 @@ def _absolute_paths(cfg: TrainConfig) -> TrainConfig:
     def absolute(uri: str | None) -> str | None:
         return uri if uri is None or "://" in uri else os.path.abspath(uri)
 
-    return dataclasses.replace(
-        cfg,
-        manifest=absolute(cfg.manifest),
-        init_model=absolute(cfg.init_model),
-        output=absolute(cfg.output),
-        vgg_weights=absolute(cfg.vgg_weights),
-        allow_root=[absolute(root) for root in cfg.allow_root],
+    return cfg.model_copy(
+        update=dict(
+            manifest=absolute(cfg.manifest),
+            init_model=absolute(cfg.init_model),
+            output=absolute(cfg.output),
+            vgg_weights=absolute(cfg.vgg_weights),
+            allow_root=[absolute(root) for root in cfg.allow_root],
+        )
     )
 
 

@@ -37,7 +37,7 @@ def test_yaml_keys_are_the_flags_and_flags_win(tmp_path):
     [
         (dict(batch_size=6, workers=4), "must be a multiple of --workers 4"),
         (dict(steps="ten"), "steps must be int, got str 'ten'"),
-        (dict(cfg_drop=1.5), "cfg_drop must be in 0..1"),
+        (dict(cfg_drop=1.5), "--cfg-drop must be in 0..1, got 1.5"),
         (dict(export="latest"), "--export must be one of"),
         (dict(run_id="../x"), "--run-id '../x' must be"),
         (dict(perceptual_weight=1e-3), "needs VGG19 weights: pass --vgg-weights"),
