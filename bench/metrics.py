@@ -25,8 +25,8 @@ import torch
 # Run as a script, bench/ comes first on sys.path and bench/pipeline.py would shadow the package.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from pipeline.metrics.feature_stats import FeatureStats, frechet_distance  # noqa: E402
 from pipeline.metrics.inception import FIDInceptionV3  # noqa: E402
-from pipeline.metrics.stats import FeatureStats, frechet_distance  # noqa: E402
 
 
 def emit(**record) -> None:

@@ -12,7 +12,7 @@ augment, collate), `compute_s` (forward, backward, optimizer, the decode include
 `decode_fwd_s` (the decode's forward: VAE decode + VGG); the decode's whole cost (forward and
 backward) is the step-time difference to the run without it.
 
-`--device cuda`: the same step (`step.Engine`) in-process, without Ray (the GPU node has no Ray),
+`--device cuda`: the same step (`step.Learner`) in-process, without Ray (the GPU node has no Ray),
 bf16 autocast and gradient checkpointing as the training job runs there, with and without the
 decode, plus peak GPU memory. `--preset sd15` is the paper's sizes at random init.
 
@@ -158,7 +158,7 @@ def bench_in_process(folder: str, device: str, preset: str, batch: int, steps: i
     from pipeline.model.presets import build_preset
     from pipeline.train.config import TrainConfig
     from pipeline.train.loss import TrainableDTC
-    from pipeline.train.step import Engine
+    from pipeline.train.step import Learner
     from pipeline.train.vgg import load_vgg19, save_random_vgg19
 
     vgg_path = save_random_vgg19(os.path.join(folder, "random-vgg19.pth"))
@@ -181,8 +181,8 @@ def bench_in_process(folder: str, device: str, preset: str, batch: int, steps: i
             perceptual_weight=1e-3 if decode else 0.0,
             perceptual_every=1,
         )
-        engine = Engine(TrainableDTC(pipe, load_vgg19(vgg_path, device)[0] if decode else None), cfg, device)
-        stats = [engine.train_step(step, samples) for step in range(steps)][2:]
+        learner = Learner(TrainableDTC(pipe, load_vgg19(vgg_path, device)[0] if decode else None), cfg, device)
+        stats = [learner.train_step(step, samples) for step in range(steps)][2:]
         step_s = statistics.fmean(s.data_s + s.compute_s for s in stats)
         emit(
             what="in_process_step",
@@ -199,7 +199,7 @@ def bench_in_process(folder: str, device: str, preset: str, batch: int, steps: i
             peak_gpu_gb=round(torch.cuda.max_memory_allocated() / 2**30, 2) if device == "cuda" else None,
             gpu=torch.cuda.get_device_name() if device == "cuda" else None,
         )
-        del engine, pipe
+        del learner, pipe
         if device == "cuda":
             torch.cuda.empty_cache()
 

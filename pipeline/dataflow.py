@@ -53,7 +53,7 @@ RAY_STEP_CPUS = 1.0
 
 @dataclass(frozen=True)
 class ResourcePlan:
-    """What the graph asks of Ray (`pipeline.fit` checks it against the cluster's nodes)."""
+    """What the graph asks of Ray (`pipeline.capacity` checks it against the cluster's nodes)."""
 
     actor: dict[str, float]  # one model actor: CPU, GPU and custom resources (amounts > 0 only)
     min_actors: int  # the pool's minimum: Ray Data starts them all before the first block

@@ -7,7 +7,7 @@
 anything is written: exit 2) -> `lock` (exit 2 while another run holds the output) -> `resume`
 (what earlier runs already did) -> `stream` (the pairs through the Ray Data graph, manifest
 parts written as rows arrive, progress lines; exit 2 first when the plan does not fit the
-cluster, `pipeline.fit`, and exit 1 when no batch arrives for `--stall-timeout-s`,
+cluster, `pipeline.capacity`, and exit 1 when no batch arrives for `--stall-timeout-s`,
 `pipeline.watchdog`) -> `finalize` (state, metrics, report) ->
 `close` (run record, lock, summary). Exit 0, or 3 when the failed fraction is above
 `--max-failed-fraction`; 1 for anything unexpected (storage down).
@@ -24,8 +24,8 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 from pipeline import record, storage
+from pipeline.capacity import DoesNotFit
 from pipeline.config import ConfigError, RenderConfig, RunSpec
-from pipeline.fit import DoesNotFit
 from pipeline.manifest import ManifestError, plan_manifest
 from pipeline.model.checkpoint import CheckpointError, check_dtc_checkpoint, model_digest
 from pipeline.nodes import NodeWatch
@@ -341,7 +341,7 @@ class RenderRun:
         gpus = self.spec.cfg.gpus_per_actor
         if gpus is None:
             gpus = 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
-        from pipeline.fit import check_fit
+        from pipeline.capacity import check_fit
 
         check_fit(ray, self.spec, gpus)  # DoesNotFit: before the first block, nothing written yet
         watchdog = self._watchdog(gpus)

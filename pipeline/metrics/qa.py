@@ -27,7 +27,7 @@ from pipeline import images, regions, storage
 
 # The report's own helpers: one thumbnail size and encoding, one contact-sheet row, one number format.
 from pipeline.metrics.report import _fmt, _thumb, contact_row, esc
-from pipeline.metrics.stats import ScoreHistogram
+from pipeline.metrics.feature_stats import ScoreHistogram
 from pipeline.output.layout import Layout
 from pipeline.schema import RowError
 

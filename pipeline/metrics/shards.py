@@ -26,7 +26,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipeline import storage
-from pipeline.metrics.stats import ClipStats, FeatureStats, fid_from_stats, kid
+from pipeline.metrics.feature_stats import ClipStats, FeatureStats, fid_from_stats, kid
 from pipeline.output.layout import Layout
 
 __all__ = ["MetricsAccumulator", "compute_summary", "recompute", "metrics_protocol", "FEATURE_DIM"]

@@ -17,7 +17,7 @@ import time
 
 import pyarrow as pa
 
-from pipeline.metrics.stats import ScoreHistogram
+from pipeline.metrics.feature_stats import ScoreHistogram
 
 __all__ = ["RunStats"]
 

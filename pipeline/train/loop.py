@@ -35,7 +35,7 @@ import torch
 from pipeline import storage
 from pipeline.train.config import TrainConfig
 from pipeline.train.samples import SampleSet
-from pipeline.train.step import Engine, StepStats
+from pipeline.train.step import Learner, StepStats
 
 __all__ = ["LoopSpec", "train_loop_per_worker"]
 
@@ -82,10 +82,10 @@ class Window:
         counts = [1.0, float(stats.pixel is not None), float(stats.perceptual is not None)]
         self.sums += torch.tensor(values + counts, dtype=torch.float64)
 
-    def reduce(self, engine: Engine) -> dict:
+    def reduce(self, learner: Learner) -> dict:
         from pipeline.train.step import _all_reduce
 
-        sums = _all_reduce(self.sums, engine.device) / engine.world if engine.world > 1 else self.sums
+        sums = _all_reduce(self.sums, learner.device) / learner.world if learner.world > 1 else self.sums
         steps, pixel_steps, perceptual_steps = (float(v) for v in sums[-3:])
         out = {f: float(sums[i]) / max(steps, 1e-12) for i, f in enumerate(self.FIELDS)}
         out["pixel"] = float(sums[2]) / pixel_steps if pixel_steps else None
@@ -137,7 +137,7 @@ class Worker:
     # -- 1. setup ---------------------------------------------------------------------------------
 
     def setup(self) -> dict:
-        """Model, engine, restored state (or a fresh one), DDP, samples."""
+        """Model, learner, restored state (or a fresh one), DDP, samples."""
         import ray.train
         import ray.train.torch
 
@@ -156,9 +156,9 @@ class Worker:
             load_vgg19(self.cfg.vgg_weights, self.device) if self.cfg.perceptual_weight > 0 else (None, None)
         )
         model = TrainableDTC(pipe, vgg)
-        self.engine = Engine(model, self.cfg, self.device, self.rank, self.world)
+        self.learner = Learner(model, self.cfg, self.device, self.rank, self.world)
         state = self.restore(ray.train.get_checkpoint())
-        self.engine.forward_model = ray.train.torch.prepare_model(
+        self.learner.forward_model = ray.train.torch.prepare_model(
             model, move_to_device=False, parallel_strategy_kwargs={"broadcast_buffers": False}
         )
         self.train, self.val = self.load_samples()
@@ -170,7 +170,7 @@ class Worker:
         if checkpoint is None:
             return {"step": 0, "best_val_loss": None, "best_step": None, "initial_val_loss": None}
         with checkpoint.as_directory() as folder:
-            state = self.engine.load(folder)
+            state = self.learner.load(folder)
         if state["recipe_digest"] != self.spec.recipe_digest:
             raise ValueError(
                 f"the checkpoint at step {state['step']} was trained with recipe {state['recipe_digest']}, "
@@ -200,7 +200,7 @@ class Worker:
         self.log = TrainLog(self.spec, start, enabled=self.rank == 0)
         self.started, self.window = time.perf_counter(), Window()
         if start == 0 and len(self.val):
-            state["initial_val_loss"] = self.engine.validation_loss(self.val)
+            state["initial_val_loss"] = self.learner.validation_loss(self.val)
             self.log.add({"step": 0, "val_loss": state["initial_val_loss"], "time": time.time()})
         self.say(
             f"training steps {start}..{total} on {len(self.train)} train / {len(self.val)} val samples, "
@@ -209,7 +209,7 @@ class Worker:
         for step in range(start, total):
             if self.faults is not None:
                 self.faults(step, self.rank)
-            self.window.add(self.engine.train_step(step, self.train))
+            self.window.add(self.learner.train_step(step, self.train))
             done = step + 1
             if done % self.cfg.log_every == 0 or done == total:
                 state["last_train"] = self.log_window(done)
@@ -223,7 +223,7 @@ class Worker:
             ray.train.report(self.metrics(state, steps_run=0))
 
     def log_window(self, done: int) -> dict:
-        stats = self.window.reduce(self.engine)
+        stats = self.window.reduce(self.learner)
         self.window = Window()
         samples_per_s = stats["steps"] * self.cfg.batch_size / max(stats["wall_s"], 1e-9)
         epoch = done * self.cfg.batch_size / max(len(self.train), 1)
@@ -251,7 +251,7 @@ class Worker:
     def checkpoint(self, done: int, state: dict, steps_run: int) -> None:
         import ray.train
 
-        val_loss = self.engine.validation_loss(self.val) if len(self.val) else None
+        val_loss = self.learner.validation_loss(self.val) if len(self.val) else None
         improved = val_loss is not None and (state["best_val_loss"] is None or val_loss < state["best_val_loss"])
         if improved:
             state["best_val_loss"], state["best_step"] = val_loss, done
@@ -271,7 +271,7 @@ class Worker:
             from pipeline.train.export import publish_folder
 
             folder = tempfile.mkdtemp(prefix=f"dtc-train-ckpt-{done}-")
-            self.engine.save(folder, state)
+            self.learner.save(folder, state)
             if improved:  # the best, apart from Ray Train's last N: weights and state only
                 best = tempfile.mkdtemp(prefix="dtc-train-best-")
                 for name in ("trainable.safetensors", "state.json"):

@@ -28,17 +28,18 @@ import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-from pipeline import record, storage
+from pipeline import storage
 from pipeline.config import ConfigError
 from pipeline.fetch import InputPolicy
 from pipeline.manifest import ManifestError, ManifestPlan, pair_id_conflicts, plan_manifest
 from pipeline.model.checkpoint import CheckpointError, check_dtc_checkpoint, model_digest
 from pipeline.output.layout import Layout
 from pipeline.output.lock import LockHeld, OutputLock
+from pipeline.record import failure_message
 from pipeline.run import Terminated, check_writable, init_ray, terminate_as_exception
 from pipeline.schema import EXIT_ERROR, EXIT_OK, EXIT_REFUSED
 from pipeline.stages.prepare_stage import PrepareConfig
-from pipeline.train import report
+from pipeline.train import record
 from pipeline.train.config import TrainConfig
 from pipeline.train.dataset import RowCounts, build_dataset, check_splits, count_rows
 
@@ -97,7 +98,7 @@ def check(cfg: TrainConfig) -> TrainSpec:
         )
     init_digest = model_digest(cfg.init_model)
     digest = cfg.recipe_digest(init_digest)
-    previous = report.read_record(cfg.output, cfg.run_id)
+    previous = record.read_record(cfg.output, cfg.run_id)
     if previous is not None and previous.get("recipe_digest") != digest:
         changed = sorted(k for k, v in cfg.recipe().items() if previous.get("recipe", {}).get(k) != v)
         if previous.get("init_model", {}).get("digest") != init_digest:
@@ -189,15 +190,15 @@ class TrainRecipe:
             return TrainResult(EXIT_ERROR, run_id=self.cfg.run_id, message=str(e))
         restore_signals = terminate_as_exception()  # SIGTERM/Ctrl-C: a failure like any other (exit 1, record)
         try:
-            report.write_record(self.layout, self.cfg.run_id, self.record(running=True))
+            record.write_record(self.layout, self.cfg.run_id, self.record(running=True))
             self.train()
             self.export()
             self.exit_code = EXIT_OK
         except (storage.StorageError, OSError, Terminated) as e:  # said in one line: no traceback
-            self.message = record.failure_message(e)
+            self.message = failure_message(e)
             log.error(self.message)
         except Exception as e:  # noqa: BLE001 - the run record and summary must still be written
-            self.message = record.failure_message(e)
+            self.message = failure_message(e)
             log.exception("training run failed")
         finally:
             restore_signals()
@@ -229,7 +230,7 @@ class TrainRecipe:
             self.spec.recipe_digest,
             self.spec.init_model_digest,
         )
-        storage_path, filesystem = report.checkpoint_storage(cfg.output)
+        storage_path, filesystem = record.checkpoint_storage(cfg.output)
         trainer = TorchTrainer(
             train_loop_per_worker,
             train_loop_config={"spec": spec},
@@ -284,17 +285,17 @@ class TrainRecipe:
         return storage.join(self.cfg.output, "model")
 
     def record(self, running: bool = False) -> dict:
-        return report.run_record(self, running=running)
+        return record.run_record(self, running=running)
 
     def close(self, lock: OutputLock) -> None:
         elapsed = time.monotonic() - self.start
         self.timings["total_s"] = elapsed
         try:
-            report.write_record(self.layout, self.cfg.run_id, self.record())
+            record.write_record(self.layout, self.cfg.run_id, self.record())
         except Exception as e:  # noqa: BLE001
             log.error("could not write the run record: %s", e)
         lock.release()
-        print(report.summary_text(self), flush=True)
+        print(record.summary_text(self), flush=True)
         if self.message:
             print(f"  note       {self.message}", flush=True)
 

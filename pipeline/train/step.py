@@ -1,9 +1,9 @@
 """One optimiser step, the validation loss, and a worker's state on disk. No Ray: unit-testable.
 
-    engine = Engine(TrainableDTC(pipe, vgg), cfg, device="cpu")
-    stats = engine.train_step(step, samples)          # zero_grad, forward, backward, clip, AdamW
-    val = engine.validation_loss(val_samples)         # the fixed (t, noise) grid
-    engine.save(folder, state) / engine.load(folder)  # trainable weights, optimizer state, step
+    learner = Learner(TrainableDTC(pipe, vgg), cfg, device="cpu")
+    stats = learner.train_step(step, samples)          # zero_grad, forward, backward, clip, AdamW
+    val = learner.validation_loss(val_samples)         # the fixed (t, noise) grid
+    learner.save(folder, state) / learner.load(folder)  # trainable weights, optimizer state, step
 
 Gradients are zeroed at the start of a step, not the end, so a caller can inspect the step's
 gradients after it (tests/unit/test_train_gradients.py does). Under DDP `forward_model` is the
@@ -27,7 +27,7 @@ from pipeline.train.config import TrainConfig
 from pipeline.train.loss import TRAINABLE, LossWeights, TrainableDTC
 from pipeline.train.samples import Augment, SampleSet, build_batch, build_validation_batch, positions, sample_at
 
-__all__ = ["StepStats", "Engine", "WEIGHTS_FILE", "OPTIMIZER_FILE", "STATE_FILE", "load_trainable"]
+__all__ = ["StepStats", "Learner", "WEIGHTS_FILE", "OPTIMIZER_FILE", "STATE_FILE", "load_trainable"]
 
 WEIGHTS_FILE, OPTIMIZER_FILE, STATE_FILE = "trainable.safetensors", "optimizer.pt", "state.json"
 
@@ -49,7 +49,7 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)  # honest timings; steps are long enough that it costs little
 
 
-class Engine:
+class Learner:
     def __init__(
         self,
         model: TrainableDTC,

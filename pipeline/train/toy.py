@@ -6,7 +6,7 @@
 
 `hint_off` zeroes the FiLM heads of a trained model: FiLM is `skip * (1 + gamma) + beta`, so the
 hint branch then changes nothing and the rest of the trained model renders as it was (the
-ablation "hint branch off" at inference). `train_in_process` is `step.Engine` (the training
+ablation "hint branch off" at inference). `train_in_process` is `step.Learner` (the training
 job's step) on `vae_fit.local_samples`, without Ray: the CI test trains this way in a couple of
 minutes; the bench trains with `jobs.train`.
 """
@@ -48,15 +48,15 @@ def train_in_process(init_model: str, manifest: str, cfg: TrainConfig, say=None)
     this process (no Ray, one worker); returns the trained pipeline (eval mode) and the losses."""
     from pipeline.model.loading import load_pipeline
     from pipeline.train.loss import TrainableDTC
-    from pipeline.train.step import Engine
+    from pipeline.train.step import Learner
     from pipeline.train.vae_fit import local_samples
 
     pipe = load_pipeline(init_model, device="cpu", dtype=torch.float32)
     train, _ = local_samples(manifest, pipe.config.resolution, pipe.config.product_size)
-    engine = Engine(TrainableDTC(pipe), cfg)
+    learner = Learner(TrainableDTC(pipe), cfg)
     losses = []
     for step in range(cfg.steps):
-        losses.append(engine.train_step(step, train).mse)
+        losses.append(learner.train_step(step, train).mse)
         if say and (step + 1) % cfg.log_every == 0:
             say(f"[toy] step {step + 1}/{cfg.steps} mse {sum(losses[-cfg.log_every :]) / cfg.log_every:.4f}")
     for component in pipe.components.values():

@@ -21,8 +21,8 @@ from PIL import Image
 
 from jobs.metrics import main as metrics_main
 from jobs.render import main as render
+from pipeline.metrics.feature_stats import FeatureStats, fid_from_stats
 from pipeline.metrics.shards import FEATURE_DIM
-from pipeline.metrics.stats import FeatureStats, fid_from_stats
 from pipeline.sample_catalog import make_catalog
 
 

@@ -2,7 +2,7 @@
 
 The CI recipe (`pipeline.train.toy.ci_run`): a small fixed synthetic catalog, the committed
 train-tiny model's fitted VAE around a fresh random DTC, `CI_STEPS` steps of the training job's
-own step (`step.Engine`, in-process: no Ray), then the test split rendered by `Renderer` with
+own step (`step.Learner`, in-process: no Ray), then the test split rendered by `Renderer` with
 the render job's preparation and paste-back, scored by `synthetic_eval` (no metric weights).
 
 The margin is calibrated by bench/learned.py's `ci_calibration` record (bench/RESULTS.md,

@@ -10,7 +10,14 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.metrics.stats import ClipStats, FeatureStats, fid_from_stats, frechet_distance, kid, kid_from_subsets
+from pipeline.metrics.feature_stats import (
+    ClipStats,
+    FeatureStats,
+    fid_from_stats,
+    frechet_distance,
+    kid,
+    kid_from_subsets,
+)
 
 
 class FeaturesAsImages(torch.nn.Module):

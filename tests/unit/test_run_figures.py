@@ -16,7 +16,7 @@ import pyarrow.parquet as pq
 from pipeline import record, storage
 from pipeline.config import RenderConfig
 from pipeline.metrics.report import write_report
-from pipeline.metrics.stats import ScoreHistogram
+from pipeline.metrics.feature_stats import ScoreHistogram
 from pipeline.output.layout import Layout
 from pipeline.output.sink import ManifestWriter
 from pipeline.output.stats import RunStats

@@ -12,7 +12,7 @@ import torch
 from transformers import Dinov2Model
 
 from pipeline.config import RenderConfig
-from pipeline.metrics.stats import ScoreHistogram
+from pipeline.metrics.feature_stats import ScoreHistogram
 from pipeline.model.identity import IdentityScorer
 from pipeline.model.presets import dinov2_config
 from pipeline.rows import variant_seeds

@@ -90,7 +90,7 @@ def test_the_driver_side_does_not_import_torch():
     code = (
         "import sys\n"
         "import jobs.train, pipeline.train.config, pipeline.train.dataset, pipeline.train.recipe\n"
-        "import pipeline.train.report, pipeline.train.catalog, pipeline.train.export, pipeline.train.faults\n"
+        "import pipeline.train.record, pipeline.train.catalog, pipeline.train.export, pipeline.train.faults\n"
         "heavy = ('torch', 'diffusers', 'transformers')\n"
         "print(','.join(sorted(m for m in sys.modules if m.split('.')[0] in heavy)))\n"
     )

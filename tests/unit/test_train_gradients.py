@@ -18,7 +18,7 @@ from pipeline.train.config import TrainConfig
 from pipeline.train.dataset import prepare_training_batch, read_training_files
 from pipeline.train.loss import TRAINABLE, TrainableDTC
 from pipeline.train.samples import SampleSet
-from pipeline.train.step import Engine
+from pipeline.train.step import Learner
 from pipeline.train.vgg import load_vgg19, save_random_vgg19
 
 
@@ -53,12 +53,12 @@ def _config(**overrides) -> TrainConfig:
     return TrainConfig(**{**values, **overrides})
 
 
-def _engine(cfg: TrainConfig, vgg=None, checkpointing: bool = False) -> Engine:
+def _learner(cfg: TrainConfig, vgg=None, checkpointing: bool = False) -> Learner:
     pipe = build_preset("tiny", seed=0)
     if checkpointing:
         for module in (pipe.unet, pipe.hint_encoder, pipe.vae):
             module.enable_gradient_checkpointing()
-    return Engine(TrainableDTC(pipe, vgg), cfg)
+    return Learner(TrainableDTC(pipe, vgg), cfg)
 
 
 def _grad(module: torch.nn.Module, recurse: bool = True) -> float:
@@ -75,48 +75,48 @@ def _leaf_modules(model: TrainableDTC):
 def test_zero_init_gradient_flow(samples, vgg):
     """Step 1: the zero FiLM heads get gradient, the hint encoder behind them and the adapter exactly
     none. By step 3 every trainable module has gradient. All losses finite (x0 terms included)."""
-    engine = _engine(_config(pixel_weight=0.1, perceptual_weight=1e-3, perceptual_every=1), vgg, checkpointing=True)
-    model = engine.model
+    learner = _learner(_config(pixel_weight=0.1, perceptual_weight=1e-3, perceptual_every=1), vgg, checkpointing=True)
+    model = learner.model
     heads, body = (
         model.hint_encoder.film_heads,
         [m for n, m in model.hint_encoder.named_children() if n != "film_heads"],
     )
-    stats = engine.train_step(0, samples)
+    stats = learner.train_step(0, samples)
     assert all(_grad(head) > 0 for head in heads)
     assert all(p.grad is not None and not p.grad.any() for m in body for p in m.parameters())
     assert all(p.grad is not None and not p.grad.any() for p in model.hint_adapter.parameters())
     assert _grad(model.unet) > 0 and _grad(model.image_projection.proj) > 0
     history = [stats]
     for step in (1, 2):
-        history.append(engine.train_step(step, samples))
+        history.append(learner.train_step(step, samples))
     missing = [name for name, module in _leaf_modules(model) if _grad(module, recurse=False) == 0]
     assert not missing, f"no gradient at step 3: {missing[:5]}"
     assert all(math.isfinite(v) for s in history for v in (s.loss, s.mse, s.pixel, s.perceptual, s.grad_norm))
 
 
-def _grid_loss(engine: Engine, samples: SampleSet) -> float:
-    return engine.validation_loss(samples)  # the fixed (t, noise) grid, here on the training pairs
+def _grid_loss(learner: Learner, samples: SampleSet) -> float:
+    return learner.validation_loss(samples)  # the fixed (t, noise) grid, here on the training pairs
 
 
 def test_the_loss_falls_on_a_fixed_small_set(samples):
-    engine = _engine(_config(cfg_drop=0.2))
-    start = _grid_loss(engine, samples)
+    learner = _learner(_config(cfg_drop=0.2))
+    start = _grid_loss(learner, samples)
     for step in range(24):
-        engine.train_step(step, samples)
-    end = _grid_loss(engine, samples)
+        learner.train_step(step, samples)
+    end = _grid_loss(learner, samples)
     assert end < 0.5 * start, (start, end)
 
 
 def test_save_and_load_mid_run_change_nothing(samples, tmp_path):
     cfg = _config(pixel_weight=0.1, perceptual_every=2)
-    straight = _engine(cfg)
+    straight = _learner(cfg)
     for step in range(4):
         straight.train_step(step, samples)
-    first = _engine(cfg)
+    first = _learner(cfg)
     for step in range(2):
         first.train_step(step, samples)
     first.save(str(tmp_path / "ckpt"), {"step": 2})
-    resumed = _engine(cfg)  # a fresh process would build exactly this, then load
+    resumed = _learner(cfg)  # a fresh process would build exactly this, then load
     assert resumed.load(str(tmp_path / "ckpt")) == {"step": 2}
     for step in range(2, 4):
         resumed.train_step(step, samples)
@@ -126,7 +126,7 @@ def test_save_and_load_mid_run_change_nothing(samples, tmp_path):
 
 
 def test_a_non_finite_loss_stops_the_step_before_any_update(samples):
-    engine = _engine(_config(learning_rate=1e6, grad_clip=1e12))  # diverges within a few steps
+    learner = _learner(_config(learning_rate=1e6, grad_clip=1e12))  # diverges within a few steps
     with pytest.raises(FloatingPointError, match=r"(the loss|the gradient norm) is (nan|inf) at step \d"):
         for step in range(8):
-            engine.train_step(step, samples)
+            learner.train_step(step, samples)
