@@ -24,10 +24,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipeline import images, regions, storage
+from pipeline.metrics.feature_stats import ScoreHistogram
 
 # The report's own helpers: one thumbnail size and encoding, one contact-sheet row, one number format.
 from pipeline.metrics.report import _fmt, _thumb, contact_row, esc
-from pipeline.metrics.feature_stats import ScoreHistogram
 from pipeline.output.layout import Layout
 from pipeline.schema import RowError
 

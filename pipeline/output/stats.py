@@ -6,7 +6,7 @@ throughput. What the progress line, the summary and the run record print. No tor
     stats.rows_per_s(elapsed)   # the run's rows/s: the progress line's, the summary's, the record's
     stats.steady_rows_per_s()   # rows/s after the first model call, on the model's clock
 
-Each figure has one definition, here (the identity ones in `metrics.stats.ScoreHistogram`);
+Each figure has one definition, here (the identity ones in `metrics.feature_stats.ScoreHistogram`);
 `record.py` only formats them.
 """
 

@@ -1,6 +1,6 @@
 """One definition per figure: the console's progress line and summary, the run record and the QA
 page give the same identity percentiles and the same rows/s, on hand-built finish-stage blocks
-(no Ray). The figures are defined in output/stats.py (rows/s) and metrics/stats.py (identity)."""
+(no Ray). The figures are defined in output/stats.py (rows/s) and metrics/feature_stats.py (identity)."""
 
 from __future__ import annotations
 
@@ -15,8 +15,8 @@ import pyarrow.parquet as pq
 
 from pipeline import record, storage
 from pipeline.config import RenderConfig
-from pipeline.metrics.report import write_report
 from pipeline.metrics.feature_stats import ScoreHistogram
+from pipeline.metrics.report import write_report
 from pipeline.output.layout import Layout
 from pipeline.output.sink import ManifestWriter
 from pipeline.output.stats import RunStats
