@@ -13,6 +13,7 @@ and everything else is generated from that line:
   refused, not coerced; a whole number passes as a float), the range and the choices, each
   failing as one `ConfigError` line that names the value (the jobs exit 2 on it);
 - `default(Model, name)` and `bounds(Model, name)` for the stage configs and Serve's limits;
+- the docs' table of options (`table`, written into docs/options.md by `pipeline.options_page`);
 - membership of the digests: `pixels=True` (the render settings digest, `RenderConfig.settings`),
   `recipe=True` (the training recipe digest, `TrainConfig.recipe`).
 
@@ -29,7 +30,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-__all__ = ["ConfigError", "Options", "option", "add_flags", "default", "bounds", "marked", "flag_name"]
+__all__ = ["ConfigError", "Options", "option", "add_flags", "default", "bounds", "marked", "flag_name", "table"]
 
 BOUND_KEYS = ("ge", "gt", "le", "lt")
 RANGE_ERRORS = {"greater_than", "greater_than_equal", "less_than", "less_than_equal"}
@@ -127,6 +128,30 @@ def add_flags(parser: argparse.ArgumentParser, model: type[Options], which: bool
             )
 
 
+def table(model: type[Options], digest: str) -> str:
+    """The model's options as a Markdown table: flag, YAML key, type, default, range or choices,
+    whether it enters the `digest` mark's digest, and the help."""
+    lines = [
+        "| flag | YAML key | type | default | range | " + digest + " | what it does |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name, field in model.model_fields.items():
+        extra, kind = _extra(field), _without_none(field.annotation)
+        value = field.get_default(call_default_factory=True)
+        dashed = name.replace("_", "-")
+        flag = {True: f"`--{'no-' if kind is bool and value else ''}{dashed}`", False: "YAML only"}.get(
+            extra["flag"], f"`--{dashed}` (jobs.{extra['flag']})"
+        )
+        if typing.get_origin(kind) is Literal:
+            kind_text, limits = "str", " | ".join(typing.get_args(kind))
+        else:
+            kind_text, limits = _type_name(field.annotation), _range(bounds(model, name))
+        shown = "" if value in (None, "") else f"`{_show(value)}`"
+        cells = [flag, f"`{name}`", kind_text, shown, limits, "yes" if extra[digest] else "", field.description]
+        lines.append("| " + " | ".join(cell.replace("|", "\\|").replace("<", "&lt;") for cell in cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def _extra(field) -> dict:
     return field.json_schema_extra or {"flag": True, "pixels": False, "recipe": False, "metavar": None}
 
@@ -166,6 +191,8 @@ def _one_line(model: type[Options], error: dict, values: dict) -> str:
 
 
 def _range(found: dict) -> str:
+    if not found:
+        return ""
     low = found.get("ge", found.get("gt"))
     high = found.get("le", found.get("lt"))
     if low is not None and high is not None:

@@ -4,15 +4,18 @@ checks and Serve limits come from the same declarations."""
 
 from __future__ import annotations
 
+import os
 import types
 import typing
 from typing import Literal
 
 import pytest
+from helpers import ROOT
 
 from jobs.render import build_parser, config_from_flags
 from pipeline.config import MAX_VARIANTS, ConfigError, RenderConfig
 from pipeline.options import Options, bounds, default, marked
+from pipeline.options_page import page
 from pipeline.serve.args import ServeArgs
 from pipeline.train.config import RECIPE_FIELDS, TrainConfig
 
@@ -148,3 +151,9 @@ def test_serve_limits_are_the_declared_ranges():
     for name in ("steps", "guidance_scale", "jpeg_quality"):
         assert bounds(ServeArgs, name) == bounds(RenderConfig, name), name
         assert default(ServeArgs, name) == default(RenderConfig, name), name
+
+
+def test_the_options_page_is_generated_from_the_declarations():
+    with open(os.path.join(ROOT, "docs", "options.md")) as f:
+        written = f.read()
+    assert written == page(), "docs/options.md is stale: python -m pipeline.options_page > docs/options.md"
