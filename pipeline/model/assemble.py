@@ -49,7 +49,6 @@ from pipeline.model.checkpoint import CheckpointError, check_checkpoint, local_c
 from pipeline.model.components import DTCUNet2DConditionModel
 from pipeline.model.pipeline_dtc import DTCPipeline
 from pipeline.model.presets import SD_SCHEDULE, sd_scheduler
-from pipeline.schema import DEFAULT_FILM_MODE
 
 __all__ = ["assemble_from_parts"]
 
@@ -87,16 +86,13 @@ def _check_training_schedule(folder: str, uri: str) -> None:
 
 
 def assemble_from_parts(
-    sd_inpainting: str,
-    dinov2: str,
-    vae: str | None = None,
-    film_mode: str = DEFAULT_FILM_MODE,
-    product_size: int = 224,
+    sd_inpainting: str, dinov2: str, vae: str | None = None, product_size: int = 224, **hint_options
 ) -> DTCPipeline:
     """An untrained DTC from an SD-inpainting pipeline folder and a DINOv2 folder (local or s3://).
 
     Untrained means: the SD-inpainting UNet's noise for the same context, but a context (projected
     DINOv2 tokens) that UNet has never seen; see the module docstring before rendering with it.
+    `hint_options` (`film_mode`) go to `DTCHintEncoder`.
     """
     sd_dir = local_checkpoint(sd_inpainting)
     check_checkpoint(sd_dir, required=("unet", "vae", "scheduler"))
@@ -115,6 +111,6 @@ def assemble_from_parts(
     _check_dinov2(dino_dir, dinov2)
     image_encoder = Dinov2Model.from_pretrained(dino_dir)
     pipe = DTCPipeline.from_parts(
-        vae_model, unet, image_encoder, sd_scheduler(), product_size=product_size, film_mode=film_mode
+        vae_model, unet, image_encoder, sd_scheduler(), product_size=product_size, **hint_options
     )
     return pipe

@@ -260,8 +260,9 @@ class DTCHintEncoder(ModelMixin, ConfigMixin):
         return len(self.film_heads)
 
     @classmethod
-    def from_unet(cls, unet: UNet2DConditionModel, film_mode: str = DEFAULT_FILM_MODE) -> DTCHintEncoder:
-        """A hint encoder whose encoder weights are a copy of `unet`'s (fresh FiLM heads)."""
+    def from_unet(cls, unet: UNet2DConditionModel, **hint_options) -> DTCHintEncoder:
+        """A hint encoder whose encoder weights are a copy of `unet`'s (fresh FiLM heads).
+        `hint_options` (`film_mode`) override this class's own defaults, declared once in `__init__`."""
         cfg = unet.config
         check_sd_style(cfg)
         encoder = cls(
@@ -285,7 +286,7 @@ class DTCHintEncoder(ModelMixin, ConfigMixin):
             flip_sin_to_cos=cfg.flip_sin_to_cos,
             freq_shift=cfg.freq_shift,
             resnet_time_scale_shift=cfg.resnet_time_scale_shift,
-            film_mode=film_mode,
+            **hint_options,
         )
         if (encoder.device, encoder.dtype) != (unet.device, unet.dtype):
             encoder.to(device=unet.device, dtype=unet.dtype)

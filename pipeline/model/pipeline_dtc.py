@@ -134,17 +134,18 @@ class DTCPipeline(DiffusionPipeline):
 
     @classmethod
     def from_parts(
-        cls, vae, unet, image_encoder, scheduler, *, product_size: int = 224, film_mode: str = schema.DEFAULT_FILM_MODE
+        cls, vae, unet, image_encoder, scheduler, *, product_size: int = 224, **hint_options
     ) -> DTCPipeline:
         """A DTC around a main UNet, a VAE and a DINOv2 encoder (random presets and public
         checkpoints alike): the hint encoder copied from the UNet's encoder, the adapter and the
         token projection new, every new head at zero; the working resolution follows from the UNet
-        and the VAE. Components in eval mode, as after `from_pretrained`."""
+        and the VAE. Components in eval mode, as after `from_pretrained`. `hint_options`
+        (`film_mode`) go to `DTCHintEncoder`, whose defaults they override."""
         patch = image_encoder.config.patch_size
         if product_size % patch:
             raise ValueError(f"product_size must be a multiple of the DINOv2 patch size {patch}, got {product_size}")
         # created in this order so that a seed gives the same weights as it always did
-        hint_encoder = DTCHintEncoder.from_unet(unet, film_mode=film_mode)
+        hint_encoder = DTCHintEncoder.from_unet(unet, **hint_options)
         hint_adapter = DTCHintAdapter(latent_channels=vae.config.latent_channels)
         tokens = (product_size // patch) ** 2 + 1
         projection = DTCImageProjection(image_encoder.config.hidden_size, unet.config.cross_attention_dim, tokens)

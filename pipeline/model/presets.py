@@ -18,7 +18,7 @@ from transformers import Dinov2Config, Dinov2Model
 
 from pipeline.model.components import DTCHintAdapter, DTCUNet2DConditionModel
 from pipeline.model.pipeline_dtc import DTCPipeline
-from pipeline.schema import DEFAULT_FILM_MODE, PRESETS
+from pipeline.schema import PRESETS
 
 # Presets only the training side builds (`jobs.fit_vae`); `jobs.make_model` keeps schema.PRESETS.
 TRAIN_PRESETS = ("train-tiny",)
@@ -141,8 +141,9 @@ def vae_config(preset: str) -> dict:
     )
 
 
-def build_preset(preset: str, seed: int = 0, film_mode: str = DEFAULT_FILM_MODE) -> DTCPipeline:
+def build_preset(preset: str, seed: int = 0, **hint_options) -> DTCPipeline:
     """A random-init DTC of the preset's sizes. The same seed gives the same weights.
+    `hint_options` (`film_mode`) go to `DTCHintEncoder`, whose defaults they override.
 
     Wrap in `with torch.device("meta"):` to get the shapes without allocating (sd15 is ~3B
     parameters, 12 GB in fp32).
@@ -154,9 +155,7 @@ def build_preset(preset: str, seed: int = 0, film_mode: str = DEFAULT_FILM_MODE)
     vae = AutoencoderKL(**vae_config(preset))
     image_encoder = Dinov2Model(dinov2_config(preset))
     product_size = TRAIN_TINY_PRODUCT_SIZE if preset == "train-tiny" else 224
-    pipe = DTCPipeline.from_parts(
-        vae, unet, image_encoder, sd_scheduler(), product_size=product_size, film_mode=film_mode
-    )
+    pipe = DTCPipeline.from_parts(vae, unet, image_encoder, sd_scheduler(), product_size=product_size, **hint_options)
     if preset == "train-tiny":
         # the hint adapter must land on the VAE's latent grid: one stride-2 conv per factor of 2
         # (from_parts' default has three, for factor-8 VAEs); its last conv starts at zero, as there
