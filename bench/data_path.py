@@ -32,9 +32,9 @@ from PIL import Image  # noqa: E402
 
 from pipeline import compose, images  # noqa: E402
 from pipeline.fetch import InputPolicy  # noqa: E402
+from pipeline.payload import CONTEXT_RAW, HOLE_BITS, PAYLOAD_TYPE, RENDERED, Sizes  # noqa: E402
 from pipeline.sample_catalog import product, scene  # noqa: E402
-from pipeline.schema import PAYLOAD_TYPE  # noqa: E402
-from pipeline.stages.prepare_stage import PrepareConfig, payloads, prepare_pair  # noqa: E402
+from pipeline.stages.prepare_stage import PrepareConfig, prepare_pair  # noqa: E402
 
 
 def make_inputs(folder: str, pairs: int) -> list[tuple[str, str, list[float]]]:
@@ -62,15 +62,12 @@ def floor_cost(context_path: str, product_path: str, fmt: str, quality: int) -> 
 def path_cost(context_path: str, product_path: str, bbox, config: PrepareConfig, fmt: str, quality: int) -> None:
     pair = prepare_pair(context_path, product_path, None, bbox, config)
     h, w, resolution = pair.height, pair.width, config.resolution
-    block = {c: pa.array([v], PAYLOAD_TYPE) for c, v in payloads(pair).items()}  # prepare_batch's copy into the block
+    block = {c: pa.array([v], PAYLOAD_TYPE) for c, v in pair.payloads().items()}  # prepare_batch's copy into the block
     # what finish_batch does with the payloads (the model's output stands in as the input crop)
-    context = np.frombuffer(block["context_raw"][0].as_buffer(), dtype=np.uint8).reshape(h, w, 3)
-    hole = (
-        np.unpackbits(np.frombuffer(block["hole_bits"][0].as_buffer(), dtype=np.uint8), count=h * w)
-        .reshape(h, w)
-        .view(bool)
-    )
-    rendered = np.frombuffer(block["model_context"][0].as_buffer(), dtype=np.uint8).reshape(resolution, resolution, 3)
+    sizes = Sizes(resolution, config.product_size, height=h, width=w)
+    context = CONTEXT_RAW.unpack(block[CONTEXT_RAW.name][0].as_buffer(), sizes)
+    hole = HOLE_BITS.unpack(block[HOLE_BITS.name][0].as_buffer(), sizes)
+    rendered = RENDERED.unpack(block["model_context"][0].as_buffer(), sizes)
     final = compose.postprocess(context, rendered, hole, tuple(pair.model["crop_box"]), feather_px=4)
     images.encode_image(final, fmt, quality=quality)
 

@@ -22,7 +22,7 @@ from pipeline import storage
 from pipeline.manifest import PairIdConflicts
 from pipeline.schema import is_missing, is_safe_name, name_problem, parse_bbox, set_columns, show
 
-__all__ = ["validate_rows", "stable_seed", "variant_seeds"]
+__all__ = ["validate_rows", "stable_seed", "variant_seeds", "VariantRows"]
 
 VALIDATED_TYPES = {
     "error_code": pa.string(),
@@ -53,6 +53,32 @@ def variant_seeds(seed: int, variants: int) -> list[int]:
         for k in range(1, variants)
     ]
     return [int(seed), *derived]
+
+
+class VariantRows:
+    """A model call's rows when each pair renders several variants: pair j's are rows first[j] ..
+    first[j+1] - 1, one pair after the other, seeded `variant_seeds(seed, counts[j])`. The render
+    stage's pairs all have `--variants` rows; a Serve batch's requests each their own count."""
+
+    def __init__(self, seeds: list[int], counts: list[int]):
+        self.counts = np.asarray(counts, dtype=np.int64)
+        self.first = np.concatenate([[0], np.cumsum(self.counts)])
+        self.pair = np.repeat(np.arange(len(self.counts)), self.counts)  # each row's pair
+        self.seeds = np.asarray(
+            [s for seed, n in zip(seeds, counts) for s in variant_seeds(seed, n)], dtype=np.int64
+        )  # each row's seed
+
+    def __len__(self) -> int:
+        return int(self.first[-1])
+
+    def rows(self, pairs) -> np.ndarray:
+        """The rows of pair `pairs` (an index, or several: their rows in that order)."""
+        spans = [np.arange(self.first[j], self.first[j + 1]) for j in np.atleast_1d(pairs)]
+        return np.concatenate(spans) if spans else np.zeros(0, dtype=np.int64)
+
+    def repeat(self, per_pair: np.ndarray) -> np.ndarray:
+        """`per_pair` (one entry per pair, stacked) once per row."""
+        return np.repeat(per_pair, self.counts, axis=0)
 
 
 def validate_rows(

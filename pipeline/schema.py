@@ -10,8 +10,8 @@ Everything that more than one module has to agree on lives here, and only here:
   derived from `OUTPUT_FIELDS`;
 - the block helpers: blocks are pyarrow Tables with explicit types (Arrow keeps a nullable
   list column a list column in every block; numpy batches turn the same column into a tensor
-  in one block and objects in the next, which Ray cannot concatenate), image payloads raw
-  uint8 bytes, never PIL objects.
+  in one block and objects in the next, which Ray cannot concatenate); the image payloads'
+  bytes are `pipeline.payload`'s.
 
 Driver-safe: numpy and pyarrow only.
 """
@@ -26,6 +26,8 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+
+from pipeline.payload import CONTEXT_RAW, HOLE_BITS, MODEL_INPUTS, PAYLOAD_COLUMNS, RENDERED, VARIANT_RENDERS
 
 __all__ = [
     "NAME_RULE",
@@ -58,9 +60,6 @@ __all__ = [
     "BUCKET",
     "FILE_INDEX",
     "CARRIED_COLUMNS",
-    "PAYLOAD_TYPE",
-    "PAYLOAD_COLUMNS",
-    "MODEL_INPUTS",
     "StageColumns",
     "STAGES",
     "MissingColumns",
@@ -218,7 +217,6 @@ PREV = "prev_"  # prefix of the carried-over result columns of a reused row
 # The read stage tags each row with its pair's state bucket (output/state.py bucket_of) and its
 # manifest file (plan.files[i]); the resume stage groups on the first and drops both.
 BUCKET, FILE_INDEX = "_bucket", "_file_index"
-PAYLOAD_TYPE = pa.large_binary()  # raw uint8 image bytes; 64-bit offsets: a block of photos can pass 2 GiB
 
 
 @dataclass(frozen=True)
@@ -298,19 +296,8 @@ _VALIDATED = (
     "error_code",
     "error_message",
 )
-PAYLOAD_COLUMNS = (
-    "context_raw",
-    "hole_bits",
-    "model_context",
-    "model_hole",
-    "model_product",
-    "model_product_alpha",
-    "model_hint",
-    "model_hint_mask",
-)
-MODEL_INPUTS = PAYLOAD_COLUMNS[2:]  # what the render stage reads and drops
 _QUALITY = ("feat_gen", "feat_real", "clip_score", "clip_floor")
-_IDENTITY = ("identity_score", "variant_seeds", "variant_scores", "chosen_variant", "variant_renders")
+_IDENTITY = ("identity_score", "variant_seeds", "variant_scores", "chosen_variant", VARIANT_RENDERS.name)
 
 STAGES = {
     "read": StageColumns(requires=(), adds=(BUCKET, FILE_INDEX)),
@@ -334,7 +321,7 @@ STAGES = {
     ),
     "render": StageColumns(
         requires=("pair_id", *MODEL_INPUTS, "seed", "error_code", "error_message", "action"),
-        adds=("rendered", "render_attempts", "render_ms", "render_ended_at", *_QUALITY, *_IDENTITY),
+        adds=(RENDERED.name, "render_attempts", "render_ms", "render_ended_at", *_QUALITY, *_IDENTITY),
         drops=MODEL_INPUTS,
     ),
     "finish": StageColumns(
@@ -347,19 +334,19 @@ STAGES = {
             "height",
             "crop_box",
             "render_ms",
-            "context_raw",
-            "hole_bits",
-            "rendered",
+            CONTEXT_RAW.name,
+            HOLE_BITS.name,
+            RENDERED.name,
             "render_attempts",
             *_IDENTITY,
             *(PREV + c for c in CARRIED_COLUMNS),
         ),
         adds=tuple(f.name for f in OUTPUT_FIELDS if f.name != "seed") + ("postprocess_ms",),
         drops=(
-            "context_raw",
-            "hole_bits",
-            "rendered",
-            "variant_renders",
+            CONTEXT_RAW.name,
+            HOLE_BITS.name,
+            RENDERED.name,
+            VARIANT_RENDERS.name,
             "action",
             "render_attempts",
             *(PREV + c for c in CARRIED_COLUMNS),

@@ -2,7 +2,7 @@
 
     scorer = IdentityScorer(pipe.image_encoder, size=pipe.config.product_size, device="cuda")
     scores = scorer.score(rendered, holes, products)   # float64 (B,), 100 * cosine
-    chosen, scores = best_variants(renderer, rendered, holes, products, n)   # best of N per pair
+    chosen, scores = best_variants(scorer, rendered, holes, products, n)   # best of N per pair
 
 The rendered window is cropped to its region's bounding box and padded square on grey, exactly
 as the CLIP region score crops it (`metrics.clip_score.region_crop` / `pad_to_square`); the
@@ -24,8 +24,6 @@ random encoder of tests and the demo the CLS output sits near one direction for 
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -33,9 +31,6 @@ import torch.nn.functional as F
 from pipeline.metrics.clip_score import pad_to_square, region_crop
 from pipeline.model.pipeline_dtc import IMAGENET_MEAN, IMAGENET_STD
 from pipeline.regions import bounding_box
-
-if TYPE_CHECKING:
-    from pipeline.model.renderer import Renderer
 
 __all__ = ["IdentityScorer", "best_variants", "choose_best"]
 
@@ -85,10 +80,10 @@ def choose_best(scores: np.ndarray) -> np.ndarray:
 
 
 def best_variants(
-    renderer: Renderer, rendered: np.ndarray, holes: np.ndarray, products: np.ndarray, n: int
+    scorer: IdentityScorer, rendered: np.ndarray, holes: np.ndarray, products: np.ndarray, n: int
 ) -> tuple[np.ndarray, np.ndarray]:
     """uint8 (B*N,R,R,3) renders (pair i's variants at rows i*N..i*N+N-1), bool (B*N,R,R) their
     holes, uint8 (B,S,S,3) products -> (int64 (B,) the chosen variant of each pair, float64
     (B, N) every variant's identity score), in one encoder forward."""
-    scores = renderer.identity_scores(rendered, holes, products).reshape(-1, n)
+    scores = scorer.score(rendered, holes, products).reshape(-1, n)
     return choose_best(scores), scores

@@ -8,8 +8,8 @@ The one object that runs the model, for the Ray Data GPU stage (`stages.render_s
 for Serve alike: a batch of B pairs is one pipeline call (one UNet call of 2B per step with
 CFG), each pair with its own generator, so a pair's pixels do not depend on its batch-mates
 beyond 1 uint8 level. Steps and guidance are call arguments: nothing is set on it between
-calls. `identity_scores` scores renders against their products with the model's own image
-encoder (`model.identity`). `is_out_of_memory` / `free_memory` / `is_device_fault` let callers handle GPU errors
+calls. `identity` (`model.identity.IdentityScorer`) scores renders against their products with
+the model's own image encoder. `is_out_of_memory` / `free_memory` / `is_device_fault` let callers handle GPU errors
 without touching torch themselves.
 """
 
@@ -21,6 +21,7 @@ import os
 import numpy as np
 import torch
 
+from pipeline.model.identity import IdentityScorer
 from pipeline.model.loading import load_pipeline, optimize_pipeline
 from pipeline.model.pipeline_dtc import DTCPipeline
 
@@ -31,8 +32,6 @@ log = logging.getLogger(__name__)
 
 class Renderer:
     def __init__(self, pipe: DTCPipeline, device: str):
-        from pipeline.model.identity import IdentityScorer
-
         self.pipe = pipe
         self.device = device
         self.model_calls = 0  # pipeline calls made (Serve's /v1/stats, tests)
@@ -104,11 +103,6 @@ class Renderer:
             generator=generators,
             output_type="uint8",
         ).images
-
-    def identity_scores(self, rendered: np.ndarray, hole: np.ndarray, product: np.ndarray) -> np.ndarray:
-        """uint8 (B*N,R,R,3) renders, bool (B*N,R,R) holes, uint8 (B,S,S,3) products -> float64
-        (B*N,) identity scores (`model.identity`): the model's own image encoder, no extra weights."""
-        return self.identity.score(rendered, hole, product)
 
     @staticmethod
     def is_out_of_memory(error: BaseException) -> bool:

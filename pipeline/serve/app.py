@@ -57,10 +57,11 @@ Decisions:
   level). If a group's call fails, its members are rendered one by one, so only the culprit
   fails; a device fault fails the group at once and marks the replica broken.
 - Variants: a request with `variants` N adds N render rows to its group's one model call (seeds
-  `rows.variant_seeds(seed, N)`, `seed` first), as the render job's `--variants` rides in its
-  batches; each request's renders are scored and the best kept by `model.identity.best_variants`,
-  the render stage's own rule (identity score, the first of equals), so the online answer is the
-  batch job's chosen image. X-Seed stays the request's seed; X-Variant-Seeds names the rest.
+  `rows.variant_seeds(seed, N)`, `seed` first), laid out by the render stage's `rows.VariantRows`,
+  as the render job's `--variants` rides in its batches; each request's renders are scored and
+  the best kept by `model.identity.best_variants`, the render stage's own rule (identity score,
+  the first of equals), so the online answer is the batch job's chosen image. X-Seed stays the
+  request's seed; X-Variant-Seeds names the rest.
 - Per-pair preparation is the batch job's own `prepare_pair` (fetch under the allowlist,
   decode, region, model inputs and hint), and the paste-back is `compose.postprocess` with
   RenderConfig's crop margin and feather: online and batch renders of a pair agree.
@@ -98,7 +99,8 @@ from pipeline.compose import postprocess
 from pipeline.fetch import InputPolicy
 from pipeline.images import encode_image
 from pipeline.model.checkpoint import CheckpointError, check_dtc_checkpoint, model_digest
-from pipeline.rows import variant_seeds
+from pipeline.payload import MODEL_INPUT_SPECS
+from pipeline.rows import VariantRows
 from pipeline.schema import RowError
 from pipeline.serve.args import RENDER_DEFAULTS, ServeArgs
 from pipeline.serve.http import CONTENT_TYPES, ApiError, RenderRequest, error_response, parse_request, request_seed
@@ -355,36 +357,38 @@ class DTCServer:
         variants scored and the best kept by the render stage's rule (model thread only)."""
         from pipeline.model.identity import best_variants  # torch: in the replica only
 
-        counts = [job.variants for job in jobs]
-        seeds = [variant_seeds(job.seed, job.variants) for job in jobs]
-
-        def stack(key: str) -> np.ndarray:  # each request's input once per variant
-            return np.repeat(np.stack([job.model[key] for job in jobs]), counts, axis=0)
-
-        hole = stack("hole")
+        rows = VariantRows([job.seed for job in jobs], [job.variants for job in jobs])
+        # each request's model inputs once per variant, in the order the render stage feeds them
+        context, hole, product, product_alpha, hint, hint_mask = (
+            rows.repeat(np.stack([job.model[c.key] for job in jobs])) for c in MODEL_INPUT_SPECS
+        )
         rendered = self.renderer.render(
-            stack("context"),
+            context,
             hole,
-            stack("product"),
-            stack("product_alpha"),
-            np.asarray([seed for request in seeds for seed in request], dtype=np.int64),
+            product,
+            product_alpha,
+            rows.seeds,
             steps=jobs[0].steps,
             guidance_scale=jobs[0].guidance_scale,
-            hint=stack("hint"),
-            hint_mask=stack("hint_mask"),
+            hint=hint,
+            hint_mask=hint_mask,
         )
-        first = np.cumsum([0, *counts])  # request i's rows: first[i] .. first[i] + counts[i] - 1
         results: list[Rendered | None] = [None] * len(jobs)
         # best_variants takes N renders per pair: one encoder forward per distinct N of the group
-        for n in sorted(set(counts)):
-            members = [i for i, count in enumerate(counts) if count == n]
-            rows = np.concatenate([np.arange(first[i], first[i] + n) for i in members])
-            products = np.stack([jobs[i].model["product"] for i in members])
-            chosen, scores = best_variants(self.renderer, rendered[rows], hole[rows], products, n)
+        for n in sorted(set(rows.counts.tolist())):
+            members = [i for i, job in enumerate(jobs) if job.variants == n]
+            chosen, scores = best_variants(
+                self.renderer.identity,
+                rendered[rows.rows(members)],
+                hole[rows.rows(members)],
+                np.stack([jobs[i].model["product"] for i in members]),
+                n,
+            )
             for k, i in enumerate(members):
                 best = int(chosen[k])
-                image = rendered[first[i] + best]
-                results[i] = Rendered(image=image, seeds=seeds[i], scores=scores[k].tolist(), chosen=best)
+                image = rendered[rows.first[i] + best]
+                seeds = rows.seeds[rows.rows(i)].tolist()
+                results[i] = Rendered(image=image, seeds=seeds, scores=scores[k].tolist(), chosen=best)
         return results
 
     def _model_error(self, error: Exception, alone: bool) -> ApiError | None:

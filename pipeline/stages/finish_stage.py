@@ -22,6 +22,7 @@ import pyarrow as pa
 from pipeline import compose, images, storage
 from pipeline.config import RENDER_DEFAULTS
 from pipeline.output.layout import Layout
+from pipeline.payload import RENDERED, VARIANT_RENDERS, Sizes, unpack_photo
 from pipeline.schema import (
     CARRIED_COLUMNS,
     EXTENSIONS,
@@ -36,7 +37,6 @@ from pipeline.schema import (
     set_columns,
 )
 from pipeline.stages import scene_stage
-from pipeline.stages.prepare_stage import unpack_photo
 
 __all__ = ["FinishConfig", "finish_batch"]
 
@@ -92,9 +92,9 @@ def _write_image(
     for a scene step, its context and pixels digests (its pixels also go, lossless, where the
     next step reads them). With kept variants (`variant_renders`), the ones not chosen go to
     variants/<pair_id>/<k>.<ext>."""
-    r = config.resolution
+    sizes = Sizes(resolution=config.resolution)
     context, hole = unpack_photo(batch, i)
-    rendered = np.frombuffer(batch["rendered"][i].as_buffer(), dtype=np.uint8).reshape(r, r, 3)
+    rendered = RENDERED.unpack(batch[RENDERED.name][i].as_buffer(), sizes)
     final = compose.postprocess(context, rendered, hole, tuple(box), feather_px=config.feather_px)
     pair_id, ext = batch["pair_id"][i].as_py(), EXTENSIONS[config.image_format]
     uri = layout.image(pair_id, ext)
@@ -104,9 +104,9 @@ def _write_image(
         pixels = np.asarray(final)
         storage.write_bytes(layout.scene_pixels(scene_id, pair_id), images.encode_image(pixels, "png"))
         digests = scene_stage.pixels_digest(context), scene_stage.pixels_digest(pixels)
-    kept = batch["variant_renders"][i]
+    kept = batch[VARIANT_RENDERS.name][i]
     if kept.is_valid:
-        renders = np.frombuffer(kept.as_buffer(), dtype=np.uint8).reshape(-1, r, r, 3)
+        renders = VARIANT_RENDERS.unpack(kept.as_buffer(), sizes, stacked=True)
         chosen = batch["chosen_variant"][i].as_py()
         for k in (k for k in range(len(renders)) if k != chosen):
             pixels = compose.postprocess(context, renders[k], hole, tuple(box), feather_px=config.feather_px)

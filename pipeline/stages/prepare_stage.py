@@ -8,13 +8,11 @@ from its full resolution into the largest rectangle inside the hole). A problem 
 `error_code`. `prepare_pair` is the per-pair path, and Serve calls it too: an online render
 and a batch render of the same pair see the same pixels.
 
-Payloads travel as raw uint8 bytes (shapes are known from `width`/`height` and the model's
-sizes), never as PIL objects, and are empty for rows that are not rendered: `context_raw`
-(H*W*3, the whole photo for the paste-back), `hole_bits` (np.packbits of the H*W region),
-`model_context` (R*R*3), `model_hole` (R*R), `model_product` (S*S*3), `model_product_alpha`
-(S*S), `model_hint` (R*R*3) and `model_hint_mask` (R*R), plus `width`, `height`, `crop_box` and
-`prepare_ms` (this stage's time per row, summed into the run record; not an output-manifest
-column). torch runs here only inside the resize kernels (`compose.resize_uint8`).
+The payloads (`pipeline.payload`: raw uint8 bytes, one spec per column, empty for rows that are
+not rendered) are the whole photo and its region for the paste-back and the model's six inputs,
+plus `width`, `height`, `crop_box` and `prepare_ms` (this stage's time per row, summed into the
+run record; not an output-manifest column). torch runs here only inside the resize kernels
+(`compose.resize_uint8`).
 """
 
 from __future__ import annotations
@@ -28,19 +26,11 @@ import pyarrow as pa
 from pipeline import compose, images, regions
 from pipeline.config import RENDER_DEFAULTS
 from pipeline.fetch import InputPolicy, fetch
-from pipeline.schema import PAYLOAD_COLUMNS, PAYLOAD_TYPE, PREV, RENDER, STAGES, RowError, require_columns, set_columns
+from pipeline.payload import PAYLOAD_COLUMNS, PAYLOAD_TYPE, pack_pair
+from pipeline.schema import PREV, RENDER, STAGES, RowError, require_columns, set_columns
 from pipeline.stages import scene_stage
 
-__all__ = [
-    "PrepareConfig",
-    "PreparedPair",
-    "prepare_pair",
-    "prepare_into",
-    "step_columns",
-    "unpack_photo",
-    "payloads",
-    "prepare_batch",
-]
+__all__ = ["PrepareConfig", "PreparedPair", "prepare_pair", "prepare_into", "step_columns", "prepare_batch"]
 
 
 @dataclass(frozen=True)
@@ -76,6 +66,10 @@ class PreparedPair:
     def height(self) -> int:
         return self.context.shape[0]
 
+    def payloads(self) -> dict[str, memoryview]:
+        """The pair's payload columns (`pipeline.payload`)."""
+        return pack_pair(self.context, self.hole, self.model)
+
 
 def prepare_pair(
     context: bytes | str, product: bytes | str, mask: bytes | str | None, bbox, config: PrepareConfig
@@ -110,40 +104,12 @@ def _read(source: bytes | str, policy: InputPolicy) -> bytes:
     return source if isinstance(source, bytes) else fetch(source, policy)
 
 
-def _raw(array: np.ndarray) -> memoryview:
-    """The array's bytes without a copy: pa.array copies each payload once, into the block."""
-    return memoryview(np.ascontiguousarray(array)).cast("B")
-
-
-def payloads(pair: PreparedPair) -> dict[str, memoryview]:
-    model = pair.model
-    return {
-        "context_raw": _raw(pair.context),
-        "hole_bits": _raw(np.packbits(pair.hole)),
-        "model_context": _raw(model["context"]),
-        "model_hole": _raw(model["hole"].view(np.uint8)),  # bool is one byte, 0 or 1
-        "model_product": _raw(model["product"]),
-        "model_product_alpha": _raw(model["product_alpha"].view(np.uint8)),
-        "model_hint": _raw(model["hint"]),
-        "model_hint_mask": _raw(model["hint_mask"].view(np.uint8)),
-    }
-
-
-def unpack_photo(block: pa.Table, i: int) -> tuple[np.ndarray, np.ndarray]:
-    """Row i's `context_raw` and `hole_bits` back as the H x W x 3 photo and H x W bool region
-    (the inverse of `payloads`; views of the block's memory, no copy of the photo)."""
-    h, w = block["height"][i].as_py(), block["width"][i].as_py()
-    context = np.frombuffer(block["context_raw"][i].as_buffer(), dtype=np.uint8).reshape(h, w, 3)
-    hole_bits = np.frombuffer(block["hole_bits"][i].as_buffer(), dtype=np.uint8)
-    return context, np.unpackbits(hole_bits, count=h * w).reshape(h, w).view(bool)
-
-
 def step_columns(photo: np.ndarray, product: bytes, mask: bytes | None, bbox, config: PrepareConfig) -> dict:
     """A later scene step's columns (one row) as `prepare_batch` gives a pair's, cut from the
     previous step's pixels `photo` (the render stage calls it between steps). Raises RowError."""
     start = time.perf_counter()
     pair = prepare_into(photo, product, mask, bbox, config)
-    columns = {c: pa.array([value], PAYLOAD_TYPE) for c, value in payloads(pair).items()}
+    columns = {c: pa.array([value], PAYLOAD_TYPE) for c, value in pair.payloads().items()}
     return columns | {
         "width": pa.array([pair.width], pa.int64()),
         "height": pa.array([pair.height], pa.int64()),
@@ -196,7 +162,7 @@ def prepare_batch(batch: pa.Table, *, config: PrepareConfig) -> pa.Table:
             continue
         finally:
             prepare_ms[i] = (time.perf_counter() - start) * 1000
-        for c, value in payloads(pair).items():
+        for c, value in pair.payloads().items():
             payload[c][i] = value
         width[i], height[i], crop_box[i] = pair.width, pair.height, list(pair.model["crop_box"])
     columns = {c: pa.array(v, PAYLOAD_TYPE) for c, v in payload.items()}

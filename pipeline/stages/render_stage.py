@@ -33,8 +33,9 @@ import pyarrow as pa
 from pipeline import storage
 from pipeline.config import RENDER_DEFAULTS
 from pipeline.output.layout import Layout
-from pipeline.rows import variant_seeds
-from pipeline.schema import MODEL_INPUTS, PAYLOAD_TYPE, RENDER, require_columns, set_columns
+from pipeline.payload import MODEL_INPUT_SPECS, MODEL_INPUTS, PAYLOAD_TYPE, RENDERED, VARIANT_RENDERS, Sizes
+from pipeline.rows import VariantRows
+from pipeline.schema import RENDER, require_columns, set_columns
 from pipeline.stages.prepare_stage import PrepareConfig, step_columns
 from pipeline.stages.scene_stage import SCENE_REST, unroll
 
@@ -155,7 +156,7 @@ class RenderStage:
         if self.config.scenes is not None and SCENE_REST in batch.column_names:
             # scenes' later steps, a model call per step for every scene of the block
             scenes = self.config.scenes
-            out = unroll(out, self._render_block, self._cut, scenes.feather_px)
+            out = unroll(out, self._render_block, self._cut, scenes.feather_px, scenes.prepare.resolution)
         return out
 
     def _cut(self, photo: np.ndarray, product: bytes, mask: bytes | None, bbox) -> dict:
@@ -191,24 +192,24 @@ class RenderStage:
         render_ms, ended_at, attempts, codes = stats
         n, many = batch.num_rows, self.config.variants > 1
         messages = batch["error_message"].to_pylist()
-        out_bytes: list[bytes] = [b""] * n
-        kept: list[bytes | None] = [None] * n
+        out_bytes: list[memoryview | bytes] = [b""] * n
+        kept: list[memoryview | None] = [None] * n
         seeds, scores, chosen = [None] * n, [None] * n, [None] * n
         for j, i in enumerate(work.todo):
             if j in work.errors:
                 codes[i], messages[i] = work.errors[j], REASONS[work.errors[j]]
                 continue
-            out_bytes[i] = work.rendered[j * work.variants + work.chosen[j]].tobytes()
+            out_bytes[i] = RENDERED.pack(work.chosen_render(j))
             if many:
                 seeds[i], scores[i], chosen[i] = work.variant_seeds(j), identity["variant_scores"][j], work.chosen[j]
                 if self.config.keep_variants:
-                    kept[i] = work.rendered[j * work.variants : (j + 1) * work.variants].tobytes()
+                    kept[i] = VARIANT_RENDERS.pack(work.rendered[work.layout.rows(j)])
         identity_score = [None] * n
         for j, i in enumerate(work.todo):
             identity_score[i] = identity["identity_score"].get(j)
         return {
-            "rendered": pa.array(out_bytes, PAYLOAD_TYPE),
-            "variant_renders": pa.array(kept, PAYLOAD_TYPE),
+            RENDERED.name: pa.array(out_bytes, PAYLOAD_TYPE),
+            VARIANT_RENDERS.name: pa.array(kept, PAYLOAD_TYPE),
             "render_attempts": pa.array(attempts, pa.int64()),
             "render_ms": pa.array(render_ms, pa.float64()),
             "render_ended_at": pa.array(ended_at, pa.float64()),
@@ -235,9 +236,9 @@ class RenderStage:
         if not len(done):
             return out
         n_var = work.variants
-        every = (done[:, None] * n_var + np.arange(n_var)).ravel()  # render rows of the done pairs
+        every = work.layout.rows(done)  # render rows of the done pairs
         hole, product = work.inputs(every, ("model_hole", "model_product"))
-        chosen, identity = best_variants(self.renderer, work.rendered[every], hole, product[::n_var], n_var)
+        chosen, identity = best_variants(self.renderer.identity, work.rendered[every], hole, product[::n_var], n_var)
         selection = identity
         if self.config.select == "clip" and n_var > 1:
             from pipeline.regions import bounding_box
@@ -259,7 +260,7 @@ class RenderStage:
         batch_key = "batch:" + "\n".join(work.pair_ids)
         earlier = self.ledger.begin(batch_key) if self.ledger else 0
         if earlier == 0:
-            self._render_splitting(work, np.arange(len(work.todo) * work.variants))
+            self._render_splitting(work, np.arange(len(work.layout)))
         else:
             log.warning(
                 "a worker died on this batch before (%d time(s)): rendering its %d pairs one by one",
@@ -273,7 +274,7 @@ class RenderStage:
                     work.errors[j], attempts[work.todo[j]] = "worker_crash", 1 + tried
                 else:
                     attempts[work.todo[j]] = 2 + tried
-                    self._render_splitting(work, np.arange(j * work.variants, (j + 1) * work.variants))
+                    self._render_splitting(work, work.layout.rows(j))
                 self.ledger.end("pair:" + pair_id)
         if self.ledger:
             self.ledger.end(batch_key)
@@ -284,7 +285,7 @@ class RenderStage:
         renderer = self.renderer
         try:
             if self.inject is not None:
-                self.inject(list(dict.fromkeys(work.pair_ids[j // work.variants] for j in rows)))
+                self.inject(list(dict.fromkeys(work.pair_ids[j] for j in work.layout.pair[rows])))
             context, hole, product, alpha, hint, hint_mask = work.inputs(rows)
             work.rendered[rows] = renderer.render(
                 context,
@@ -302,7 +303,7 @@ class RenderStage:
                 raise
             renderer.free_memory()
             if len(rows) == 1:
-                work.errors[int(rows[0]) // work.variants] = "oom"
+                work.errors[int(work.layout.pair[rows[0]])] = "oom"
                 return
             log.warning("GPU out of memory on a batch of %d: splitting", len(rows))
             half = len(rows) // 2
@@ -313,7 +314,7 @@ class RenderStage:
         quality = {c: [None] * n for c in ("feat_gen", "feat_real", "clip_score", "clip_floor")}
         if self.quality is None or not len(done):
             return quality
-        chosen = np.asarray([int(j) * work.variants + work.chosen[int(j)] for j in done], dtype=np.int64)
+        chosen = np.asarray([work.layout.first[j] + work.chosen[j] for j in done.tolist()], dtype=np.int64)
         context, hole, product, *_ = work.inputs(chosen)
         for column, values in self.quality(work.rendered[chosen], context, hole, product).items():
             for j, value in zip(done, values):
@@ -323,42 +324,30 @@ class RenderStage:
 
 class _Work:
     """The rows of one block to render: their payloads, seeds, renders and errors. With N
-    variants a pair j has N render rows, j*N .. j*N+N-1, sharing its payloads."""
+    variants a pair j has N render rows (`rows.VariantRows`), sharing its payloads."""
 
     def __init__(self, batch: pa.Table, todo: list[int], resolution: int, product_size: int, variants: int = 1):
         self.todo = todo
         self.variants = variants
         self.pair_ids = [batch["pair_id"][i].as_py() for i in todo]
         self.payloads = {c: [batch[c][i].as_py() for i in todo] for c in MODEL_INPUTS}
-        base = [batch["seed"][i].as_py() for i in todo]
-        self.seeds = np.asarray([s for seed in base for s in variant_seeds(seed, variants)], dtype=np.int64)
-        r, s = resolution, product_size
-        self.shapes = {
-            "model_context": (r, r, 3),
-            "model_hole": (r, r),
-            "model_product": (s, s, 3),
-            "model_product_alpha": (s, s),
-            "model_hint": (r, r, 3),
-            "model_hint_mask": (r, r),
-        }
-        self.rendered = np.zeros((len(todo) * variants, r, r, 3), dtype=np.uint8)
+        self.layout = VariantRows([batch["seed"][i].as_py() for i in todo], [variants] * len(todo))
+        self.seeds = self.layout.seeds
+        self.sizes = Sizes(resolution, product_size)
+        self.rendered = np.zeros((len(self.layout), *RENDERED.shape(self.sizes)), dtype=np.uint8)
         self.errors: dict[int, str] = {}  # pair position in todo -> error code
         self.chosen = [0] * len(todo)  # pair position in todo -> its best variant
 
     def variant_seeds(self, j: int) -> list[int]:
-        return [int(s) for s in self.seeds[j * self.variants : (j + 1) * self.variants]]
+        return [int(s) for s in self.seeds[self.layout.rows(j)]]
+
+    def chosen_render(self, j: int) -> np.ndarray:
+        return self.rendered[self.layout.first[j] + self.chosen[j]]
 
     def inputs(self, rows: np.ndarray, columns: tuple[str, ...] = MODEL_INPUTS) -> list[np.ndarray]:
         """context, hole (bool), product, product alpha (bool), hint, hint mask (bool) of render
         `rows`, stacked (MODEL_INPUTS' order; or just `columns`). Render rows of one pair share
         its payload: each pair is decoded once and repeated."""
-        pairs, index = np.unique(np.asarray(rows) // self.variants, return_inverse=True)
-        stacked = []
-        for c in columns:
-            array = np.stack(
-                [np.frombuffer(self.payloads[c][j], dtype=np.uint8).reshape(self.shapes[c]) for j in pairs]
-            )[index]
-            stacked.append(
-                array.view(bool) if c in ("model_hole", "model_product_alpha", "model_hint_mask") else array
-            )
-        return stacked
+        pairs, index = np.unique(self.layout.pair[np.asarray(rows)], return_inverse=True)
+        specs = {c.name: c for c in MODEL_INPUT_SPECS}
+        return [np.stack([specs[c].unpack(self.payloads[c][j], self.sizes) for j in pairs])[index] for c in columns]

@@ -38,6 +38,7 @@ import pyarrow.compute as pc
 from pipeline import compose, storage
 from pipeline.config import RENDER_DEFAULTS
 from pipeline.output.layout import Layout
+from pipeline.payload import RENDERED, Sizes, unpack_photo
 from pipeline.schema import NAME_RULE, PREV, RENDER, REUSE, RowError, conform, is_safe_name, set_columns, show
 
 __all__ = [
@@ -227,19 +228,21 @@ def prepare_rest(blob: bytes, photo: np.ndarray, check: Callable, fetch: Callabl
     return _pack(set_columns(rest, columns))
 
 
-def unroll(out: pa.Table, render: Callable[[pa.Table], pa.Table], cut: Callable, feather_px: int) -> pa.Table:
+def unroll(
+    out: pa.Table, render: Callable[[pa.Table], pa.Table], cut: Callable, feather_px: int, resolution: int
+) -> pa.Table:
     """The render stage's part. `out`: the rendered block (plain rows, scenes' first steps with
     their `SCENE_REST`); `render(block)`: the stage's own block rendering; `cut(photo, product,
     mask, bbox)` -> the step's payload columns (raises RowError); `feather_px`: the paste-back's,
-    as the finish stage will paste. Returns every row, the later steps appended, without the
-    scene columns."""
+    as the finish stage will paste; `resolution`: the renders' R. Returns every row, the later
+    steps appended, without the scene columns."""
     blocks, wave = [out], out
     while wave is not None and SCENE_REST in wave.column_names:
         nexts, waiting = [], []
         rests = wave[SCENE_REST].to_pylist()
         for i in (i for i, blob in enumerate(rests) if blob is not None):
             rest = _unpack(rests[i])
-            step, later = _next_step(wave, i, rest.slice(0, 1), cut, feather_px)
+            step, later = _next_step(wave, i, rest.slice(0, 1), cut, feather_px, resolution)
             if later is not None and rest.num_rows > 1:
                 step = set_columns(step, {SCENE_REST: pa.array([_pack(rest.slice(1))], pa.large_binary())})
             elif rest.num_rows > 1:  # this step failed: the ones after it fail upstream
@@ -259,7 +262,9 @@ def _input_schema(out_schema: pa.Schema, step: pa.Table) -> pa.Schema:
     return pa.schema([pa.field(f.name, types.get(f.name, f.type)) for f in step.schema])
 
 
-def _next_step(wave: pa.Table, i: int, step: pa.Table, cut: Callable, feather_px: int) -> tuple[pa.Table, bool | None]:
+def _next_step(
+    wave: pa.Table, i: int, step: pa.Table, cut: Callable, feather_px: int, resolution: int
+) -> tuple[pa.Table, bool | None]:
     """Step row `step` cut from wave row i's result: (the row, True) to render, or (the failed
     row, None)."""
     code = wave["error_code"][i].as_py()
@@ -268,7 +273,7 @@ def _next_step(wave: pa.Table, i: int, step: pa.Table, cut: Callable, feather_px
         return _fail(step, "upstream_failed", f"{name} of scene {wave['scene_id'][i].as_py()!r} failed"), None
     if step["error_code"][0].as_py():  # its product or mask failed in the prepare stage
         return step, None
-    photo = _pasted(wave, i, feather_px)
+    photo = _pasted(wave, i, feather_px, resolution)
     try:
         columns = cut(photo, step["scene_product"][0].as_py(), step["scene_mask"][0].as_py(), step["bbox"][0].as_py())
     except RowError as e:
@@ -278,13 +283,10 @@ def _next_step(wave: pa.Table, i: int, step: pa.Table, cut: Callable, feather_px
     return set_columns(step.drop_columns(list(_FETCHED)), columns), True
 
 
-def _pasted(wave: pa.Table, i: int, feather_px: int) -> np.ndarray:
+def _pasted(wave: pa.Table, i: int, feather_px: int, resolution: int) -> np.ndarray:
     """Wave row i's render pasted into the pixels it was rendered into, as the finish stage does."""
-    from pipeline.stages.prepare_stage import unpack_photo  # here: prepare_stage imports this module
-
     context, hole = unpack_photo(wave, i)
-    r = int(round((len(wave["rendered"][i].as_buffer()) // 3) ** 0.5))
-    rendered = np.frombuffer(wave["rendered"][i].as_buffer(), dtype=np.uint8).reshape(r, r, 3)
+    rendered = RENDERED.unpack(wave[RENDERED.name][i].as_buffer(), Sizes(resolution=resolution))
     box = tuple(wave["crop_box"][i].as_py())
     return np.asarray(compose.postprocess(context, rendered, hole, box, feather_px))
 

@@ -30,8 +30,9 @@ import pyarrow.compute as pc
 
 from pipeline import manifest, regions
 from pipeline.config import ConfigError
-from pipeline.schema import PAYLOAD_TYPE, RowError, set_columns
-from pipeline.stages.prepare_stage import PrepareConfig, payloads, prepare_pair
+from pipeline.payload import PAYLOAD_TYPE
+from pipeline.schema import RowError, set_columns
+from pipeline.stages.prepare_stage import PrepareConfig, prepare_pair
 from pipeline.stages.read_stage import planned_batches
 from pipeline.train.config import SPLITS
 
@@ -101,7 +102,7 @@ def _box_variant(pair, config: PrepareConfig) -> dict:
 
 def _prepare_row(row: dict, config: PrepareConfig) -> dict[str, bytes]:
     pair = prepare_pair(row["context_uri"], row["product_uri"], row["mask_uri"], row["bbox"], config)
-    rendered = payloads(pair)  # the render job's own payload encoding
+    rendered = pair.payloads()  # the render job's own payload encoding
     out = {c: bytes(rendered[c]) for c in TRAIN_PAYLOADS if c.startswith("model_")}
     if row["mask_uri"] is not None:
         box = _box_variant(pair, config)

@@ -25,7 +25,8 @@ from pipeline.images import decode_image
 from pipeline.model.loading import load_pipeline
 from pipeline.model.pipeline_dtc import DTCPipeline
 from pipeline.model.renderer import Renderer
-from pipeline.schema import MODEL_INPUTS, RENDER
+from pipeline.payload import MODEL_INPUTS
+from pipeline.schema import RENDER
 from pipeline.stages.prepare_stage import PrepareConfig, prepare_batch, prepare_pair
 from pipeline.stages.render_stage import _Work
 

@@ -20,13 +20,13 @@ from pipeline.fetch import InputPolicy
 from pipeline.manifest import PairIdConflicts, plan_manifest
 from pipeline.output.layout import Layout
 from pipeline.output.state import bucket_of, load_state
+from pipeline.payload import MODEL_INPUTS
 from pipeline.resume import StateIndex
 from pipeline.sample_catalog import product, scene
 from pipeline.schema import (
     BUCKET,
     CARRIED_COLUMNS,
     FILE_INDEX,
-    MODEL_INPUTS,
     PREV,
     STAGES,
     MissingColumns,
