@@ -260,9 +260,10 @@ def child(spec: dict) -> None:
 
     from pipeline.config import RenderConfig
     from pipeline.dataflow import resumed_rows, stage_configs
+    from pipeline.driver import init_ray
     from pipeline.output.layout import Layout
     from pipeline.output.state import compact_state
-    from pipeline.run import check, init_ray
+    from pipeline.run import check
 
     pa.set_memory_pool(pa.system_memory_pool())  # as run_render does
     cfg = RenderConfig(manifest=spec["manifest"], output=spec["output"], model=spec["model"])

@@ -13,11 +13,14 @@ from __future__ import annotations
 
 import collections
 
+from pipeline import storage
 from pipeline.config import RunSpec
 from pipeline.fetch import InputPolicy
 from pipeline.manifest import pair_id_conflicts
-from pipeline.resume import StateIndex
-from pipeline.schema import EXIT_OK, RENDER, RowError
+from pipeline.output.layout import Layout
+from pipeline.output.state import load_state
+from pipeline.resume import StateIndex, reusable_state
+from pipeline.schema import RENDER, RowError
 
 __all__ = ["dry_run_counts"]
 
@@ -34,12 +37,24 @@ def _refused(policy: InputPolicy, uris) -> bool:
     return False
 
 
-def dry_run_counts(spec: RunSpec):
-    from pipeline.run import RunResult, reusable
+def _reusable(spec: RunSpec):
+    """The state rows a run may reuse, on this machine (`--dry-run`): this model and settings,
+    ok rows (with --verify-images: whose image exists), failed rows unless --retry-failed
+    (`resume.reusable_state`). A render run decides the same on the cluster (resume_stage)."""
+    layout = Layout(spec.output)
+    existing = None
+    if spec.cfg.verify_images:
+        existing = {storage.join(layout.images_dir, rel) for rel, _, _ in storage.list_files(layout.images_dir)}
+    state = load_state(layout, exclude_run=spec.run_id)
+    return reusable_state(state, spec.model_digest, spec.settings_digest, existing, spec.cfg.retry_failed)
+
+
+def dry_run_counts(spec: RunSpec) -> dict:
+    """Prints the per-shard counts; returns them ({"shards": {shard: {kind: n}}, kind: total})."""
     from pipeline.stages.read_stage import planned_batches
 
     cfg, plan = spec.cfg, spec.plan
-    state = None if cfg.force else reusable(spec)
+    state = None if cfg.force else _reusable(spec)
     index = StateIndex(state) if state is not None and state.num_rows else None
     conflicts = pair_id_conflicts(plan)
     policy = InputPolicy(manifest_dir=plan.base_dir, allow_roots=tuple(cfg.allow_root), allow_http=cfg.allow_http)
@@ -68,4 +83,4 @@ def dry_run_counts(spec: RunSpec):
     print(f"  {'total':<28}" + "".join(f"{totals[k]:>10}" for k in KINDS), flush=True)
     if reasons:
         print("  invalid    " + ", ".join(f"{code} {n}" for code, n in reasons.most_common()), flush=True)
-    return RunResult(EXIT_OK, run_id=None, counts={"shards": {s: dict(c) for s, c in shards.items()}, **totals})
+    return {"shards": {s: dict(c) for s, c in shards.items()}, **totals}

@@ -19,36 +19,26 @@ import logging
 import os
 import secrets
 import time
-import uuid
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 from pipeline import record, storage
 from pipeline.capacity import DoesNotFit
 from pipeline.config import ConfigError, RenderConfig, RunSpec
+from pipeline.driver import Terminated, check_writable, init_ray, raise_in_main_thread, terminate_as_exception
+from pipeline.dry_run import dry_run_counts
 from pipeline.manifest import ManifestError, plan_manifest
 from pipeline.model.checkpoint import CheckpointError, check_dtc_checkpoint, model_digest
 from pipeline.nodes import NodeWatch
 from pipeline.output.layout import Layout
 from pipeline.output.lock import LockHeld, LockLost, OutputLock
 from pipeline.output.sink import ManifestWriter
-from pipeline.output.state import compact_state, load_state
+from pipeline.output.state import compact_state
 from pipeline.output.stats import RunStats
 from pipeline.schema import EXIT_ERROR, EXIT_OK, EXIT_REFUSED, EXIT_TOO_MANY_FAILED, output_schema
 from pipeline.watchdog import Stalled, StallWatchdog
 
-__all__ = [
-    "RunResult",
-    "RenderRun",
-    "run_render",
-    "check",
-    "new_run_id",
-    "check_writable",
-    "init_ray",
-    "quiet_console",
-    "terminate_as_exception",
-    "raise_in_main_thread",
-]
+__all__ = ["RunResult", "RenderRun", "run_render", "check", "new_run_id"]
 
 log = logging.getLogger("dtc.render")
 
@@ -77,9 +67,7 @@ def run_render(cfg: RenderConfig, dry_run: bool = False) -> RunResult:
     try:
         spec = check(cfg, probe_output=not dry_run)
         if dry_run:
-            from pipeline.dry_run import dry_run_counts
-
-            return dry_run_counts(spec)
+            return RunResult(EXIT_OK, run_id=None, counts=dry_run_counts(spec))
     except (ConfigError, ManifestError, CheckpointError) as e:
         return RunResult(EXIT_REFUSED, message=str(e))
     except storage.StorageError as e:
@@ -141,100 +129,6 @@ def _absolute_paths(cfg: RenderConfig) -> RenderConfig:
             allow_root=[absolute(root) for root in cfg.allow_root],
         )
     )
-
-
-def check_writable(output: str, probe: bool = True) -> None:
-    """A local --output that cannot be created or written is refused now (exit 2, nothing
-    written), not when the lock is first written. The probe file is removed at once."""
-    parent = output
-    while not os.path.exists(parent):
-        parent = os.path.dirname(parent)
-    if not os.path.isdir(parent):
-        raise ConfigError(f"--output {output} cannot be created: {parent} is a file")
-    if not probe:
-        return
-    probe = os.path.join(parent, f".dtc-write-probe-{uuid.uuid4().hex[:8]}")
-    try:
-        with open(probe, "wb"):
-            pass
-        os.unlink(probe)
-    except OSError as e:
-        raise ConfigError(f"--output {output} cannot be written: {parent}: {e.strerror or e}") from e
-
-
-def init_ray(address: str | None):
-    """Ray, joined at `address` (or RAY_ADDRESS, which `ray job submit` sets for its
-    entrypoint); with neither, a fresh local Ray of this process's own, never a cluster some
-    earlier `ray start` left running on the machine (`--address auto` joins that one)."""
-    import ray
-
-    if not ray.is_initialized():
-        address = address or os.environ.get("RAY_ADDRESS")
-        if address:
-            ray.init(address=address, logging_level=logging.WARNING)
-        else:
-            ray.init(address="local", include_dashboard=False, logging_level=logging.WARNING)
-    quiet_console(ray)
-    # A hash-shuffle map task (the resume stage's group-by, the index's fold) takes input blocks
-    # of up to this many bytes at once and peaks at 2-3x that: Ray's 1 GiB default made one
-    # worker hold ~3 GB at 10M rows (bench/scale.py); 64 MiB keeps each worker to its share.
-    ray.data.DataContext.get_current().shuffle_input_batch_bytes = 64 << 20
-    return ray
-
-
-def quiet_console(ray) -> None:
-    """The console gets the run's progress lines, its summary and the workers' warnings (GPU
-    out of memory, a worker death); Ray Data's progress bars and execution-plan lines go to its
-    log file (`ray-data.log` in the session's log folder) only."""
-    import ray.data
-    from ray.data._internal.logging import SessionFileHandler
-
-    ray.data.DataContext.get_current().enable_progress_bars = False
-    for handler in logging.getLogger("ray.data").handlers:
-        if not isinstance(handler, SessionFileHandler):
-            handler.setLevel(logging.ERROR)
-
-
-class Terminated(Exception):
-    """The run was asked to stop (SIGTERM, SIGINT)."""
-
-
-def terminate_as_exception():
-    """SIGTERM and SIGINT raise Terminated in the driver's main thread, so the run record, the
-    lock and Ray's shutdown happen as on any other failure (a bare SIGTERM would leave Ray's
-    agents running); returns the function that puts the old handlers back."""
-    import signal
-    import threading
-
-    if threading.current_thread() is not threading.main_thread():
-        return lambda: None
-
-    def handler(signum, frame):
-        if signum == signal.SIGINT and _RAISE_NEXT:  # sent by raise_in_main_thread
-            raise _RAISE_NEXT.pop()
-        raise Terminated(f"stopped by {signal.Signals(signum).name}")
-
-    handler.raises_for_threads = True
-    old = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGINT)}
-    return lambda: [signal.signal(sig, previous) for sig, previous in old.items()]
-
-
-_RAISE_NEXT: list[BaseException] = []  # what terminate_as_exception's handler raises on the next SIGINT
-
-
-def raise_in_main_thread(error: BaseException) -> bool:
-    """From another thread (the stall watchdog): `error` raised in the driver's main thread by
-    terminate_as_exception's handler. A real SIGINT to that one thread (not to Ray's workers), so
-    a wait inside Ray's iterator is interrupted as Ctrl-C would interrupt it. False where that
-    handler is not installed (a run started off the main thread): nothing is raised."""
-    import signal
-    import threading
-
-    if not getattr(signal.getsignal(signal.SIGINT), "raises_for_threads", False):
-        return False
-    _RAISE_NEXT.append(error)
-    signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
-    return True
 
 
 class RenderRun:
@@ -443,17 +337,3 @@ class RenderRun:
             print(self.nodes.summary_line(), flush=True)
         if self.message:
             print(f"  note       {self.message}", flush=True)
-
-
-def reusable(spec: RunSpec):
-    """The state rows a run may reuse, on this machine (`--dry-run`): this model and settings,
-    ok rows (with --verify-images: whose image exists), failed rows unless --retry-failed
-    (`resume.reusable_state`). A render run decides the same on the cluster (resume_stage)."""
-    from pipeline.resume import reusable_state
-
-    layout = Layout(spec.output)
-    existing = None
-    if spec.cfg.verify_images:
-        existing = {storage.join(layout.images_dir, rel) for rel, _, _ in storage.list_files(layout.images_dir)}
-    state = load_state(layout, exclude_run=spec.run_id)
-    return reusable_state(state, spec.model_digest, spec.settings_digest, existing, spec.cfg.retry_failed)

@@ -10,7 +10,7 @@ batch (writing its manifest part) does not count: only the waits inside Ray's it
 
 The driver's main thread is blocked inside that iterator, so the watchdog is a thread of its own;
 on a stall it reads the stages' state (Ray Data's executor, and the GCS for actors that have not
-started) and raises `Stalled` in the main thread through `run.raise_in_main_thread`, the
+started) and raises `Stalled` in the main thread through `driver.raise_in_main_thread`, the
 handler that makes SIGTERM into `Terminated`: the run record, the lock and the summary follow as
 on any other failure. The stalled executor is then shut down (its actors and tasks killed), so a
 shared cluster gets its resources back.
@@ -50,7 +50,7 @@ class StallWatchdog:
     """`for batch in watchdog.watch(dataset.iter_batches(...))`; `timeout_s` 0 watches nothing.
 
     `describe(executors)` is the stall's explanation (`stage_report`); `interrupt(error)` raises
-    it in the main thread (`run.raise_in_main_thread`), False where it cannot."""
+    it in the main thread (`driver.raise_in_main_thread`), False where it cannot."""
 
     def __init__(self, timeout_s: float, describe: Callable[[list], str], interrupt: Callable[[BaseException], bool]):
         self.timeout_s = timeout_s

@@ -25,9 +25,7 @@ import pyarrow.compute as pc
 
 from pipeline import images, regions, storage
 from pipeline.metrics.feature_stats import ScoreHistogram
-
-# The report's own helpers: one thumbnail size and encoding, one contact-sheet row, one number format.
-from pipeline.metrics.report import _fmt, _thumb, contact_row, esc
+from pipeline.metrics.page import contact_row, esc, fmt, thumb
 from pipeline.output.layout import Layout
 from pipeline.schema import RowError
 
@@ -88,13 +86,13 @@ def _cell(uri: str | None, row: dict | None, caption: str, attrs: str = "", miss
         picture = f"<span class='missing'>{esc(missing)}</span>"
     else:
         box = _region_box(row, pixels.shape[1], pixels.shape[0]) if row else None
-        picture = f"<img src='{_thumb(pixels, box)}' alt='image'>"
+        picture = f"<img src='{thumb(pixels, box)}' alt='image'>"
     return f"<td{attrs}>{picture}<br>{caption}</td>"
 
 
 def _score_line(row: dict) -> str:
     """'identity 71.20', flagged when the row needs review."""
-    line = f"identity {_fmt(row.get('identity_score'))}"
+    line = f"identity {fmt(row.get('identity_score'))}"
     return line + " <span class='review'>needs review</span>" if row.get("needs_review") else line
 
 
@@ -138,7 +136,7 @@ def _strip(scene_id: str, steps: list[dict]) -> str:
     photo = next((uri for uri in photos if uri), None)
     cells = [f"<td><b>{esc(scene_id)}</b><br>{len(steps)} step(s)</td>", _cell(photo, None, "photo")]
     for row in steps[:STEPS_SHOWN]:
-        caption = f"step {_fmt(row['step'])}<br>{esc(row['pair_id'])}<br>{esc(str(row['status']))}"
+        caption = f"step {fmt(row['step'])}<br>{esc(row['pair_id'])}<br>{esc(str(row['status']))}"
         if row["status"] == "ok":
             cells.append(_cell(row.get("output_uri"), row, f"{caption}<br>{_score_line(row)}", " class='step'"))
         else:  # a failed step has no image; its code says why (upstream_failed names the step)
@@ -205,7 +203,7 @@ def _grid(row: dict) -> str:
     cells = [f"<td><b>{esc(row['pair_id'])}</b><br>{len(scores)} variants</td>"]
     for k, score in enumerate(scores):
         seed = seeds[k] if k < len(seeds) else None
-        caption = f"#{k} · seed {_fmt(seed)}<br>score {_fmt(score)}"
+        caption = f"#{k} · seed {fmt(seed)}<br>score {fmt(score)}"
         is_chosen = k == chosen
         caption += "<br><b>chosen</b>" if is_chosen else ""
         attrs = f" class='variant{' chosen' if is_chosen else ''}' data-variant='{k}'"
@@ -263,7 +261,7 @@ def _rendered_into(shown: list[dict], rows: pa.Table) -> list[dict]:
 
 
 def _identity_row(row: dict) -> str:
-    scene = f"<br>scene {esc(row['scene_id'])} step {_fmt(row.get('step'))}" if row.get("scene_id") else ""
+    scene = f"<br>scene {esc(row['scene_id'])} step {fmt(row.get('step'))}" if row.get("scene_id") else ""
     label = f"<td><b>{esc(row['pair_id'])}</b><br>{esc(str(row.get('shard')))}{scene}<br>{_score_line(row)}</td>"
     thumbs = contact_row(row) if row.get("context_uri") else None  # contact_row needs a context to read
     if thumbs is None:

@@ -16,24 +16,20 @@ metrics/qa.py's `scene-strips`, `variant-grids`, `identity-distribution`, `lowes
 
 from __future__ import annotations
 
-import base64
-import html
-import io
 import json
 import random
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-from PIL import Image, ImageDraw
 
-from pipeline import images, regions, storage
+from pipeline import storage
+from pipeline.metrics.page import contact_row, esc, fmt
 from pipeline.output.layout import Layout
-from pipeline.schema import OUTPUT_FIELDS, RowError
+from pipeline.schema import OUTPUT_FIELDS
 
-__all__ = ["render_report", "write_report", "read_manifest_rows", "contact_row", "REPORT_COLUMNS"]
+__all__ = ["render_report", "write_report", "read_manifest_rows", "REPORT_COLUMNS"]
 
-THUMB_HEIGHT = 160
 FAILED_PAIRS_SHOWN = 200  # the page lists this many failed pairs, then says how many more
 MESSAGE_CHARS = 400  # an error message is cut here: a traceback-sized message would swamp the table
 
@@ -67,47 +63,9 @@ _IMAGES_LOADED = (
     "<script>window.addEventListener('load',()=>{document.body.dataset.imagesLoaded="
     "[...document.images].every(i=>i.complete&&i.naturalWidth>0)})</script>"
 )
-esc = html.escape
 
 
 # -- contact sheets ------------------------------------------------------------------------------
-
-
-def _thumb(array: np.ndarray, outline: tuple[int, int, int, int] | None = None) -> str:
-    pil = Image.fromarray(array)
-    if outline is not None:
-        ImageDraw.Draw(pil).rectangle(outline, outline=(255, 0, 0), width=max(2, pil.width // 150))
-    scale = THUMB_HEIGHT / pil.height
-    pil = pil.resize((max(1, round(pil.width * scale)), THUMB_HEIGHT), Image.Resampling.BILINEAR)
-    buffer = io.BytesIO()
-    pil.save(buffer, format="JPEG", quality=85)
-    return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode()
-
-
-def contact_row(row: dict) -> dict | None:
-    """Thumbnails of one ok row (context and output with the region outlined, product), or None
-    when an input can no longer be read (the report still renders)."""
-    try:
-        context = images.decode_image(storage.read_bytes(row["context_uri"]))
-        product = images.decode_image(storage.read_bytes(row["product_uri"]), keep_alpha=True)
-        output = images.decode_image(storage.read_bytes(row["output_uri"]))
-        height, width = context.shape[:2]
-        mask = storage.read_bytes(row["mask_uri"]) if row.get("mask_uri") else None
-        hole = regions.region_of(mask, row.get("bbox"), width, height)
-    except (RowError, FileNotFoundError, storage.StorageError, OSError, ValueError):
-        return None
-    x0, y0, x1, y1 = regions.bounding_box(hole)
-    box = (x0, y0, x1 - 1, y1 - 1)  # ImageDraw's rectangle includes its end pixels
-    alpha = product[..., 3:4].astype(np.float32) / 255
-    on_grey = (product[..., :3] * alpha + 128 * (1 - alpha)).astype(np.uint8)
-    return {
-        "pair_id": row["pair_id"],
-        "clip_score": row.get("clip_score"),
-        "shard": row.get("shard"),
-        "context": _thumb(context, box),
-        "product": _thumb(on_grey),
-        "output": _thumb(output, box),
-    }
 
 
 def _sheet(title: str, anchor: str, chosen: list[dict]) -> str:
@@ -119,7 +77,7 @@ def _sheet(title: str, anchor: str, chosen: list[dict]) -> str:
         "<tr><th>pair</th><th>context</th><th>product</th><th>output</th></tr>",
     ]
     for row in chosen:
-        shard, score = esc(str(row.get("shard"))), _fmt(row.get("clip_score"))
+        shard, score = esc(str(row.get("shard"))), fmt(row.get("clip_score"))
         label = f"<td><b>{esc(row['pair_id'])}</b><br>{shard}<br>CLIP {score}</td>"
         thumbs = contact_row(row)
         if thumbs is None:
@@ -143,10 +101,6 @@ def _sample(ok: pa.Table, count: int, seed: int) -> list[dict]:
 
 
 # -- sections ------------------------------------------------------------------------------------
-
-
-def _fmt(value, digits: int = 2) -> str:
-    return "–" if value is None else f"{value:.{digits}f}" if isinstance(value, float) else esc(str(value))
 
 
 def _plain(value) -> str:
@@ -202,9 +156,9 @@ def _counts(rows: pa.Table) -> str:
 def _figures(summary: dict) -> str:
     g = summary["global"]
     return (
-        f"<h2>Run figures</h2><p id='global'>FID {_fmt(g.get('fid'))} (N = {g.get('n')}) &nbsp; "
-        f"KID {_fmt(g.get('kid_mean'), 5)} ± {_fmt(g.get('kid_std'), 5)} &nbsp; "
-        f"CLIP mean {_fmt((g.get('clip') or {}).get('mean'))} (floor {_fmt(g.get('clip_floor'))})</p>"
+        f"<h2>Run figures</h2><p id='global'>FID {fmt(g.get('fid'))} (N = {g.get('n')}) &nbsp; "
+        f"KID {fmt(g.get('kid_mean'), 5)} ± {fmt(g.get('kid_std'), 5)} &nbsp; "
+        f"CLIP mean {fmt((g.get('clip') or {}).get('mean'))} (floor {fmt(g.get('clip_floor'))})</p>"
     )
 
 
@@ -216,9 +170,9 @@ def _shards(summary: dict) -> str:
     for shard in summary["shards"]:
         clip = shard.get("clip") or {}
         cells = [
-            esc(shard["shard"]), shard["ok"], shard["failed"], _fmt(shard.get("fid")), shard.get("n"),
-            _fmt(shard.get("kid_mean"), 5), _fmt(shard.get("kid_std"), 5),
-            *(_fmt(clip.get(k)) for k in ("mean", "p10", "p50", "p90")),
+            esc(shard["shard"]), shard["ok"], shard["failed"], fmt(shard.get("fid")), shard.get("n"),
+            fmt(shard.get("kid_mean"), 5), fmt(shard.get("kid_std"), 5),
+            *(fmt(clip.get(k)) for k in ("mean", "p10", "p50", "p90")),
         ]  # fmt: skip
         lines.append("<tr class='shard'>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
     lines.append("</table>")
@@ -272,8 +226,8 @@ def _failed_pairs(rows: pa.Table, cap: int) -> str:
         message = row["error_message"] or ""
         message = message if len(message) <= MESSAGE_CHARS else message[:MESSAGE_CHARS] + "…"
         lines.append(
-            f"<tr><td>{esc(str(row['pair_id']))}</td><td>{_fmt(row['shard'])}</td>"
-            f"<td>{_fmt(row['error_code'])}</td><td>{esc(message)}</td></tr>"
+            f"<tr><td>{esc(str(row['pair_id']))}</td><td>{fmt(row['shard'])}</td>"
+            f"<td>{fmt(row['error_code'])}</td><td>{esc(message)}</td></tr>"
         )
     lines.append("</table>")
     if failed.num_rows > cap:
@@ -344,7 +298,7 @@ def _identity(metrics: dict | None) -> str:
         "quadrant_acc": "label quadrant (chance 0.25)",
         "masked_psnr_db": "masked PSNR (dB)",
     }
-    cells = "".join(f"<tr><td>{esc(label)}</td><td>{_fmt(metrics.get(key))}</td></tr>" for key, label in names.items())
+    cells = "".join(f"<tr><td>{esc(label)}</td><td>{fmt(metrics.get(key))}</td></tr>" for key, label in names.items())
     return f"<h2 id='identity'>Identity on the synthetic test split</h2><table>{cells}</table>"
 
 

@@ -30,13 +30,13 @@ from datetime import UTC, datetime
 
 from pipeline import storage
 from pipeline.config import ConfigError
+from pipeline.driver import Terminated, check_writable, init_ray, terminate_as_exception
 from pipeline.fetch import InputPolicy
 from pipeline.manifest import ManifestError, ManifestPlan, pair_id_conflicts, plan_manifest
 from pipeline.model.checkpoint import CheckpointError, check_dtc_checkpoint, model_digest
 from pipeline.output.layout import Layout
 from pipeline.output.lock import LockHeld, OutputLock
 from pipeline.record import failure_message
-from pipeline.run import Terminated, check_writable, init_ray, terminate_as_exception
 from pipeline.schema import EXIT_ERROR, EXIT_OK, EXIT_REFUSED
 from pipeline.stages.prepare_stage import PrepareConfig
 from pipeline.train import record

@@ -11,18 +11,40 @@ import json
 import platform
 import sys
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from pipeline import storage
 from pipeline.output.layout import Layout
 from pipeline.record import versions
 from pipeline.schema import EXIT_OK
-from pipeline.train.config import PUBLISHED_VGG19_SHA256_PREFIX
+from pipeline.train.config import PUBLISHED_VGG19_SHA256_PREFIX, TrainConfig
+from pipeline.train.dataset import RowCounts
 
-if TYPE_CHECKING:
-    from pipeline.train.recipe import TrainRecipe
+__all__ = ["TrainedRun", "read_record", "write_record", "run_record", "summary_text", "checkpoint_storage"]
 
-__all__ = ["read_record", "write_record", "run_record", "summary_text", "checkpoint_storage"]
+
+class CheckedFacts(Protocol):
+    """What the record reads of the run's checks (`run.TrainSpec` is one)."""
+
+    init_model_digest: str
+    recipe_digest: str
+    previous_record: dict | None  # runs/<run_id>.json of an earlier attempt, if any
+
+
+class TrainedRun(Protocol):
+    """What the record and the summary read of a run (`run.TrainRecipe` is one)."""
+
+    cfg: TrainConfig
+    spec: CheckedFacts | None  # None: stopped before its checks passed
+    counts: RowCounts | None
+    started_at: datetime
+    exit_code: int
+    message: str
+    timings: dict[str, float]
+    total_steps: int
+    result_metrics: dict  # the last `ray.train.report` of the workers
+    model_digest: str | None
+    export_source: str | None
 
 
 def read_record(output: str, run_id: str) -> dict | None:
@@ -48,30 +70,30 @@ def checkpoint_storage(output: str) -> tuple[str, object | None]:
     return path, filesystem
 
 
-def _attempts(recipe: TrainRecipe) -> list[dict]:
-    previous = recipe.spec.previous_record if recipe.spec else None
+def _attempts(run: TrainedRun) -> list[dict]:
+    previous = run.spec.previous_record if run.spec else None
     attempts = list(previous.get("attempts", [])) if previous else []
-    if previous and previous.get("attempt_id") != recipe.started_at.isoformat():
+    if previous and previous.get("attempt_id") != run.started_at.isoformat():
         attempts.append({k: previous.get(k) for k in ("attempt_id", "status", "exit_code", "steps", "message")})
     return attempts
 
 
-def run_record(recipe: TrainRecipe, running: bool = False) -> dict:
+def run_record(run: TrainedRun, running: bool = False) -> dict:
     """`runs/<run_id>.json`: config, versions, digests, step counts, losses, timings, exit status."""
-    cfg, spec, metrics = recipe.cfg, recipe.spec, recipe.result_metrics
+    cfg, spec, metrics = run.cfg, run.spec, run.result_metrics
     vgg_sha = metrics.get("vgg_sha256")
     return {
         "run_id": cfg.run_id,
-        "attempt_id": recipe.started_at.isoformat(),
-        "status": "running" if running else ("finished" if recipe.exit_code == EXIT_OK else "failed"),
-        "exit_code": None if running else recipe.exit_code,
-        "message": recipe.message,
-        "started_at": recipe.started_at.isoformat(),
+        "attempt_id": run.started_at.isoformat(),
+        "status": "running" if running else ("finished" if run.exit_code == EXIT_OK else "failed"),
+        "exit_code": None if running else run.exit_code,
+        "message": run.message,
+        "started_at": run.started_at.isoformat(),
         "finished_at": None if running else _now(),
-        "timings_s": {k: round(v, 3) for k, v in recipe.timings.items()},
-        "rows": recipe.counts.to_record() if recipe.counts else None,
+        "timings_s": {k: round(v, 3) for k, v in run.timings.items()},
+        "rows": run.counts.to_record() if run.counts else None,
         "steps": {
-            "total": recipe.total_steps,
+            "total": run.total_steps,
             "end": metrics.get("step"),
             "run_this_attempt": metrics.get("steps_run"),
             "batch_size": cfg.batch_size,
@@ -82,18 +104,14 @@ def run_record(recipe: TrainRecipe, running: bool = False) -> dict:
             k: metrics.get(k) for k in ("initial_val_loss", "val_loss", "best_val_loss", "best_step", "last_train")
         },
         "init_model": {"uri": cfg.init_model, "digest": spec.init_model_digest if spec else None},
-        "model": {
-            "uri": storage.join(cfg.output, "model"),
-            "digest": recipe.model_digest,
-            "source": recipe.export_source,
-        },
+        "model": {"uri": storage.join(cfg.output, "model"), "digest": run.model_digest, "source": run.export_source},
         "vgg": {"uri": cfg.vgg_weights, "sha256": vgg_sha, "note": _vgg_note(cfg, vgg_sha)},
         "checkpoints": storage.join(cfg.output, "checkpoints", cfg.run_id),
         "train_log": storage.join(cfg.output, "metrics", cfg.run_id, "train.jsonl"),
         "recipe": cfg.recipe(),
         "recipe_digest": spec.recipe_digest if spec else None,
         "config": cfg.to_record(),
-        "attempts": _attempts(recipe),
+        "attempts": _attempts(run),
         "versions": versions(),
         "host": platform.node(),
         "argv": sys.argv,
@@ -122,15 +140,15 @@ def _loss(value) -> str:
     return "n/a" if value is None else f"{value:.5f}"
 
 
-def summary_text(recipe: TrainRecipe) -> str:
+def summary_text(run: TrainedRun) -> str:
     """The one-screen summary printed at the end of a run."""
-    cfg, metrics, counts = recipe.cfg, recipe.result_metrics, recipe.counts
-    finished = recipe.exit_code == EXIT_OK
-    total = recipe.timings.get("total_s", 0.0)
+    cfg, metrics, counts = run.cfg, run.result_metrics, run.counts
+    finished = run.exit_code == EXIT_OK
+    total = run.timings.get("total_s", 0.0)
     end, run_now = metrics.get("step"), metrics.get("steps_run") or 0
     lines = [
         "",
-        f"DTC train {cfg.run_id}: {'finished' if finished else 'FAILED'} in {total:.1f}s (exit {recipe.exit_code})",
+        f"DTC train {cfg.run_id}: {'finished' if finished else 'FAILED'} in {total:.1f}s (exit {run.exit_code})",
     ]
     if counts:
         skipped = ", ".join(f"{c} {n}" for c, n in counts.skipped_by_code().items())
@@ -141,7 +159,7 @@ def summary_text(recipe: TrainRecipe) -> str:
     if end is not None:
         start = end - run_now
         lines.append(
-            f"  steps      {end}/{recipe.total_steps} (this run: {start} -> {end}, {run_now} steps"
+            f"  steps      {end}/{run.total_steps} (this run: {start} -> {end}, {run_now} steps"
             f"{', resumed' if start else ''}), batch {cfg.batch_size} on {cfg.workers} worker(s), "
             f"{metrics.get('samples_per_s') or 0:.2f} samples/s"
         )
@@ -153,8 +171,8 @@ def summary_text(recipe: TrainRecipe) -> str:
         )
     lines.append(f"  vgg        {_vgg_note(cfg, metrics.get('vgg_sha256'))}")
     model = storage.join(cfg.output, "model")
-    if recipe.model_digest:
-        lines.append(f"  model      {model} ({recipe.export_source} weights), sha256:{recipe.model_digest[:12]}")
+    if run.model_digest:
+        lines.append(f"  model      {model} ({run.export_source} weights), sha256:{run.model_digest[:12]}")
     else:
         lines.append("  model      not exported (see the note below)")
     lines += [

@@ -12,7 +12,8 @@ import pytest
 from pipeline.capacity import config_node_types, fit_problem
 from pipeline.config import RenderConfig
 from pipeline.dataflow import RAY_STEP_CPUS, resource_plan
-from pipeline.run import check, raise_in_main_thread, terminate_as_exception
+from pipeline.driver import raise_in_main_thread, terminate_as_exception
+from pipeline.run import check
 from pipeline.sample_catalog import make_catalog
 from pipeline.watchdog import Stalled, StallWatchdog
 

@@ -1,0 +1,116 @@
+"""What both drivers (`pipeline.run`, the render job; `pipeline.train.recipe`, the training job)
+do around their work: refuse an output they cannot write, start or join Ray with a quiet
+console, and turn SIGTERM / Ctrl-C into an exception so the run record, the lock and Ray's
+shutdown happen as on any other failure. Driver-side (no torch; Ray is imported when started).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import uuid
+
+from pipeline.config import ConfigError
+
+__all__ = [
+    "check_writable",
+    "init_ray",
+    "quiet_console",
+    "Terminated",
+    "terminate_as_exception",
+    "raise_in_main_thread",
+]
+
+
+def check_writable(output: str, probe: bool = True) -> None:
+    """A local --output that cannot be created or written is refused now (exit 2, nothing
+    written), not when the lock is first written. The probe file is removed at once."""
+    parent = output
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise ConfigError(f"--output {output} cannot be created: {parent} is a file")
+    if not probe:
+        return
+    probe = os.path.join(parent, f".dtc-write-probe-{uuid.uuid4().hex[:8]}")
+    try:
+        with open(probe, "wb"):
+            pass
+        os.unlink(probe)
+    except OSError as e:
+        raise ConfigError(f"--output {output} cannot be written: {parent}: {e.strerror or e}") from e
+
+
+def init_ray(address: str | None):
+    """Ray, joined at `address` (or RAY_ADDRESS, which `ray job submit` sets for its
+    entrypoint); with neither, a fresh local Ray of this process's own, never a cluster some
+    earlier `ray start` left running on the machine (`--address auto` joins that one)."""
+    import ray
+
+    if not ray.is_initialized():
+        address = address or os.environ.get("RAY_ADDRESS")
+        if address:
+            ray.init(address=address, logging_level=logging.WARNING)
+        else:
+            ray.init(address="local", include_dashboard=False, logging_level=logging.WARNING)
+    quiet_console(ray)
+    # A hash-shuffle map task (the resume stage's group-by, the index's fold) takes input blocks
+    # of up to this many bytes at once and peaks at 2-3x that: Ray's 1 GiB default made one
+    # worker hold ~3 GB at 10M rows (bench/scale.py); 64 MiB keeps each worker to its share.
+    ray.data.DataContext.get_current().shuffle_input_batch_bytes = 64 << 20
+    return ray
+
+
+def quiet_console(ray) -> None:
+    """The console gets the run's progress lines, its summary and the workers' warnings (GPU
+    out of memory, a worker death); Ray Data's progress bars and execution-plan lines go to its
+    log file (`ray-data.log` in the session's log folder) only."""
+    import ray.data
+    from ray.data._internal.logging import SessionFileHandler
+
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    for handler in logging.getLogger("ray.data").handlers:
+        if not isinstance(handler, SessionFileHandler):
+            handler.setLevel(logging.ERROR)
+
+
+class Terminated(Exception):
+    """The run was asked to stop (SIGTERM, SIGINT)."""
+
+
+def terminate_as_exception():
+    """SIGTERM and SIGINT raise Terminated in the driver's main thread, so the run record, the
+    lock and Ray's shutdown happen as on any other failure (a bare SIGTERM would leave Ray's
+    agents running); returns the function that puts the old handlers back."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
+
+    def handler(signum, frame):
+        if signum == signal.SIGINT and _RAISE_NEXT:  # sent by raise_in_main_thread
+            raise _RAISE_NEXT.pop()
+        raise Terminated(f"stopped by {signal.Signals(signum).name}")
+
+    handler.raises_for_threads = True
+    old = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGINT)}
+    return lambda: [signal.signal(sig, previous) for sig, previous in old.items()]
+
+
+_RAISE_NEXT: list[BaseException] = []  # what terminate_as_exception's handler raises on the next SIGINT
+
+
+def raise_in_main_thread(error: BaseException) -> bool:
+    """From another thread (the stall watchdog): `error` raised in the driver's main thread by
+    terminate_as_exception's handler. A real SIGINT to that one thread (not to Ray's workers), so
+    a wait inside Ray's iterator is interrupted as Ctrl-C would interrupt it. False where that
+    handler is not installed (a run started off the main thread): nothing is raised."""
+    import signal
+    import threading
+
+    if not getattr(signal.getsignal(signal.SIGINT), "raises_for_threads", False):
+        return False
+    _RAISE_NEXT.append(error)
+    signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
+    return True
