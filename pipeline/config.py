@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Literal
 
 from pydantic import field_validator
 
-from pipeline.options import ConfigError, Options, bounds, marked, option
+from pipeline.options import ConfigError, Options, bounds, digest_values, option
 from pipeline.schema import IMAGE_FORMATS, SCHEDULERS, SELECTIONS, name_problem
 
 if TYPE_CHECKING:
@@ -68,7 +68,11 @@ class RenderConfig(Options):
         4, "paste-back ramp, inside the region only: outside pixels stay exact", ge=0, le=64, pixels=True
     )
     variants: int = option(
-        1, "renders per pair, each its own seed, in the same model batches; the best is kept", ge=1, le=16, pixels=True
+        1,
+        "renders per pair, each its own seed, in the same model batches; the best is kept",
+        ge=1,
+        le=16,
+        pixels="unless_default",  # catalogs rendered before variants existed had one
     )
     select: Literal[SELECTIONS] = option(
         "identity",
@@ -204,12 +208,11 @@ class RenderConfig(Options):
         declared `pixels=True`, the model's resolution and the hint's source. A value that
         cannot change the pixels is written the same whatever it is, so equal renders digest
         alike (and digests written before an option existed still match)."""
-        settings = {name: getattr(self, name) for name in marked(RenderConfig, "pixels")}
+        settings = digest_values(self, "pixels")
         if self.image_format == "png":
             settings["jpeg_quality"] = None  # PNG is lossless: no quality
         if self.variants == 1:
-            # nothing is chosen from one render, and runs from before variants existed had one
-            del settings["variants"], settings["select"]
+            del settings["select"]  # nothing is chosen from one render
         return settings | {"resolution": resolution, "hint": HINT_SOURCE}
 
     def settings_digest(self, resolution: int) -> str:

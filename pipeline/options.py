@@ -14,7 +14,7 @@ and everything else is generated from that line:
   failing as one `ConfigError` line that names the value (the jobs exit 2 on it);
 - `default(Model, name)` and `bounds(Model, name)` for the stage configs and Serve's limits;
 - the docs' table of options (`table`, written into docs/options.md by `pipeline.options_page`);
-- membership of the digests: `pixels=True` (the render settings digest, `RenderConfig.settings`),
+- membership of the digests: `pixels=True` or `"unless_default"` (the render settings digest, `RenderConfig.settings`),
   `recipe=True` (the training recipe digest, `TrainConfig.recipe`).
 
 Checks across fields (`--select clip` needs `--clip-model`) stay in each model's `validate()`.
@@ -30,7 +30,18 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-__all__ = ["ConfigError", "Options", "option", "add_flags", "default", "bounds", "marked", "flag_name", "table"]
+__all__ = [
+    "ConfigError",
+    "Options",
+    "option",
+    "add_flags",
+    "default",
+    "bounds",
+    "marked",
+    "digest_values",
+    "flag_name",
+    "table",
+]
 
 BOUND_KEYS = ("ge", "gt", "le", "lt")
 RANGE_ERRORS = {"greater_than", "greater_than_equal", "less_than", "less_than_equal"}
@@ -45,7 +56,7 @@ def option(
     help: str,
     *,
     flag: bool | str = True,
-    pixels: bool = False,
+    pixels: bool | Literal["unless_default"] = False,
     recipe: bool = False,
     metavar: str | None = None,
     **checks: Any,
@@ -53,7 +64,9 @@ def option(
     """A field of an `Options` model. `help` is the flag's help and the docs' line; `checks`
     are pydantic's `ge`/`gt`/`le`/`lt`; `flag=False`: YAML only (mappings; chaos tests),
     `flag="backfill"`: a flag of jobs.backfill only; `pixels`: the value changes the rendered
-    image (it enters the settings digest); `recipe`: it changes the weights a training computes."""
+    image (it enters the settings digest; `"unless_default"`: only when it is not the default,
+    for an option added later whose default renders what every catalog before it did, so their
+    digests still match); `recipe`: it changes the weights a training computes."""
     extra = {"flag": flag, "pixels": pixels, "recipe": recipe, "metavar": metavar}
     if isinstance(default, list | dict):
         return Field(
@@ -82,6 +95,20 @@ class Options(BaseModel):
 def marked(model: type[Options], mark: str) -> tuple[str, ...]:
     """The fields declared with `mark=True` (`pixels`, `recipe`), in declaration order."""
     return tuple(name for name, field in model.model_fields.items() if _extra(field)[mark])
+
+
+def digest_values(config: Options, mark: str) -> dict[str, Any]:
+    """The values of the fields declared `mark` (`pixels`, `recipe`), leaving out a field
+    declared `mark="unless_default"` while it holds its default."""
+    model = type(config)
+    return {
+        name: getattr(config, name)
+        for name in marked(model, mark)
+        if not (
+            _extra(model.model_fields[name])[mark] == "unless_default"
+            and getattr(config, name) == default(model, name)
+        )
+    }
 
 
 def default(model: type[BaseModel], name: str) -> Any:
@@ -147,7 +174,8 @@ def table(model: type[Options], digest: str) -> str:
         else:
             kind_text, limits = _type_name(field.annotation), _range(bounds(model, name))
         shown = "" if value in (None, "") else f"`{_show(value)}`"
-        cells = [flag, f"`{name}`", kind_text, shown, limits, "yes" if extra[digest] else "", field.description]
+        member = {True: "yes", False: "", "unless_default": "yes, unless default"}[extra[digest]]
+        cells = [flag, f"`{name}`", kind_text, shown, limits, member, field.description]
         lines.append("| " + " | ".join(cell.replace("|", "\\|").replace("<", "&lt;") for cell in cells) + " |")
     return "\n".join(lines) + "\n"
 

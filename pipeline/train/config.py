@@ -16,7 +16,7 @@ import json
 from typing import Literal
 
 from pipeline.config import RenderConfig
-from pipeline.options import ConfigError, Options, bounds, default, marked, option
+from pipeline.options import ConfigError, Options, bounds, default, digest_values, marked, option
 from pipeline.schema import name_problem
 
 __all__ = ["TrainConfig", "RECIPE_FIELDS", "EXPORTS", "SPLITS", "PUBLISHED_VGG19_SHA256_PREFIX"]
@@ -156,7 +156,7 @@ class TrainConfig(Options):
 
     def recipe(self) -> dict:
         """The RECIPE_FIELDS with their values (the run record's `recipe`)."""
-        return {name: getattr(self, name) for name in RECIPE_FIELDS}
+        return digest_values(self, "recipe")
 
     def recipe_digest(self, init_model_digest: str) -> str:
         blob = json.dumps({"init_model": init_model_digest, **self.recipe()}, sort_keys=True).encode()
