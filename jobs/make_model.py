@@ -1,9 +1,15 @@
 """Build a DTC checkpoint folder.
 
     python -m jobs.make_model --preset tiny --out models/dtc-tiny          # tests and demo, seconds on CPU
+    python -m jobs.make_model --preset train-tiny --out models/untrained   # the toy's sizes, untrained
     python -m jobs.make_model --preset sd15 --out models/dtc-sd15          # paper sizes, random init (~12 GB)
     python -m jobs.make_model --from-parts --sd-inpainting sd-inpaint/ --dinov2 dinov2-giant/ \
         [--vae vae/] --out models/dtc-untrained                             # untrained DTC from public parts
+
+Every model written here is untrained (its model_index.json says `trained: false`): renders
+with it are noise-like and its identity scores mean nothing; the run's console and QA page say
+so. A trained model comes from `jobs.train` (or the committed models/train-tiny.safetensors,
+which `--model` takes as it is).
 
 Exit codes: 0 written, 2 bad usage or a missing/malformed part.
 """
@@ -16,11 +22,14 @@ import sys
 from jobs.cli import Parser
 from pipeline.schema import DEFAULT_FILM_MODE, EXIT_OK, EXIT_REFUSED, FILM_MODES, PRESETS
 
+# train-tiny: the toy's sizes (64 px, the committed weights' shapes), random VAE included
+MAKE_PRESETS = (*PRESETS, "train-tiny")
+
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = Parser(prog="python -m jobs.make_model", description=__doc__.split("\n")[0])
     source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--preset", choices=PRESETS, help="random-init DTC of the preset's sizes")
+    source.add_argument("--preset", choices=MAKE_PRESETS, help="random-init DTC of the preset's sizes")
     source.add_argument("--from-parts", action="store_true", help="assemble from an SD-inpainting and a DINOv2 folder")
     parser.add_argument("--sd-inpainting", help="diffusers SD-inpainting pipeline folder or s3:// prefix")
     parser.add_argument("--dinov2", help="transformers DINOv2 folder or s3:// prefix")
@@ -39,7 +48,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from pipeline.model.assemble import assemble_from_parts
-    from pipeline.model.checkpoint import CheckpointError
+    from pipeline.model.checkpoint import CheckpointError, weights_warning
     from pipeline.model.loading import save_pipeline
     from pipeline.model.presets import build_preset
 
@@ -63,6 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     print("  " + ", ".join(f"{k} {v / 1e6:.2f}M" for k, v in counts.items()))
     print(f"  model_digest sha256:{digest}")
+    print(f"  {weights_warning(dict(pipe.config)).upper()}")  # every model made here is untrained
     return EXIT_OK
 
 

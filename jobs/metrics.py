@@ -62,6 +62,18 @@ def _settings(layout, run_ids: list[str]) -> dict | None:
     return merged
 
 
+def _model_warning(layout, run_ids: list[str]) -> str | None:
+    """The runs' records' model warning (`model.warning`; a merge keeps any run's), or None."""
+    from pipeline import storage
+
+    for run_id in run_ids:
+        if storage.exists(layout.run_record(run_id)):
+            warning = (json.loads(storage.read_bytes(layout.run_record(run_id))).get("model") or {}).get("warning")
+            if warning:
+                return warning
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = Parser(prog="python -m jobs.metrics", description=__doc__.split("\n")[0])
     parser.add_argument("--output", required=True, help="the render output folder or s3:// prefix")
@@ -83,7 +95,14 @@ def main(argv: list[str] | None = None) -> int:
     layout = Layout(args.output)
     try:
         summary = recompute(layout, run_ids, out_id, _shard_counts(layout, run_ids))
-        report = write_report(layout, out_id, summary, settings=_settings(layout, run_ids), run_ids=run_ids)
+        report = write_report(
+            layout,
+            out_id,
+            summary,
+            settings=_settings(layout, run_ids),
+            run_ids=run_ids,
+            model_warning=_model_warning(layout, run_ids),
+        )
     except FileNotFoundError as e:
         print(f"metrics: {e}", file=sys.stderr)
         return EXIT_REFUSED

@@ -240,6 +240,8 @@ class RunSpec:
     resolution: int  # the model's working resolution (R)
     product_size: int  # the image encoder's input size (S)
     metrics_protocol: dict | None  # what every metrics file records; None: no metrics
+    # what the model's weights make meaningless (checkpoint.weights_warning): console and QA page
+    model_warning: str | None = None
 
     @property
     def output(self) -> str:

@@ -110,6 +110,8 @@ def summary_text(
         f"  report     {layout.report(spec.run_id) if report_written else 'not written (see the note below)'}",
     ]
     lines.append(_metrics_line(spec, metrics_summary, layout))
+    if spec.model_warning:  # beside the random-extractor warning: what the figures above are worth
+        lines.append(f"  model      {spec.model_warning.upper()}")
     return "\n".join(lines)
 
 
@@ -163,7 +165,12 @@ def run_record(
         "driver_peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         "driver_rss_mb_by_rows": rss_samples,
         "driver_rss_mb_at_end": round(rss_mb(), 1),
-        "model": {"uri": cfg.model, "digest": spec.model_digest, "resolution": spec.resolution},
+        "model": {
+            "uri": cfg.model,
+            "digest": spec.model_digest,
+            "resolution": spec.resolution,
+            "warning": spec.model_warning,
+        },
         "settings": cfg.settings(spec.resolution),
         "settings_digest": spec.settings_digest,
         "manifest": {"uri": cfg.manifest, "files": len(spec.plan.files), "rows": spec.plan.num_rows},

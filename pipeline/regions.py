@@ -16,12 +16,13 @@ import math
 import numpy as np
 
 from pipeline.images import decode_mask
-from pipeline.schema import RowError, parse_bbox
+from pipeline.schema import RowError, normalised_hint, parse_bbox
 
 __all__ = [
     "MIN_REGION_PX",
     "region_of",
     "region_from_bbox",
+    "bbox_too_small",
     "check_region",
     "bounding_box",
     "filled_box",
@@ -46,28 +47,41 @@ def region_of(mask: bytes | None, bbox, width: int, height: int, *, max_pixels: 
 # -- region --------------------------------------------------------------------------------
 
 
+def bbox_too_small(box: list[float], width_px: int | None = None, height_px: int | None = None) -> str | None:
+    """Why the box covers under MIN_REGION_PX a side, or None. `width_px`/`height_px`: the
+    pixels it covers once clipped to the photo; without them (no photo yet: row validation)
+    the box's own, which clipping can only shrink, so a box too small here is too small in any photo."""
+    if width_px is None or height_px is None:
+        width_px = math.ceil(box[2]) - math.floor(box[0])
+        height_px = math.ceil(box[3]) - math.floor(box[1])
+    if width_px >= MIN_REGION_PX and height_px >= MIN_REGION_PX:
+        return None
+    return (
+        f"bbox {box} covers {width_px}x{height_px} pixels of the photo; at least {MIN_REGION_PX}x{MIN_REGION_PX} "
+        "needed" + normalised_hint(box)
+    )
+
+
 def region_from_bbox(bbox, width: int, height: int) -> np.ndarray:
     """[x0, y0, x1, y1] in displayed pixels -> H x W bool region.
 
     Every pixel the box touches is in (floor of the start, ceil of the end), so the product
-    always fits. A box partly outside the photo is clipped; one entirely outside, or one
-    `schema.parse_bbox` refuses (NaN, negative, inverted), is `bad_bbox`; a clipped box under
-    8 px a side is `region_too_small`.
+    always fits. A box partly outside the photo is clipped to it and rendered: detectors and
+    hand-drawn boxes run a few pixels past the edge, and the part inside is the region the
+    user meant. One entirely outside, or one `schema.parse_bbox` refuses (NaN, negative,
+    inverted), is `bad_bbox`; a clipped box under 8 px a side is `region_too_small`. Both say
+    that bbox is in pixels when the box looks normalised (`schema.normalised_hint`).
     """
     box, problem = parse_bbox(bbox)
     if problem:
         raise RowError("bad_bbox", problem)
     x0, y0, x1, y1 = box
     if x0 >= width or y0 >= height:
-        raise RowError("bad_bbox", f"bbox {box} lies outside the {width}x{height} photo")
+        raise RowError("bad_bbox", f"bbox {box} lies outside the {width}x{height} photo" + normalised_hint(box))
     left, top = math.floor(x0), math.floor(y0)
     right, bottom = min(math.ceil(x1), width), min(math.ceil(y1), height)
-    if right - left < MIN_REGION_PX or bottom - top < MIN_REGION_PX:
-        raise RowError(
-            "region_too_small",
-            f"bbox {[x0, y0, x1, y1]} covers {right - left}x{bottom - top} pixels of the photo; "
-            f"at least {MIN_REGION_PX}x{MIN_REGION_PX} needed",
-        )
+    if problem := bbox_too_small(box, right - left, bottom - top):
+        raise RowError("region_too_small", problem)
     hole = np.zeros((height, width), dtype=bool)
     hole[top:bottom, left:right] = True
     return hole

@@ -20,9 +20,13 @@ import pyarrow as pa
 
 from pipeline import storage
 from pipeline.manifest import PairIdConflicts
+from pipeline.regions import bbox_too_small
 from pipeline.schema import is_missing, is_safe_name, name_problem, parse_bbox, set_columns, show
 
-__all__ = ["validate_rows", "stable_seed", "variant_seeds", "VariantRows"]
+__all__ = ["validate_rows", "sample_problem", "stable_seed", "variant_seeds", "VariantRows", "SAMPLE_ROWS"]
+
+# Rows `sample_problem` validates on the driver before Ray starts (the first ones of the manifest).
+SAMPLE_ROWS = 64
 
 VALIDATED_TYPES = {
     "error_code": pa.string(),
@@ -94,7 +98,7 @@ def validate_rows(
       `invalid_pair_id`, `superseded` (a backfill row whose pair_id a later partition of the
       range has: `partition` is this batch's, see `manifest.PairIdConflicts`),
       `duplicate_pair_id`, `missing_uri`, `region_missing`, `region_ambiguous`, `bad_bbox`,
-      `invalid_shard`;
+      `region_too_small` (a bbox under 8 px a side in any photo, e.g. a normalised one), `invalid_shard`;
     - `context_uri`, `product_uri`, `mask_uri`: relative paths resolved against `base_dir` (the
       manifest file's folder; URIs with a scheme and absolute paths are kept: the allowlist
       judges them later); None when empty;
@@ -135,6 +139,7 @@ def validate_rows(
                 product_uri,
                 mask_uri,
                 bbox_given,
+                bbox,
                 bbox_problem,
                 shard,
                 conflicts.duplicates,
@@ -152,8 +157,28 @@ def validate_rows(
     return set_columns(table, columns)
 
 
+def sample_problem(plan, rows: int = SAMPLE_ROWS) -> str | None:
+    """Why the run should not start, or None: the manifest's first `rows` rows (all of them
+    when it has fewer) all fail validation with the same code, so a run would fail every row
+    after Ray's start-up. Rows failing in different ways, or some good ones, are a run's business."""
+    from pipeline import manifest
+
+    batch = next(manifest.iter_batches(plan, batch_size=rows), None)
+    if batch is None or batch.num_rows == 0:
+        return None
+    checked = validate_rows(batch, manifest.file_folder(plan.files[0]))
+    codes = set(checked["error_code"].to_pylist())
+    if len(codes) != 1 or "" in codes:
+        return None
+    code, message = codes.pop(), checked["error_message"][0].as_py()
+    return (
+        f"manifest {plan.uri}: all of its first {checked.num_rows} rows fail with {code} (the first: {message}); "
+        "nothing was rendered: fix the manifest"
+    )
+
+
 def _check(
-    pair_id, context_uri, product_uri, mask_uri, bbox_given: bool, bbox_problem, shard, duplicates
+    pair_id, context_uri, product_uri, mask_uri, bbox_given: bool, bbox, bbox_problem, shard, duplicates
 ) -> tuple[str, str]:
     """(error_code, message) of the row's first problem, ("", "") for a good row."""
     problem = name_problem("pair_id", pair_id)
@@ -169,6 +194,8 @@ def _check(
         return "region_ambiguous", "both mask_uri and bbox are given: give one"
     if bbox_problem:
         return "bad_bbox", bbox_problem
+    if bbox is not None and (problem := bbox_too_small(bbox)):  # in any photo: say it before fetching
+        return "region_too_small", problem
     problem = name_problem("shard", shard)
     if problem:
         return "invalid_shard", problem

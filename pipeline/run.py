@@ -28,13 +28,14 @@ from pipeline.config import ConfigError, RenderConfig, RunSpec
 from pipeline.driver import Terminated, check_writable, init_ray, raise_in_main_thread, terminate_as_exception
 from pipeline.dry_run import dry_run_counts
 from pipeline.manifest import ManifestError, plan_manifest
-from pipeline.model.checkpoint import CheckpointError, check_dtc_checkpoint, model_digest
+from pipeline.model.checkpoint import CheckpointError, check_dtc_checkpoint, model_digest, weights_warning
 from pipeline.nodes import NodeWatch
 from pipeline.output.layout import Layout
 from pipeline.output.lock import LockHeld, LockLost, OutputLock
 from pipeline.output.sink import ManifestWriter
 from pipeline.output.state import compact_state
 from pipeline.output.stats import RunStats
+from pipeline.rows import sample_problem
 from pipeline.schema import EXIT_ERROR, EXIT_OK, EXIT_REFUSED, EXIT_TOO_MANY_FAILED, output_schema
 from pipeline.watchdog import Stalled, StallWatchdog
 
@@ -83,6 +84,8 @@ def check(cfg: RenderConfig, probe_output: bool = True) -> RunSpec:
         check_writable(cfg.output, probe=probe_output)
     partitions = None if cfg.partition_range is None else (cfg.partition_key, *cfg.partition_range)
     plan = plan_manifest(cfg.manifest, partition_range=partitions)
+    if problem := sample_problem(plan):  # every row would fail: say so before Ray's start-up
+        raise ManifestError(problem)
     index = check_dtc_checkpoint(cfg.model)
     resolution, product_size = int(index.get("resolution", 512)), int(index.get("product_size", 224))
     if cfg.run_id is not None:
@@ -109,6 +112,7 @@ def check(cfg: RenderConfig, probe_output: bool = True) -> RunSpec:
         resolution,
         product_size,
         protocol,
+        weights_warning(index),
     )
 
 
@@ -223,6 +227,8 @@ class RenderRun:
             f"model sha256:{spec.model_digest[:12]}; output {self.layout.output}",
             flush=True,
         )
+        if spec.model_warning:
+            print(f"[dtc] {spec.model_warning.upper()}", flush=True)
 
     def stream(self) -> None:
         """The Ray Data graph, its blocks into the sink, the stats and the metrics."""
@@ -295,6 +301,7 @@ class RenderRun:
             self.spec.run_id,
             self.metrics_summary,
             settings={**facts, **cfg.settings(self.spec.resolution)},
+            model_warning=self.spec.model_warning,
         )
         self.report_written = True
         fraction = self.stats.failed_fraction

@@ -35,6 +35,7 @@ __all__ = [
     "safe_name",
     "name_problem",
     "parse_bbox",
+    "normalised_hint",
     "show",
     "is_missing",
     "RowError",
@@ -147,8 +148,15 @@ def parse_bbox(value: Any) -> tuple[list[float] | None, str | None]:
     if min(box) < 0:
         return None, f"bbox {box} has a negative coordinate"
     if x1 <= x0 or y1 <= y0:
-        return None, f"bbox {box} is empty or inverted: need x0 < x1 and y0 < y1"
+        return None, f"bbox {box} is empty or inverted: need x0 < x1 and y0 < y1" + normalised_hint(box)
     return box, None
+
+
+def normalised_hint(box: list[float]) -> str:
+    """A bbox problem's hint when the box looks normalised (every value in [0, 1]), else ''."""
+    if all(0.0 <= v <= 1.0 for v in box):
+        return "; bbox is in pixels of the displayed photo, and this one looks normalised to [0, 1]"
+    return ""
 
 
 # -- row errors and exit codes --------------------------------------------------------------------

@@ -108,14 +108,17 @@ def _plain(value) -> str:
     return "–" if value is None else esc(str(value))
 
 
-def _banner(summary: dict | None) -> str:
+def _banner(summary: dict | None, model_warning: str | None = None) -> str:
+    lines = []
+    if model_warning:  # checkpoint.weights_warning: the model's own figures, beside the extractors'
+        lines.append(f"<p class='banner' id='model-warning'>{esc(model_warning.upper())}</p>")
     if summary is None:
-        return (
+        lines.append(
             "<p class='banner' id='metrics-skipped'>"
             "Metrics were skipped: no Inception weights or CLIP model given.</p>"
         )
+        return "\n".join(lines)
     protocol = summary.get("protocol") or {}
-    lines = []
     if protocol.get("random_weights"):
         lines.append(
             "<p class='banner' id='random-weights'>RANDOM-WEIGHT EXTRACTORS: these FID, KID and CLIP figures "
@@ -255,10 +258,12 @@ def render_report(
     seed: int = 0,
     failed_shown: int = FAILED_PAIRS_SHOWN,
     identity: dict | None = None,
+    model_warning: str | None = None,
 ) -> str:
     """The page as a string. `rows`: output-manifest rows (REQUIRED_COLUMNS at least; any
     number, none included); `summary`: summary.json's content, or None when metrics were
-    skipped; `settings`: the run's settings (`RenderConfig.settings`), shown as a table."""
+    skipped; `settings`: the run's settings (`RenderConfig.settings`), shown as a table;
+    `model_warning`: what the model's weights make meaningless (`checkpoint.weights_warning`)."""
     missing = [c for c in REQUIRED_COLUMNS if c not in rows.column_names]
     if missing:
         raise ValueError(f"report rows lack column(s) {missing}; an output manifest has {list(REQUIRED_COLUMNS)}")
@@ -268,7 +273,7 @@ def render_report(
     sections = [
         f"<!doctype html><html><head><meta charset='utf-8'><title>DTC render {esc(run_id)}</title>",
         f"<style>{_STYLE}</style></head><body><h1>DTC render {esc(run_id)}</h1>",
-        _banner(summary),
+        _banner(summary, model_warning),
         _identity(identity),
         _settings(settings),
         _counts(rows),
@@ -322,6 +327,7 @@ def write_report(
     settings: dict | None = None,
     *,
     run_ids: list[str] | None = None,
+    model_warning: str | None = None,
 ) -> str:
     """Write `report/<run_id>/index.html` from the manifest rows of `run_ids` (default: `run_id`
     alone; a merge names its runs and its own id); returns the page's URI."""
@@ -329,5 +335,6 @@ def write_report(
     uri = layout.report(run_id)
     identity_uri = storage.join(layout.metrics_dir(run_id), "synthetic.json")  # jobs.eval_synthetic's, if run
     identity = json.loads(storage.read_bytes(identity_uri)) if storage.exists(identity_uri) else None
-    storage.write_bytes(uri, render_report(run_id, rows, summary, settings, identity=identity).encode())
+    page = render_report(run_id, rows, summary, settings, identity=identity, model_warning=model_warning)
+    storage.write_bytes(uri, page.encode())
     return uri

@@ -111,6 +111,12 @@ def assemble_from_parts(
     _check_dinov2(dino_dir, dinov2)
     image_encoder = Dinov2Model.from_pretrained(dino_dir)
     pipe = DTCPipeline.from_parts(
-        vae_model, unet, image_encoder, sd_scheduler(), product_size=product_size, **hint_options
+        vae_model,
+        unet,
+        image_encoder,
+        sd_scheduler(),
+        image_encoder_trained=True,
+        product_size=product_size,
+        **hint_options,
     )
     return pipe

@@ -11,6 +11,12 @@ and workers need a local folder to hand to `from_pretrained`.
 - `local_checkpoint(uri)`: local folders as they are; `s3://` prefixes synced once per node into
   a cache, under an exclusive file lock, into a temp folder renamed into place, so two
   processes loading at once never see (or leave) half a model.
+- A packed model (one `*.safetensors` file, `model.packed`: the committed train-tiny weights)
+  is read here from its header alone: its metadata carries the model_index.json and the model
+  digest of the folder it unpacks to, so the driver checks and keys it as that folder.
+- `weights_warning(index)`: what an untrained model (or a random image encoder) makes
+  meaningless, from the flags model_index.json records (`DTCPipeline`'s `trained`,
+  `image_encoder_trained`); the console and the QA page print it.
 """
 
 from __future__ import annotations
@@ -33,6 +39,11 @@ __all__ = [
     "local_checkpoint",
     "DIGEST_FILE",
     "DTC_COMPONENTS",
+    "is_packed",
+    "packed_metadata",
+    "weights_warning",
+    "UNTRAINED_WARNING",
+    "RANDOM_IMAGE_ENCODER_WARNING",
 ]
 
 DIGEST_FILE = "dtc_digest.json"
@@ -46,6 +57,9 @@ CONFIG_ONLY = {
 SYNC_MARKER = ".dtc_sync.json"
 # What a DTC folder holds (model_index.json names them); the render job refuses one without them.
 DTC_COMPONENTS = ("vae", "unet", "hint_encoder", "hint_adapter", "image_encoder", "image_projection", "scheduler")
+PACKED_SUFFIX = ".safetensors"
+UNTRAINED_WARNING = "untrained model: pixels and identity scores are meaningless"
+RANDOM_IMAGE_ENCODER_WARNING = "random image encoder: identity scores are meaningless"
 
 
 class CheckpointError(ValueError):
@@ -116,10 +130,55 @@ def write_digest(folder: str) -> str:
     return digest
 
 
+def is_packed(uri: str) -> bool:
+    """A packed model: one safetensors file holding every component (`model.packed.pack`)."""
+    return uri.endswith(PACKED_SUFFIX)
+
+
+def packed_metadata(uri: str) -> dict[str, str]:
+    """The metadata of a packed model's safetensors header (8-byte length, then JSON), read
+    without torch: a local file reads only its header."""
+    try:
+        if storage.is_s3(uri):
+            data = storage.read_bytes(uri)
+        else:
+            with open(uri[len("file://") :] if uri.startswith("file://") else uri, "rb") as f:
+                data = f.read(8)
+                data += f.read(int.from_bytes(data, "little")) if len(data) == 8 else b""
+        length = int.from_bytes(data[:8], "little")
+        header = json.loads(data[8 : 8 + length])
+    except (OSError, storage.StorageError) as e:
+        raise CheckpointError(f"cannot read the packed model {uri}: {e}") from e
+    except (ValueError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{uri} is not a safetensors file: {e}") from e
+    metadata = header.get("__metadata__") or {}
+    missing = [key for key in ("model_index", "model_digest") if key not in metadata]
+    if missing:
+        raise CheckpointError(
+            f"{uri} is not a packed DTC model of this version (its metadata has no {', '.join(missing)}): "
+            "unpack it (`pipeline.model.packed.unpack`) and pack it again (`python -m jobs.demo --pack-weights DIR`)"
+        )
+    return metadata
+
+
+def weights_warning(index: dict) -> str | None:
+    """What this model's weights make meaningless (model_index.json's flags), or None: an
+    untrained DTC renders noise-like pixels; a random image encoder scores identity on random
+    features. A folder written before the flags existed records neither: no warning (unknown)."""
+    if index.get("trained") is False:
+        return UNTRAINED_WARNING
+    if index.get("image_encoder_trained") is False:
+        return RANDOM_IMAGE_ENCODER_WARNING
+    return None
+
+
 def check_dtc_checkpoint(uri: str) -> dict:
-    """`check_checkpoint` for a DTC folder: its model_index.json, or CheckpointError naming
-    the problem (a missing component, another pipeline class)."""
-    index = check_checkpoint(uri, required=DTC_COMPONENTS)
+    """`check_checkpoint` for a DTC folder (or a packed model's header): its model_index.json,
+    or CheckpointError naming the problem (a missing component, another pipeline class)."""
+    if is_packed(uri):
+        index = json.loads(packed_metadata(uri)["model_index"])
+    else:
+        index = check_checkpoint(uri, required=DTC_COMPONENTS)
     if index.get("_class_name") != "DTCPipeline":
         raise CheckpointError(
             f"{uri} holds a {index.get('_class_name')!r}, not a DTCPipeline; "
@@ -130,7 +189,10 @@ def check_dtc_checkpoint(uri: str) -> dict:
 
 def model_digest(uri: str) -> str:
     """sha256 over the checkpoint's weight files; read from `dtc_digest.json` when it still
-    describes the folder, else computed (an `s3://` model is synced into the node cache first)."""
+    describes the folder, else computed (an `s3://` model is synced into the node cache first).
+    A packed model's is the folder's it unpacks to (its metadata; checked when it is unpacked)."""
+    if is_packed(uri):
+        return packed_metadata(uri)["model_digest"]
     listing = _listing(uri)
     weights = _weight_files(listing)
     if not weights:

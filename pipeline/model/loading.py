@@ -3,7 +3,9 @@
     pipe = load_pipeline("s3://models/dtc/v3", device="cuda")   # bf16 on GPU, fp32 on CPU
 
 A local folder is used in place; an `s3://` prefix is synced once per node into the cache
-(`checkpoint.local_checkpoint`). Everything goes through `DTCPipeline.from_pretrained`.
+(`checkpoint.local_checkpoint`); a packed model (one `*.safetensors` file) is unpacked once per
+node into the cache (`packed.unpacked_checkpoint`). Everything goes through
+`DTCPipeline.from_pretrained`.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import diffusers
 import torch
 import transformers
 
-from pipeline.model.checkpoint import CheckpointError, check_dtc_checkpoint, local_checkpoint, write_digest
+from pipeline.model.checkpoint import CheckpointError, check_dtc_checkpoint, is_packed, local_checkpoint, write_digest
 from pipeline.model.pipeline_dtc import DTCPipeline
 
 __all__ = ["load_pipeline", "save_pipeline", "default_dtype", "optimize_pipeline"]
@@ -36,7 +38,12 @@ def load_pipeline(
     # Loading bars are console noise in a batch job: the worker's lines reach the driver's console.
     diffusers.utils.logging.disable_progress_bar()
     transformers.utils.logging.disable_progress_bar()
-    folder = local_checkpoint(uri, cache_dir)
+    if is_packed(uri):
+        from pipeline.model.packed import unpacked_checkpoint
+
+        folder = unpacked_checkpoint(uri, cache_dir)
+    else:
+        folder = local_checkpoint(uri, cache_dir)
     try:
         check_dtc_checkpoint(folder)
     except CheckpointError as e:  # name what the user gave, not the node cache's folder

@@ -94,7 +94,12 @@ class DTCPipeline(DiffusionPipeline):
     `image_encoder` (transformers `Dinov2Model`), `image_projection`, `scheduler`.
     Config: `input_layout` ("sd": `[latents, mask(1 = hole), masked_latents]`, the
     StableDiffusionInpaintPipeline order; "pbe": `[latents, masked_latents, mask(1 = keep)]`),
-    `resolution` (working size, square) and `product_size` (the image encoder's input size).
+    `resolution` (working size, square) and `product_size` (the image encoder's input size);
+    `trained` (the DTC weights come from the training job's export: True; random init or
+    assembled from parts: False; None: not recorded, a folder written before the flag) and
+    `image_encoder_trained` (the image encoder holds pretrained weights, e.g. DINOv2 from
+    `--from-parts`: True; random, as in the presets: False; None: not recorded). What the
+    console and the QA page warn about (`checkpoint.weights_warning`).
     """
 
     model_cpu_offload_seq = "image_encoder->image_projection->hint_adapter->hint_encoder->unet->vae"
@@ -111,6 +116,8 @@ class DTCPipeline(DiffusionPipeline):
         input_layout: str = "sd",
         resolution: int = 512,
         product_size: int = 224,
+        trained: bool | None = None,
+        image_encoder_trained: bool | None = None,
     ):
         super().__init__()
         if input_layout not in INPUT_LAYOUTS:
@@ -125,7 +132,13 @@ class DTCPipeline(DiffusionPipeline):
             image_projection=image_projection,
             scheduler=scheduler,
         )
-        self.register_to_config(input_layout=input_layout, resolution=resolution, product_size=product_size)
+        self.register_to_config(
+            input_layout=input_layout,
+            resolution=resolution,
+            product_size=product_size,
+            trained=trained,
+            image_encoder_trained=image_encoder_trained,
+        )
         self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
         if resolution % self.vae_scale_factor:
             raise ValueError(f"resolution must be divisible by {self.vae_scale_factor}, got {resolution}")
@@ -134,13 +147,22 @@ class DTCPipeline(DiffusionPipeline):
 
     @classmethod
     def from_parts(
-        cls, vae, unet, image_encoder, scheduler, *, product_size: int = 224, **hint_options
+        cls,
+        vae,
+        unet,
+        image_encoder,
+        scheduler,
+        *,
+        image_encoder_trained: bool,
+        product_size: int = 224,
+        **hint_options,
     ) -> DTCPipeline:
         """A DTC around a main UNet, a VAE and a DINOv2 encoder (random presets and public
         checkpoints alike): the hint encoder copied from the UNet's encoder, the adapter and the
         token projection new, every new head at zero; the working resolution follows from the UNet
         and the VAE. Components in eval mode, as after `from_pretrained`. `hint_options`
-        (`film_mode`) go to `DTCHintEncoder`, whose defaults they override."""
+        (`film_mode`) go to `DTCHintEncoder`, whose defaults they override. Untrained (`trained`
+        False): only the training job's export is a trained DTC."""
         patch = image_encoder.config.patch_size
         if product_size % patch:
             raise ValueError(f"product_size must be a multiple of the DINOv2 patch size {patch}, got {product_size}")
@@ -161,6 +183,8 @@ class DTCPipeline(DiffusionPipeline):
             input_layout="sd",
             resolution=resolution,
             product_size=product_size,
+            trained=False,
+            image_encoder_trained=image_encoder_trained,
         )
         for component in pipe.components.values():
             if isinstance(component, torch.nn.Module):

@@ -155,7 +155,15 @@ def build_preset(preset: str, seed: int = 0, **hint_options) -> DTCPipeline:
     vae = AutoencoderKL(**vae_config(preset))
     image_encoder = Dinov2Model(dinov2_config(preset))
     product_size = TRAIN_TINY_PRODUCT_SIZE if preset == "train-tiny" else 224
-    pipe = DTCPipeline.from_parts(vae, unet, image_encoder, sd_scheduler(), product_size=product_size, **hint_options)
+    pipe = DTCPipeline.from_parts(
+        vae,
+        unet,
+        image_encoder,
+        sd_scheduler(),
+        image_encoder_trained=False,
+        product_size=product_size,
+        **hint_options,
+    )
     if preset == "train-tiny":
         # the hint adapter must land on the VAE's latent grid: one stride-2 conv per factor of 2
         # (from_parts' default has three, for factor-8 VAEs); its last conv starts at zero, as there

@@ -77,6 +77,7 @@ def export_model(init_model: str, source, out_uri: str, provenance: dict) -> str
     try:
         pipe = load_pipeline(init_model, device="cpu", dtype=torch.float32)
         load_trainable(pipe, weights_dir)
+        pipe.register_to_config(trained=True)  # the model folder says it was trained (weights_warning)
         for component in pipe.components.values():
             if isinstance(component, torch.nn.Module):
                 component.eval()

@@ -15,9 +15,10 @@ from __future__ import annotations
 
 import torch
 
+from pipeline.model.packed import pack, unpack  # the committed weights' format: demo, bench and tests use them here
 from pipeline.train.config import TrainConfig
 
-__all__ = ["with_film_mode", "hint_off", "train_in_process"]
+__all__ = ["with_film_mode", "hint_off", "train_in_process", "pack", "unpack"]
 
 
 def with_film_mode(init_model: str, out: str, film_mode: str, seed: int = 0) -> None:
@@ -122,52 +123,3 @@ def _load(model: str):
     from pipeline.model.loading import load_pipeline
 
     return load_pipeline(model, device="cpu", dtype=torch.float32)
-
-
-# -- the committed demo weights: one file instead of a DTC folder's dozen ---------------------------
-
-PACKED_COMPONENTS = ("vae", "unet", "hint_encoder", "hint_adapter", "image_encoder", "image_projection")
-
-
-def pack(model: str, out_file: str) -> None:
-    """A trained train-tiny folder -> one safetensors file (every component's weights, prefixed by
-    its name; the FiLM mode, VAE scaling factor and the training provenance as metadata)."""
-    import json
-    import os
-
-    from safetensors.torch import save_file
-
-    pipe = _load(model)
-    tensors = {
-        f"{name}.{key}": value.contiguous()
-        for name in PACKED_COMPONENTS
-        for key, value in getattr(pipe, name).state_dict().items()
-    }
-    provenance_path = os.path.join(model, "dtc_training.json")
-    metadata = {
-        "preset": "train-tiny",
-        "film_mode": pipe.hint_encoder.config.film_mode,
-        "scaling_factor": str(pipe.vae.config.scaling_factor),
-        "dtc_training": open(provenance_path).read() if os.path.exists(provenance_path) else "{}",
-    }
-    json.loads(metadata["dtc_training"])  # a broken provenance file must not be packed
-    save_file(tensors, out_file, metadata=metadata)
-
-
-def unpack(packed_file: str, out: str) -> str:
-    """The inverse of `pack`: a DTC folder at `out` that jobs.render loads; returns `out`."""
-    from safetensors import safe_open
-
-    from pipeline.model.loading import save_pipeline
-    from pipeline.model.presets import build_preset
-
-    with safe_open(packed_file, framework="pt") as f:
-        metadata = f.metadata()
-        tensors = {key: f.get_tensor(key) for key in f.keys()}
-    pipe = build_preset(metadata["preset"], film_mode=metadata["film_mode"])
-    for name in PACKED_COMPONENTS:
-        prefix = f"{name}."
-        getattr(pipe, name).load_state_dict({k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)})
-    pipe.vae.register_to_config(scaling_factor=float(metadata["scaling_factor"]))
-    save_pipeline(pipe, out)
-    return out

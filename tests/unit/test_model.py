@@ -108,6 +108,8 @@ def test_from_parts_matches_sd_inpainting_unet_and_pbe_layout(tmp_path):
     make_dinov2(dino_dir)
     assert main(["--from-parts", "--sd-inpainting", sd_dir, "--dinov2", dino_dir, "--out", out]) == 0
     pipe = load_pipeline(out)
+    # DINOv2's own weights, the DTC parts new: untrained (checkpoint.weights_warning says so)
+    assert (pipe.config.trained, pipe.config.image_encoder_trained) == (False, True)
     source = UNet2DConditionModel.from_pretrained(sd_dir, subfolder="unet").eval()
     assert pipe.image_projection.config.num_tokens == 257  # CLS + 16x16 patches of 224 / 14
     latents, t, masked, hole, hint, context = _latent_inputs(pipe)

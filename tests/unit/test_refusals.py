@@ -151,3 +151,40 @@ def test_whole_numbers_digest_like_floats():
     as_int = RenderConfig(**common, guidance_scale=5, crop_margin=0).validate()
     as_float = RenderConfig(**common, guidance_scale=5.0, crop_margin=0.0).validate()
     assert as_int.settings_digest(128) == as_float.settings_digest(128) and isinstance(as_int.guidance_scale, float)
+
+
+def _csv(path, bboxes: list[str]) -> str:
+    lines = ["pair_id,context_uri,product_uri,bbox"]
+    lines += [f'p{i},photo-{i}.png,product-{i}.png,"{bbox}"' for i, bbox in enumerate(bboxes)]
+    path.write_text("\n".join(lines) + "\n")
+    return str(path)
+
+
+@pytest.mark.parametrize(
+    ("bbox", "expected"),
+    [
+        ("10 20 30 40", "fail with bad_bbox (the first: bbox '10 20 30 40' is not a JSON array"),
+        ("[0.1, 0.2, 0.5, 0.6]", "fail with region_too_small (the first: bbox [0.1, 0.2, 0.5, 0.6] covers 1x1"),
+    ],
+)
+def test_a_manifest_whose_sampled_rows_all_fail_the_same_way_is_refused_before_ray(
+    capsys, tmp_path, tiny_model_dir, bbox, expected
+):
+    manifest = _csv(tmp_path / "m.csv", [bbox] * 100)
+    output = tmp_path / "out"
+    code = render(["--manifest", manifest, "--output", str(output), "--model", tiny_model_dir])
+    err = _one_line_refusal(capsys, code, expected)
+    assert "all of its first 64 rows" in err and "nothing was rendered" in err
+    if "0.1" in bbox:
+        assert "looks normalised to [0, 1]" in err  # bbox is in pixels
+    assert not output.exists()
+
+
+def test_a_manifest_with_one_good_row_in_the_sample_is_not_refused(tmp_path):
+    from pipeline.manifest import plan_manifest
+    from pipeline.rows import sample_problem
+
+    folder = tmp_path
+    assert sample_problem(plan_manifest(_csv(folder / "m.csv", ["10 20 30 40"] * 9 + ["[0, 0, 40, 40]"]))) is None
+    mixed = ["10 20 30 40", "[0.1, 0.2, 0.5, 0.6]"] * 5  # all bad, two ways: rows fail with their reasons
+    assert sample_problem(plan_manifest(_csv(folder / "n.csv", mixed))) is None

@@ -62,3 +62,18 @@ def test_empty_and_wrong_rank_are_value_errors():
         largest_inscribed_rectangle(_hole())
     with pytest.raises(ValueError, match=r"got shape \(2, 3, 4\)"):
         largest_inscribed_rectangle(np.ones((2, 3, 4), dtype=bool))
+
+
+def test_a_bbox_partly_outside_is_clipped_and_a_normalised_one_is_told_bbox_is_in_pixels():
+    from pipeline.regions import region_from_bbox
+    from pipeline.schema import RowError
+
+    hole = region_from_bbox([90, 80, 130, 120], 100, 100)  # past the right and bottom edges: clipped
+    assert hole.sum() == 10 * 20 and hole[80:, 90:].all()
+    for bbox, code in (([0.1, 0.2, 0.5, 0.6], "region_too_small"), ([0.5, 0.2, 0.1, 0.6], "bad_bbox")):
+        with pytest.raises(RowError) as failure:
+            region_from_bbox(bbox, 640, 480)
+        assert failure.value.code == code and "bbox is in pixels" in str(failure.value)
+    with pytest.raises(RowError) as failure:
+        region_from_bbox([120, 0, 140, 20], 100, 100)  # entirely outside
+    assert failure.value.code == "bad_bbox" and "in pixels" not in str(failure.value)
