@@ -1,12 +1,13 @@
 # `make demo` renders the embedded sample catalog; `make test` runs ruff, the docs build and every
 # test tier but the chaos cases (`make test-chaos`: extra multi-node faults); `make test-unit` the
 # unit tier alone (no Ray, S3 endpoint or browser); `make docs` the user guide into site/.
+# `make gpu-smoke` runs the device check (bench/gpu/run.sh) on the CPU in a fresh Python 3.12 venv.
 # Each target creates .venv first when it is missing (torch CPU wheel first, then the rest
 # under constraints.txt so nothing swaps torch for a CUDA build).
 PY := .venv/bin/python
 VENV_STAMP := .venv/.installed
 
-.PHONY: venv demo test test-unit test-chaos lint docs bench clean
+.PHONY: venv demo test test-unit test-chaos lint docs bench gpu-wheels gpu-smoke clean
 
 venv: $(VENV_STAMP)
 
@@ -40,6 +41,13 @@ test-unit: $(VENV_STAMP)
 
 bench: $(VENV_STAMP)
 	$(PY) bench/run_all.py
+
+# .whl/: the wheels the device machine needs beyond torch + transformers (ignored by git)
+gpu-wheels: $(VENV_STAMP)
+	bash bench/gpu/fetch_wheels.sh
+
+gpu-smoke: $(VENV_STAMP)
+	bash bench/gpu/cpu_smoke.sh
 
 clean:
 	rm -rf .venv build site *.egg-info
