@@ -155,9 +155,9 @@ def matmul_peak(device: str, sizes: tuple[int, ...]) -> float:
         sync(device)
         tflops = 2 * n**3 * repeats / (time.perf_counter() - start) / 1e12
         if tflops > best.get("tflops", 0):
-            best = dict(tflops=round(tflops, 1), n=n, repeats=repeats)
+            best = dict(tflops=tflops, n=n, repeats=repeats)
         del a, b
-    emit("matmul_peak", dtype=str(dtype).removeprefix("torch."), **best)
+    emit("matmul_peak", dtype=str(dtype).removeprefix("torch."), **dict(best, tflops=float(f"{best['tflops']:.4g}")))
     return best["tflops"]
 
 
@@ -235,7 +235,7 @@ def throughput(renderer: Renderer, layout: str, size: dict, steps: int, device: 
             **m,
             call_s=round(call_s, 3),
             images_per_s=round(ips, 3),
-            achieved_tflops=round(ips * flops / 1e12, 2),
+            achieved_tflops=float(f"{ips * flops / 1e12:.4g}"),
             mfu=round(ips * flops / (peak * 1e12), 4),
             method=method,
         )
@@ -313,9 +313,10 @@ def oom_split_and_cpu_stages(
     stage = RenderStage(RenderStageConfig(model_dir, **base))
     load_s = time.perf_counter() - started
     pipe = stage.renderer.pipe
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)  # a Ray prepare / finish task gets one thread (OMP_NUM_THREADS=1)
     block, prepare_cpu_s = make_block(folder, size, pipe.config.resolution, pipe.config.product_size)
-    torch.set_num_threads(os.cpu_count() if device == "cuda" else base["torch_threads"])
+    torch.set_num_threads(threads)
     pairs = block.num_rows
 
     # the block without a cap: the reference renders
@@ -379,6 +380,7 @@ def oom_split_and_cpu_stages(
     start = time.process_time()
     finished = finish_batch(reference, config=config)
     finish_cpu_s = time.process_time() - start
+    torch.set_num_threads(threads)
     ok = finished["status"].to_pylist().count("ok")
     per_pair = (prepare_cpu_s + finish_cpu_s) / pairs
     emit(
@@ -392,12 +394,11 @@ def oom_split_and_cpu_stages(
         prepare_cpu_ms_per_pair=round(prepare_cpu_s / pairs * 1000, 1),
         finish_cpu_ms_per_pair=round(finish_cpu_s / pairs * 1000, 1),
         images_per_s=round(ips_best, 3),
-        cores_for_prepare_finish=round(per_pair * ips_best, 2),
+        cores_for_prepare_finish=float(f"{per_pair * ips_best:.3g}"),
         cores_per_gpu=int(np.ceil(per_pair * ips_best)) + 1,
         how="CPU time (process_time) of prepare_batch and finish_batch per pair x the best measured images/s;"
         " cores_per_gpu rounds that up and adds the render actor's own core",
     )
-    torch.set_num_threads(os.cpu_count())
 
 
 # 7. torch.compile, in a child process -----------------------------------------------------------
@@ -463,6 +464,8 @@ def main() -> None:
         sys.exit(2)
     size = SIZES["cpu" if args.cpu_smoke else "gpu"]
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
+    if args.cpu_smoke:
+        torch.set_num_threads(1)  # a shared CPU: spinning OpenMP threads would measure the neighbours
     if args.compile_batch:
         compile_child(args, size, device)
         return
