@@ -80,8 +80,8 @@ def gpu_section(path: str) -> list[str]:
     lines = [
         "## gpu",
         "",
-        f"`{GPU_COMMAND.split('   #')[0]}` wrote `{os.path.basename(path)}`;"
-        " `python bench/run_all.py --gpu-results FILE` this section.",
+        f"`{GPU_COMMAND.split('   #')[0]}` wrote `{os.path.basename(path)}`,"
+        " and `python bench/run_all.py --gpu-results FILE` this section from it.",
         "",
         f"Device: {device}; driver {env.get('driver')}, CUDA {env.get('cuda')}; torch {env.get('torch')},"
         f" diffusers {env.get('diffusers')}, transformers {env.get('transformers')}, Python {env.get('python')},"

@@ -298,17 +298,22 @@ class RenderStage:
                 hint=hint,
                 hint_mask=hint_mask,
             )
+            return
         except Exception as e:
             if not renderer.is_out_of_memory(e):
                 raise
-            renderer.free_memory()
-            if len(rows) == 1:
-                work.errors[int(work.layout.pair[rows[0]])] = "oom"
-                return
-            log.warning("GPU out of memory on a batch of %d: splitting", len(rows))
-            half = len(rows) // 2
-            self._render_splitting(work, rows[:half])
-            self._render_splitting(work, rows[half:])
+        # Out of memory. Freed and retried here, after the except block: while it runs, the
+        # error's traceback holds the failed call's frames and their GPU tensors, which neither
+        # the cache release nor the halves could then use (PyTorch FAQ, "My out of memory
+        # exception handler can't allocate memory").
+        renderer.free_memory()
+        if len(rows) == 1:
+            work.errors[int(work.layout.pair[rows[0]])] = "oom"
+            return
+        log.warning("GPU out of memory on a batch of %d: splitting", len(rows))
+        half = len(rows) // 2
+        self._render_splitting(work, rows[:half])
+        self._render_splitting(work, rows[half:])
 
     def _quality(self, work: _Work, done: np.ndarray, n: int) -> dict[str, list]:
         quality = {c: [None] * n for c in ("feat_gen", "feat_real", "clip_score", "clip_floor")}
