@@ -432,7 +432,10 @@ def run_compile(args, model_dir: str, batch: int, flops: float, peak: float, sec
     command += ["--flops-per-image", str(flops), "--peak-tflops", str(peak)] + (
         ["--cpu-smoke"] if args.cpu_smoke else []
     )
-    child = subprocess.Popen(command, stdout=subprocess.PIPE, text=True, start_new_session=True)
+    # its own inductor cache: a cold compile, as on a fresh node, and a child stopped mid-compile
+    # cannot leave a truncated kernel in the machine's shared cache
+    env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=os.path.join(os.path.dirname(model_dir), "inductor-cache"))
+    child = subprocess.Popen(command, stdout=subprocess.PIPE, text=True, start_new_session=True, env=env)
     try:
         out, _ = child.communicate(timeout=seconds)
     except subprocess.TimeoutExpired:

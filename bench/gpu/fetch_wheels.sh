@@ -6,12 +6,13 @@
 #
 #     bash bench/gpu/fetch_wheels.sh            # needs PyPI; a few minutes (the pyarrow repack)
 #
-# Two things keep the folder well under the device tool's 64 MiB:
-# - numpy is left out: transformers requires it, so the device has it;
-# - pyarrow (55 MB as published) is repacked without what nothing here loads (Arrow Flight, the
-#   S3 filesystem, C++ headers, Cython sources, its tests) and with LZMA instead of deflate
-#   (Python's zipfile, hence pip, reads both): about 25 MB. Everything else is as published. The
-#   repack takes minutes; a slim pyarrow already in .whl/ is kept when its version is still the pin.
+# Three things keep the folder well under the device tool's 64 MiB (the working tree counts too):
+# - numpy and torch are left out: the device has them (transformers requires numpy);
+# - pyarrow (55 MB as published) is repacked without what nothing here loads: Arrow Flight, the
+#   S3 filesystem, C++ headers, Cython sources, its tests;
+# - every wheel over 1 MiB is repacked with LZMA instead of deflate (Python's zipfile, hence pip,
+#   reads both; the device's Python needs its lzma module, which run.sh checks first).
+# The repacks take minutes; a repacked wheel already in .whl/ is kept while its version is the pin.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 PYTHON=${PYTHON:-$(test -x .venv/bin/python && echo .venv/bin/python || echo python3)}
@@ -32,7 +33,7 @@ PY
 
 KEPT=$(mktemp -d)
 trap 'rm -rf "$KEPT"' EXIT
-mv "$WHEELS"/pyarrow-*.whl "$KEPT"/ 2>/dev/null || true
+mv "$WHEELS"/*.whl "$KEPT"/ 2>/dev/null || true
 rm -rf "$WHEELS" && mkdir -p "$WHEELS"
 "$PYTHON" -m pip download -q --dest "$WHEELS" --only-binary=:all: --python-version 3.12 --implementation cp \
     --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
@@ -50,28 +51,34 @@ printf '%s\n' "${PINS[@]}" "$ACCELERATE" psutil > "$WHEELS/requirements.txt"
 "$PYTHON" - "$WHEELS" "$KEPT" <<'PY'
 import glob, os, sys, zipfile
 
-(path,) = glob.glob(os.path.join(sys.argv[1], "pyarrow-*.whl"))
-kept = os.path.join(sys.argv[2], os.path.basename(path))
-if os.path.exists(kept) and zipfile.ZipFile(kept).infolist()[0].compress_type == zipfile.ZIP_LZMA:
-    os.replace(kept, path)  # the same version, already slim
-    sys.exit(0)
+wheels, kept = sys.argv[1], sys.argv[2]
 DROP_PARTS = ("flight", "_s3fs", "libarrow_s3", "/include/", "/tests/", "/src/")
 
 
-def dropped(name: str) -> bool:
+def dropped(wheel: str, name: str) -> bool:
+    if not wheel.startswith("pyarrow-"):
+        return False
     return any(part in name for part in DROP_PARTS) or name.endswith((".pyx", ".pxd", ".pxi"))
 
 
-source = zipfile.ZipFile(path)
-kept = [info for info in source.infolist() if not dropped(info.filename)]
-slim = path + ".slim"
-with zipfile.ZipFile(slim, "w", zipfile.ZIP_LZMA) as out:
-    for info in kept:
-        data = source.read(info)
-        if info.filename.endswith(".dist-info/RECORD"):  # list only the files still in the wheel
-            data = b"".join(line for line in data.splitlines(keepends=True) if not dropped(line.decode()))
-        out.writestr(info, data, compress_type=zipfile.ZIP_LZMA)
-os.replace(slim, path)
+for path in sorted(glob.glob(os.path.join(wheels, "*.whl"))):
+    wheel = os.path.basename(path)
+    if os.path.getsize(path) < 1 << 20:
+        continue
+    earlier = os.path.join(kept, wheel)
+    if os.path.exists(earlier) and zipfile.ZipFile(earlier).infolist()[0].compress_type == zipfile.ZIP_LZMA:
+        os.replace(earlier, path)  # the same version, repacked before
+        continue
+    source = zipfile.ZipFile(path)
+    with zipfile.ZipFile(path + ".lzma", "w", zipfile.ZIP_LZMA) as out:
+        for info in source.infolist():
+            if dropped(wheel, info.filename):
+                continue
+            data = source.read(info)
+            if info.filename.endswith(".dist-info/RECORD"):  # list only the files still in the wheel
+                data = b"".join(line for line in data.splitlines(keepends=True) if not dropped(wheel, line.decode()))
+            out.writestr(info, data, compress_type=zipfile.ZIP_LZMA)
+    os.replace(path + ".lzma", path)
 PY
 du -sh "$WHEELS"
 ls "$WHEELS"

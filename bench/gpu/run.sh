@@ -17,6 +17,10 @@ if [ ! -f "$WHEELS/requirements.txt" ]; then
     echo "run.sh: $WHEELS/requirements.txt is missing: run bench/gpu/fetch_wheels.sh (and carry .whl)" >&2
     exit 2
 fi
+if ! "$PYTHON" -c "import lzma" 2>/dev/null; then
+    echo "run.sh: $PYTHON has no lzma module: pip cannot read the LZMA-repacked wheels (fetch_wheels.sh)" >&2
+    exit 2
+fi
 started=$(date +%s)
 "$PYTHON" -m pip install -q --no-index --find-links "$WHEELS" -r "$WHEELS/requirements.txt"
 echo "[gpu-check] wheels installed in $(($(date +%s) - started)) s" >&2
