@@ -50,7 +50,7 @@ def run_job(flags: dict, prog: str, dry_run: bool = False) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         cfg = config_from_flags(flags)
-        cfg.validate()
+        cfg.check()
     except ConfigError as e:
         print(f"{prog}: {e}", file=sys.stderr)
         return EXIT_REFUSED

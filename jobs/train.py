@@ -47,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     flags = vars(build_parser().parse_args(argv))
     try:
-        cfg = config_from_flags(flags).validate()
+        cfg = config_from_flags(flags).check()
     except ConfigError as e:
         print(f"train: {e}", file=sys.stderr)
         return EXIT_REFUSED

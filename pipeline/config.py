@@ -3,7 +3,7 @@
 `RenderConfig` declares every render option once (`pipeline.options.option`: type, default,
 range, help, whether it changes pixels); `jobs.render` generates its flags from it and reads
 `--config FILE` (YAML, the same keys with `_` for `-`; flags win). A bad type, range or choice
-is refused at construction, a bad combination by `validate()`: both raise `ConfigError` with
+is refused at construction, a bad combination by `check()`: both raise `ConfigError` with
 one message naming the bad value, which the job turns into exit code 2 before any work starts.
 The settings are one flat model, grouped by comments, because its field names are the YAML
 keys and the flags, one to one. The fields declared `pixels=True` make the settings digest.
@@ -132,7 +132,10 @@ class RenderConfig(Options):
     inception_weights: str | None = option(None, "pt_inception-2015-12-05 weights file (path or s3://): FID/KID")
     clip_model: str | None = option(None, "CLIP ViT-B/32 folder (path or s3://): region CLIP score")
     fid_reference: str | None = option(None, "reserved: reference statistics for FID (not implemented; refused)")
-    metrics_random_weights: bool = option(False, "the extractors are random (demo): reports say so in large type")
+    # YAML only: jobs.demo writes it into the config it renders with; a user never sets it
+    metrics_random_weights: bool = option(
+        False, "the extractors are random (demo): reports say so in large type", flag=False
+    )
     # -- cluster and bookkeeping ---------------------------------------------------------------------
     address: str | None = option(
         None, "Ray cluster to join, or auto: the local `ray start` one (default RAY_ADDRESS, else a Ray of its own)"
@@ -164,7 +167,7 @@ class RenderConfig(Options):
             raise ValueError(f"actors must be MIN,MAX or N, got {value!r}")
         return parts * 2 if len(parts) == 1 else parts
 
-    def validate(self) -> RenderConfig:
+    def check(self) -> RenderConfig:
         """The checks across fields and of values beyond a range (each field's type, range and
         choices were checked at construction)."""
         for name in ("manifest", "output", "model"):

@@ -17,7 +17,8 @@ and everything else is generated from that line:
 - membership of the digests: `pixels=True` or `"unless_default"` (the render settings digest, `RenderConfig.settings`),
   `recipe=True` (the training recipe digest, `TrainConfig.recipe`).
 
-Checks across fields (`--select clip` needs `--clip-model`) stay in each model's `validate()`.
+Checks across fields (`--select clip` needs `--clip-model`) stay in each model's `check()`
+(not `validate`, which would shadow pydantic's deprecated classmethod).
 Driver-side: pydantic only.
 """
 
@@ -138,7 +139,7 @@ def add_flags(parser: argparse.ArgumentParser, model: type[Options], which: bool
             continue
         flag, kind = f"--{name.replace('_', '-')}", _without_none(field.annotation)
         value = field.get_default(call_default_factory=True)
-        shown = f" (default {_show(value)})" if value not in (None, False, "", []) else ""
+        shown = "" if _no_default(value) else f" (default {_show(value)})"
         help_text = (field.description + shown).replace("%", "%%")
         if kind is bool and value:
             turn_off = f"turn off (on by default): {field.description}".replace("%", "%%")
@@ -189,6 +190,11 @@ def _without_none(annotation):
         kept = [a for a in typing.get_args(annotation) if a is not type(None)]
         return kept[0] if len(kept) == 1 else annotation
     return annotation
+
+
+def _no_default(value) -> bool:
+    """No default worth showing: none, off, empty. `is`, not `in`: 0 == False, and 0 is a default."""
+    return value is None or value is False or (isinstance(value, str | list) and not value)
 
 
 def _show(value) -> str:

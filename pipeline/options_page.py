@@ -17,14 +17,20 @@ def page() -> str:
 
 Generated from the declarations in `pipeline/config.py` (`RenderConfig`) and
 `pipeline/train/config.py` (`TrainConfig`) by `python -m pipeline.options_page > docs/options.md`;
-`tests/unit/test_options.py` fails while this page differs from them. Every option is a flag and
-the same key in `--config FILE` (YAML, `-` or `_`); flags win. A value of the wrong type, out of
-its range or not one of its choices is refused with one line before any work (exit 2).
+`tests/unit/test_options.py` fails while this page differs from them. Every option is a key of
+`--config FILE` (YAML, `-` or `_`); the *flag* column says whether it is also a flag (flags win):
+*YAML only* options are set by jobs or tests, not typed (`partition_range` comes from
+`jobs.backfill --start/--end`), and a flag marked `(jobs.backfill)` is a flag of that job only.
+A value of the wrong type, out of its range or not one of its choices is refused with one line
+before any work (exit 2).
 
 ## Render (`jobs.render`, `jobs.backfill`)
 
-An option marked *pixels* enters the settings digest: changing it re-renders every pair on
-resume ([Running a render](running.md)).
+An option marked *pixels* enters the settings digest, so changing it re-renders the pairs on
+resume ([Running a render](running.md)), except where the value cannot change the pixels:
+`jpeg_quality` while `image_format` is png, `select` with one variant. One marked *yes, unless
+default* enters the digest only away from its default, so catalogs rendered before the option
+existed keep their digest.
 
 {table(RenderConfig, "pixels")}
 ## Training (`jobs.train`)

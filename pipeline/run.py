@@ -79,7 +79,7 @@ def run_render(cfg: RenderConfig, dry_run: bool = False) -> RunResult:
 def check(cfg: RenderConfig, probe_output: bool = True) -> RunSpec:
     """Everything that can refuse the run (exit 2) happens here, before any write.
     `probe_output`: refuse a local output that cannot be written (a dry run only reads it)."""
-    cfg = _absolute_paths(cfg.validate())
+    cfg = _absolute_paths(cfg.check())
     if not storage.is_s3(cfg.output):
         check_writable(cfg.output, probe=probe_output)
     partitions = None if cfg.partition_range is None else (cfg.partition_key, *cfg.partition_range)

@@ -32,7 +32,8 @@ class ServeArgs(BaseModel):
     max_queued_requests: int = Field(64, ge=-1)  # beyond this Serve answers 503 (-1: unbounded)
     # -- what a request may carry ---------------------------------------------------------------
     max_request_bytes: int = Field(64 * 2**20, ge=1)  # whole body; three phone photos fit
-    max_pixels: int = Field(50_000_000, ge=1)  # per image, checked from the header before decoding
+    # per image, checked from the header before decoding: the batch job's --max-pixels
+    max_pixels: int = Field(RENDER_DEFAULTS.max_pixels, **bounds(RenderConfig, "max_pixels"))
     max_steps: int = Field(100, ge=1)  # a request's `steps` cap: 1000 steps would hold the GPU for minutes
     # a request's `variants` cap: each variant is one more render in the model call (N * batch rows)
     max_variants: int = Field(MAX_VARIANTS, ge=1, le=MAX_VARIANTS)

@@ -3,7 +3,7 @@
 `TrainConfig` declares every training option once (`pipeline.options.option`), as
 `RenderConfig` does: `jobs.train` generates its flags from it and reads `--config FILE` (YAML,
 the flags' names as keys, `-` or `_`; flags win). A bad type, range or choice is refused at
-construction, a bad combination by `validate()`, both as one `pipeline.config.ConfigError` line
+construction, a bad combination by `check()`, both as one `pipeline.config.ConfigError` line
 naming the bad value; the job turns it into exit code 2 before any work. The options declared
 `recipe=True` (`RECIPE_FIELDS`) decide the weights a run computes: their digest is recorded,
 and a re-run that changes one is refused instead of resumed.
@@ -126,11 +126,13 @@ class TrainConfig(Options):
     # -- cluster and bookkeeping ---------------------------------------------------------------------
     address: str | None = option(None, "Ray cluster to join (default RAY_ADDRESS, else a local Ray of its own)")
     lock_stale_s: float = option(
-        300.0, "an output lock whose heartbeat is older than this many seconds is taken over", gt=0
+        default(RenderConfig, "lock_stale_s"),
+        "an output lock whose heartbeat is older than this many seconds is taken over",
+        **bounds(RenderConfig, "lock_stale_s"),
     )
     fault_injection: dict | None = option(None, "chaos tests only (YAML): see pipeline.train.faults", flag=False)
 
-    def validate(self) -> TrainConfig:
+    def check(self) -> TrainConfig:
         """The checks across fields and of values beyond a range (each field's type, range and
         choices were checked at construction)."""
         for name in ("manifest", "init_model", "output"):

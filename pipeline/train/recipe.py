@@ -85,7 +85,7 @@ def run_train(cfg: TrainConfig) -> TrainResult:
 
 def check(cfg: TrainConfig) -> TrainSpec:
     """Everything that can refuse the run before any work, in order; nothing is written."""
-    cfg.validate()
+    cfg.check()
     cfg = _absolute_paths(cfg)
     if not storage.is_s3(cfg.output):
         check_writable(cfg.output)

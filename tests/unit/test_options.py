@@ -4,6 +4,7 @@ checks and Serve limits come from the same declarations."""
 
 from __future__ import annotations
 
+import argparse
 import os
 import types
 import typing
@@ -13,8 +14,9 @@ import pytest
 from helpers import ROOT
 
 from jobs.render import build_parser, config_from_flags
+from jobs.train import build_parser as train_parser
 from pipeline.config import MAX_VARIANTS, ConfigError, RenderConfig
-from pipeline.options import Options, bounds, default, marked
+from pipeline.options import Options, add_flags, bounds, default, marked
 from pipeline.options_page import page
 from pipeline.serve.args import ServeArgs
 from pipeline.train.config import RECIPE_FIELDS, TrainConfig
@@ -76,7 +78,7 @@ def test_the_settings_digests_of_existing_catalogs_are_kept():
     """Resume reuses pairs whose digest matches: a digest that moved re-renders every catalog.
     The values were computed on main before the options were declared with pydantic."""
     common = dict(manifest="m", output="o", model="x")
-    assert RenderConfig(**common).validate().settings_digest(512) == "f914f25b2407f956"
+    assert RenderConfig(**common).check().settings_digest(512) == "f914f25b2407f956"
     changed = RenderConfig(
         **common,
         image_format="png",
@@ -89,7 +91,7 @@ def test_the_settings_digests_of_existing_catalogs_are_kept():
         crop_margin=0.5,
         feather_px=2,
     )
-    assert changed.validate().settings_digest(256) == "1849c309f3dc96eb"
+    assert changed.check().settings_digest(256) == "1849c309f3dc96eb"
     assert RenderConfig(**common, variants=4, select="clip").settings(256)["variants"] == 4
     assert "variants" not in RenderConfig(**common, select="clip").settings(256)  # one render: nothing selected
 
@@ -104,28 +106,75 @@ def test_each_recipe_option_moves_the_recipe_digest(name):
     )
 
 
+@pytest.mark.parametrize("name", sorted(set(TrainConfig.model_fields) - set(RECIPE_FIELDS)))
+def test_no_other_option_moves_the_recipe_digest(name):
+    base = dict(manifest="m", init_model="i", output="o")
+    before = TrainConfig(**base).recipe_digest("init")
+    assert (
+        TrainConfig(**{**base, name: _another(TrainConfig, name, default(TrainConfig, name))}).recipe_digest("init")
+        == before
+    )
+
+
 def test_the_recipe_digest_of_existing_runs_is_kept():
     base = dict(manifest="m", init_model="i", output="o", perceptual_weight=0.0)
-    assert TrainConfig(**base).validate().recipe_digest("init") == "d5bafd4d3acba7a1"
+    assert TrainConfig(**base).check().recipe_digest("init") == "d5bafd4d3acba7a1"
     changed = TrainConfig(**base, learning_rate=2e-5, validation_timesteps=[1, 2], bf16=False, grad_clip=2)
-    assert changed.validate().recipe_digest("abc") == "19b3e02627a68543"
+    assert changed.check().recipe_digest("abc") == "19b3e02627a68543"
 
 
-def test_every_option_with_a_flag_is_a_flag_with_its_declared_default_in_the_help():
-    parser = build_parser()
-    flags = {option: action for action in parser._actions for option in action.option_strings}
-    for name, field in RenderConfig.model_fields.items():
-        if field.json_schema_extra["flag"] is not True:
-            assert f"--{name.replace('_', '-')}" not in flags, name
+def _backfill_only_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(argument_default=argparse.SUPPRESS)
+    add_flags(parser, RenderConfig, which="backfill")
+    return parser
+
+
+@pytest.mark.parametrize(
+    "build, model, which",
+    [
+        (build_parser, RenderConfig, True),
+        (_backfill_only_parser, RenderConfig, "backfill"),
+        (train_parser, TrainConfig, True),
+    ],
+    ids=["render", "backfill", "train"],
+)
+def test_every_option_with_a_flag_is_a_flag_with_its_declared_default_in_the_help(build, model, which):
+    flags = {option: action for action in build()._actions for option in action.option_strings}
+    for name, field in model.model_fields.items():
+        dashed = name.replace("_", "-")
+        if field.json_schema_extra["flag"] != which:
+            assert f"--{dashed}" not in flags and f"--no-{dashed}" not in flags, name
             continue
-        value = default(RenderConfig, name)
-        action = flags.get(f"--{name.replace('_', '-')}") or flags[f"--no-{name.replace('_', '-')}"]
+        value = default(model, name)
+        if value is True:  # on by default: the flag is --no-x, and its help says so
+            action = flags[f"--no-{dashed}"]
+            assert action.dest == name and action.help == f"turn off (on by default): {field.description}", name
+            continue
+        action = flags[f"--{dashed}"]
         assert action.dest == name and action.help.startswith(field.description), name
-        if value not in (None, False, "", []):
-            assert "(default " in action.help, name
+        # `is`: 0 == False, and a default of 0 (train --seed) is a default to show
+        if not (value is None or value is False or value in ("", [])):
+            shown = ",".join(map(str, value)) if isinstance(value, tuple) else str(value)
+            assert f"(default {shown})" in action.help, name
+
+
+def test_a_default_of_zero_is_shown():
+    seed = next(action for action in train_parser()._actions if "--seed" in action.option_strings)
+    assert "(default 0)" in seed.help
+
+
+def test_flags_reach_the_config():
     args = ["--steps", "7", "--actors", "2,3", "--allow-root", "/a", "--allow-root", "/b", "--scheduler", "dpmpp"]
-    cfg = config_from_flags(vars(parser.parse_args(args)))
+    cfg = config_from_flags(vars(build_parser().parse_args(args)))
     assert (cfg.steps, cfg.actors, cfg.allow_root, cfg.scheduler) == (7, (2, 3), ["/a", "/b"], "dpmpp")
+
+
+def test_yaml_only_options_are_no_flags():
+    """A demo's or a chaos test's setting is not a user's flag: YAML only."""
+    flags = {option for action in build_parser()._actions for option in action.option_strings}
+    for name in ("metrics_random_weights", "fault_injection", "actor_resources", "partition_range"):
+        assert f"--{name.replace('_', '-')}" not in flags, name
+        assert name in RenderConfig.keys()
 
 
 @pytest.mark.parametrize(
@@ -148,7 +197,7 @@ def test_a_bad_value_is_one_line_naming_it(values, message):
 
 def test_serve_limits_are_the_declared_ranges():
     assert MAX_VARIANTS == bounds(RenderConfig, "variants")["le"]
-    for name in ("steps", "guidance_scale", "jpeg_quality"):
+    for name in ("steps", "guidance_scale", "jpeg_quality", "max_pixels"):
         assert bounds(ServeArgs, name) == bounds(RenderConfig, name), name
         assert default(ServeArgs, name) == default(RenderConfig, name), name
 

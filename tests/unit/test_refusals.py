@@ -148,8 +148,8 @@ def test_whole_numbers_digest_like_floats():
     from pipeline.config import RenderConfig
 
     common = dict(manifest="m", output="o", model="x")
-    as_int = RenderConfig(**common, guidance_scale=5, crop_margin=0).validate()
-    as_float = RenderConfig(**common, guidance_scale=5.0, crop_margin=0.0).validate()
+    as_int = RenderConfig(**common, guidance_scale=5, crop_margin=0).check()
+    as_float = RenderConfig(**common, guidance_scale=5.0, crop_margin=0.0).check()
     assert as_int.settings_digest(128) == as_float.settings_digest(128) and isinstance(as_int.guidance_scale, float)
 
 

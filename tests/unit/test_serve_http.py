@@ -104,9 +104,9 @@ def test_the_variants_limit_is_the_batch_job_s():
 
     from pipeline.config import ConfigError, RenderConfig
 
-    RenderConfig(manifest="m", output="o", model="x", variants=MAX_VARIANTS).validate()
+    RenderConfig(manifest="m", output="o", model="x", variants=MAX_VARIANTS).check()
     with pytest.raises(ConfigError, match="--variants"):
-        RenderConfig(manifest="m", output="o", model="x", variants=MAX_VARIANTS + 1).validate()
+        RenderConfig(manifest="m", output="o", model="x", variants=MAX_VARIANTS + 1).check()
     with pytest.raises(ValidationError, match="max_variants"):
         ServeArgs(model_uri="m", max_variants=MAX_VARIANTS + 1)
 

@@ -47,7 +47,7 @@ def test_yaml_keys_are_the_flags_and_flags_win(tmp_path):
 )
 def test_bad_settings_are_refused_with_one_message(change, message):
     with pytest.raises(ConfigError, match=re.escape(message)):
-        TrainConfig(**{**BASE, **change}).validate()
+        TrainConfig(**{**BASE, **change}).check()
 
 
 def test_the_recipe_digest_covers_the_recipe_not_the_resources():
