@@ -24,11 +24,19 @@ HTTP_TIMEOUT_S = 30
 MAX_FETCH_BYTES = 256 * 2**20  # no photo or mask is this big; a larger body is refused unread
 
 
+# A server has no manifest folder: this stands in for it (no local root, no S3 prefix).
+SERVE_NO_FOLDER = "s3://"
+
+
 @dataclass(frozen=True)
 class InputPolicy:
     manifest_dir: str  # local folder or s3:// prefix of the manifest
     allow_roots: tuple[str, ...] = field(default_factory=tuple)
     allow_http: bool = False
+    # how the user widens the allowlist, for the refusals' messages: the batch jobs' flags, or
+    # Serve's builder arguments (`ServeArgs.input_policy`)
+    roots_option: str = "--allow-root"
+    http_option: str = "--allow-http"
 
     def local_roots(self) -> list[str]:
         roots = [r for r in (self.manifest_dir, *self.allow_roots) if "://" not in r]
@@ -57,19 +65,22 @@ class InputPolicy:
             return uri
         if uri.startswith(("http://", "https://")):
             if not self.allow_http:
-                raise RowError("uri_not_allowed", f"http(s) inputs are off (enable with --allow-http): {uri}")
+                raise RowError("uri_not_allowed", f"http(s) inputs are off (enable with {self.http_option}): {uri}")
             return uri
         if uri.startswith("file://"):
             uri = uri[len("file://") :]
         elif "://" in uri:
             raise RowError(
-                "uri_not_allowed", f"scheme of {uri!r} is not allowed (s3://, local paths, http(s) with --allow-http)"
+                "uri_not_allowed",
+                f"scheme of {uri!r} is not allowed (s3://, local paths, http(s) with {self.http_option})",
             )
         real = os.path.realpath(uri)
         for root in self.local_roots():
             if real == root or real.startswith(root.rstrip(os.sep) + os.sep):
                 return real
-        raise RowError("uri_not_allowed", f"{uri} is outside the manifest's folder and every --allow-root")
+        if self.manifest_dir == SERVE_NO_FOLDER:
+            raise RowError("uri_not_allowed", f"{uri} is outside every {self.roots_option} folder")
+        raise RowError("uri_not_allowed", f"{uri} is outside the manifest's folder and every {self.roots_option}")
 
 
 def _http_get(uri: str) -> bytes:

@@ -96,7 +96,6 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from pipeline.compose import postprocess
-from pipeline.fetch import InputPolicy
 from pipeline.images import encode_image
 from pipeline.model.checkpoint import CheckpointError, check_dtc_checkpoint, model_digest
 from pipeline.payload import MODEL_INPUT_SPECS
@@ -154,10 +153,7 @@ class DTCServer:
         # 1. settings, token, allowlist
         self.args = args
         self._token = self._api_token(args)
-        roots = [root if "://" in root else os.path.realpath(root) for root in args.allow_roots]
-        # A server has no manifest folder: "s3://" stands in for it (no local root, no S3 prefix),
-        # so only the roots given are allowed; an s3:// root limits S3 to such prefixes.
-        self.policy = InputPolicy("s3://", tuple(roots), args.allow_http)
+        self.policy = args.input_policy()  # only the allow_roots given; refusals name Serve's arguments
         # 2. the model, in the one thread that will ever run it. The device follows what Ray
         # gave this replica (a config file may override num_gpus), not a guess.
         device = "cuda" if ray.get_gpu_ids() else "cpu"

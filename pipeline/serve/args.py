@@ -3,9 +3,12 @@ or a Serve config file's `args:`). pydantic only: no Ray, no torch."""
 
 from __future__ import annotations
 
+import os
+
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
 from pipeline.config import MAX_VARIANTS, RENDER_DEFAULTS, RenderConfig
+from pipeline.fetch import SERVE_NO_FOLDER, InputPolicy
 from pipeline.options import bounds
 
 __all__ = ["MAX_VARIANTS", "RENDER_DEFAULTS", "ServeArgs"]
@@ -54,6 +57,15 @@ class ServeArgs(BaseModel):
     scheduler: Scheduler = RENDER_DEFAULTS.scheduler  # fixed per deployment: it is part of the loaded pipeline
     image_format: ImageFormat = RENDER_DEFAULTS.image_format
     jpeg_quality: int = Field(RENDER_DEFAULTS.jpeg_quality, **bounds(RenderConfig, "jpeg_quality"))  # also WebP
+
+    def input_policy(self) -> InputPolicy:
+        """What requests may name: only the `allow_roots` given (local folders, real paths; an
+        s3:// root limits S3 to such prefixes), http(s) with `allow_http`; refusals name these
+        arguments, not the batch jobs' flags."""
+        roots = [root if "://" in root else os.path.realpath(root) for root in self.allow_roots]
+        return InputPolicy(
+            SERVE_NO_FOLDER, tuple(roots), self.allow_http, roots_option="allow_roots=", http_option="allow_http=true"
+        )
 
     @field_validator("allow_roots", mode="before")
     @classmethod

@@ -353,3 +353,16 @@ def test_error_response_is_json_with_the_code():
     assert response.status_code == 401 and response.headers["www-authenticate"] == "Bearer"
     assert json.loads(response.body) == {"code": "unauthorized", "message": "send a token"}
     assert "www-authenticate" not in error_response(ApiError(413, "body_too_large", "big")).headers
+
+
+def test_a_refused_uri_names_serves_own_arguments_not_the_batch_flags(tmp_path):
+    """Serve has no --allow-root: its refusals name allow_roots= and allow_http=true."""
+    policy = ServeArgs(model_uri="m", allow_roots=[str(tmp_path)]).input_policy()
+    outside = {"context_uri": "/etc/passwd", "product_uri": "s3://b/p", "bbox": [1, 2, 30, 40]}
+    error = refused(json_request(outside), policy)
+    assert error.code == "uri_not_allowed" and "allow_roots=" in error.message and "--allow" not in error.message
+    http = {"context_uri": "http://example.com/a.png", "product_uri": "s3://b/p", "bbox": [1, 2, 30, 40]}
+    error = refused(json_request(http), policy)
+    assert "allow_http=true" in error.message and "--allow" not in error.message
+    inside = tmp_path / "c.png"
+    assert parse(json_request({**outside, "context_uri": str(inside)}), policy).context == str(inside)
