@@ -48,5 +48,5 @@ def test_readme_quick_start_runs_as_written(ray_address, tmp_path):
             assert len(console) < 25, "\n".join(console)
             assert not [line for line in console if re.search(r"Execution plan|Running Dataset|\d+%\|", line)]
             assert "DTC render" in done.stdout and "[dtc]" in done.stdout
-    again = read_manifest(str(tmp_path / "renders"), "again")
+    again = read_manifest(str(tmp_path / "demo_out" / "renders"), "again")
     assert again.num_rows == 20 and pc.all(pc.equal(again["attempt"], 0)).as_py()  # every pair already done
