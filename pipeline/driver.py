@@ -6,6 +6,7 @@ shutdown happen as on any other failure. Driver-side (no torch; Ray is imported 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import uuid
@@ -52,13 +53,52 @@ def init_ray(address: str | None):
         if address:
             ray.init(address=address, logging_level=logging.WARNING)
         else:
-            ray.init(address="local", include_dashboard=False, logging_level=logging.WARNING)
+            with _loopback_only(), _quiet("ray._private.authentication.authentication_token_setup"):
+                ray.init(address="local", include_dashboard=False, logging_level=logging.WARNING)
     quiet_console(ray)
     # A hash-shuffle map task (the resume stage's group-by, the index's fold) takes input blocks
     # of up to this many bytes at once and peaks at 2-3x that: Ray's 1 GiB default made one
     # worker hold ~3 GB at 10M rows (bench/scale.py); 64 MiB keeps each worker to its share.
     ray.data.DataContext.get_current().shuffle_input_batch_bytes = 64 << 20
     return ray
+
+
+@contextlib.contextmanager
+def _quiet(logger_name: str):
+    """Ray's notice on a logger kept off the console while the local Ray starts (its token-auth
+    line says that a new local Ray enables token auth, which it does: nothing to act on)."""
+    logger = logging.getLogger(logger_name)
+    old = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(old)
+
+
+@contextlib.contextmanager
+def _loopback_only():
+    """A job's own local Ray on 127.0.0.1 only: its GCS, raylet, object manager and workers
+    listen on the loopback interface, not on every one (nothing outside this machine joins a
+    job's private Ray). `ray.init(_node_ip_address="127.0.0.1")` does not do it: Ray resolves a
+    loopback address to the machine's external one. Ray's own switch is the node-IP rule it
+    uses where it runs no clusters (`RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0`: the node IP is the
+    loopback one, and the servers bind to the node IP). Set while the local Ray starts (its
+    processes inherit it), then put back, so a later `ray.init(address=...)` in this process
+    resolves its node IP as usual."""
+    from ray._private import ray_constants
+
+    name = ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR
+    old_env, old_flag = os.environ.get(name), ray_constants.ENABLE_RAY_CLUSTER
+    os.environ[name], ray_constants.ENABLE_RAY_CLUSTER = "0", False
+    try:
+        yield
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = old_flag
+        if old_env is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = old_env
 
 
 def quiet_console(ray) -> None:

@@ -68,7 +68,7 @@ class Progress:
         elapsed = now - stats.started
         print(
             f"[dtc] {stats.rows}/{self.total} rows  ok {stats.ok}  failed {stats.failed}  reused {stats.reused}  "
-            f"{stats.rows_per_s(elapsed):g} rows/s  {elapsed:.0f}s",
+            f"{stats.rows_per_s():g} rows/s  {elapsed:.0f}s",
             flush=True,
         )
 
@@ -86,7 +86,7 @@ def summary_text(
         + (f", skipped {stats.skipped} (pair in a later partition)" if stats.skipped else "")
         + f"; reused from earlier runs {stats.reused})",
         f"  this run   {stats.tried} rows rendered or failed ({stats.rendered} rendered), "
-        f"{stats.rows_per_s(elapsed):g} rows/s",
+        f"{stats.rows_per_s():g} rows/s",
     ]
     if stats.error_codes:
         lines.append("  failures   " + ", ".join(f"{code} {n}" for code, n in stats.error_codes.most_common()))
@@ -157,7 +157,7 @@ def run_record(
         "started_at": started_at.isoformat(),
         "finished_at": datetime.now(UTC).isoformat(),
         "elapsed_s": round(elapsed, 3),
-        "rows_per_s": stats.rows_per_s(elapsed),
+        "rows_per_s": stats.rows_per_s(),
         "counts": {**stats.counts(), "manifest_parts": manifest_parts},
         "stage_seconds": {k: round(v, 3) for k, v in stats.stage_seconds.items()},
         "steady_rows_per_s": stats.steady_rows_per_s(),

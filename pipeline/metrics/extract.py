@@ -68,6 +68,7 @@ def save_random_extractors(folder: str, seed: int = 0) -> tuple[str, str]:
     """Random-weight Inception (the standard file's keys) and a tiny random CLIP, for the demo
     and tests: (weights file, CLIP folder). Their figures measure nothing; reports say so."""
     import torch
+    import transformers
     from transformers import CLIPConfig, CLIPModel
 
     from pipeline.metrics.inception import FIDInceptionV3, random_init_
@@ -80,8 +81,16 @@ def save_random_extractors(folder: str, seed: int = 0) -> tuple[str, str]:
     clip_dir = os.path.join(folder, "clip-tiny-random")
     if not os.path.exists(os.path.join(clip_dir, "config.json")):
         config = CLIPConfig(
+            # the special tokens inside the tiny vocabulary (CLIP's 49406/49407 are not: a warning)
             text_config=dict(
-                hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, vocab_size=100
+                hidden_size=32,
+                intermediate_size=64,
+                num_hidden_layers=1,
+                num_attention_heads=2,
+                vocab_size=100,
+                bos_token_id=0,
+                eos_token_id=1,
+                pad_token_id=1,
             ),
             vision_config=dict(
                 hidden_size=32,
@@ -93,5 +102,6 @@ def save_random_extractors(folder: str, seed: int = 0) -> tuple[str, str]:
             ),
             projection_dim=16,
         )
+        transformers.utils.logging.disable_progress_bar()  # console noise
         CLIPModel(config).save_pretrained(clip_dir)
     return weights, clip_dir

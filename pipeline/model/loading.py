@@ -80,5 +80,7 @@ def optimize_pipeline(pipe: DTCPipeline, compile_model: bool = False, channels_l
 
 def save_pipeline(pipe: DTCPipeline, out_dir: str) -> str:
     """save_pretrained (safetensors) plus the digest file; returns the model digest."""
+    diffusers.utils.logging.disable_progress_bar()  # "Writing model shards" bars: console noise
+    transformers.utils.logging.disable_progress_bar()
     pipe.save_pretrained(out_dir, safe_serialization=True)
     return write_digest(out_dir)

@@ -3,7 +3,7 @@ throughput. What the progress line, the summary and the run record print. No tor
 
     stats = RunStats()
     stats.add(block)            # the finish stage's block (every row has `attempt`)
-    stats.rows_per_s(elapsed)   # the run's rows/s: the progress line's, the summary's, the record's
+    stats.rows_per_s()          # the run's rows/s: the progress line's, the summary's, the record's
     stats.steady_rows_per_s()   # rows/s after the first model call, on the model's clock
 
 Each figure has one definition, here (the identity ones in `metrics.feature_stats.ScoreHistogram`);
@@ -73,12 +73,13 @@ class RunStats:
         """Rows this run rendered ok (the ok rows not reused)."""
         return self.ok - (self.reused - self.reused_failed)
 
-    def rows_per_s(self, elapsed: float | None = None) -> float:
-        """The run's throughput: `tried` rows over the seconds since the run started (Ray's
-        start, model load and the end's bookkeeping included), 0.0 for a run that tried none.
-        `elapsed`: the seconds to divide by (the summary's and the record's), else now's."""
-        elapsed = time.monotonic() - self.started if elapsed is None else elapsed
-        return round(self.tried / max(elapsed, 1e-9), 2)
+    def rows_per_s(self) -> float:
+        """The run's throughput: `tried` rows over the seconds from the run's start (Ray's
+        start and model load included) to the arrival of its last rows; 0.0 for a run that
+        tried none. The end's bookkeeping (done index, report) is not in it, so the last
+        progress line, the summary and the record give the same figure."""
+        end = self.last_at if self.last_at is not None else time.monotonic()
+        return round(self.tried / max(end - self.started, 1e-9), 2)
 
     @property
     def failed_fraction(self) -> float:
