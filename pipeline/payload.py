@@ -19,6 +19,8 @@ image encoder's input size S. Its kind says how its pixels are stored: `image` H
     model_product_alpha  S         mask    prepare      render
     model_hint           R         image   prepare      render (the product inside the hole)
     model_hint_mask      R         mask    prepare      render
+    box_hole, box_hint,  R         as model_hole, model_hint, model_hint_mask: the training prepare
+      box_hint_mask                stage's bounding-box region (`train.dataset`, read by `train.samples`)
     rendered             R         image   render       finish, scene steps (the chosen variant)
     variant_renders      R         image   render       finish (every variant, N stacked: --keep-variants)
 """
@@ -40,6 +42,8 @@ __all__ = [
     "MODEL_INPUT_SPECS",
     "RENDERED",
     "VARIANT_RENDERS",
+    "BOX_SPECS",
+    "SPECS",
     "PAYLOAD_COLUMNS",
     "MODEL_INPUTS",
     "pack_pair",
@@ -76,6 +80,11 @@ class PayloadColumn:
         }[self.frame]
         return (*side, 3) if self.kind == IMAGE else side
 
+    @property
+    def dtype(self) -> type:
+        """What `unpack` gives: uint8 pixels, or a bool region."""
+        return np.uint8 if self.kind == IMAGE else np.bool_
+
     def pack(self, array: np.ndarray) -> memoryview:
         """The array's bytes (a stack of them too), without a copy where it is contiguous:
         pa.array copies each payload once, into the block."""
@@ -108,10 +117,17 @@ MODEL_INPUT_SPECS = (
     PayloadColumn("model_hint_mask", "model", MASK, "hint_mask"),
 )
 RENDERED = PayloadColumn("rendered", "model", IMAGE)
+# the training job's: the same pair prepared with its mask's bounding box as the region
+BOX_SPECS = (
+    PayloadColumn("box_hole", "model", MASK, "hole"),
+    PayloadColumn("box_hint", "model", IMAGE, "hint"),
+    PayloadColumn("box_hint_mask", "model", MASK, "hint_mask"),
+)
 VARIANT_RENDERS = PayloadColumn("variant_renders", "model", IMAGE)
 
 PAYLOAD_COLUMNS = tuple(c.name for c in (CONTEXT_RAW, HOLE_BITS, *MODEL_INPUT_SPECS))  # the prepare stage's
 MODEL_INPUTS = tuple(c.name for c in MODEL_INPUT_SPECS)  # what the render stage reads and drops
+SPECS = {c.name: c for c in (CONTEXT_RAW, HOLE_BITS, *MODEL_INPUT_SPECS, RENDERED, VARIANT_RENDERS, *BOX_SPECS)}
 
 
 def pack_pair(context: np.ndarray, hole: np.ndarray, model: dict) -> dict[str, memoryview]:

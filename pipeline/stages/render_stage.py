@@ -33,7 +33,7 @@ import pyarrow as pa
 from pipeline import storage
 from pipeline.config import RENDER_DEFAULTS
 from pipeline.output.layout import Layout
-from pipeline.payload import MODEL_INPUT_SPECS, MODEL_INPUTS, PAYLOAD_TYPE, RENDERED, VARIANT_RENDERS, Sizes
+from pipeline.payload import MODEL_INPUTS, PAYLOAD_TYPE, RENDERED, SPECS, VARIANT_RENDERS, Sizes
 from pipeline.rows import VariantRows
 from pipeline.schema import RENDER, require_columns, set_columns
 from pipeline.stages.prepare_stage import PrepareConfig, step_columns
@@ -354,5 +354,4 @@ class _Work:
         `rows`, stacked (MODEL_INPUTS' order; or just `columns`). Render rows of one pair share
         its payload: each pair is decoded once and repeated."""
         pairs, index = np.unique(self.layout.pair[np.asarray(rows)], return_inverse=True)
-        specs = {c.name: c for c in MODEL_INPUT_SPECS}
-        return [np.stack([specs[c].unpack(self.payloads[c][j], self.sizes) for j in pairs])[index] for c in columns]
+        return [np.stack([SPECS[c].unpack(self.payloads[c][j], self.sizes) for j in pairs])[index] for c in columns]

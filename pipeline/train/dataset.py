@@ -30,7 +30,7 @@ import pyarrow.compute as pc
 
 from pipeline import manifest, regions
 from pipeline.config import ConfigError
-from pipeline.payload import PAYLOAD_TYPE
+from pipeline.payload import BOX_SPECS, PAYLOAD_TYPE
 from pipeline.schema import RowError, set_columns
 from pipeline.stages.prepare_stage import PrepareConfig, prepare_pair
 from pipeline.stages.read_stage import planned_batches
@@ -45,17 +45,15 @@ __all__ = [
     "count_rows",
 ]
 
-# Payloads per row, raw uint8 bytes (shapes from the model's R and S): the render job's `model_*`
-# columns of the fine-mask preparation, and `box_*` of the bounding-box one (empty for bbox rows).
+# Payloads per row (`pipeline.payload`'s specs): the render job's `model_*` columns of the
+# fine-mask preparation, and `box_*` of the bounding-box one (empty for bbox rows).
 TRAIN_PAYLOADS = (
     "model_context",
     "model_hole",
     "model_product",
     "model_hint",
     "model_hint_mask",
-    "box_hole",
-    "box_hint",
-    "box_hint_mask",
+    *(c.name for c in BOX_SPECS),
 )
 ROW_COLUMNS = ("pair_id", "context_uri", "product_uri", "mask_uri", "bbox", "split", "error_code", "error_message")
 
@@ -106,9 +104,7 @@ def _prepare_row(row: dict, config: PrepareConfig) -> dict[str, bytes]:
     out = {c: bytes(rendered[c]) for c in TRAIN_PAYLOADS if c.startswith("model_")}
     if row["mask_uri"] is not None:
         box = _box_variant(pair, config)
-        out.update(
-            box_hole=box["hole"].tobytes(), box_hint=box["hint"].tobytes(), box_hint_mask=box["hint_mask"].tobytes()
-        )
+        out.update({c.name: bytes(c.pack(box[c.key])) for c in BOX_SPECS})
     return out
 
 

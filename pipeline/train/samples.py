@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.compose import NEUTRAL_GREY
+from pipeline.payload import SPECS, Sizes
 
 __all__ = ["mix_seed", "SampleSet", "TrainBatch", "Augment", "positions", "build_batch", "validation_items"]
 
@@ -70,25 +71,25 @@ class SampleSet:
     def from_rows(cls, rows: list[dict], resolution: int, product_size: int) -> SampleSet:
         """Rows of the prepared dataset (`dataset.TRAIN_PAYLOADS` as bytes) -> arrays."""
         rows = sorted(rows, key=lambda r: r["pair_id"])
-        r, s = resolution, product_size
+        sizes = Sizes(resolution, product_size)
 
-        def stack(key: str, shape: tuple, fallback: str | None = None, dtype=np.uint8) -> np.ndarray:
-            out = np.empty((len(rows), *shape), dtype=dtype)
+        def stack(key: str, fallback: str | None = None) -> np.ndarray:
+            spec = SPECS[key]
+            out = np.empty((len(rows), *spec.shape(sizes)), dtype=spec.dtype)
             for i, row in enumerate(rows):
-                data = row[key] or row[fallback]
-                out[i] = np.frombuffer(data, dtype=np.uint8).reshape(shape).view(dtype)
+                out[i] = spec.unpack(row[key] or row[fallback], sizes)
             return out
 
         return cls(
             pair_ids=[row["pair_id"] for row in rows],
-            context=stack("model_context", (r, r, 3)),
-            hole=stack("model_hole", (r, r), dtype=bool),
-            hint=stack("model_hint", (r, r, 3)),
-            hint_mask=stack("model_hint_mask", (r, r), dtype=bool),
-            box_hole=stack("box_hole", (r, r), "model_hole", dtype=bool),
-            box_hint=stack("box_hint", (r, r, 3), "model_hint"),
-            box_hint_mask=stack("box_hint_mask", (r, r), "model_hint_mask", dtype=bool),
-            product=stack("model_product", (s, s, 3)),
+            context=stack("model_context"),
+            hole=stack("model_hole"),
+            hint=stack("model_hint"),
+            hint_mask=stack("model_hint_mask"),
+            box_hole=stack("box_hole", "model_hole"),
+            box_hint=stack("box_hint", "model_hint"),
+            box_hint_mask=stack("box_hint_mask", "model_hint_mask"),
+            product=stack("model_product"),
         )
 
 
