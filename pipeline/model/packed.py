@@ -25,7 +25,15 @@ import uuid
 import torch
 
 from pipeline import storage
-from pipeline.model.checkpoint import CheckpointError, default_cache_dir, model_digest, packed_metadata
+from pipeline.model.checkpoint import (
+    CheckpointError,
+    check_dtc_checkpoint,
+    default_cache_dir,
+    model_digest,
+    packed_metadata,
+    write_digest,
+)
+from pipeline.model.pipeline_dtc import DTCPipeline
 
 __all__ = ["pack", "unpack", "unpacked_checkpoint", "PACKED_COMPONENTS"]
 
@@ -45,9 +53,9 @@ def pack(model: str, out_file: str) -> None:
     """A train-tiny DTC folder -> one safetensors file at `out_file` (see the module docstring)."""
     from safetensors.torch import save_file
 
-    from pipeline.model.loading import load_pipeline
-
-    pipe = load_pipeline(model, device="cpu", dtype=torch.float32)
+    # DTCPipeline itself, not loading.load_pipeline: loading resolves a packed --model through this module
+    check_dtc_checkpoint(model)
+    pipe = DTCPipeline.from_pretrained(model, dtype=torch.float32)
     provenance_path = os.path.join(model, PROVENANCE_FILE)
     provenance = open(provenance_path).read() if os.path.exists(provenance_path) else "{}"
     json.loads(provenance)  # a broken provenance file must not be packed
@@ -76,7 +84,6 @@ def pack(model: str, out_file: str) -> None:
 def _unpack_tensors(packed_file: str, out: str) -> str:
     from safetensors import safe_open
 
-    from pipeline.model.loading import save_pipeline
     from pipeline.model.presets import build_preset
 
     with safe_open(packed_file, framework="pt") as f:
@@ -91,7 +98,8 @@ def _unpack_tensors(packed_file: str, out: str) -> str:
     # files packed before the flag: the training provenance says whether it was trained
     trained = json.loads(metadata["trained"]) if "trained" in metadata else provenance != "{}"
     pipe.register_to_config(trained=trained)  # the image encoder stays the preset's: random
-    save_pipeline(pipe, out)
+    pipe.save_pretrained(out, safe_serialization=True)  # loading.save_pipeline's two lines (see pack)
+    write_digest(out)
     if provenance != "{}":
         with open(os.path.join(out, PROVENANCE_FILE), "w") as f:
             f.write(provenance)
