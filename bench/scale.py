@@ -277,7 +277,7 @@ def child(spec: dict) -> None:
     seconds["ray_start"] = time.perf_counter() - mark
     sampler = WorkerSampler()
     mark = time.perf_counter()
-    compact_state(Layout(run.output), exclude_run=run.run_id)
+    compact_state(Layout(run.output), num_cpus=run.cfg.cpu_stage_cpus, exclude_run=run.run_id)
     seconds["fold"] = time.perf_counter() - mark
     mark = time.perf_counter()
     read, resume, *_ = stage_configs(run, 0.0)

@@ -1,7 +1,7 @@
 """Pixels around the model: the model's inputs from a pair (preprocess) and the paste-back of
 its render (postprocess), on torch's uint8 resize kernels.
 
-    model_inputs = preprocess(context, hole, product, resolution=512)
+    model_inputs = preprocess(context, hole, product, resolution=512, margin=cfg.crop_margin)
     # context, hole, product, product_alpha, hint, hint_mask, crop_box
     final = postprocess(context, rendered, hole, model_inputs["crop_box"])   # an RGB Pillow image
 
@@ -33,7 +33,8 @@ def preprocess(
     product: np.ndarray,
     resolution: int,
     product_size: int = 224,
-    margin: float = 0.25,
+    *,
+    margin: float,
 ) -> dict:
     """Full photo + region + product -> the model's inputs for one pair.
 

@@ -1,8 +1,8 @@
 """Image bytes in and out: decode (EXIF, limits, alpha) and encode. numpy + Pillow, no torch.
 
-    context = decode_image(context_bytes)                                     # H x W x 3 uint8, EXIF applied
-    product = decode_image(product_bytes, keep_alpha=True, premultiply=True)  # h x w x 4 uint8
-    hole = decode_mask(mask_bytes)                                            # H x W bool
+    context = decode_image(context_bytes, max_pixels=cfg.max_pixels)  # H x W x 3 uint8, EXIF applied
+    product = decode_image(product_bytes, max_pixels=cfg.max_pixels, keep_alpha=True, premultiply=True)
+    hole = decode_mask(mask_bytes, max_pixels=cfg.max_pixels)          # H x W bool
     data = encode_image(final, "jpeg")
 
 Arrays in, arrays out (never PIL objects in Ray blocks: they would defeat its memory
@@ -37,9 +37,7 @@ _SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 # -- decoding ------------------------------------------------------------------------------
 
 
-def decode_image(
-    data: bytes, *, max_pixels: int = 50_000_000, keep_alpha: bool = False, premultiply: bool = False
-) -> np.ndarray:
+def decode_image(data: bytes, *, max_pixels: int, keep_alpha: bool = False, premultiply: bool = False) -> np.ndarray:
     """Encoded bytes -> H x W x 3 uint8 RGB (H x W x 4 RGBA with `keep_alpha`), as displayed.
 
     The pixel count is checked from the header before any pixel is decoded (`too_large`).
@@ -90,7 +88,7 @@ def _pixels(image: Image.Image) -> np.ndarray:
     return np.asarray(image)
 
 
-def decode_mask(data: bytes, *, max_pixels: int = 50_000_000) -> np.ndarray:
+def decode_mask(data: bytes, *, max_pixels: int) -> np.ndarray:
     """Mask bytes -> H x W bool, True (white, >= 128) = the region to repaint.
 
     Any mode is read as luminance after EXIF orientation; 16-bit masks are scaled first. A mask

@@ -1,9 +1,9 @@
 """Where a pair is repainted: region from a mask or a bbox, its bounding box, the crop window,
 and the hint's inscribed rectangle. numpy (Pillow for masks, through images.decode_mask); driver-safe.
 
-    hole = region_of(mask_bytes, bbox, width, height)    # H x W bool, True = repaint
-    box = crop_window(hole, width, height, margin=0.25)  # the square window the model renders
-    y0, x0, y1, x1 = largest_inscribed_rectangle(hole)   # where the hint pastes the product
+    hole = region_of(mask_bytes, bbox, width, height, max_pixels=cfg.max_pixels)  # H x W bool, True = repaint
+    box = crop_window(hole, width, height, cfg.crop_margin)  # the square window the model renders
+    y0, x0, y1, x1 = largest_inscribed_rectangle(hole)       # where the hint pastes the product
 
 A bad region raises `RowError`: `bad_bbox`, `region_too_small`, `region_empty`,
 `mask_size_mismatch`.
@@ -35,7 +35,7 @@ __all__ = [
 MIN_REGION_PX = 8
 
 
-def region_of(mask: bytes | None, bbox, width: int, height: int, *, max_pixels: int = 50_000_000) -> np.ndarray:
+def region_of(mask: bytes | None, bbox, width: int, height: int, *, max_pixels: int) -> np.ndarray:
     """The H x W region to repaint from the mask's bytes, or else from the bbox."""
     if mask is not None:
         hole = decode_mask(mask, max_pixels=max_pixels)
@@ -128,7 +128,7 @@ def filled_box(hole: np.ndarray) -> tuple[int, int, int, int] | None:
 # -- crop window -----------------------------------------------------------------------------
 
 
-def crop_window(hole: np.ndarray, width: int, height: int, margin: float = 0.25) -> tuple[int, int, int, int]:
+def crop_window(hole: np.ndarray, width: int, height: int, margin: float) -> tuple[int, int, int, int]:
     """The square window (x0, y0, x1, y1), ends exclusive, that the model renders.
 
     Side = the region's longer side * (1 + 2 * margin), capped at the photo's short side but

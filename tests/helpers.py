@@ -15,6 +15,7 @@ import pyarrow as pa
 from PIL import Image
 
 from pipeline import images, regions, storage
+from pipeline.config import RENDER_DEFAULTS
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository
 S3_SECRET = "test-secret-key-4f1c0de"  # the moto endpoint's secret key: grepped for in every output
@@ -57,7 +58,7 @@ def read_manifest(output: str, run_id: str | None = None) -> pa.Table:
 def region_of_row(row: dict, width: int, height: int) -> np.ndarray:
     """The region an output-manifest row was rendered into."""
     mask = storage.read_bytes(row["mask_uri"]) if row["mask_uri"] else None
-    return regions.region_of(mask, row["bbox"], width, height)
+    return regions.region_of(mask, row["bbox"], width, height, max_pixels=RENDER_DEFAULTS.max_pixels)
 
 
 def check_ok_rows(table: pa.Table) -> int:
@@ -67,7 +68,7 @@ def check_ok_rows(table: pa.Table) -> int:
         if row["status"] != "ok":
             continue
         out = np.asarray(Image.open(io.BytesIO(storage.read_bytes(row["output_uri"]))).convert("RGB"))
-        context = images.decode_image(storage.read_bytes(row["context_uri"]))
+        context = images.decode_image(storage.read_bytes(row["context_uri"]), max_pixels=RENDER_DEFAULTS.max_pixels)
         assert out.shape == context.shape, (row["pair_id"], out.shape, context.shape)
         assert (row["width"], row["height"]) == (context.shape[1], context.shape[0])
         region = region_of_row(row, context.shape[1], context.shape[0])

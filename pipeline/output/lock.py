@@ -65,7 +65,7 @@ class LockLost(RuntimeError):
 class OutputLock:
     """`_lock` with a heartbeat thread. Use as a context manager; `check()` before each write."""
 
-    def __init__(self, layout: Layout, run_id: str, stale_after_s: float = 300.0, heartbeat_s: float | None = None):
+    def __init__(self, layout: Layout, run_id: str, stale_after_s: float, heartbeat_s: float | None = None):
         self.layout, self.run_id, self.stale_after_s = layout, run_id, stale_after_s
         self.heartbeat_s = heartbeat_s or max(1.0, min(30.0, stale_after_s / 4))
         self.token = uuid.uuid4().hex

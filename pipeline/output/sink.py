@@ -30,7 +30,7 @@ class ManifestWriter:
         layout: Layout,
         run_id: str,
         schema: pa.Schema,
-        part_rows: int = 1000,
+        part_rows: int,
         flush_s: float = 30.0,
         fence: Callable[[str], None] | None = None,
     ):

@@ -140,7 +140,7 @@ def _merge_bucket(rows: pa.Table, output: str) -> pa.Table:
     return pa.table({"bucket": [bucket], "pairs": [merged.num_rows]})
 
 
-def compact_state(layout: Layout, exclude_run: str | None = None, num_cpus: float = 0.5) -> int:
+def compact_state(layout: Layout, num_cpus: float, exclude_run: str | None = None) -> int:
     """Fold every run not folded yet (but `exclude_run`) and a layout-1 index into the buckets,
     on the Ray cluster this process is connected to; returns the pairs in the index.
 

@@ -20,6 +20,7 @@ from PIL import Image
 
 from jobs.render import main as render
 from pipeline import images, regions, storage
+from pipeline.config import RENDER_DEFAULTS
 from pipeline.sample_catalog import make_catalog, make_scene_catalog
 from pipeline.stages.scene_stage import pixels_digest
 
@@ -102,9 +103,12 @@ def test_scenes_render_in_order_losslessly_and_fail_as_the_contract_says(ray_add
     assert len(rows) == len(first) + 1
 
     # A: every pixel outside the regions is the photo's; step 1's region keeps step 1's render
-    photo = images.decode_image(storage.read_bytes(rows["A-1"]["context_uri"]))
+    photo = images.decode_image(storage.read_bytes(rows["A-1"]["context_uri"]), max_pixels=RENDER_DEFAULTS.max_pixels)
     h, w = photo.shape[:2]
-    holes = {k: regions.region_of(None, rows[f"A-{k}"]["bbox"], w, h) for k in (1, 2, 3)}
+    holes = {
+        k: regions.region_of(None, rows[f"A-{k}"]["bbox"], w, h, max_pixels=RENDER_DEFAULTS.max_pixels)
+        for k in (1, 2, 3)
+    }
     final, step1 = _pixels(rows["A-3"]["output_uri"]), _pixels(rows["A-1"]["output_uri"])
     outside = ~(holes[1] | holes[2] | holes[3])
     assert np.array_equal(final[outside], photo[outside])

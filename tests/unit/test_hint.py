@@ -20,6 +20,7 @@ import torch
 from PIL import Image
 
 from pipeline.compose import preprocess
+from pipeline.config import RENDER_DEFAULTS
 from pipeline.fetch import InputPolicy
 from pipeline.images import decode_image
 from pipeline.model.loading import load_pipeline
@@ -107,8 +108,9 @@ def _reference_hint(product_rgba: np.ndarray, hole: np.ndarray) -> tuple[np.ndar
 
 
 def _model_inputs() -> dict:
-    product = decode_image(_png(_product()), keep_alpha=True, premultiply=True)  # the stage's decode
-    return preprocess(_photo(), _ring(), product, RESOLUTION, PRODUCT_SIZE)
+    # the stage's decode
+    product = decode_image(_png(_product()), max_pixels=RENDER_DEFAULTS.max_pixels, keep_alpha=True, premultiply=True)
+    return preprocess(_photo(), _ring(), product, RESOLUTION, PRODUCT_SIZE, margin=RENDER_DEFAULTS.crop_margin)
 
 
 def test_hint_is_the_full_resolution_product_in_the_inscribed_rectangle():

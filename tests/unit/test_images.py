@@ -4,6 +4,7 @@ crop math, compositing."""
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import struct
 import zlib
@@ -12,10 +13,19 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.compose import postprocess, preprocess, resize_uint8
-from pipeline.images import decode_image, decode_mask, encode_image
-from pipeline.regions import check_region, crop, crop_window, region_from_bbox
+from pipeline import compose, images, regions
+from pipeline.compose import postprocess, resize_uint8
+from pipeline.config import RENDER_DEFAULTS
+from pipeline.images import encode_image
+from pipeline.regions import check_region, crop, region_from_bbox
 from pipeline.schema import EXTENSIONS, RowError
+
+# The stage passes the run's --max-pixels and --crop-margin; these tests use the defaults (the
+# crop window's expected boxes are worked out for a margin of 0.25), a test may pass its own.
+decode_image = functools.partial(images.decode_image, max_pixels=RENDER_DEFAULTS.max_pixels)
+decode_mask = functools.partial(images.decode_mask, max_pixels=RENDER_DEFAULTS.max_pixels)
+crop_window = functools.partial(regions.crop_window, margin=0.25)
+preprocess = functools.partial(compose.preprocess, margin=0.25)
 
 
 def _encode(image: Image.Image, fmt: str = "PNG", **kwargs) -> bytes:

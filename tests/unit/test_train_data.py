@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from pipeline import compose, images, regions
+from pipeline.config import RENDER_DEFAULTS
 from pipeline.fetch import InputPolicy
 from pipeline.manifest import pair_id_conflicts, plan_manifest
 from pipeline.stages.prepare_stage import PrepareConfig, prepare_batch, prepare_pair
@@ -122,11 +123,15 @@ def test_a_flip_of_the_prepared_pair_is_the_preprocessing_of_the_flipped_pair(ca
     fine mask's inscribed rectangle may break a tie the other way), within 1 level."""
     plan = plan_manifest(catalog)
     row = next(r for r in next(planned_batches(plan, 0, pair_id_conflicts(plan), None, 64)).to_pylist() if r["bbox"])
-    photo = images.decode_image(open(row["context_uri"], "rb").read())
-    product = images.decode_image(open(row["product_uri"], "rb").read(), keep_alpha=True, premultiply=True)
+    limit = RENDER_DEFAULTS.max_pixels
+    photo = images.decode_image(open(row["context_uri"], "rb").read(), max_pixels=limit)
+    product = images.decode_image(
+        open(row["product_uri"], "rb").read(), max_pixels=limit, keep_alpha=True, premultiply=True
+    )
     hole = regions.region_from_bbox(row["bbox"], photo.shape[1], photo.shape[0])
-    plain = compose.preprocess(photo, hole, product, R, S)
-    mirrored = compose.preprocess(photo[:, ::-1], hole[:, ::-1], product[:, ::-1], R, S)
+    margin = RENDER_DEFAULTS.crop_margin
+    plain = compose.preprocess(photo, hole, product, R, S, margin=margin)
+    mirrored = compose.preprocess(photo[:, ::-1], hole[:, ::-1], product[:, ::-1], R, S, margin=margin)
     for key in ("context", "hole", "hint", "hint_mask", "product"):
         flipped = plain[key][:, ::-1].astype(int)
         assert np.abs(flipped - mirrored[key].astype(int)).max() <= 1, key
