@@ -21,6 +21,7 @@ from jobs.cli import Parser
 
 def _rewrite_report(output: str, run_id: str) -> str:
     """The run's QA page again, now that synthetic.json is beside its figures."""
+    from pipeline.config import RENDER_DEFAULTS
     from pipeline.metrics.report import write_report
     from pipeline.output.layout import Layout
 
@@ -28,8 +29,9 @@ def _rewrite_report(output: str, run_id: str) -> str:
     summary_path = os.path.join(layout.metrics_dir(run_id), "summary.json")
     summary = json.load(open(summary_path)) if os.path.exists(summary_path) else None
     record_path = layout.run_record(run_id)
-    settings = json.load(open(record_path)).get("settings") if os.path.exists(record_path) else None
-    return write_report(layout, run_id, summary, settings)
+    record = json.load(open(record_path)) if os.path.exists(record_path) else {}
+    max_pixels = (record.get("config") or {}).get("max_pixels") or RENDER_DEFAULTS.max_pixels
+    return write_report(layout, run_id, summary, record.get("settings"), max_pixels=max_pixels)
 
 
 def main(argv: list[str] | None = None) -> int:

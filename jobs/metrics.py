@@ -74,6 +74,20 @@ def _model_warning(layout, run_ids: list[str]) -> str | None:
     return None
 
 
+def _max_pixels(layout, run_ids: list[str]) -> int:
+    """The runs' --max-pixels (their records' config; a merge: the largest), else the default:
+    the page decodes what the runs decoded."""
+    from pipeline import storage
+    from pipeline.config import RENDER_DEFAULTS
+
+    found = [
+        (json.loads(storage.read_bytes(layout.run_record(run_id))).get("config") or {}).get("max_pixels")
+        for run_id in run_ids
+        if storage.exists(layout.run_record(run_id))
+    ]
+    return max((n for n in found if n), default=RENDER_DEFAULTS.max_pixels)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = Parser(prog="python -m jobs.metrics", description=__doc__.split("\n")[0])
     parser.add_argument("--output", required=True, help="the render output folder or s3:// prefix")
@@ -102,6 +116,7 @@ def main(argv: list[str] | None = None) -> int:
             settings=_settings(layout, run_ids),
             run_ids=run_ids,
             model_warning=_model_warning(layout, run_ids),
+            max_pixels=_max_pixels(layout, run_ids),
         )
     except FileNotFoundError as e:
         print(f"metrics: {e}", file=sys.stderr)

@@ -302,6 +302,7 @@ class RenderRun:
             self.metrics_summary,
             settings={**facts, **cfg.settings(self.spec.resolution)},
             model_warning=self.spec.model_warning,
+            max_pixels=cfg.max_pixels,
         )
         self.report_written = True
         fraction = self.stats.failed_fraction

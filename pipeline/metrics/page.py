@@ -36,16 +36,17 @@ def thumb(array: np.ndarray, outline: tuple[int, int, int, int] | None = None) -
     return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode()
 
 
-def contact_row(row: dict) -> dict | None:
+def contact_row(row: dict, max_pixels: int) -> dict | None:
     """Thumbnails of one ok row (context and output with the region outlined, product), or None
-    when an input can no longer be read (the report still renders)."""
+    when an input can no longer be read or is over `max_pixels` (the run's --max-pixels): the
+    report still renders."""
     try:
-        context = images.decode_image(storage.read_bytes(row["context_uri"]))
-        product = images.decode_image(storage.read_bytes(row["product_uri"]), keep_alpha=True)
-        output = images.decode_image(storage.read_bytes(row["output_uri"]))
+        context = images.decode_image(storage.read_bytes(row["context_uri"]), max_pixels=max_pixels)
+        product = images.decode_image(storage.read_bytes(row["product_uri"]), max_pixels=max_pixels, keep_alpha=True)
+        output = images.decode_image(storage.read_bytes(row["output_uri"]), max_pixels=max_pixels)
         height, width = context.shape[:2]
         mask = storage.read_bytes(row["mask_uri"]) if row.get("mask_uri") else None
-        hole = regions.region_of(mask, row.get("bbox"), width, height)
+        hole = regions.region_of(mask, row.get("bbox"), width, height, max_pixels=max_pixels)
     except (RowError, FileNotFoundError, storage.StorageError, OSError, ValueError):
         return None
     x0, y0, x1, y1 = regions.bounding_box(hole)

@@ -1,6 +1,6 @@
 """The QA page's sections for scenes, variants and identity scores (issue #16). No torch.
 
-    sections = qa_sections(rows)   # called by report.render_report; [] for a manifest without the columns
+    sections = qa_sections(rows, max_pixels)   # by report.render_report; [] for a manifest without the columns
 
 Three sections, each omitted when its columns are absent (older manifests) or no row has them:
 
@@ -13,8 +13,9 @@ Three sections, each omitted when its columns are absent (older manifests) or no
 - `lowest-identity`: `identity-distribution` (p10/p50/p90 and the needs_review count as text),
   then a contact sheet of the lowest identity scores, needs_review rows flagged.
 
-Only the rows shown become Python objects and only their images are read; selection stays in
-pyarrow, so a manifest of millions of rows costs a few vectorised passes.
+Only the rows shown become Python objects and only their images are read (none over
+`max_pixels`, the run's --max-pixels); selection stays in pyarrow, so a manifest of millions of
+rows costs a few vectorised passes.
 """
 
 from __future__ import annotations
@@ -47,45 +48,51 @@ _STYLE = (
 )
 
 
-def qa_sections(rows: pa.Table) -> list[str]:
+def qa_sections(rows: pa.Table, max_pixels: int) -> list[str]:
     """The sections this manifest has columns and rows for, in page order (none: [])."""
-    sections = [s for s in (scene_strips(rows), variant_grids(rows), lowest_identity(rows)) if s]
+    sections = [
+        s
+        for s in (scene_strips(rows, max_pixels), variant_grids(rows, max_pixels), lowest_identity(rows, max_pixels))
+        if s
+    ]
     return [_STYLE, *sections] if sections else []
 
 
 # -- images --------------------------------------------------------------------------------------
 
 
-def _image(uri: str | None) -> np.ndarray | None:
+def _image(uri: str | None, max_pixels: int) -> np.ndarray | None:
     """The displayed RGB pixels of `uri`, or None when there is none or it cannot be read."""
     if not uri:
         return None
     try:
-        return images.decode_image(storage.read_bytes(uri))
+        return images.decode_image(storage.read_bytes(uri), max_pixels=max_pixels)
     except _UNREADABLE:
         return None
 
 
-def _region_box(row: dict, width: int, height: int) -> tuple[int, int, int, int] | None:
+def _region_box(row: dict, width: int, height: int, max_pixels: int) -> tuple[int, int, int, int] | None:
     """The row's region as an inclusive box (ImageDraw's rectangle includes its end pixels)."""
     if not row.get("mask_uri") and row.get("bbox") is None:
         return None
     try:
         mask = storage.read_bytes(row["mask_uri"]) if row.get("mask_uri") else None
-        box = regions.bounding_box(regions.region_of(mask, row.get("bbox"), width, height))
+        box = regions.bounding_box(regions.region_of(mask, row.get("bbox"), width, height, max_pixels=max_pixels))
     except _UNREADABLE:
         return None
     return None if box is None else (box[0], box[1], box[2] - 1, box[3] - 1)
 
 
-def _cell(uri: str | None, row: dict | None, caption: str, attrs: str = "", missing: str = "image missing") -> str:
+def _cell(
+    uri: str | None, row: dict | None, caption: str, max_pixels: int, attrs: str = "", missing: str = "image missing"
+) -> str:
     """One table cell: the thumbnail of `uri` (`row`'s region outlined when given), or a
     placeholder saying `missing`, above `caption` (HTML)."""
-    pixels = _image(uri)
+    pixels = _image(uri, max_pixels)
     if pixels is None:
         picture = f"<span class='missing'>{esc(missing)}</span>"
     else:
-        box = _region_box(row, pixels.shape[1], pixels.shape[0]) if row else None
+        box = _region_box(row, pixels.shape[1], pixels.shape[0], max_pixels) if row else None
         picture = f"<img src='{thumb(pixels, box)}' alt='image'>"
     return f"<td{attrs}>{picture}<br>{caption}</td>"
 
@@ -130,15 +137,17 @@ def _scene_steps(scene_rows: list[dict]) -> list[dict]:
     return sorted(latest.values(), key=lambda r: (r["step"] is None, r["step"] or 0, r["pair_id"]))
 
 
-def _strip(scene_id: str, steps: list[dict]) -> str:
+def _strip(scene_id: str, steps: list[dict], max_pixels: int) -> str:
     """One scene's line: its id, the photo step 1 was rendered into, then each step."""
     photos = [r.get("context_uri") for r in steps if r.get("step") == 1] + [r.get("context_uri") for r in steps]
     photo = next((uri for uri in photos if uri), None)
-    cells = [f"<td><b>{esc(scene_id)}</b><br>{len(steps)} step(s)</td>", _cell(photo, None, "photo")]
+    cells = [f"<td><b>{esc(scene_id)}</b><br>{len(steps)} step(s)</td>", _cell(photo, None, "photo", max_pixels)]
     for row in steps[:STEPS_SHOWN]:
         caption = f"step {fmt(row['step'])}<br>{esc(row['pair_id'])}<br>{esc(str(row['status']))}"
         if row["status"] == "ok":
-            cells.append(_cell(row.get("output_uri"), row, f"{caption}<br>{_score_line(row)}", " class='step'"))
+            cells.append(
+                _cell(row.get("output_uri"), row, f"{caption}<br>{_score_line(row)}", max_pixels, " class='step'")
+            )
         else:  # a failed step has no image; its code says why (upstream_failed names the step)
             code = esc(str(row.get("error_code")))
             cells.append(f"<td class='step'><span class='missing'>{code}</span><br>{caption}</td>")
@@ -147,7 +156,7 @@ def _strip(scene_id: str, steps: list[dict]) -> str:
     return f"<tr class='scene' data-scene='{esc(scene_id)}'>{''.join(cells)}</tr>"
 
 
-def scene_strips(rows: pa.Table, count: int = SCENES_SHOWN) -> str:
+def scene_strips(rows: pa.Table, max_pixels: int, count: int = SCENES_SHOWN) -> str:
     """Scenes as strips (photo, step 1, step 2, ... final); '' without scene rows."""
     if any(c not in rows.column_names for c in SCENE_COLUMNS):
         return ""
@@ -162,7 +171,7 @@ def scene_strips(rows: pa.Table, count: int = SCENES_SHOWN) -> str:
     lines = [
         f"<h2>Scenes ({total}; {len(shown)} shown, failed or flagged steps first)</h2>",
         "<table class='strip' id='scene-strips'>",
-        *(_strip(scene_id, _scene_steps(by_scene[scene_id])) for scene_id in shown),
+        *(_strip(scene_id, _scene_steps(by_scene[scene_id]), max_pixels) for scene_id in shown),
         "</table>",
     ]
     return "\n".join(lines)
@@ -197,7 +206,7 @@ def _widest_spread(with_variants: pa.Table, count: int) -> list[dict]:
     return ranked.slice(0, count).to_pylist()
 
 
-def _grid(row: dict) -> str:
+def _grid(row: dict, max_pixels: int) -> str:
     """One pair's line: its id, then each variant with its seed and score, the chosen one outlined."""
     seeds, scores, chosen = row["variant_seeds"] or [], row["variant_scores"], row.get("chosen_variant")
     cells = [f"<td><b>{esc(row['pair_id'])}</b><br>{len(scores)} variants</td>"]
@@ -207,11 +216,11 @@ def _grid(row: dict) -> str:
         is_chosen = k == chosen
         caption += "<br><b>chosen</b>" if is_chosen else ""
         attrs = f" class='variant{' chosen' if is_chosen else ''}' data-variant='{k}'"
-        cells.append(_cell(variant_image_uri(row, k), row, caption, attrs, missing="not kept or missing"))
+        cells.append(_cell(variant_image_uri(row, k), row, caption, max_pixels, attrs, missing="not kept or missing"))
     return f"<tr class='pair' data-pair='{esc(row['pair_id'])}'>{''.join(cells)}</tr>"
 
 
-def variant_grids(rows: pa.Table, count: int = VARIANT_PAIRS_SHOWN) -> str:
+def variant_grids(rows: pa.Table, max_pixels: int, count: int = VARIANT_PAIRS_SHOWN) -> str:
     """Variants as grids, the widest score spreads first; '' without rows of several variants."""
     if any(c not in rows.column_names for c in VARIANT_COLUMNS):
         return ""
@@ -223,7 +232,7 @@ def variant_grids(rows: pa.Table, count: int = VARIANT_PAIRS_SHOWN) -> str:
         f"<h2>Variants ({with_variants.num_rows} pairs; the {min(count, with_variants.num_rows)} "
         "widest score spreads, the chosen one outlined)</h2>",
         "<table class='variants' id='variant-grids'>",
-        *(_grid(row) for row in _widest_spread(with_variants, count)),
+        *(_grid(row, max_pixels) for row in _widest_spread(with_variants, count)),
         "</table>",
     ]
     return "\n".join(lines)
@@ -260,17 +269,17 @@ def _rendered_into(shown: list[dict], rows: pa.Table) -> list[dict]:
     return into
 
 
-def _identity_row(row: dict) -> str:
+def _identity_row(row: dict, max_pixels: int) -> str:
     scene = f"<br>scene {esc(row['scene_id'])} step {fmt(row.get('step'))}" if row.get("scene_id") else ""
     label = f"<td><b>{esc(row['pair_id'])}</b><br>{esc(str(row.get('shard')))}{scene}<br>{_score_line(row)}</td>"
-    thumbs = contact_row(row) if row.get("context_uri") else None  # contact_row needs a context to read
+    thumbs = contact_row(row, max_pixels) if row.get("context_uri") else None  # contact_row needs a context to read
     if thumbs is None:
         return f"<tr class='lowest'>{label}<td colspan='3'>inputs no longer readable</td></tr>"
     cells = "".join(f"<td><img src='{thumbs[k]}' alt='{k}'></td>" for k in ("context", "product", "output"))
     return f"<tr class='lowest'>{label}{cells}</tr>"
 
 
-def lowest_identity(rows: pa.Table, count: int = LOWEST_IDENTITY_SHOWN) -> str:
+def lowest_identity(rows: pa.Table, max_pixels: int, count: int = LOWEST_IDENTITY_SHOWN) -> str:
     """The identity_score distribution and the lowest-scoring renders; '' without the column."""
     if "identity_score" not in rows.column_names:
         return ""
@@ -286,7 +295,7 @@ def lowest_identity(rows: pa.Table, count: int = LOWEST_IDENTITY_SHOWN) -> str:
         _distribution(scored["identity_score"], flagged),
         "<table class='sheet' id='lowest-identity'>",
         "<tr><th>pair</th><th>rendered into</th><th>product</th><th>output</th></tr>",
-        *(_identity_row(row) for row in shown),
+        *(_identity_row(row, max_pixels) for row in shown),
         "</table>",
     ]
     return "\n".join(lines)

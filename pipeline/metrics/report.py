@@ -1,7 +1,7 @@
 """`report/<run_id>/index.html`: the human QA page of a run (or of runs merged). No torch.
 
-    write_report(layout, run_id, summary, settings=cfg.settings(resolution))       # end of a run
-    write_report(layout, "merged-nov", summary, settings, run_ids=["a", "b"])      # jobs.metrics merge
+    write_report(layout, run_id, summary, settings=cfg.settings(resolution), max_pixels=cfg.max_pixels)  # a run
+    write_report(layout, "merged-nov", summary, settings, run_ids=["a", "b"], max_pixels=limit)  # jobs.metrics
 
 One self-contained file (images embedded as data URIs, the histogram as inline SVG), readable
 from object storage or a laptop without a server: the run settings, counts by status and error
@@ -68,7 +68,7 @@ _IMAGES_LOADED = (
 # -- contact sheets ------------------------------------------------------------------------------
 
 
-def _sheet(title: str, anchor: str, chosen: list[dict]) -> str:
+def _sheet(title: str, anchor: str, chosen: list[dict], max_pixels: int) -> str:
     """One contact sheet: a header row naming the columns, then a row per pair."""
     if not chosen:
         return ""
@@ -79,7 +79,7 @@ def _sheet(title: str, anchor: str, chosen: list[dict]) -> str:
     for row in chosen:
         shard, score = esc(str(row.get("shard"))), fmt(row.get("clip_score"))
         label = f"<td><b>{esc(row['pair_id'])}</b><br>{shard}<br>CLIP {score}</td>"
-        thumbs = contact_row(row)
+        thumbs = contact_row(row, max_pixels)
         if thumbs is None:
             lines.append(f"<tr>{label}<td colspan='3'>inputs no longer readable</td></tr>")
             continue
@@ -241,12 +241,12 @@ def _failed_pairs(rows: pa.Table, cap: int) -> str:
 # -- the page ------------------------------------------------------------------------------------
 
 
-def _qa_sections(rows: pa.Table) -> list[str]:
+def _qa_sections(rows: pa.Table, max_pixels: int) -> list[str]:
     """Scene strips, variant grids, lowest identity scores (metrics/qa.py). Imported here: qa
     builds on this module's thumbnail and contact-sheet helpers, so it imports this module."""
     from pipeline.metrics.qa import qa_sections
 
-    return qa_sections(rows)
+    return qa_sections(rows, max_pixels)
 
 
 def render_report(
@@ -259,11 +259,14 @@ def render_report(
     failed_shown: int = FAILED_PAIRS_SHOWN,
     identity: dict | None = None,
     model_warning: str | None = None,
+    *,
+    max_pixels: int,
 ) -> str:
     """The page as a string. `rows`: output-manifest rows (REQUIRED_COLUMNS at least; any
     number, none included); `summary`: summary.json's content, or None when metrics were
     skipped; `settings`: the run's settings (`RenderConfig.settings`), shown as a table;
-    `model_warning`: what the model's weights make meaningless (`checkpoint.weights_warning`)."""
+    `model_warning`: what the model's weights make meaningless (`checkpoint.weights_warning`);
+    `max_pixels`: the run's --max-pixels, over which an image is not decoded (shown as unreadable)."""
     missing = [c for c in REQUIRED_COLUMNS if c not in rows.column_names]
     if missing:
         raise ValueError(f"report rows lack column(s) {missing}; an output manifest has {list(REQUIRED_COLUMNS)}")
@@ -281,9 +284,9 @@ def render_report(
     if summary is not None:
         sections += [_figures(summary), _shards(summary), _clip(scored, summary)]
     sections += [
-        _sheet("Lowest CLIP scores", "lowest", _lowest(scored, sample_size)),
-        _sheet("Random sample", "sample", _sample(ok, sample_size, seed)),
-        *_qa_sections(rows),
+        _sheet("Lowest CLIP scores", "lowest", _lowest(scored, sample_size), max_pixels),
+        _sheet("Random sample", "sample", _sample(ok, sample_size, seed), max_pixels),
+        *_qa_sections(rows, max_pixels),
         _failed_pairs(rows, failed_shown),
         _IMAGES_LOADED,
         "</body></html>",
@@ -328,6 +331,7 @@ def write_report(
     *,
     run_ids: list[str] | None = None,
     model_warning: str | None = None,
+    max_pixels: int,
 ) -> str:
     """Write `report/<run_id>/index.html` from the manifest rows of `run_ids` (default: `run_id`
     alone; a merge names its runs and its own id); returns the page's URI."""
@@ -335,6 +339,8 @@ def write_report(
     uri = layout.report(run_id)
     identity_uri = storage.join(layout.metrics_dir(run_id), "synthetic.json")  # jobs.eval_synthetic's, if run
     identity = json.loads(storage.read_bytes(identity_uri)) if storage.exists(identity_uri) else None
-    page = render_report(run_id, rows, summary, settings, identity=identity, model_warning=model_warning)
+    page = render_report(
+        run_id, rows, summary, settings, identity=identity, model_warning=model_warning, max_pixels=max_pixels
+    )
     storage.write_bytes(uri, page.encode())
     return uri

@@ -17,7 +17,7 @@ from safetensors.torch import save_file
 
 from jobs.make_model import main as make_model
 from pipeline import record, storage
-from pipeline.config import RenderConfig
+from pipeline.config import RENDER_DEFAULTS, RenderConfig
 from pipeline.metrics.report import render_report
 from pipeline.model.checkpoint import (
     RANDOM_IMAGE_ENCODER_WARNING,
@@ -36,6 +36,7 @@ from pipeline.train.step import TRAINABLE, WEIGHTS_FILE
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 PACKED = os.path.join(ROOT, "models", "train-tiny.safetensors")
+MAX_PIXELS = RENDER_DEFAULTS.max_pixels
 
 
 def _index(folder: str) -> dict:
@@ -101,10 +102,10 @@ def test_the_console_summary_the_record_and_the_qa_page_carry_the_warning(tmp_pa
     assert run["model"]["warning"] == UNTRAINED_WARNING
     types = {c: pa.string() for c in ("pair_id", "status", "error_code", "error_message", "shard")}
     rows = pa.schema({**types, "clip_score": pa.float64()}).empty_table()
-    page = render_report("r", rows, None, model_warning=spec.model_warning)
+    page = render_report("r", rows, None, model_warning=spec.model_warning, max_pixels=MAX_PIXELS)
     banner = f"<p class='banner' id='model-warning'>{UNTRAINED_WARNING.upper()}</p>"
     assert banner in page and page.index(banner) < page.index("id='metrics-skipped'")
-    assert "model-warning" not in render_report("r", rows, None)
+    assert "model-warning" not in render_report("r", rows, None, max_pixels=MAX_PIXELS)
 
 
 def test_model_takes_the_packed_file_keyed_as_the_folder_it_unpacks_to(tmp_path):

@@ -16,10 +16,12 @@ import pyarrow as pa
 from PIL import Image
 
 from pipeline import storage
+from pipeline.config import RENDER_DEFAULTS
 from pipeline.metrics import qa
 from pipeline.metrics.report import read_manifest_rows, render_report, write_report
 from pipeline.output.layout import Layout
 
+MAX_PIXELS = RENDER_DEFAULTS.max_pixels  # the run's --max-pixels: the page decodes no image over it
 BBOX = [24.0, 16.0, 40.0, 32.0]  # the middle of a 64 x 48 image: a thumbnail's corner is the image's colour
 COLOURS = {
     "photo": (128, 128, 128),
@@ -166,7 +168,7 @@ def _scene_rows(tmp_path, layout: Layout, later_context: bool = False) -> list[d
 def test_scenes_are_strips_in_step_order_worst_scene_first(tmp_path):
     layout = Layout(str(tmp_path / "out"))
     rows = _table(_scene_rows(tmp_path, layout))
-    parsed = _Tables(qa.scene_strips(rows))
+    parsed = _Tables(qa.scene_strips(rows, max_pixels=MAX_PIXELS))
     strips = parsed.rows("scene-strips", "scene")
     # room-b has a failed step; then room-a's lowest score (60) before room-c's (90); "loose" is in no scene
     assert [s["attrs"]["data-scene"] for s in strips] == ["room-b", "room-a", "room-c"]
@@ -184,7 +186,7 @@ def test_scenes_are_strips_in_step_order_worst_scene_first(tmp_path):
     assert "image_unreadable" in room_b[3]["text"] and "step 2 | room-b-2 | failed" in room_b[3]["text"]
     assert "upstream_failed" in room_b[4]["text"]
     # at most `count` scenes, the worst kept; the heading counts them all
-    page = qa.scene_strips(rows, count=2)
+    page = qa.scene_strips(rows, count=2, max_pixels=MAX_PIXELS)
     assert [s["attrs"]["data-scene"] for s in _Tables(page).rows("scene-strips", "scene")] == ["room-b", "room-a"]
     assert "Scenes (3; 2 shown" in page
 
@@ -196,7 +198,7 @@ def test_a_flagged_step_and_missing_images_in_a_strip(tmp_path):
         row["needs_review"] = row["pair_id"] == "room-c-2"
     storage.delete(layout.image("room-a-2", "png"))  # a render deleted by hand: the strip still renders
     next(r for r in scene if r["pair_id"] == "room-a-1")["context_uri"] = str(tmp_path / "gone.png")  # photo gone
-    strips = _Tables(qa.scene_strips(_table(scene))).rows("scene-strips", "scene")
+    strips = _Tables(qa.scene_strips(_table(scene), max_pixels=MAX_PIXELS)).rows("scene-strips", "scene")
     assert [s["attrs"]["data-scene"] for s in strips] == ["room-c", "room-a"]  # the flagged scene first
     assert "identity 95.00 needs review" in strips[0]["cells"][3]["text"]
     assert "needs review" not in strips[0]["cells"][2]["text"]
@@ -229,7 +231,7 @@ def _variant_rows(tmp_path, layout: Layout) -> list[dict]:
 
 def test_variants_are_grids_with_the_chosen_one_outlined(tmp_path):
     layout = Layout(str(tmp_path / "out"))
-    parsed = _Tables(qa.variant_grids(_table(_variant_rows(tmp_path, layout))))
+    parsed = _Tables(qa.variant_grids(_table(_variant_rows(tmp_path, layout)), max_pixels=MAX_PIXELS))
     grids = parsed.rows("variant-grids", "pair")
     assert [g["attrs"]["data-pair"] for g in grids] == ["v-3", "v-1", "v-2"]  # spreads 85, 40, 1
     v1 = grids[1]["cells"][1:]
@@ -244,7 +246,7 @@ def test_variants_are_grids_with_the_chosen_one_outlined(tmp_path):
         assert f"#{k} · seed {100 + k} | score {score}.00" in cell["text"]
     for grid in grids:
         assert sum("chosen" in c["attrs"]["class"] for c in grid["cells"][1:]) == 1
-    widest = _Tables(qa.variant_grids(_table(_variant_rows(tmp_path, layout)), count=1))
+    widest = _Tables(qa.variant_grids(_table(_variant_rows(tmp_path, layout)), count=1, max_pixels=MAX_PIXELS))
     assert [g["attrs"]["data-pair"] for g in widest.rows("variant-grids", "pair")] == ["v-3"]
 
 
@@ -275,7 +277,7 @@ def test_lowest_identity_scores_first_flagged_with_the_distribution(tmp_path):
          "output_uri": _image(layout.image("s-2", "png"), "cyan")},
         {"pair_id": "broken", "status": "failed", "error_code": "image_unreadable", **inputs},
     ]  # fmt: skip
-    parsed = _Tables(qa.lowest_identity(_table(rows)))
+    parsed = _Tables(qa.lowest_identity(_table(rows), max_pixels=MAX_PIXELS))
     sheet = parsed.rows("lowest-identity", "lowest")
     assert [r["cells"][0]["text"].split(" | ")[0] for r in sheet] == [
         "p-20", "s-2", "p-25", "p-30", "p-35", "p-40", "p-45", "p-50", "p-55", "p-60", "p-65", "p-70",
@@ -299,13 +301,13 @@ def test_sections_are_left_out_for_a_manifest_without_the_columns(tmp_path):
     layout = Layout(str(tmp_path / "out"))
     rows = _scene_rows(tmp_path, layout, later_context=True)
     old = _table(rows, OLD_COLUMNS)
-    assert qa.qa_sections(old) == []
-    page = _Tables(render_report("r1", old, None, sample_size=2))
+    assert qa.qa_sections(old, max_pixels=MAX_PIXELS) == []
+    page = _Tables(render_report("r1", old, None, sample_size=2, max_pixels=MAX_PIXELS))
     assert not {"scene-strips", "variant-grids", "lowest-identity", "identity-distribution"} & set(page.ids)
     assert "sample" in page.ids  # the rest of the page as before
     # the columns present but no scene, no variants: only the identity section
     plain = _table([{**r, "scene_id": None, "step": None} for r in rows])
-    ids = _Tables("".join(qa.qa_sections(plain))).ids
+    ids = _Tables("".join(qa.qa_sections(plain, max_pixels=MAX_PIXELS))).ids
     assert "scene-strips" not in ids and "variant-grids" not in ids and "lowest-identity" in ids
 
 
@@ -314,12 +316,12 @@ def test_report_reads_the_columns_from_new_parts_and_not_from_old_ones(tmp_path)
     old = _table(_scene_rows(tmp_path, layout, later_context=True), OLD_COLUMNS)
     storage.write_parquet(layout.manifest_part("old", 0), old)
     assert "scene_id" not in read_manifest_rows(layout, ["old"]).column_names
-    assert qa.qa_sections(read_manifest_rows(layout, ["old"])) == []
+    assert qa.qa_sections(read_manifest_rows(layout, ["old"]), max_pixels=MAX_PIXELS) == []
     storage.write_parquet(layout.manifest_part("new", 0), _table(_variant_rows(tmp_path, layout)))
     storage.write_parquet(layout.manifest_part("new", 1), _table(_scene_rows(tmp_path, layout, later_context=True)))
     merged = read_manifest_rows(layout, ["old", "new"])
     assert {"scene_id", "step", "identity_score", "variant_scores", "chosen_variant"} <= set(merged.column_names)
-    page = _Tables(storage.read_bytes(write_report(layout, "new", None)).decode())
+    page = _Tables(storage.read_bytes(write_report(layout, "new", None, max_pixels=MAX_PIXELS)).decode())
     ids = page.ids
     # the new sections come after the random sample and before the failed pairs
     order = [ids.index(i) for i in ("sample", "scene-strips", "variant-grids", "lowest-identity", "failed-pairs")]

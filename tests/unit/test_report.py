@@ -15,11 +15,12 @@ from PIL import Image
 
 from jobs.metrics import main as metrics_main
 from pipeline import storage
-from pipeline.config import RenderConfig
+from pipeline.config import RENDER_DEFAULTS, RenderConfig
 from pipeline.metrics.report import REQUIRED_COLUMNS, render_report, write_report
 from pipeline.metrics.shards import FEATURE_SCHEMA, MetricsAccumulator, compute_summary
 from pipeline.output.layout import Layout
 
+MAX_PIXELS = RENDER_DEFAULTS.max_pixels  # the run's --max-pixels: the page decodes no image over it
 PROTOCOL = {"extractor": "test", "random_weights": False}
 
 
@@ -83,16 +84,19 @@ def test_a_run_whose_every_row_failed_gets_a_page_listing_the_failures():
     summary = compute_summary("r1", {}, FEATURE_SCHEMA.empty_table(), {"north": {"failed": 3}}, PROTOCOL)
     assert summary["global"]["n"] == 0 and summary["global"]["fid"] is None and summary["global"]["kid_mean"] is None
     assert [(s["shard"], s["ok"], s["failed"], s["fid"]) for s in summary["shards"]] == [("north", 0, 3, None)]
-    for page in (render_report("r1", rows, summary), render_report("r1", rows, None)):
+    for page in (
+        render_report("r1", rows, summary, max_pixels=MAX_PIXELS),
+        render_report("r1", rows, None, max_pixels=MAX_PIXELS),
+    ):
         parsed = _Page(page)
         assert "failed | 3 | total | 3" in parsed.cells("counts")
         listed = parsed.cells("failed-pairs")
         for i, code in enumerate(("missing_input", "bad_bbox", "decode_error")):
             assert f"pair-{i:04d} | north | {code} | problem {i}" in listed
         assert "lowest" not in parsed.text and "sample" not in parsed.text  # no ok row: no contact sheet
-    assert "No CLIP scores in this run." in render_report("r1", rows, summary)
+    assert "No CLIP scores in this run." in render_report("r1", rows, summary, max_pixels=MAX_PIXELS)
     # no rows at all (nothing in the manifest): still a page
-    empty = render_report("r1", rows.slice(0, 0), summary)
+    empty = render_report("r1", rows.slice(0, 0), summary, max_pixels=MAX_PIXELS)
     assert "total | 0" in _Page(empty).cells("counts") and "failed-pairs" not in _Page(empty).text
 
 
@@ -106,7 +110,7 @@ def test_end_of_run_with_no_ok_row_and_with_no_features(tmp_path):
     assert summary["shards"][0]["ok"] == 0 and summary["global"]["clip"]["n"] == 0
     assert json.loads(storage.read_bytes(storage.join(layout.metrics_dir("r1"), "summary.json")))["global"]["n"] == 0
     storage.write_parquet(layout.manifest_part("r1", 0), failed)
-    uri = write_report(layout, "r1", summary, settings=RenderConfig().settings(256))
+    uri = write_report(layout, "r1", summary, settings=RenderConfig().settings(256), max_pixels=MAX_PIXELS)
     assert "pair-0003" in _Page(storage.read_bytes(uri).decode()).cells("failed-pairs")
     assert metrics_main(["--output", layout.output, "--run-id", "r1"]) == 0  # no shard files: counts only
     assert "pair-0003" in storage.read_bytes(uri).decode()
@@ -125,14 +129,16 @@ def test_end_of_run_with_no_ok_row_and_with_no_features(tmp_path):
     shards = json.loads(storage.read_bytes(storage.join(layout.metrics_dir("r2"), "summary.json")))["shards"]
     assert [(s["shard"], s["n"], s["clip"]["n"]) for s in shards] == [("south", 0, 3), ("west", 0, 0)]
     # no manifest part at all: the page still renders
-    assert "total | 0" in _Page(storage.read_bytes(write_report(layout, "r2", summary)).decode()).cells("counts")
+    assert "total | 0" in _Page(
+        storage.read_bytes(write_report(layout, "r2", summary, max_pixels=MAX_PIXELS)).decode()
+    ).cells("counts")
 
 
 def test_failed_pairs_are_escaped_capped_and_counted():
     rows = _failed(205)
     rows[0]["error_message"] = "<script>alert('x')</script> & more"
     rows[1]["error_message"] = "y" * 5000
-    page = render_report("r1", _rows(rows), None)
+    page = render_report("r1", _rows(rows), None, max_pixels=MAX_PIXELS)
     parsed = _Page(page)
     assert parsed.scripts == 1  # only the page's own images-loaded script
     assert "&lt;script&gt;alert(&#x27;x&#x27;)&lt;/script&gt; &amp; more" in page
@@ -173,7 +179,7 @@ def test_contact_sheets_label_their_columns(tmp_path):
         }
     )
     summary = compute_summary("r1", {}, FEATURE_SCHEMA.empty_table(), {"north": {"ok": 4}}, PROTOCOL)
-    parsed = _Page(render_report("r1", _rows(rows), summary, sample_size=4))
+    parsed = _Page(render_report("r1", _rows(rows), summary, sample_size=4, max_pixels=MAX_PIXELS))
     for sheet in ("lowest", "sample"):
         headers = [t for t in parsed.text[sheet] if t.strip()][:4]
         assert headers == ["pair", "context", "product", "output"]
@@ -182,34 +188,46 @@ def test_contact_sheets_label_their_columns(tmp_path):
         assert all(a["src"].startswith("data:image/jpeg;base64,") for t, a in parsed.tags[sheet] if t == "img")
         assert "inputs no longer readable" in parsed.cells(sheet)
     assert parsed.cells("lowest").startswith("pair | context | product | output | gone | north | CLIP 10.00")
+    # the run's --max-pixels holds on the page too: a 64 x 48 photo over it is not decoded
+    capped = _Page(render_report("r1", _rows(rows), summary, sample_size=4, max_pixels=64 * 48 - 1))
+    for sheet in ("lowest", "sample"):
+        assert [t for t, _ in capped.tags[sheet] if t == "img"] == []
+        assert capped.cells(sheet).count("inputs no longer readable") == 4
 
 
 def test_settings_table_shows_the_run_settings():
     settings = RenderConfig(image_format="png", steps=20, guidance_scale=7.5, scheduler="dpmpp").settings(512)
     settings["note"] = "<b>bold</b>"
-    page = render_report("r1", _rows(_failed(1)), None, settings=settings)
+    page = render_report("r1", _rows(_failed(1)), None, settings=settings, max_pixels=MAX_PIXELS)
     cells = _Page(page).cells("settings")
     for key in ("steps | 20", "guidance_scale | 7.5", "scheduler | dpmpp", "resolution | 512", "image_format | png",
                 "jpeg_quality | –", "crop_margin | 0.25", "feather_px | 4", "note | <b>bold</b>"):  # fmt: skip
         assert key in cells
     assert "&lt;b&gt;bold&lt;/b&gt;" in page
-    assert "Not recorded" in _Page(render_report("r1", _rows(_failed(1)), None)).cells("settings")
+    assert "Not recorded" in _Page(render_report("r1", _rows(_failed(1)), None, max_pixels=MAX_PIXELS)).cells(
+        "settings"
+    )
 
 
 def test_random_weights_banner_and_merged_runs():
     summary = compute_summary(
         "m", {}, FEATURE_SCHEMA.empty_table(), {}, {"random_weights": True, "merged_runs": ["a", "b"]}
     )
-    parsed = _Page(render_report("m", _rows(_failed(1)), summary))
+    parsed = _Page(render_report("m", _rows(_failed(1)), summary, max_pixels=MAX_PIXELS))
     assert "RANDOM-WEIGHT EXTRACTORS" in parsed.cells("random-weights")
     assert parsed.cells("merged-runs") == "Merged from runs: a, b"
-    assert "random-weights" not in _Page(render_report("m", _rows(_failed(1)), {**summary, "protocol": PROTOCOL})).text
-    assert "metrics-skipped" in _Page(render_report("m", _rows(_failed(1)), None)).text
+    assert (
+        "random-weights"
+        not in _Page(
+            render_report("m", _rows(_failed(1)), {**summary, "protocol": PROTOCOL}, max_pixels=MAX_PIXELS)
+        ).text
+    )
+    assert "metrics-skipped" in _Page(render_report("m", _rows(_failed(1)), None, max_pixels=MAX_PIXELS)).text
 
 
 def test_rows_without_a_required_column_are_refused():
     with pytest.raises(ValueError, match=r"lack column\(s\) \['error_message'\]"):
-        render_report("r1", _rows(_failed(1)).drop_columns(["error_message"]), None)
+        render_report("r1", _rows(_failed(1)).drop_columns(["error_message"]), None, max_pixels=MAX_PIXELS)
 
 
 def test_merge_of_runs_whose_rows_all_failed(tmp_path, capsys):

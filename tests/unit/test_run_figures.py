@@ -14,7 +14,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline import record, storage
-from pipeline.config import RenderConfig
+from pipeline.config import RENDER_DEFAULTS, RenderConfig
 from pipeline.metrics.feature_stats import ScoreHistogram
 from pipeline.metrics.report import write_report
 from pipeline.output.layout import Layout
@@ -25,6 +25,7 @@ from pipeline.schema import EXIT_OK, output_schema
 
 # 8 ok rows (two modes: the p50 of an even count is the mean of the middle two, -29.9 and 90.5),
 # one failed, one reused ok row from an earlier run.
+MAX_PIXELS = RENDER_DEFAULTS.max_pixels
 SCORES = [-31.0, -30.5, -30.2, -29.9, 90.5, 91.0, 92.2, 95.0]
 
 
@@ -108,7 +109,7 @@ def test_console_record_and_qa_page_give_the_same_identity_figures_and_rows_per_
         manifest_parts=writer.parts,
         rss_samples=[],
     )
-    page = storage.read_bytes(write_report(layout, spec.run_id, None)).decode()
+    page = storage.read_bytes(write_report(layout, spec.run_id, None, max_pixels=MAX_PIXELS)).decode()
     distribution = _Paragraphs(page).text["identity-distribution"]
 
     figures = run["counts"]["identity_score"]["all"]
