@@ -31,6 +31,7 @@ import pyarrow as pa  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from pipeline import compose, images  # noqa: E402
+from pipeline.config import RENDER_DEFAULTS  # noqa: E402
 from pipeline.fetch import InputPolicy  # noqa: E402
 from pipeline.payload import CONTEXT_RAW, HOLE_BITS, PAYLOAD_TYPE, RENDERED, Sizes  # noqa: E402
 from pipeline.sample_catalog import product, scene  # noqa: E402
@@ -68,7 +69,9 @@ def path_cost(context_path: str, product_path: str, bbox, config: PrepareConfig,
     context = CONTEXT_RAW.unpack(block[CONTEXT_RAW.name][0].as_buffer(), sizes)
     hole = HOLE_BITS.unpack(block[HOLE_BITS.name][0].as_buffer(), sizes)
     rendered = RENDERED.unpack(block["model_context"][0].as_buffer(), sizes)
-    final = compose.postprocess(context, rendered, hole, tuple(pair.model["crop_box"]), feather_px=4)
+    final = compose.postprocess(
+        context, rendered, hole, tuple(pair.model["crop_box"]), feather_px=RENDER_DEFAULTS.feather_px
+    )
     images.encode_image(final, fmt, quality=quality)
 
 

@@ -3,7 +3,7 @@ its render (postprocess), on torch's uint8 resize kernels.
 
     model_inputs = preprocess(context, hole, product, resolution=512, margin=cfg.crop_margin)
     # context, hole, product, product_alpha, hint, hint_mask, crop_box
-    final = postprocess(context, rendered, hole, model_inputs["crop_box"])   # an RGB Pillow image
+    final = postprocess(context, rendered, hole, model_inputs["crop_box"], cfg.feather_px)  # RGB Pillow image
 
 torch is imported lazily, by `resize_uint8`, in the workers' CPU stages and in Serve; the
 driver never calls these.
@@ -144,11 +144,7 @@ def _square_resize(rgba: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]
 
 
 def postprocess(
-    context: np.ndarray,
-    rendered: np.ndarray,
-    hole: np.ndarray,
-    crop_box: tuple[int, int, int, int],
-    feather_px: int = 4,
+    context: np.ndarray, rendered: np.ndarray, hole: np.ndarray, crop_box: tuple[int, int, int, int], feather_px: int
 ) -> Image.Image:
     """Put the rendered window back into the full photo: an RGB Pillow image, H x W, the form
     `encode_image` takes without copying the photo again (np.asarray() gives its pixels).

@@ -34,6 +34,8 @@ import numpy as np
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from pipeline.config import RENDER_DEFAULTS
+
 __all__ = [
     "METRICS",
     "hue_distance",
@@ -216,7 +218,9 @@ def copy_paste_images(test_manifest: str, resolution: int, product_size: int) ->
         pair = prepare_pair(*uris, None, config)
         model = pair.model
         window = np.where(model["hint_mask"][..., None], model["hint"], model["context"])
-        images[row["pair_id"]] = np.asarray(postprocess(pair.context, window, pair.hole, model["crop_box"]))
+        images[row["pair_id"]] = np.asarray(
+            postprocess(pair.context, window, pair.hole, model["crop_box"], RENDER_DEFAULTS.feather_px)
+        )
     return images
 
 
@@ -257,5 +261,7 @@ def render_in_process(pipe, test_manifest: str, *, steps: int, guidance_scale: f
             hint_mask=stack("hint_mask"),
         )
         for row, pair, window in zip(chunk, pairs, out):
-            images[row["pair_id"]] = np.asarray(postprocess(pair.context, window, pair.hole, pair.model["crop_box"]))
+            images[row["pair_id"]] = np.asarray(
+                postprocess(pair.context, window, pair.hole, pair.model["crop_box"], RENDER_DEFAULTS.feather_px)
+            )
     return images

@@ -41,6 +41,7 @@ from safetensors.torch import load
 from jobs.render import main as render
 from jobs.train import main as train
 from pipeline import compose, images, storage
+from pipeline.config import RENDER_DEFAULTS
 from pipeline.fetch import InputPolicy
 from pipeline.model.checkpoint import model_digest
 from pipeline.model.renderer import Renderer
@@ -348,7 +349,7 @@ def test_export_renders_on_s3_as_an_in_memory_render(reference, tmp_path):
             hint=m["hint"][None],
             hint_mask=m["hint_mask"][None],
         )
-        final = compose.postprocess(pair.context, window, pair.hole, m["crop_box"])
+        final = compose.postprocess(pair.context, window, pair.hole, m["crop_box"], RENDER_DEFAULTS.feather_px)
         assert images.encode_image(final, "png") == storage.read_bytes(row["output_uri"]), row["pair_id"]
 
 

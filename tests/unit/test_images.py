@@ -413,7 +413,7 @@ def test_preprocess_postprocess_round_trip_with_padding():
     product = np.full((16, 16, 4), 255, np.uint8)
     inputs = preprocess(context, hole, product, resolution=32, product_size=16)
     assert inputs["crop_box"][1] < 0  # padded vertically
-    out = np.asarray(postprocess(context, inputs["context"], hole, inputs["crop_box"]))
+    out = np.asarray(postprocess(context, inputs["context"], hole, inputs["crop_box"], feather_px=4))
     assert out.shape == context.shape and np.array_equal(out[~hole], context[~hole])
 
 
