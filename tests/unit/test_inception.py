@@ -1,22 +1,20 @@
 """pipeline.inception against the reference: torch-fidelity 0.4.0's FeatureExtractorInceptionV3.
 
-The oracle comes from the published wheel, downloaded (never installed: with torch_fidelity
-importable, `import torchmetrics` imports torchvision, which fails here) into
-`$DTC_WHEEL_CACHE` or `~/.cache/dtc-render/wheels`, unzipped beside it, and imported through
-an empty `torch_fidelity` package registered in `sys.modules` only while its module loads.
-Same random weights file, same uint8 images -> same pool3 features.
+The oracle is the published code, vendored (no network in tests): the six modules of the
+torch-fidelity 0.4.0 wheel that `feature_extractor_inceptionv3` needs, byte for byte, under
+tests/data/torch_fidelity-0.4.0/ (provenance and licence in its README.md). Never
+installed: with torch_fidelity importable, `import torchmetrics` imports torchvision, which fails
+here; the modules are imported through an empty `torch_fidelity` package registered in
+`sys.modules` only while they load. Same random weights file, same uint8 images -> same pool3
+features.
 """
 
 from __future__ import annotations
 
 import hashlib
 import importlib
-import os
-import shutil
-import subprocess
 import sys
 import types
-import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -26,42 +24,28 @@ import torch
 from pipeline.metrics.inception import FIDInceptionV3, load_inception, random_init_, resize_bilinear_tf1
 
 ORACLE_VERSION = "0.4.0"
-ORACLE_WHEEL = f"torch_fidelity-{ORACLE_VERSION}-py3-none-any.whl"
-# PyPI's sha256 of the wheel: the oracle must be the published code, not whatever is cached.
-ORACLE_WHEEL_SHA256 = "99f4c610ea16972628eceb26afb0008e528da2d44123db947b408750efbd35d4"
+ORACLE_DIR = Path(__file__).resolve().parents[1] / "data" / f"torch_fidelity-{ORACLE_VERSION}" / "torch_fidelity"
+# The sha256 of each vendored file, as the RECORD of the published wheel (torch_fidelity-0.4.0-
+# py3-none-any.whl, sha256 99f4c610ea16972628eceb26afb0008e528da2d44123db947b408750efbd35d4)
+# lists it: the oracle must stay that published code.
+ORACLE_FILES = {
+    "feature_extractor_inceptionv3.py": "41308fd162a3571d8bf052e2dbf7b25f946daa5a74a591d1b85b76ca7ba0262f",
+    "feature_extractor_base.py": "0ac0ac8aa4459941889e70fb0ac6dee6ad2df48da16c8b800255e0c25e6b66cd",
+    "helpers.py": "ed8683fbe790b4c48ce3c55e922cf1353f3286d7afcaa5082e09f6b956b80789",
+    "interpolate_compat_tensorflow.py": "e90a965f0c4f6e13b9d216308ba34f8162296bf4a440d82988f453a935ccee11",
+    "defaults.py": "ceb46eebd2a4d53e4dfaf322a36a8a45e46872cc1236ac3155a786b3c401b312",
+    "deprecations.py": "79b720b01578d1951155810a4b7954b27f9806380bf56192ce67637a9f804fb3",
+}
 STANDARD_NAME = "pt_inception-2015-12-05-6726825d.pth"
 
 
-def _wheel_cache() -> Path:
-    return Path(os.environ.get("DTC_WHEEL_CACHE") or Path.home() / ".cache" / "dtc-render" / "wheels")
-
-
 def _oracle_package_dir() -> Path:
-    """The unzipped `torch_fidelity/` folder of the pinned wheel (downloaded once per cache)."""
-    cache = _wheel_cache()
-    unzipped = cache / f"torch_fidelity-{ORACLE_VERSION}"
-    if (unzipped / "torch_fidelity" / "feature_extractor_inceptionv3.py").is_file():
-        return unzipped / "torch_fidelity"
-    wheel = cache / ORACLE_WHEEL
-    if not wheel.is_file():
-        cache.mkdir(parents=True, exist_ok=True)
-        command = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-                   f"torch-fidelity=={ORACLE_VERSION}", "-d", str(cache)]  # fmt: skip
-        result = subprocess.run(command, capture_output=True, text=True, timeout=300)
-        if result.returncode != 0 or not wheel.is_file():
-            reason = result.stderr.strip()[-300:]
-            pytest.skip(f"cannot download the torch-fidelity {ORACLE_VERSION} wheel (no network?): {reason}")
-    digest = hashlib.sha256(wheel.read_bytes()).hexdigest()
-    assert digest == ORACLE_WHEEL_SHA256, f"{wheel} has sha256 {digest}, not the published wheel's"
-    staging = cache / f".torch_fidelity-{ORACLE_VERSION}-{os.getpid()}"
-    shutil.rmtree(staging, ignore_errors=True)
-    with zipfile.ZipFile(wheel) as archive:
-        archive.extractall(staging, [n for n in archive.namelist() if n.startswith("torch_fidelity/")])
-    try:
-        staging.rename(unzipped)  # atomic: a concurrent run sees all of it or none
-    except OSError:
-        shutil.rmtree(staging, ignore_errors=True)  # another run got there first
-    return unzipped / "torch_fidelity"
+    """The vendored `torch_fidelity/` folder, each file checked against the wheel's RECORD."""
+    assert sorted(p.name for p in ORACLE_DIR.iterdir() if p.suffix == ".py") == sorted(ORACLE_FILES)
+    for name, expected in ORACLE_FILES.items():
+        digest = hashlib.sha256((ORACLE_DIR / name).read_bytes()).hexdigest()
+        assert digest == expected, f"{ORACLE_DIR / name} has sha256 {digest}, not the published wheel's"
+    return ORACLE_DIR
 
 
 @pytest.fixture(scope="module")

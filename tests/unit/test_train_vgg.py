@@ -1,8 +1,8 @@
 """pipeline.train.vgg against the reference: torchvision 0.28.0's own `torchvision/models/vgg.py`.
 
-The oracle is torchvision's source, read from its published wheel (downloaded with `pip download
---no-deps` into `$DTC_WHEEL_CACHE` or `~/.cache/dtc-render/wheels`, never installed or imported:
-torchvision does not work here). Its `cfgs`, `make_layers` and `VGG` are compiled from the wheel's
+The oracle is torchvision's source, vendored byte for byte from its published wheel (no network
+in tests; provenance and licence in tests/data/torchvision-0.28.0/README.md), never installed or
+imported: torchvision does not work here. Its `cfgs`, `make_layers` and `VGG` are compiled from the file's
 text alone (the module's other imports are torchvision internals), so `VGG(make_layers(cfgs["E"]))`
 is torchvision's vgg19 without weights: same state_dict keys and shapes as `vgg19-dcbb9e9d.pth`.
 """
@@ -11,10 +11,6 @@ from __future__ import annotations
 
 import ast
 import hashlib
-import os
-import subprocess
-import sys
-import zipfile
 from pathlib import Path
 from typing import Any, Optional, Union, cast
 
@@ -25,45 +21,25 @@ from jobs.train import main as train_main
 from pipeline.train.vgg import TAPS, VGG19Features, VGGWeightsError, load_vgg19, perceptual_loss, save_random_vgg19
 
 ORACLE_VERSION = "0.28.0"
-ORACLE_WHEEL = f"torchvision-{ORACLE_VERSION}-cp311-cp311-manylinux_2_28_x86_64.whl"
-# The sha256 of that wheel as pip downloaded it here: the oracle must stay that published code.
-ORACLE_WHEEL_SHA256 = "7e80f543b22503d9415e126db5f0ff3917036925e38560ee6b9ae38c571a4002"
+DATA = Path(__file__).resolve().parents[1] / "data"
+ORACLE_FILE = DATA / f"torchvision-{ORACLE_VERSION}" / "torchvision" / "models" / "vgg.py"
+# The file's sha256 as the RECORD of the published wheel (torchvision-0.28.0-cp311-cp311-
+# manylinux_2_28_x86_64.whl, sha256 7e80f543b22503d9415e126db5f0ff3917036925e38560ee6b9ae38c571a4002)
+# lists it: the oracle must stay that published code.
+ORACLE_SHA256 = "214a5a421d7e5693315bb91c5087b47431660f39c905c97a806cc54840dfb04f"
 
 
-def _wheel() -> Path:
-    cache = Path(os.environ.get("DTC_WHEEL_CACHE") or Path.home() / ".cache" / "dtc-render" / "wheels")
-    wheel = cache / ORACLE_WHEEL
-    if not wheel.is_file():
-        cache.mkdir(parents=True, exist_ok=True)
-        command = [
-            sys.executable,
-            "-m",
-            "pip",
-            "download",
-            "--no-deps",
-            "--only-binary=:all:",
-            "--platform",
-            "manylinux_2_28_x86_64",
-            "--python-version",
-            "3.11",
-            f"torchvision=={ORACLE_VERSION}",
-            "-d",
-            str(cache),
-        ]
-        result = subprocess.run(command, capture_output=True, text=True, timeout=300)
-        if result.returncode != 0 or not wheel.is_file():
-            pytest.skip(
-                f"cannot download the torchvision {ORACLE_VERSION} wheel (no network?): {result.stderr[-300:]}"
-            )
-    digest = hashlib.sha256(wheel.read_bytes()).hexdigest()
-    assert digest == ORACLE_WHEEL_SHA256, f"{wheel} has sha256 {digest}, not the pinned wheel's"
-    return wheel
+def _oracle_source() -> str:
+    data = ORACLE_FILE.read_bytes()
+    digest = hashlib.sha256(data).hexdigest()
+    assert digest == ORACLE_SHA256, f"{ORACLE_FILE} has sha256 {digest}, not the published wheel's"
+    return data.decode()
 
 
 @pytest.fixture(scope="module")
 def torchvision_vgg19() -> torch.nn.Module:
-    """torchvision's `VGG(make_layers(cfgs["E"]))`, from the wheel's source text."""
-    source = zipfile.ZipFile(_wheel()).read("torchvision/models/vgg.py").decode()
+    """torchvision's `VGG(make_layers(cfgs["E"]))`, from the vendored source text."""
+    source = _oracle_source()
     tree = ast.parse(source)
     wanted = [
         node
