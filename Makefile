@@ -37,7 +37,7 @@ test-chaos: $(VENV_STAMP)
 	$(PY) -m pytest -q -m chaos tests
 
 test-unit: $(VENV_STAMP)
-	$(PY) -m pytest -q -m "not integration" tests
+	$(PY) -m pytest -q -m "not integration and not slow" tests
 
 bench: $(VENV_STAMP)
 	$(PY) bench/run_all.py

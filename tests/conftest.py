@@ -2,8 +2,9 @@
 local Ray per session.
 
 Two tiers: tests/unit/ needs no Ray, S3 endpoint or browser (`make test-unit`, or
-`pytest -m "not integration"`); everything under tests/integration/ is marked `integration`
-here. `make test` (and CI) runs both.
+`pytest -m "not integration and not slow"`); everything under tests/integration/ is marked
+`integration` here. A unit test that takes a minute of CPU (training) is marked `slow`: it
+still refuses Ray and S3 but runs with the integration tier. `make test` (and CI) runs all.
 """
 
 from __future__ import annotations

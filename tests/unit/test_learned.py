@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 
 import pyarrow.parquet as pq
+import pytest
 from helpers import ROOT
 
 from pipeline.train import catalog, synthetic_eval, toy
@@ -27,6 +28,7 @@ SEED = 6  # not a calibration seed
 MARGIN_DEG = 25.0
 
 
+@pytest.mark.slow  # trains for a minute or more: `make test` runs it, `make test-unit` does not
 def test_training_beats_the_untrained_model_by_twice_the_run_to_run_spread(tmp_path):
     assert SEED not in toy.CALIBRATION_SEEDS
     weights = toy.unpack(WEIGHTS, str(tmp_path / "weights"))
