@@ -1,6 +1,7 @@
 # `make demo` renders the embedded sample catalog; `make test` runs ruff, the docs build and every
 # test tier but the chaos cases (`make test-chaos`: extra multi-node faults); `make test-unit` the
-# unit tier alone (no Ray, S3 endpoint or browser); `make docs` the user guide into site/.
+# unit tier alone (no Ray, S3 endpoint or browser; `slow` tests, which train, run only in
+# `make test`); `make docs` the user guide into site/.
 # `make gpu-smoke` runs the device check (bench/gpu/run.sh) on the CPU in a fresh Python 3.12 venv.
 # Each target creates .venv first when it is missing (torch CPU wheel first, then the rest
 # under constraints.txt so nothing swaps torch for a CUDA build).
