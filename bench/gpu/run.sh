@@ -12,6 +12,7 @@ PYTHON=${PYTHON:-python3}
 WHEELS=${WHEELS:-$ROOT/.whl}
 RESULTS=${OUT:-.}/gpu_results.jsonl
 if [ $# -gt 0 ] && [[ $1 != --* ]]; then RESULTS=$1; shift; fi
+RESULTS=$(realpath -m "$RESULTS")  # the check runs from the repository root
 
 if [ ! -f "$WHEELS/requirements.txt" ]; then
     echo "run.sh: $WHEELS/requirements.txt is missing: run bench/gpu/fetch_wheels.sh (and carry .whl)" >&2
