@@ -70,8 +70,8 @@ SIZES = {
         preset="tiny",
         batches=(1, 2),
         steps_lo=1,
-        steps_hi=2,
-        repeats=1,
+        steps_hi=3,
+        repeats=2,
         matmul_n=(256,),
         pairs=4,
         photo=256,
@@ -183,6 +183,10 @@ def render_inputs(pipe, batch: int) -> dict:
     )
 
 
+class TimingNoise(Exception):
+    pass
+
+
 def measure_batch(renderer: Renderer, batch: int, size: dict, device: str) -> dict:
     """Per-step and per-call seconds of `Renderer.render` at `batch`, from calls of lo and hi steps."""
     inputs = render_inputs(renderer.pipe, batch)
@@ -198,7 +202,9 @@ def measure_batch(renderer: Renderer, batch: int, size: dict, device: str) -> di
     warmup_s = call(lo)
     t_lo = min(call(lo) for _ in range(size["repeats"]))
     t_hi = min(call(hi) for _ in range(size["repeats"]))
-    per_step = max(t_hi - t_lo, 0.0) / (hi - lo)
+    if t_hi <= t_lo:  # the steps cost less than the timing noise: nothing to extrapolate from
+        raise TimingNoise(f"t{hi} {t_hi:.4f} s <= t{lo} {t_lo:.4f} s")
+    per_step = (t_hi - t_lo) / (hi - lo)
     return dict(
         warmup_s=round(warmup_s, 3),
         seconds_per_step=round(per_step, 5),
@@ -223,6 +229,9 @@ def throughput(renderer: Renderer, layout: str, size: dict, steps: int, device: 
             renderer.free_memory()
             emit("throughput", layout=layout, batch=batch, error="oom")
             break
+        except TimingNoise as e:
+            emit("throughput", layout=layout, batch=batch, error=f"timing noise: {e}")
+            continue
         call_s = m["fixed_s"] + steps * m["seconds_per_step"]
         ips = batch / call_s
         results[batch] = dict(m, images_per_s=ips)
@@ -508,10 +517,11 @@ def main() -> None:
         optimize_pipeline(pipe, channels_last=True)
         last = throughput(renderer, "channels_last", size, args.steps, device, flops, peak)
         layouts = {"eager": eager, "channels_last": last}
-        best_layout, best_batch = max(
-            ((layout, batch) for layout, results in layouts.items() for batch in results),
-            key=lambda key: layouts[key[0]][key[1]]["images_per_s"],
-        )
+        measured = [(layout, batch) for layout, results in layouts.items() for batch in results]
+        if not measured:
+            emit("best", error="no batch was measured")
+            sys.exit(1)
+        best_layout, best_batch = max(measured, key=lambda key: layouts[key[0]][key[1]]["images_per_s"])
         best_ips = layouts[best_layout][best_batch]["images_per_s"]
         emit(
             "best",
