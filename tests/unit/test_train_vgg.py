@@ -62,18 +62,8 @@ def torchvision_vgg19() -> torch.nn.Module:
     return namespace["VGG"](namespace["make_layers"](namespace["cfgs"]["E"])).eval()
 
 
-def test_layout_and_taps_equal_torchvisions(torchvision_vgg19, tmp_path):
-    reference = torchvision_vgg19.state_dict()
-    ours = VGG19Features().state_dict()
-    # our keys are torchvision's features.N keys up to relu5_2, with the same shapes
-    assert set(ours) <= set(reference)
-    assert {k: v.shape for k, v in ours.items()} == {k: reference[k].shape for k in ours}
-    assert max(int(k.split(".")[1]) for k in ours) == 30 and TAPS[-1] == 31
-    # a file in torchvision's layout (features + classifier, as vgg19-dcbb9e9d.pth) loads as it is
-    path = tmp_path / "vgg19-random.pth"
-    torch.save(reference, path)
-    vgg, sha256 = load_vgg19(str(path))
-    assert sha256 == hashlib.sha256(path.read_bytes()).hexdigest()
+def _assert_taps_equal(vgg: VGG19Features, torchvision_vgg19: torch.nn.Module) -> None:
+    """Our five taps equal torchvision's `features[: tap + 1]` on the same normalised images."""
     image = torch.rand(2, 3, 64, 48, generator=torch.Generator().manual_seed(1))
     normalised = (image - vgg.mean) / vgg.std
     with torch.no_grad():
@@ -82,6 +72,32 @@ def test_layout_and_taps_equal_torchvisions(torchvision_vgg19, tmp_path):
             expected = torchvision_vgg19.features[: index + 1](normalised)
             torch.testing.assert_close(tap, expected, rtol=0, atol=1e-5)
     assert [t.shape[1] for t in taps] == [64, 128, 256, 512, 512]
+
+
+def test_layout_and_taps_equal_torchvisions(torchvision_vgg19, tmp_path):
+    reference = torchvision_vgg19.state_dict()
+    ours = VGG19Features().state_dict()
+    # our keys are torchvision's features.N keys up to relu5_2, with the same shapes
+    assert set(ours) <= set(reference)
+    assert {k: v.shape for k, v in ours.items()} == {k: reference[k].shape for k in ours}
+    assert max(int(k.split(".")[1]) for k in ours) == 30 and TAPS[-1] == 31
+    # torchvision's own features.N tensors in a file load as they are (the whole file, classifier
+    # included, is the slow test below: 548 MB to write and read)
+    path = tmp_path / "vgg19-features.pth"
+    torch.save({k: reference[k] for k in ours}, path)
+    vgg, sha256 = load_vgg19(str(path))
+    assert sha256 == hashlib.sha256(path.read_bytes()).hexdigest()
+    _assert_taps_equal(vgg, torchvision_vgg19)
+
+
+@pytest.mark.slow  # writes and reads a 548 MB file: `make test` runs it, `make test-unit` does not
+def test_a_file_in_torchvisions_whole_layout_loads_as_it_is(torchvision_vgg19, tmp_path):
+    """A file in torchvision's layout (features + classifier, as vgg19-dcbb9e9d.pth)."""
+    path = tmp_path / "vgg19-random.pth"
+    torch.save(torchvision_vgg19.state_dict(), path)
+    vgg, sha256 = load_vgg19(str(path))
+    assert sha256 == hashlib.sha256(path.read_bytes()).hexdigest()
+    _assert_taps_equal(vgg, torchvision_vgg19)
 
 
 def test_missing_or_wrong_weights_are_refused(tmp_path):
