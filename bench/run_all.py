@@ -35,6 +35,8 @@ BENCHES = {
     "train": ["bench/train.py"],
     "learned": ["bench/learned.py"],
     "learned_ci": ["bench/learned.py", "--calibration-only"],
+    "noop": ["bench/noop.py"],
+    "demo_rerun": ["bench/noop.py", "--demo"],
 }
 GPU_COMMAND = "bash bench/gpu/run.sh   # on a device machine, .whl/ carried (bench/gpu/README.md)"
 

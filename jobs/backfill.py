@@ -5,7 +5,7 @@
 
 Idempotent: pairs already done with the same model and settings are not rendered again, so
 re-running a range renders only what is missing (images deleted by hand: with --verify-images). `--dry-run`
-prints pending/done/failed/invalid/skipped counts per partition and renders nothing. Shards are
+prints render/reuse/carried/invalid/skipped counts per partition and renders nothing. Shards are
 the partitions (`dt=2026-11-26`), so metrics and the run record's per-shard counts are per day.
 A pair_id on several days is rendered from its latest day; its earlier rows are `skipped`
 (`superseded`); repeated within its latest day, every row of it fails `duplicate_pair_id`.
@@ -34,14 +34,13 @@ def parse_args(argv: list[str] | None) -> tuple[dict, dict]:
     parser.add_argument("--manifest-root", required=True, help="folder holding <key>=YYYY-MM-DD/ partitions")
     parser.add_argument("--start", required=True, help="first date, YYYY-MM-DD (inclusive)")
     parser.add_argument("--end", required=True, help="last date, YYYY-MM-DD (inclusive)")
-    add_flags(parser, RenderConfig, which="backfill")  # --partition-key
-    parser.add_argument(
-        "--dry-run", action="store_true", default=False, help="print counts per partition, render nothing"
-    )
+    add_flags(parser, RenderConfig, which="backfill")  # --partition-key; --dry-run is jobs.render's
     flags = vars(parser.parse_args(argv))
     if "manifest" in flags:
         parser.error("use --manifest-root (and --start/--end) instead of --manifest")
-    return {k: flags.pop(k) for k in BACKFILL_KEYS if k in flags}, flags
+    backfill = {k: flags.pop(k) for k in BACKFILL_KEYS if k in flags}
+    backfill.setdefault("dry_run", False)  # jobs.render's flag, given or not
+    return backfill, flags
 
 
 def main(argv: list[str] | None = None) -> int:

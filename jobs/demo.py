@@ -11,7 +11,8 @@
    warning, and contact sheets with the product in the photo.
 
 No downloads; a few minutes at most on 2 cores. Re-running it resumes: every pair is already
-done, so nothing is rendered again (use --force to re-render).
+done, so nothing is rendered again (use --force to re-render); part 2's re-run is a run of its
+own (learned-2, learned-3, ...) that reuses every image, scored and reported like the first.
 """
 
 from __future__ import annotations
@@ -132,13 +133,27 @@ def _learned(out: str, toy_pairs: int, metric_flags: list[str], force: bool) -> 
     if not os.path.exists(os.path.join(model, "model_index.json")):
         unpack(TRAIN_TINY_WEIGHTS, model)  # the folder jobs.render loads
     learned = os.path.join(out, "learned")
-    flags = ["--manifest", test, "--output", learned, "--model", model, "--run-id", "learned", *LEARNED_RENDER]
+    run_id = _next_run_id(learned, "learned")
+    flags = ["--manifest", test, "--output", learned, "--model", model, "--run-id", run_id, *LEARNED_RENDER]
     code = render(flags + metric_flags + (["--force"] if force else []))
     if code != 0:
         return code
-    code = eval_synthetic(["--test-manifest", test, "--output", learned, "--run-id", "learned"])
-    print(f"[demo] a model that learned: {learned}/report/learned/index.html (identity metrics at the top)")
+    code = eval_synthetic(["--test-manifest", test, "--output", learned, "--run-id", run_id])
+    print(f"[demo] a model that learned: {learned}/report/{run_id}/index.html (identity metrics at the top)")
     return code
+
+
+def _next_run_id(output: str, name: str) -> str:
+    """`name` the first time, then name-2, name-3, ...: a run id is used once per output (a
+    re-run of the demo is a new run, which reuses every pair the first one rendered)."""
+    from pipeline.output.layout import Layout
+
+    layout, n = Layout(output), 1
+    while True:
+        run_id = name if n == 1 else f"{name}-{n}"
+        if not os.path.exists(layout.run_record(run_id)) and not os.path.exists(layout.manifest_dir(run_id)):
+            return run_id
+        n += 1
 
 
 if __name__ == "__main__":

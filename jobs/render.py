@@ -33,6 +33,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--config", help="YAML file with any of these options; flags win")
     add_flags(parser, RenderConfig)
+    # a way to run the job, not an option of the run: never in a --config YAML or a run record
+    parser.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="print the rows to render, reuse and carry, and the invalid ones with reasons; write nothing",
+    )
     return parser
 
 
@@ -42,7 +48,8 @@ def config_from_flags(flags: dict) -> RenderConfig:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run_job(vars(build_parser().parse_args(argv)), "render")
+    flags = vars(build_parser().parse_args(argv))
+    return run_job(flags, "render", dry_run=flags.pop("dry_run", False))
 
 
 def run_job(flags: dict, prog: str, dry_run: bool = False) -> int:

@@ -115,6 +115,11 @@ class RenderConfig(Options):
     force: bool = option(False, "re-render pairs that are already done")
     retry_failed: bool = option(False, "re-try pairs whose latest row is failed (they are skipped otherwise)")
     verify_images: bool = option(False, "reuse a done pair only if its image still exists (one HEAD per done pair)")
+    verify_inputs: bool = option(
+        False,
+        "reuse a done pair only if its input files are unchanged since its render (a stat per input file "
+        "locally, an S3 HEAD per input object, per done pair): catches a file replaced in place",
+    )
     run_id: str | None = option(None, "run id (default: UTC time + random suffix)")
     max_failed_fraction: float = option(
         0.05, "exit 3 above this failed fraction: a nightly must not show green", ge=0, le=1
@@ -150,6 +155,14 @@ class RenderConfig(Options):
         ge=0,
     )
     manifest_part_rows: int = option(1000, "output-manifest rows per part file (flushed at least every 30 s)", ge=1)
+    # well under a second per thousand rows in the driver; bench/noop.py compares both ways
+    driver_plan_rows: int = option(
+        10_000,
+        "a manifest of up to this many rows is read, validated and resumed in the driver first: a run with "
+        "nothing to render then starts neither Ray nor a model (0: always on the cluster)",
+        ge=0,
+        flag=False,
+    )
     fault_injection: dict | None = option(None, "chaos tests only (YAML): see pipeline.stages.faults", flag=False)
 
     @field_validator("actors", mode="before")

@@ -23,11 +23,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import pyarrow as pa
+import pyarrow.compute as pc
 import ray
 
 from pipeline.config import RunSpec
 from pipeline.fetch import InputPolicy
-from pipeline.schema import BUCKET
+from pipeline.schema import BUCKET, RENDER
 from pipeline.stages.finish_stage import FinishConfig, finish_batch
 from pipeline.stages.prepare_stage import PrepareConfig, prepare_batch
 from pipeline.stages.read_stage import ReadConfig, read_files
@@ -42,6 +44,8 @@ __all__ = [
     "stage_configs",
     "resource_plan",
     "resumed_rows",
+    "planned_rows",
+    "needs_model",
     "build_dataset",
 ]
 
@@ -79,6 +83,7 @@ def stage_configs(
         force=cfg.force,
         retry_failed=cfg.retry_failed,
         verify_images=cfg.verify_images,
+        verify_inputs=cfg.verify_inputs,
         scenes=scenes,
         num_cpus=cpus,
     )
@@ -167,14 +172,51 @@ def resumed_rows(spec: RunSpec, read: ReadConfig, resume: ResumeConfig) -> ray.d
     )
 
 
+def planned_rows(spec: RunSpec) -> pa.Table:
+    """What `resumed_rows` and the scene plan make of the run's rows, computed in this process
+    with the same stage functions (a small manifest: `RenderConfig.driver_plan_rows`), so that
+    a run learns whether any row needs the model before it starts Ray or one."""
+    read, resume, *_ = stage_configs(spec, 0.0)
+    files = pa.table({"file_index": list(range(len(spec.plan.files)))})
+    rows = pa.concat_tables(list(read_files(files, config=read)))
+    if spec.cfg.limit is not None:
+        rows = rows.slice(0, spec.cfg.limit)
+    if rows.num_rows == 0:
+        return rows
+    rows = _each_group(rows, BUCKET, lambda group: resume_bucket(group, config=resume))
+    if has_scenes(spec):
+        scenes = _scene_config(spec)
+        rows = _each_group(rows, GROUP, lambda group: plan_scene(group, config=scenes))
+    return rows
+
+
+def _each_group(rows: pa.Table, key: str, fn) -> pa.Table:
+    """`groupby(key).map_groups(fn)` in this process."""
+    return pa.concat_tables([fn(rows.filter(pc.equal(rows[key], value))) for value in pc.unique(rows[key])])
+
+
+def needs_model(rows: pa.Table) -> bool:
+    """Any row to render (not reused or carried, not failed before the model)."""
+    if rows.num_rows == 0:  # --limit 0
+        return False
+    to_render = pc.and_(pc.equal(rows["action"], RENDER), pc.equal(rows["error_code"].fill_null(""), ""))
+    return pc.any(to_render).as_py()
+
+
 def _scene_config(spec: RunSpec) -> SceneConfig:
     return SceneConfig(spec.output, max_scene_steps=spec.cfg.max_scene_steps, num_cpus=spec.cfg.cpu_stage_cpus)
 
 
-def build_dataset(spec: RunSpec, gpus_per_actor: float) -> ray.data.Dataset:
+def build_dataset(spec: RunSpec, gpus_per_actor: float, planned: pa.Table | None = None) -> ray.data.Dataset:
+    """The graph; `planned` (`planned_rows`, a small manifest's rows already resumed in the
+    driver) replaces the read, the resume group-by and the scene group-by: their hash shuffles
+    cost a small run more than its rendering (bench/noop.py, `cluster resume alone`)."""
     read, resume, prepare, render, finish = stage_configs(spec, gpus_per_actor)
-    rows = resumed_rows(spec, read, resume)
-    if has_scenes(spec):  # all rows of a scene meet, whatever files they sit in, and travel as one
+    if planned is not None:
+        rows = ray.data.from_arrow(planned)
+    else:
+        rows = resumed_rows(spec, read, resume)
+    if planned is None and has_scenes(spec):  # all rows of a scene meet, whatever files they sit in, and travel as one
         scenes = _scene_config(spec)
         total = spec.plan.num_rows if spec.cfg.limit is None else min(spec.plan.num_rows, spec.cfg.limit)
         rows = rows.groupby(GROUP, num_partitions=resume.partitions(total)).map_groups(

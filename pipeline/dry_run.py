@@ -1,12 +1,14 @@
-"""`--dry-run`: what a run would do, counted per shard on the driver, without Ray and without writing.
+"""`--dry-run` (jobs.render, jobs.backfill): what a run would do, counted per shard on the driver,
+without Ray and without writing.
 
 What needs no fetch is judged: the rows themselves and the allowlist, not the images (a bbox
 outside its photo, an unreadable file, is only found by rendering). A row counts as `skipped`
 when a later partition of a backfill's range has its pair_id (`manifest.PairIdConflicts`);
 `invalid` when it would fail before any fetch: a bad row (`rows.validate_rows`)
 or an input URI the allowlist refuses (`fetch.InputPolicy.check`, the same check the prepare
-stage makes); `done` / `failed` when an earlier run's result would be reused; `pending` when
-it would be rendered.
+stage makes); `reuse` when an earlier run's ok result would be reused, `carried` when its
+failed one would (`--retry-failed` tries them again); `render` when it would be rendered.
+With `--verify-inputs` the input files of every reusable ok row are checked as a run checks them.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from pipeline.schema import RENDER, RowError
 
 __all__ = ["dry_run_counts"]
 
-KINDS = ("pending", "done", "failed", "invalid", "skipped")
+KINDS = ("render", "reuse", "carried", "invalid", "skipped")
 
 
 def _refused(policy: InputPolicy, uris) -> bool:
@@ -61,7 +63,7 @@ def dry_run_counts(spec: RunSpec) -> dict:
     shards: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
     reasons: collections.Counter[str] = collections.Counter()  # why rows are invalid
     for i in range(len(plan.files)):
-        for batch in planned_batches(plan, i, conflicts, index, 65536):
+        for batch in planned_batches(plan, i, conflicts, index, 65536, cfg.verify_inputs):
             columns = [batch[c].to_pylist() for c in ("shard", "action", "error_code", "prev_status")]
             uris = zip(*(batch[c].to_pylist() for c in ("context_uri", "product_uri", "mask_uri")))
             for (shard, action, code, prev), row_uris in zip(zip(*columns), uris):
@@ -71,16 +73,22 @@ def dry_run_counts(spec: RunSpec) -> dict:
                     kind = "invalid"
                     reasons[code or "uri_not_allowed"] += 1
                 else:
-                    kind = "pending" if action == RENDER else "done" if prev == "ok" else "failed"
+                    kind = "render" if action == RENDER else "reuse" if prev == "ok" else "carried"
                 shards[shard][kind] += 1
     print(
-        f"[dtc] dry run: {plan.num_rows} rows in {len(plan.files)} file(s) under {cfg.manifest}; nothing is rendered"
+        f"[dtc] dry run: {plan.num_rows} rows in {len(plan.files)} file(s) under {cfg.manifest}; "
+        "nothing is rendered or written"
     )
     print(f"  {'shard':<28}" + "".join(f"{k:>10}" for k in KINDS))
     for shard in sorted(shards):
         print(f"  {shard:<28}" + "".join(f"{shards[shard][k]:>10}" for k in KINDS))
     totals = {k: sum(c[k] for c in shards.values()) for k in KINDS}
     print(f"  {'total':<28}" + "".join(f"{totals[k]:>10}" for k in KINDS), flush=True)
+    print(
+        "  render: rendered by a run; reuse: done earlier; carried: failed earlier, carried over "
+        "(--retry-failed tries them); invalid: would fail before any fetch; skipped: a later partition has the pair",
+        flush=True,
+    )
     if reasons:
         print("  invalid    " + ", ".join(f"{code} {n}" for code, n in reasons.most_common()), flush=True)
     return {"shards": {s: dict(c) for s, c in shards.items()}, **totals}

@@ -5,16 +5,19 @@
 
 `RenderRun` is the driver as steps: `check` (config, output, manifest and model, before
 anything is written: exit 2) -> `lock` (exit 2 while another run holds the output) -> `resume`
-(what earlier runs already did) -> `stream` (the pairs through the Ray Data graph, manifest
-parts written as rows arrive, progress lines; exit 2 first when the plan does not fit the
-cluster, `pipeline.capacity`, and exit 1 when no batch arrives for `--stall-timeout-s`,
-`pipeline.watchdog`) -> `finalize` (state, metrics, report) ->
+(what earlier runs already did; a small manifest's rows planned here, `dataflow.planned_rows`)
+-> `stream` (the pairs through the Ray Data graph, manifest parts written as rows arrive,
+progress lines; exit 2 first when the plan does not fit the cluster, `pipeline.capacity`, and exit 1
+when no batch arrives for `--stall-timeout-s`, `pipeline.watchdog`; a planned run with no row
+to render writes its rows from here, starting neither Ray nor a model) -> `finalize` (state,
+metrics, report) ->
 `close` (run record, lock, summary). Exit 0, or 3 when the failed fraction is above
 `--max-failed-fraction`; 1 for anything unexpected (storage down).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import secrets
@@ -59,7 +62,7 @@ def new_run_id() -> str:
 
 def run_render(cfg: RenderConfig, dry_run: bool = False) -> RunResult:
     """Render the manifest (see the module docstring). `dry_run`: print per-shard counts of
-    pending/done/failed/invalid rows and return, without Ray, lock or writes."""
+    render/reuse/carried/invalid/skipped rows and return, without Ray, lock or writes."""
     import pyarrow as pa
 
     # The driver handles thousands of small tables; Arrow's default arena allocator keeps what
@@ -154,6 +157,26 @@ class RenderRun:
         self.exit_code, self.message = EXIT_ERROR, ""
         self.started_at = datetime.now(UTC)
         self.start = self.stats.started  # one clock for the progress line, the summary and the record
+        self.planned = None  # the run's rows with their actions, when planned in the driver (resume)
+        self.stream_where = "cluster"  # or "driver": no row to render, no Ray, no model (the run record's)
+        self.phases: dict[str, float] = {}  # seconds per step of the run (the run record's phase_seconds)
+
+    @contextlib.contextmanager
+    def phase(self, name: str):
+        start = time.monotonic()
+        try:
+            yield
+        finally:
+            self.phases[name] = self.phases.get(name, 0.0) + time.monotonic() - start
+
+    def connect(self):
+        """Ray, started (or joined) the first time a step needs it."""
+        import ray
+
+        if ray.is_initialized():
+            return init_ray(self.spec.cfg.address)
+        with self.phase("ray_start"):
+            return init_ray(self.spec.cfg.address)
 
     def run(self) -> RunResult:
         restore = terminate_as_exception()
@@ -211,14 +234,22 @@ class RenderRun:
         )
 
     def resume(self) -> None:
-        """Ray up, and the done index brought up to date: runs that were killed before their
-        end (their part files) folded into it, on the cluster. Which rows are done is decided in
-        the stream, bucket by bucket (`stages.resume_stage`): the driver never holds the index."""
+        """The done index brought up to date: runs that were killed before their end (their
+        part files) folded into it (on the cluster, but a few parts). Which rows are done is
+        decided bucket by bucket (`stages.resume_stage`): on the cluster in the stream, or here
+        first for a manifest of up to `driver_plan_rows` rows (never the whole index)."""
         spec = self.spec
-        init_ray(spec.cfg.address)
         if self.lock is not None:
             self.lock.check("the done index")
-        pairs = compact_state(self.layout, exclude_run=spec.run_id, num_cpus=spec.cfg.cpu_stage_cpus)
+        with self.phase("fold"):
+            pairs = compact_state(
+                self.layout, exclude_run=spec.run_id, num_cpus=spec.cfg.cpu_stage_cpus, connect=self.connect
+            )
+        if not spec.cfg.force and spec.plan.num_rows <= spec.cfg.driver_plan_rows:
+            from pipeline.dataflow import planned_rows
+
+            with self.phase("plan"):
+                self.planned = planned_rows(spec)
         total = spec.plan.num_rows if spec.cfg.limit is None else min(spec.cfg.limit, spec.plan.num_rows)
         self.progress = record.Progress(total)
         print(
@@ -234,9 +265,14 @@ class RenderRun:
         """The Ray Data graph, its blocks into the sink, the stats and the metrics."""
         import pyarrow as pa
 
-        ray = init_ray(self.spec.cfg.address)
+        from pipeline.dataflow import build_dataset, needs_model
+
+        if self.planned is not None and not needs_model(self.planned):
+            with self.phase("stream"):
+                self._write_planned()
+            return
+        ray = self.connect()
         self.nodes.start(ray)
-        from pipeline.dataflow import build_dataset
 
         gpus = self.spec.cfg.gpus_per_actor
         if gpus is None:
@@ -249,21 +285,47 @@ class RenderRun:
             from pipeline.metrics.shards import MetricsAccumulator
 
             self.metrics = MetricsAccumulator(self.layout, self.spec.run_id)
-        dataset = build_dataset(self.spec, gpus)
+        dataset = build_dataset(self.spec, gpus, self.planned)
+        self.planned = None  # in the object store now
         batch = None
-        for batch in watchdog.watch(dataset.iter_batches(batch_format="pyarrow", batch_size=None)):
-            if self.metrics is not None:
-                self.metrics.add(batch)
-            self.writer.add(batch)
-            self.stats.add(batch)
-            self.progress.update(self.stats)
-            self.nodes.poll()
-        self.writer.flush()
+        with self.phase("stream"):
+            for batch in watchdog.watch(dataset.iter_batches(batch_format="pyarrow", batch_size=None)):
+                self._add(batch)
+                self.nodes.poll()
+            self.writer.flush()
         # The stream's buffers go before compaction allocates on top of them: the system pool's
         # release_unused() is glibc's malloc_trim, which also returns what Ray and Python freed
         # (without it the driver's peak RSS grew with the manifest: bench/pipeline.py 1k -> 5k).
         dataset = batch = None  # (no batch at all with --limit 0)
         pa.default_memory_pool().release_unused()
+
+    def _add(self, batch) -> None:
+        if self.metrics is not None:
+            self.metrics.add(batch)
+        self.writer.add(batch)
+        self.stats.add(batch)
+        self.progress.update(self.stats)
+
+    def _write_planned(self) -> None:
+        """Every row reused, carried or failed before the model: the planned rows through the
+        prepare stage (which fetches nothing for them), `render_stage.unrendered` and the finish
+        stage, here: no Ray, no model."""
+        from pipeline.dataflow import stage_configs
+        from pipeline.stages.finish_stage import finish_batch
+        from pipeline.stages.prepare_stage import prepare_batch
+        from pipeline.stages.render_stage import unrendered
+
+        self.stream_where = "driver"
+        if self.spec.with_metrics:
+            from pipeline.metrics.shards import MetricsAccumulator
+
+            self.metrics = MetricsAccumulator(self.layout, self.spec.run_id)
+        _, _, prepare, _, finish = stage_configs(self.spec, 0.0)
+        rows, step = self.planned, self.spec.cfg.manifest_part_rows
+        for start in range(0, rows.num_rows, step):
+            block = prepare_batch(rows.slice(start, step), config=prepare)
+            self._add(finish_batch(unrendered(block), config=finish))
+        self.writer.flush()
 
     def _watchdog(self, gpus: float) -> StallWatchdog:
         from pipeline.dataflow import resource_plan
@@ -281,8 +343,18 @@ class RenderRun:
         cfg = self.spec.cfg
         if self.lock is not None:
             self.lock.check("the done index")
-        compact_state(self.layout, num_cpus=cfg.cpu_stage_cpus)
+        with self.phase("fold"):
+            compact_state(self.layout, num_cpus=cfg.cpu_stage_cpus, connect=self.connect)
         pa.default_memory_pool().release_unused()  # give compaction's buffers back before the report
+        with self.phase("metrics_report"):
+            self._metrics_and_report()
+        fraction = self.stats.failed_fraction
+        self.exit_code = EXIT_TOO_MANY_FAILED if fraction > cfg.max_failed_fraction else EXIT_OK
+        if self.exit_code == EXIT_TOO_MANY_FAILED:
+            self.message = f"{fraction:.1%} of rows failed (limit --max-failed-fraction {cfg.max_failed_fraction:.1%})"
+
+    def _metrics_and_report(self) -> None:
+        cfg = self.spec.cfg
         if self.metrics is not None:
             shard_counts = {shard: dict(c) for shard, c in self.stats.shards.items()}
             self.metrics_summary = self.metrics.finalize(shard_counts, self.spec.metrics_protocol)
@@ -305,10 +377,6 @@ class RenderRun:
             max_pixels=cfg.max_pixels,
         )
         self.report_written = True
-        fraction = self.stats.failed_fraction
-        self.exit_code = EXIT_TOO_MANY_FAILED if fraction > cfg.max_failed_fraction else EXIT_OK
-        if self.exit_code == EXIT_TOO_MANY_FAILED:
-            self.message = f"{fraction:.1%} of rows failed (limit --max-failed-fraction {cfg.max_failed_fraction:.1%})"
 
     def close(self, lock: OutputLock) -> None:
         """Last part, run record, lock, summary: whatever happened before."""
@@ -330,6 +398,8 @@ class RenderRun:
             rss_samples=self.progress.rss_samples if self.progress else [],
         )
         run["nodes_lost"] = self.nodes.finish()
+        run["stream"] = self.stream_where
+        run["phase_seconds"] = {name: round(seconds, 3) for name, seconds in self.phases.items()}
         try:
             record.write_run_record(self.spec, run)
         except Exception as e:  # noqa: BLE001

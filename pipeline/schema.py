@@ -259,6 +259,10 @@ OUTPUT_FIELDS = (
     pa.field("chosen_variant", pa.int64()),
     pa.field("context_digest", pa.string()),
     pa.field("pixels_digest", pa.string()),
+    # what the row was rendered from: its input columns (resume.inputs_digest) and, for ok rows,
+    # the input files' versions (storage.version: size + mtime, an S3 ETag), for --verify-inputs
+    pa.field("inputs_digest", pa.string()),
+    pa.field("inputs_version", pa.string()),
     pa.field("run_id", pa.string()),
     pa.field("attempt", pa.int64()),
     pa.field("render_ms", pa.float64()),
@@ -284,13 +288,18 @@ STATE_COLUMNS = (
     "chosen_variant",
     "context_digest",
     "pixels_digest",
+    "inputs_digest",
+    "inputs_version",
     "render_ms",
     "finished_at",
     "run_id",
 )
-# Results copied from the earlier row into a reused row (as PREV + name).
+# Results copied from the earlier row into a reused row (as PREV + name); a reused row's
+# inputs_digest is its own (equal to the earlier row's, or adopted: resume.py).
 CARRIED_COLUMNS = tuple(
-    c for c in STATE_COLUMNS if c not in ("pair_id", "seed", "model_digest", "settings_digest", "run_id")
+    c
+    for c in STATE_COLUMNS
+    if c not in ("pair_id", "seed", "model_digest", "settings_digest", "run_id", "inputs_digest")
 )
 
 _VALIDATED = (
@@ -311,7 +320,7 @@ STAGES = {
     "read": StageColumns(requires=(), adds=(BUCKET, FILE_INDEX)),
     "resume": StageColumns(
         requires=("pair_id", BUCKET, FILE_INDEX),
-        adds=(*_VALIDATED, "action", *(PREV + c for c in CARRIED_COLUMNS)),
+        adds=(*_VALIDATED, "inputs_digest", "action", *(PREV + c for c in CARRIED_COLUMNS)),
         drops=(BUCKET, FILE_INDEX),
     ),
     "prepare": StageColumns(
@@ -349,7 +358,7 @@ STAGES = {
             *_IDENTITY,
             *(PREV + c for c in CARRIED_COLUMNS),
         ),
-        adds=tuple(f.name for f in OUTPUT_FIELDS if f.name != "seed") + ("postprocess_ms",),
+        adds=tuple(f.name for f in OUTPUT_FIELDS if f.name not in ("seed", "inputs_digest")) + ("postprocess_ms",),
         drops=(
             CONTEXT_RAW.name,
             HOLE_BITS.name,

@@ -43,6 +43,7 @@ __all__ = [
     "read_parquet",
     "write_parquet",
     "exists",
+    "version",
     "delete",
     "list_files",
     "sync_to_local",
@@ -242,6 +243,24 @@ def exists(uri: str) -> bool:
         return retry_transient(lambda: fs.get_file_info(path)).type != pafs.FileType.NotFound
     except OSError as e:
         raise StorageError(f"cannot stat {uri}: {e}") from e
+
+
+def version(uri: str) -> str | None:
+    """What changes when a file is replaced in place: a local file's size and mtime (a stat), an
+    S3 object's ETag (a HEAD); None when it is absent, or for http(s), which has neither."""
+    if is_s3(uri):
+        bucket, key = _bucket_key(uri)
+        try:
+            return _s3_call(uri, "stat", lambda: _boto3().head_object(Bucket=bucket, Key=key))["ETag"]
+        except FileNotFoundError:
+            return None
+    if "://" in uri and not uri.startswith("file://"):
+        return None
+    try:
+        stat = os.stat(_local(uri))
+    except FileNotFoundError:
+        return None
+    return f"{stat.st_size}:{stat.st_mtime_ns}"
 
 
 def delete(uri: str) -> None:

@@ -10,7 +10,8 @@ the buckets their rows fall in. `STATE_BUCKETS` is fixed for the life of an outp
 must stay in its bucket); at 100M pairs a bucket holds ~400k rows (~60 MB of Parquet).
 
 - `compact_state()`: fold every run's manifest that is not folded yet into the buckets (Ray
-  Data: a group-by on the bucket, one task per touched bucket). A run calls it at its start
+  Data: a group-by on the bucket, one task per touched bucket; a few part files, a small run's,
+  in this process: starting Ray's tasks for them took longer than the fold). A run calls it at its start
   (a killed run's part files count: that is how a re-run finishes the remainder without
   rendering done pairs again) and at its end.
 - `load_state()`: the whole index as one table, on one machine: for `--dry-run` and tests.
@@ -25,7 +26,9 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+from collections.abc import Callable
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
@@ -37,6 +40,9 @@ __all__ = ["STATE_BUCKETS", "bucket_of", "read_bucket", "load_state", "compact_s
 
 STATE_BUCKETS = 256
 LAYOUT_VERSION = 2
+# Folds of up to this many part files run in this process: a run's parts hold up to 1000 rows
+# (`--manifest-part-rows`), so at most ~4000 rows, at most every bucket file read and written once.
+LOCAL_FOLD_FILES = 4
 # Rows that are not state: a pair_id naming several inputs at once has no result, and a
 # superseded row's pair has its result from another row.
 NOT_STATE = ("duplicate_pair_id", "superseded")
@@ -93,13 +99,21 @@ def _state_rows(uri: str) -> pa.Table:
 
 
 def latest(table: pa.Table) -> pa.Table:
-    """The latest row per pair_id (by finished_at)."""
+    """The latest row per pair_id (by finished_at). A reused row keeps its earlier row's
+    finished_at; of such equals the first in the table (the index's own row) stays, unless only
+    the later one records the inputs (an index row written without them is reused once and
+    recorded with them: `resume.StateIndex.same_inputs`)."""
     if table.num_rows < 2:
         return table
-    table = table.sort_by([("pair_id", "ascending"), ("finished_at", "descending")])
+    order, unrecorded = "_order", "_no_inputs"
+    table = table.append_column(order, pa.array(np.arange(table.num_rows)))
+    recorded = table["inputs_digest"] if "inputs_digest" in table.column_names else pa.nulls(table.num_rows)
+    table = table.append_column(unrecorded, pc.is_null(recorded))
+    keys = [("pair_id", "ascending"), ("finished_at", "descending"), (unrecorded, "ascending"), (order, "ascending")]
+    table = table.sort_by(keys)
     pair = table.column("pair_id")
     keep = pc.invert(pc.equal(pair.slice(1), pair.slice(0, len(pair) - 1)).fill_null(False))
-    return table.filter(pa.concat_arrays([pa.array([True]), keep.combine_chunks()]))
+    return table.filter(pa.concat_arrays([pa.array([True]), keep.combine_chunks()])).drop_columns([order, unrecorded])
 
 
 def read_bucket(layout: Layout, bucket: int) -> pa.Table:
@@ -140,20 +154,31 @@ def _merge_bucket(rows: pa.Table, output: str) -> pa.Table:
     return pa.table({"bucket": [bucket], "pairs": [merged.num_rows]})
 
 
-def compact_state(layout: Layout, num_cpus: float, exclude_run: str | None = None) -> int:
+def compact_state(
+    layout: Layout, num_cpus: float, exclude_run: str | None = None, connect: Callable | None = None
+) -> int:
     """Fold every run not folded yet (but `exclude_run`) and a layout-1 index into the buckets,
-    on the Ray cluster this process is connected to; returns the pairs in the index.
+    on the Ray cluster (`connect()` joins it when the fold needs it; None: this process is
+    connected) or, a few part files, in this process; returns the pairs in the index.
 
     Idempotent: done.json is written after the buckets, so a kill in between only means those
     runs are folded again next time (the latest row per pair is the same row), never that one
     is skipped."""
-    import ray
-
     meta = _meta(layout)
     runs = uncompacted_runs(layout, exclude_run)
-    sources = ([layout.state] if _legacy(layout, meta) else []) + _part_files(layout, runs)
+    legacy = _legacy(layout, meta)
+    sources = ([layout.state] if legacy else []) + _part_files(layout, runs)
     pairs = dict(meta.get("bucket_pairs", {}))
-    if sources:
+    if sources and not legacy and len(sources) <= LOCAL_FOLD_FILES:
+        rows = _read_sources(pa.table({"uri": sources}))
+        for bucket in pc.unique(rows[BUCKET]).to_pylist():
+            merged = _merge_bucket(rows.filter(pc.equal(rows[BUCKET], bucket)), layout.output)
+            pairs[f"{bucket:04d}"] = merged["pairs"][0].as_py()
+    elif sources:
+        if connect is not None:
+            connect()
+        import ray
+
         files = ray.data.from_items([{"uri": uri} for uri in sources], override_num_blocks=min(len(sources), 200))
         rows = files.map_batches(_read_sources, batch_format="pyarrow", batch_size=8, num_cpus=num_cpus)
         merged = rows.groupby(BUCKET, num_partitions=_partitions(len(sources))).map_groups(

@@ -23,6 +23,7 @@ from pipeline import compose, images, storage
 from pipeline.config import RENDER_DEFAULTS
 from pipeline.output.layout import Layout
 from pipeline.payload import RENDERED, VARIANT_RENDERS, Sizes, unpack_photo
+from pipeline.resume import URI_COLUMNS, inputs_version
 from pipeline.schema import (
     CARRIED_COLUMNS,
     EXTENSIONS,
@@ -52,7 +53,8 @@ _RESULTS = (
     "variant_seeds",
     "variant_scores",
     "chosen_variant",
-    "context_digest",  # the last two: a scene step's, computed here
+    "inputs_version",  # the last three computed here: the input files' versions, then a scene step's digests
+    "context_digest",
     "pixels_digest",
 )
 _TYPES = {f.name: f.type for f in OUTPUT_FIELDS}
@@ -119,8 +121,9 @@ def finish_batch(batch: pa.Table, *, config: FinishConfig) -> pa.Table:
     """The stage (a `map_batches` function): every row leaves as its output-manifest row."""
     require_columns("finish", batch)
     layout, n = Layout(config.output), batch.num_rows
-    col = {c: batch[c].to_pylist() for c in (*_RESULTS[:-2], "action", "render_ms")}
-    col |= {c: [None] * n for c in _RESULTS[-2:]}  # a scene step's, from its pixels
+    col = {c: batch[c].to_pylist() for c in (*_RESULTS[:-3], "action", "render_ms")}
+    col |= {c: [None] * n for c in _RESULTS[-3:]}
+    uris = [batch[c].to_pylist() for c in URI_COLUMNS]
     prev = {c: batch[PREV + c].to_pylist() for c in CARRIED_COLUMNS}
     status, output_uri, finished_at = [FAILED] * n, [None] * n, [None] * n
     # attempts at rendering the pair in this run (> 1 after worker deaths)
@@ -138,6 +141,9 @@ def finish_batch(batch: pa.Table, *, config: FinishConfig) -> pa.Table:
             continue
         if not col["error_code"][i]:
             start = time.perf_counter()
+            # after the render (the files were read by the prepare stage): a file replaced while
+            # its row rendered is recorded as the new one, and only --verify-inputs reads these
+            col["inputs_version"][i] = inputs_version([u[i] for u in uris])
             written = _write_image(batch, i, col["crop_box"][i], config, layout, scene_ids[i])
             status[i], (output_uri[i], col["context_digest"][i], col["pixels_digest"][i]) = OK, written
             postprocess_ms[i] = (time.perf_counter() - start) * 1000

@@ -52,6 +52,7 @@ def planned_batches(
     conflicts: manifest.PairIdConflicts,
     index: StateIndex | None,
     batch_rows: int,
+    verify_inputs: bool = False,
 ) -> Iterator[pa.Table]:
     """One manifest file, streamed: validated rows with their resume action, on one machine
     (`--dry-run`, training): `conflicts` and `index` cover the whole manifest."""
@@ -59,7 +60,7 @@ def planned_batches(
     folder = manifest.file_folder(plan.files[file_index])
     partition = None if plan.partitions is None else plan.partitions[file_index]
     for batch in manifest.iter_batches(one, batch_size=batch_rows):
-        yield resume_batch(validate_rows(batch, folder, conflicts, partition), index)
+        yield resume_batch(validate_rows(batch, folder, conflicts, partition), index, verify_inputs)
 
 
 def read_files(files: pa.Table, *, config: ReadConfig) -> Iterator[pa.Table]:

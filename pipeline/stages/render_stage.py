@@ -39,7 +39,7 @@ from pipeline.schema import RENDER, require_columns, set_columns
 from pipeline.stages.prepare_stage import PrepareConfig, step_columns
 from pipeline.stages.scene_stage import SCENE_REST, unroll
 
-__all__ = ["RenderStageConfig", "SceneSteps", "RenderStage", "CrashLedger"]
+__all__ = ["RenderStageConfig", "SceneSteps", "RenderStage", "CrashLedger", "unrendered"]
 
 log = logging.getLogger(__name__)
 
@@ -121,6 +121,30 @@ class CrashLedger:
 
     def end(self, key: str) -> None:
         storage.delete(self._uri(key))
+
+
+def unrendered(batch: pa.Table) -> pa.Table:
+    """A block none of whose rows is to render (reused, carried, failed before the model), as
+    `RenderStage` returns it, without a model: a run with nothing to render (`pipeline.run`)."""
+    n, none = batch.num_rows, [None] * batch.num_rows
+    return set_columns(
+        batch.drop_columns([c for c in MODEL_INPUTS if c in batch.column_names]),
+        {
+            RENDERED.name: pa.array([b""] * n, PAYLOAD_TYPE),
+            VARIANT_RENDERS.name: pa.array(none, PAYLOAD_TYPE),
+            "render_attempts": pa.array([1] * n, pa.int64()),
+            "render_ms": pa.array([0.0] * n, pa.float64()),
+            "render_ended_at": pa.array(none, pa.float64()),
+            "identity_score": pa.array(none, pa.float64()),
+            "variant_seeds": pa.array(none, pa.list_(pa.int64())),
+            "variant_scores": pa.array(none, pa.list_(pa.float64())),
+            "chosen_variant": pa.array(none, pa.int64()),
+            "feat_gen": pa.array(none, pa.binary()),
+            "feat_real": pa.array(none, pa.binary()),
+            "clip_score": pa.array(none, pa.float64()),
+            "clip_floor": pa.array(none, pa.float64()),
+        },
+    )
 
 
 class RenderStage:

@@ -8,7 +8,8 @@ All rows of a pair_id meet in one call, with the one state file that can hold th
 rows (`manifest.conflicts_of`: duplicates in any file, a backfill's superseded rows), each row
 validated against its own file's folder and partition (`rows.validate_rows`), the bucket's
 reusable state (`resume.reusable_state`, with `--verify-images` a HEAD per candidate image)
-and the join (`resume.resume_batch`). No process holds more than one bucket's state and the
+and the join (`resume.resume_batch`: same pair, seed and inputs; with `--verify-inputs` a stat
+or HEAD per input file of a candidate). No process holds more than one bucket's state and the
 rows of the buckets its shuffle partition received; the driver holds none.
 """
 
@@ -41,6 +42,7 @@ class ResumeConfig:
     force: bool = False  # reuse nothing (conflicts and validation still apply)
     retry_failed: bool = False  # failed rows are rendered again, not carried
     verify_images: bool = False  # an ok row is reused only if its image still exists (one HEAD each)
+    verify_inputs: bool = False  # an ok row is reused only if its input files are unchanged (a HEAD or stat each)
     scenes: bool = False  # the manifest has scene columns: tag rows with their scene group (scene_stage.GROUP)
     num_cpus: float = RENDER_DEFAULTS.cpu_stage_cpus  # per task
 
@@ -71,7 +73,7 @@ def resume_bucket(rows: pa.Table, *, config: ResumeConfig) -> pa.Table:
         one_file = rows.slice(int(start), int(stop - start)).drop_columns([BUCKET, FILE_INDEX])
         partition = None if plan.partitions is None else plan.partitions[i]
         validated = validate_rows(one_file, manifest.file_folder(plan.files[i]), conflicts, partition)
-        out.append(resume_batch(validated, index))
+        out.append(resume_batch(validated, index, config.verify_inputs))
     table = pa.concat_tables(out)
     if config.scenes:
         table = table.append_column(GROUP, group_keys(table["scene_id"], pa.array([bucket] * table.num_rows)))

@@ -60,7 +60,7 @@ def test_backfill_dry_run_idempotence_and_repair(ray_address, tmp_path, capsys, 
         *"--batch-size 3".split(),  # a day's 3 pairs in one model call
     ]
 
-    # columns: pending, done, failed, invalid, skipped
+    # columns: render, reuse, carried, invalid, skipped
     assert _dry_run_counts(capsys, args) == {f"dt={d}": [3, 0, 0, 0, 0] for d in DAYS} | {"total": [9, 0, 0, 0, 0]}
     assert not output.exists()  # a dry run writes nothing
 

@@ -133,7 +133,7 @@ def test_dry_run_counts_disallowed_uris_as_invalid(capsys, tmp_path, tiny_model_
     totals = next(
         line.split()[1:] for line in capsys.readouterr().out.splitlines() if line.strip().startswith("total")
     )
-    assert [int(v) for v in totals] == [1, 0, 0, 2, 0]  # pending, done, failed, invalid, skipped
+    assert [int(v) for v in totals] == [1, 0, 0, 2, 0]  # render, reuse, carried, invalid, skipped
     assert backfill([*args, "--allow-root", str(tmp_path / "elsewhere")]) == 0
     totals = next(
         line.split()[1:] for line in capsys.readouterr().out.splitlines() if line.strip().startswith("total")
