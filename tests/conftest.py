@@ -13,6 +13,7 @@ import os
 import sys
 
 import pytest
+import torch
 
 sys.path.insert(0, os.path.dirname(__file__))  # tests/helpers.py, tests/parts.py, tests/s3proxy.py
 
@@ -22,6 +23,12 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+
+# One torch thread in the test process, as Ray gives a fractional-CPU task (OMP_NUM_THREADS=1):
+# on a shared 2-core machine two OpenMP threads per process spin-wait on each other (under load
+# tests/unit/test_model.py + test_train_gradients.py took 389 s with two threads, 35 s with one),
+# and the tiny models gain little from a second one. Ray workers and subprocesses are untouched.
+torch.set_num_threads(1)
 
 INTEGRATION_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "integration")
 SLOW_FIXTURES = {"s3_proxy", "s3_endpoint", "s3_bucket", "ray_address"}
@@ -36,6 +43,14 @@ def pytest_collection_modifyitems(config, items):
             raise pytest.UsageError(
                 f"{item.nodeid} is a unit test but uses {sorted(SLOW_FIXTURES & set(item.fixturenames))}"
             )
+
+
+@pytest.fixture(autouse=True)
+def _one_torch_thread():
+    """Back to one torch thread after a test that set more (RenderStage(torch_threads=2))."""
+    yield
+    if torch.get_num_threads() != 1:
+        torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")
