@@ -29,6 +29,7 @@ def test_eight_contenders_at_once_one_acquires(tmp_path):
     assert os.listdir(tmp_path / "out") == []  # released; no temp or claim file left
 
 
+@pytest.mark.slow  # eight processes wait out a stale lock (seconds): `make test` runs it, `make test-unit` does not
 def test_eight_contenders_taking_over_one_crashed_holders_lock(tmp_path):
     output = str(tmp_path / "out")
     crashed_holder(output, "crashed", 2.0, str(tmp_path))

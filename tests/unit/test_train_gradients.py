@@ -98,6 +98,7 @@ def _grid_loss(learner: Learner, samples: SampleSet) -> float:
     return learner.validation_loss(samples)  # the fixed (t, noise) grid, here on the training pairs
 
 
+@pytest.mark.slow  # trains: `make test` runs it, `make test-unit` does not
 def test_the_loss_falls_on_a_fixed_small_set(samples):
     learner = _learner(_config(cfg_drop=0.2))
     start = _grid_loss(learner, samples)
