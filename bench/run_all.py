@@ -37,6 +37,8 @@ BENCHES = {
     "learned_ci": ["bench/learned.py", "--calibration-only"],
     "noop": ["bench/noop.py"],
     "demo_rerun": ["bench/noop.py", "--demo"],
+    # issue 27's refactor (options, payload owner, renames) against the commit before it
+    "before_after_27": ["bench/before_after.py", "--base", "748d8c4"],
 }
 GPU_COMMAND = "bash bench/gpu/run.sh   # on a device machine, .whl/ carried (bench/gpu/README.md)"
 
