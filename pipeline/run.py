@@ -285,6 +285,10 @@ class RenderRun:
             from pipeline.metrics.shards import MetricsAccumulator
 
             self.metrics = MetricsAccumulator(self.layout, self.spec.run_id)
+        # Images are written by Ray workers, beyond the manifest-part fence: a run frozen past
+        # lock_stale_s while it planned must not start rendering into an output taken over.
+        if self.lock is not None:
+            self.lock.check("its images")
         dataset = build_dataset(self.spec, gpus, self.planned)
         self.planned = None  # in the object store now
         batch = None
@@ -300,6 +304,8 @@ class RenderRun:
         pa.default_memory_pool().release_unused()
 
     def _add(self, batch) -> None:
+        if self.lock is not None and self.lock.lost is not None:  # the heartbeat found it taken over
+            self.lock.check("the rest of its images")
         if self.metrics is not None:
             self.metrics.add(batch)
         self.writer.add(batch)

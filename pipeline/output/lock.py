@@ -23,8 +23,10 @@ compare-and-swap on the content's sha256, explained in `storage.put_if_match`):
 Residual windows: a writer frozen for longer than `stale_after_s` between `check()` and the
 write it fences (e.g. SIGSTOP exactly there) can still write once after a takeover, as with any
 lease; on local files also one inside the few system calls of a compare-and-swap (see
-`storage.put_if_match`). Image objects are written by Ray workers, not fenced: a run that lost
-the lock may overwrite images until it stops at its next fence (it writes no row for them).
+`storage.put_if_match`). Image objects are written by Ray workers, not fenced one by one: the
+driver checks the lock before it starts the render stream and stops at the first block after
+the heartbeat finds the lock taken over, but blocks already in flight may still overwrite
+images (it writes no row for them).
 Staleness compares the holder's clock with the reader's: hosts need roughly synchronised
 clocks. Driver-side.
 """
