@@ -14,6 +14,7 @@ import uuid
 from pipeline.config import ConfigError
 
 __all__ = [
+    "absolute_uri",
     "check_writable",
     "init_ray",
     "quiet_console",
@@ -21,6 +22,13 @@ __all__ = [
     "terminate_as_exception",
     "raise_in_main_thread",
 ]
+
+
+def absolute_uri(uri: str | None) -> str | None:
+    """A local path made absolute on the driver (a URI with a scheme, None and "" as they are):
+    Ray workers run in other folders, so a relative path must mean what it meant where the user
+    typed it."""
+    return uri if not uri or "://" in uri else os.path.abspath(uri)
 
 
 def check_writable(output: str, probe: bool = True) -> None:

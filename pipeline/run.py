@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import secrets
 import time
 from dataclasses import dataclass, field
@@ -28,7 +27,14 @@ from datetime import UTC, datetime
 from pipeline import record, storage
 from pipeline.capacity import DoesNotFit
 from pipeline.config import ConfigError, RenderConfig, RunSpec
-from pipeline.driver import Terminated, check_writable, init_ray, raise_in_main_thread, terminate_as_exception
+from pipeline.driver import (
+    Terminated,
+    absolute_uri,
+    check_writable,
+    init_ray,
+    raise_in_main_thread,
+    terminate_as_exception,
+)
 from pipeline.dry_run import dry_run_counts
 from pipeline.manifest import ManifestError, plan_manifest
 from pipeline.model.checkpoint import CheckpointError, check_dtc_checkpoint, model_digest, weights_warning
@@ -123,17 +129,13 @@ def _absolute_paths(cfg: RenderConfig) -> RenderConfig:
     """Local paths made absolute on the driver: Ray workers run in other folders (a cluster's
     workers in the job's working dir, or none), so `models/dtc-tiny` must mean what it meant
     where the user typed it."""
-
-    def absolute(uri: str | None) -> str | None:
-        return uri if not uri or "://" in uri else os.path.abspath(uri)
-
     return cfg.model_copy(
         update=dict(
-            output=absolute(cfg.output),
-            model=absolute(cfg.model),
-            inception_weights=absolute(cfg.inception_weights),
-            clip_model=absolute(cfg.clip_model),
-            allow_root=[absolute(root) for root in cfg.allow_root],
+            output=absolute_uri(cfg.output),
+            model=absolute_uri(cfg.model),
+            inception_weights=absolute_uri(cfg.inception_weights),
+            clip_model=absolute_uri(cfg.clip_model),
+            allow_root=[absolute_uri(root) for root in cfg.allow_root],
         )
     )
 

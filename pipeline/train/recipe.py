@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import threading
 import time
 from dataclasses import dataclass
@@ -30,7 +29,7 @@ from datetime import UTC, datetime
 
 from pipeline import storage
 from pipeline.config import ConfigError
-from pipeline.driver import Terminated, check_writable, init_ray, terminate_as_exception
+from pipeline.driver import Terminated, absolute_uri, check_writable, init_ray, terminate_as_exception
 from pipeline.fetch import InputPolicy
 from pipeline.manifest import ManifestError, ManifestPlan, pair_id_conflicts, plan_manifest
 from pipeline.model.checkpoint import CheckpointError, check_dtc_checkpoint, model_digest
@@ -113,17 +112,13 @@ def check(cfg: TrainConfig) -> TrainSpec:
 
 def _absolute_paths(cfg: TrainConfig) -> TrainConfig:
     """Local paths made absolute: Ray workers (and a resumed run) must not depend on the cwd."""
-
-    def absolute(uri: str | None) -> str | None:
-        return uri if uri is None or "://" in uri else os.path.abspath(uri)
-
     return cfg.model_copy(
         update=dict(
-            manifest=absolute(cfg.manifest),
-            init_model=absolute(cfg.init_model),
-            output=absolute(cfg.output),
-            vgg_weights=absolute(cfg.vgg_weights),
-            allow_root=[absolute(root) for root in cfg.allow_root],
+            manifest=absolute_uri(cfg.manifest),
+            init_model=absolute_uri(cfg.init_model),
+            output=absolute_uri(cfg.output),
+            vgg_weights=absolute_uri(cfg.vgg_weights),
+            allow_root=[absolute_uri(root) for root in cfg.allow_root],
         )
     )
 
