@@ -213,7 +213,9 @@ def build_dataset(spec: RunSpec, gpus_per_actor: float, planned: pa.Table | None
     cost a small run more than its rendering (bench/noop.py, `cluster resume alone`)."""
     read, resume, prepare, render, finish = stage_configs(spec, gpus_per_actor)
     if planned is not None:
-        rows = ray.data.from_arrow(planned)
+        # from_blocks computes the block's metadata here; from_arrow asks a remote task for it,
+        # which waits forever for a CPU on a full cluster, before the stall watchdog starts
+        rows = ray.data.from_blocks([planned])
     else:
         rows = resumed_rows(spec, read, resume)
     if planned is None and has_scenes(spec):  # all rows of a scene meet, whatever files they sit in, and travel as one

@@ -69,12 +69,22 @@ def test_a_run_that_cannot_move_stops_naming_the_stages_and_frees_the_cluster(
     placeholder = Placeholder.remote()
     assert ray.get(placeholder.ready.remote())
     output = tmp_path / "out"
-    args = render_args(_catalog(tmp_path), output, tiny_model_dir, "--run-id", "stuck", *FAST)
+    catalog = _catalog(tmp_path)
+    # planned on the cluster (the read and resume steps wait for a CPU), then planned in the
+    # driver (a small manifest: its rows go straight to the prepare step, which waits)
+    on_cluster = tmp_path / "on-cluster.yaml"
+    on_cluster.write_text("driver_plan_rows: 0\n")
+    args = render_args(catalog, output, tiny_model_dir, "--run-id", "stuck", *FAST, "--config", str(on_cluster))
+    planned = render_args(catalog, tmp_path / "planned", tiny_model_dir, "--run-id", "planned", *FAST)
     try:
         assert render([*args, "--stall-timeout-s", "5"]) == 1
+        out, err = capsys.readouterr()
+        assert render([*planned, "--stall-timeout-s", "5"]) == 1
+        capsys.readouterr()
     finally:
         ray.kill(placeholder)
-    out, err = capsys.readouterr()
+    planned_message = json.loads((tmp_path / "planned" / "runs" / "planned.json").read_text())["message"]
+    assert planned_message.startswith("no progress for 5 s"), planned_message
     message = json.loads((output / "runs" / "stuck.json").read_text())["message"]
     assert message.startswith("no progress for 5 s (no batch reached the driver since the stream started"), message
     assert "MapBatches(read_files) has 1 submitted task, waiting for {CPU: 0.5} per task" in message
