@@ -41,6 +41,7 @@ __all__ = [
     "DTC_COMPONENTS",
     "is_packed",
     "packed_metadata",
+    "header_metadata",
     "weights_warning",
     "UNTRAINED_WARNING",
     "RANDOM_IMAGE_ENCODER_WARNING",
@@ -136,8 +137,21 @@ def is_packed(uri: str) -> bool:
 
 
 def packed_metadata(uri: str) -> dict[str, str]:
-    """The metadata of a packed model's safetensors header (8-byte length, then JSON), read
-    without torch: a local file reads only its header."""
+    """The metadata of a packed model's safetensors header, which must name its model index
+    and digest (what the driver keys a run on)."""
+    metadata = header_metadata(uri)
+    missing = [key for key in ("model_index", "model_digest") if key not in metadata]
+    if missing:
+        raise CheckpointError(
+            f"{uri} is not a packed DTC model of this version (its metadata has no {', '.join(missing)}): "
+            "unpack it (`pipeline.model.packed.unpack`) and pack it again (`python -m jobs.demo --pack-weights DIR`)"
+        )
+    return metadata
+
+
+def header_metadata(uri: str) -> dict[str, str]:
+    """The metadata of a safetensors header (8-byte length, then JSON), read without torch: a
+    local file reads only its header."""
     try:
         if storage.is_s3(uri):
             data = storage.read_bytes(uri)
@@ -151,14 +165,7 @@ def packed_metadata(uri: str) -> dict[str, str]:
         raise CheckpointError(f"cannot read the packed model {uri}: {e}") from e
     except (ValueError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{uri} is not a safetensors file: {e}") from e
-    metadata = header.get("__metadata__") or {}
-    missing = [key for key in ("model_index", "model_digest") if key not in metadata]
-    if missing:
-        raise CheckpointError(
-            f"{uri} is not a packed DTC model of this version (its metadata has no {', '.join(missing)}): "
-            "unpack it (`pipeline.model.packed.unpack`) and pack it again (`python -m jobs.demo --pack-weights DIR`)"
-        )
-    return metadata
+    return header.get("__metadata__") or {}
 
 
 def weights_warning(index: dict) -> str | None:

@@ -29,6 +29,7 @@ from pipeline.model.checkpoint import (
     CheckpointError,
     check_dtc_checkpoint,
     default_cache_dir,
+    header_metadata,
     model_digest,
     packed_metadata,
     write_digest,
@@ -110,9 +111,7 @@ def unpack(packed_file: str, out: str) -> str:
     """The inverse of `pack`: a DTC folder at `out` that jobs.render loads; returns `out`. A
     file whose metadata records a model digest must unpack to exactly that model."""
     _unpack_tensors(packed_file, out)
-    with open(packed_file, "rb") as f:
-        header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
-    expected = (header.get("__metadata__") or {}).get("model_digest")
+    expected = header_metadata(packed_file).get("model_digest")
     got = model_digest(out)
     if expected is not None and got != expected:
         raise CheckpointError(f"{packed_file} unpacks to model {got[:12]}, its metadata says {expected[:12]}")
