@@ -25,6 +25,7 @@ import pyarrow.compute as pc
 
 from pipeline import storage
 from pipeline.metrics.page import contact_row, esc, fmt
+from pipeline.metrics.qa import qa_sections
 from pipeline.output.layout import Layout
 from pipeline.schema import OUTPUT_FIELDS
 
@@ -241,14 +242,6 @@ def _failed_pairs(rows: pa.Table, cap: int) -> str:
 # -- the page ------------------------------------------------------------------------------------
 
 
-def _qa_sections(rows: pa.Table, max_pixels: int) -> list[str]:
-    """Scene strips, variant grids, lowest identity scores (metrics/qa.py). Imported here: qa
-    builds on this module's thumbnail and contact-sheet helpers, so it imports this module."""
-    from pipeline.metrics.qa import qa_sections
-
-    return qa_sections(rows, max_pixels)
-
-
 def render_report(
     run_id: str,
     rows: pa.Table,
@@ -286,7 +279,7 @@ def render_report(
     sections += [
         _sheet("Lowest CLIP scores", "lowest", _lowest(scored, sample_size), max_pixels),
         _sheet("Random sample", "sample", _sample(ok, sample_size, seed), max_pixels),
-        *_qa_sections(rows, max_pixels),
+        *qa_sections(rows, max_pixels),  # scene strips, variant grids, lowest identity
         _failed_pairs(rows, failed_shown),
         _IMAGES_LOADED,
         "</body></html>",
