@@ -23,10 +23,10 @@ from typing import TYPE_CHECKING
 
 from pipeline.config import ConfigError, RunSpec
 
-if TYPE_CHECKING:  # the driver imports this module before Ray (pipeline.run catches DoesNotFit)
+if TYPE_CHECKING:  # the driver imports this module before Ray (pipeline.run catches OverCapacity)
     from pipeline.dataflow import ResourcePlan
 
-__all__ = ["DoesNotFit", "check_fit", "cluster_grows", "fit_problem", "config_node_types"]
+__all__ = ["OverCapacity", "check_capacity", "capacity_problem", "cluster_grows", "config_node_types"]
 
 log = logging.getLogger("dtc.render")
 
@@ -34,25 +34,25 @@ EPS = 1e-6  # Ray keeps resource amounts to 1e-4; this only absorbs float noise 
 REPORT_WAIT_S = 10.0  # a Ray just started writes its first autoscaler report within a few seconds
 
 
-class DoesNotFit(ConfigError):
+class OverCapacity(ConfigError):
     """The plan cannot start on this cluster: the message names the numbers and what to lower."""
 
 
-def check_fit(ray, spec: RunSpec, gpus_per_actor: float) -> None:
-    """Raise DoesNotFit when the run's plan cannot start on the cluster `ray` is connected to."""
+def check_capacity(ray, spec: RunSpec, gpus_per_actor: float) -> None:
+    """Raise OverCapacity when the run's plan cannot start on the cluster `ray` is connected to."""
     grows = cluster_grows(ray)
     if grows:
-        log.info("fit check skipped: %s", grows)
+        log.info("capacity check skipped: %s", grows)
         return
     from pipeline.dataflow import resource_plan
 
     nodes = [node["Resources"] for node in ray.nodes() if node.get("Alive")]
-    problem = fit_problem(resource_plan(spec, gpus_per_actor), nodes, spec.cfg.actors)
+    problem = capacity_problem(resource_plan(spec, gpus_per_actor), nodes, spec.cfg.actors)
     if problem:
-        raise DoesNotFit(problem)
+        raise OverCapacity(problem)
 
 
-def fit_problem(plan: ResourcePlan, nodes: list[dict], actors: tuple[int, int]) -> str | None:
+def capacity_problem(plan: ResourcePlan, nodes: list[dict], actors: tuple[int, int]) -> str | None:
     """Why `plan` cannot start on `nodes` (each node's total resources), or None when it fits."""
     actor, lo = plan.actor, plan.min_actors
     task_cpus = max(task.get("CPU", 0.0) for task in plan.tasks.values())

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 from pipeline import record, storage
-from pipeline.capacity import DoesNotFit
+from pipeline.capacity import OverCapacity
 from pipeline.config import ConfigError, RenderConfig, RunSpec
 from pipeline.driver import (
     Terminated,
@@ -211,7 +211,7 @@ class RenderRun:
         except LockLost as e:  # exit 1; the run that took the output over renders what is left
             self.message = str(e)
             log.error(self.message)
-        except DoesNotFit as e:  # refused (exit 2) before any work: nothing written but the run record
+        except OverCapacity as e:  # refused (exit 2) before any work: nothing written but the run record
             self.exit_code, self.message = EXIT_REFUSED, str(e)
         except Stalled as e:  # exit 1: the watchdog's message names the stage that waits
             self.message = str(e)
@@ -279,9 +279,9 @@ class RenderRun:
         gpus = self.spec.cfg.gpus_per_actor
         if gpus is None:
             gpus = 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
-        from pipeline.capacity import check_fit
+        from pipeline.capacity import check_capacity
 
-        check_fit(ray, self.spec, gpus)  # DoesNotFit: before the first block, nothing written yet
+        check_capacity(ray, self.spec, gpus)  # OverCapacity: before the first block, nothing written yet
         watchdog = self._watchdog(gpus)
         if self.spec.with_metrics:
             from pipeline.metrics.shards import MetricsAccumulator

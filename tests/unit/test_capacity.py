@@ -9,7 +9,7 @@ import threading
 
 import pytest
 
-from pipeline.capacity import config_node_types, fit_problem
+from pipeline.capacity import capacity_problem, config_node_types
 from pipeline.config import RenderConfig
 from pipeline.dataflow import RAY_STEP_CPUS, resource_plan
 from pipeline.driver import raise_in_main_thread, terminate_as_exception
@@ -43,35 +43,35 @@ def test_the_plan_is_the_stage_configs_and_rays_own_steps(catalog, tiny_model_di
 
 def test_two_one_cpu_actors_on_two_cpus_are_refused_with_the_numbers(catalog, tiny_model_dir, tmp_path):
     plan = _plan(catalog, tiny_model_dir, tmp_path, actors=(2, 2), cpus_per_actor=1.0)
-    assert fit_problem(plan, [{"CPU": 2.0}], (2, 2)) == (
+    assert capacity_problem(plan, [{"CPU": 2.0}], (2, 2)) == (
         "--actors 2,2 needs 2 x 1.0 CPU for the model actors plus 1.0 CPU for one hash shuffle/repartition task "
         "(read/resume/prepare/finish take less) = 3.0 CPUs; the cluster has 2.0 CPUs and no autoscaler: "
         "lower --actors or --cpus-per-actor (or add nodes)"
     )
     # the defaults fit exactly (measured: one 1-CPU actor and the 1-CPU shuffle tasks progress on 2 CPUs)
     default = _plan(catalog, tiny_model_dir, tmp_path)
-    assert fit_problem(default, [{"CPU": 2.0}], (1, 1)) is None
-    assert fit_problem(default, [{"CPU": 1.5}], (1, 1)) is not None
+    assert capacity_problem(default, [{"CPU": 2.0}], (1, 1)) is None
+    assert capacity_problem(default, [{"CPU": 1.5}], (1, 1)) is not None
 
 
 def test_gpus_and_custom_resources_are_checked_too(catalog, tiny_model_dir, tmp_path):
     gpu = _plan(catalog, tiny_model_dir, tmp_path, gpus=1.0, actors=(2, 2), gpus_per_actor=1.0)
-    problem = fit_problem(gpu, [{"CPU": 16.0, "GPU": 1.0}], (2, 2))
+    problem = capacity_problem(gpu, [{"CPU": 16.0, "GPU": 1.0}], (2, 2))
     assert problem.startswith("--actors 2,2 needs 2 x 1.0 GPU for the model actors = 2.0 GPUs; the cluster has 1.0")
     assert "--gpus-per-actor" in problem
     pinned = _plan(catalog, tiny_model_dir, tmp_path, actor_resources={"gpu_node": 1})
-    assert "actor_resources 'gpu_node'" in fit_problem(pinned, [{"CPU": 16.0}], (1, 1))
-    assert fit_problem(pinned, [{"CPU": 16.0, "gpu_node": 1.0}], (1, 1)) is None
+    assert "actor_resources 'gpu_node'" in capacity_problem(pinned, [{"CPU": 16.0}], (1, 1))
+    assert capacity_problem(pinned, [{"CPU": 16.0, "gpu_node": 1.0}], (1, 1)) is None
 
 
 def test_an_actor_cannot_span_nodes(catalog, tiny_model_dir, tmp_path):
     plan = _plan(catalog, tiny_model_dir, tmp_path, actors=(3, 3), cpus_per_actor=1.0)
     three = [{"CPU": 1.5}] * 3  # 4.5 CPUs in all, more than the 4.0 needed, but 1 actor per node
-    problem = fit_problem(plan, three, (3, 3))
+    problem = capacity_problem(plan, three, (3, 3))
     assert "an actor cannot span nodes" in problem and "hold only 2 of them beside the task" in problem
-    assert fit_problem(plan, [{"CPU": 1.5}, {"CPU": 1.5}, {"CPU": 2.0}], (3, 3)) is None  # the task on the third
+    assert capacity_problem(plan, [{"CPU": 1.5}, {"CPU": 1.5}, {"CPU": 2.0}], (3, 3)) is None  # the task on the third
     small = _plan(catalog, tiny_model_dir, tmp_path, cpus_per_actor=0.5)
-    assert "no node has room for that task" in fit_problem(small, [{"CPU": 0.75}] * 4, (1, 1))
+    assert "no node has room for that task" in capacity_problem(small, [{"CPU": 0.75}] * 4, (1, 1))
 
 
 def test_the_read_only_autoscaler_is_no_autoscaler():
