@@ -16,7 +16,7 @@ and spatial FiLM), `jobs.render` of the test split, `jobs.eval_synthetic`'s metr
 - `profile`: the trained model with DDIM 40 (the default), DPM-Solver++ 20 (the fast profile) and
   fewer steps of each, with the metrics and the render's steady images/s (same run, same machine);
 - `ci_calibration` (`--calibration-only`, its own section `learned_ci` of RESULTS.md): the CI
-  test's recipe (`toy.ci_run`, with the committed models/train-tiny.safetensors as CI has it) on
+  test's recipe (`runs.ci_run`, with the committed models/train-tiny.safetensors as CI has it) on
   CALIBRATION_SEEDS: trained and untrained hue error per seed, their gap (what the test asserts)
   and its run-to-run spread (the gaps' sample standard deviation), and twice that spread: the
   least margin the CI test may assert.
@@ -150,11 +150,11 @@ def stage0(work: str) -> str:
 
 def learning_table(work: str, init: str, steps: int) -> dict:
     """Two trainings, the ablation models; one `table` line per row. Returns model paths."""
-    from pipeline.train import synthetic_eval, toy
+    from pipeline.toy import runs, synthetic_eval
 
     films = (DEFAULT_FILM_MODE, *(m for m in FILM_MODES if m != DEFAULT_FILM_MODE))
     for film in films[1:]:  # stage 0 fitted the default mode's folder; the others share its VAE
-        toy.with_film_mode(init, os.path.join(work, f"init-{film}"), film)
+        runs.with_film_mode(init, os.path.join(work, f"init-{film}"), film)
     models = {"untrained": init}
     began = time.perf_counter()
     # both FiLM modes at once, one torch thread each: on a shared 2-core machine that ends sooner
@@ -165,7 +165,7 @@ def learning_table(work: str, init: str, steps: int) -> dict:
         emit(what="loss_curve", film=film, steps=steps, seconds_both=seconds, **loss_curve(output))
         models[f"{film} FiLM"] = os.path.join(output, "model")
     default = f"{DEFAULT_FILM_MODE} FiLM"
-    toy.hint_off(models[default], os.path.join(work, "hint-off"))
+    runs.hint_off(models[default], os.path.join(work, "hint-off"))
     models["hint branch off"] = os.path.join(work, "hint-off")
     rows = {name: render_and_score(work, model, name.replace(" ", "-")) for name, model in models.items()}
     test = os.path.join(work, "toy", "test.parquet")
@@ -188,14 +188,14 @@ def profiles(work: str, model: str) -> None:
 
 def calibration(work: str) -> None:
     """The CI test's run on the calibration seeds: the spread its margin must clear twice over."""
-    from pipeline.train import toy
+    from pipeline.toy import runs
 
-    weights = toy.unpack(os.path.join(ROOT, "models", "train-tiny.safetensors"), os.path.join(work, "committed"))
+    weights = runs.unpack(os.path.join(ROOT, "models", "train-tiny.safetensors"), os.path.join(work, "committed"))
     runs = []
-    for seed in toy.CALIBRATION_SEEDS:  # a seed already run in this --work is read back, not run again
+    for seed in runs.CALIBRATION_SEEDS:  # a seed already run in this --work is read back, not run again
         done = os.path.join(work, f"ci-{seed}.json")
         if not os.path.exists(done):
-            result = toy.ci_run(weights, os.path.join(work, f"ci-{seed}"), seed)
+            result = runs.ci_run(weights, os.path.join(work, f"ci-{seed}"), seed)
             json.dump(result, open(done, "w"))
         runs.append(json.load(open(done)))
     trained = [r["trained"]["hue_error_deg"] for r in runs]
@@ -204,9 +204,9 @@ def calibration(work: str) -> None:
     spread = statistics.stdev(gaps)  # of the quantity the test asserts: the gap, not one side of it
     emit(
         what="ci_calibration",
-        seeds=list(toy.CALIBRATION_SEEDS),
-        steps=toy.CI_STEPS,
-        film_mode=toy.CI_FILM_MODE,
+        seeds=list(runs.CALIBRATION_SEEDS),
+        steps=runs.CI_STEPS,
+        film_mode=runs.CI_FILM_MODE,
         trained_hue_error_deg=trained,
         untrained_hue_error_deg=untrained,
         gap_deg=[round(g, 2) for g in gaps],

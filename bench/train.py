@@ -60,7 +60,7 @@ def bench_ray_cpu(folder: str, steps: int, per_worker: int) -> None:
     import ray
 
     from pipeline import storage
-    from pipeline.train.catalog import make_training_catalog
+    from pipeline.toy.catalog import make_training_catalog
     from pipeline.train.config import TrainConfig
     from pipeline.train.recipe import run_train
     from pipeline.train.vgg import save_random_vgg19
@@ -138,7 +138,7 @@ def _samples(folder: str, resolution: int):
     from pipeline.manifest import PairIdConflicts, plan_manifest
     from pipeline.stages.prepare_stage import PrepareConfig
     from pipeline.stages.read_stage import planned_batches
-    from pipeline.train.catalog import make_training_catalog
+    from pipeline.toy.catalog import make_training_catalog
     from pipeline.train.dataset import ROW_COLUMNS, prepare_training_batch
     from pipeline.train.samples import SampleSet
 

@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     if args.pack_weights:
-        from pipeline.train.toy import pack
+        from pipeline.toy.runs import pack
 
         pack(args.pack_weights, TRAIN_TINY_WEIGHTS)
         print(f"[demo] packed {args.pack_weights} into {TRAIN_TINY_WEIGHTS}")
@@ -118,8 +118,8 @@ def _learned(out: str, toy_pairs: int, metric_flags: list[str], force: bool) -> 
     """Part 2: the toy test split rendered with the committed train-tiny model, then scored."""
     from jobs.eval_synthetic import main as eval_synthetic
     from jobs.render import main as render
-    from pipeline.train.catalog import make_training_catalog
-    from pipeline.train.toy import unpack
+    from pipeline.toy.catalog import make_training_catalog
+    from pipeline.toy.runs import unpack
 
     toy = os.path.join(out, "toy")
     test = os.path.join(toy, "test.parquet")

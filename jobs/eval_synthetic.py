@@ -4,7 +4,7 @@
     python -m jobs.eval_synthetic --test-manifest toy/test.parquet --output renders/ --run-id trained
 
 Prints one JSON line (hue error, swap test, retrieval top-1 among 16, label-quadrant accuracy,
-masked PSNR: pipeline/train/synthetic_eval.py says how each is measured), writes it to
+masked PSNR: pipeline/toy/synthetic_eval.py says how each is measured), writes it to
 `renders/metrics/<run_id>/synthetic.json` and writes the run's QA page again so it shows them.
 `--copy-paste` scores the identity upper reference instead (the hint pasted, no model, no run).
 Local folders only. Exit codes: 0 scored, 2 bad usage or no such run.
@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if not os.path.exists(args.test_manifest):
         parser.error(f"--test-manifest {args.test_manifest} does not exist")
-    from pipeline.train import synthetic_eval
+    from pipeline.toy import synthetic_eval
 
     if args.copy_paste:
         import pyarrow.parquet as pq

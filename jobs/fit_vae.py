@@ -18,7 +18,7 @@ from pipeline.schema import FILM_MODES
 
 
 def main(argv: list[str] | None = None) -> int:
-    from pipeline.train.vae_fit import VaeFitConfig
+    from pipeline.toy.vae_fit import VaeFitConfig
 
     default = VaeFitConfig()
     parser = Parser(prog="python -m jobs.fit_vae", description=__doc__.split("\n")[0])
@@ -37,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--manifest {args.manifest} does not exist")
     import torch
 
-    from pipeline.train.vae_fit import make_train_tiny
+    from pipeline.toy.vae_fit import make_train_tiny
 
     if args.torch_threads:
         torch.set_num_threads(args.torch_threads)

@@ -27,7 +27,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.pairs < 1 or not 0 <= args.val_fraction < 1 or args.test_pairs < 0 or args.test_pairs == 1:
         parser.error("--pairs must be >= 1, --val-fraction in [0, 1), --test-pairs 0 or >= 2")
-    from pipeline.train.catalog import make_training_catalog
+    from pipeline.toy.catalog import make_training_catalog
 
     path = make_training_catalog(
         args.out, args.pairs, args.val_fraction, args.bad_rows, args.seed, n_test=args.test_pairs

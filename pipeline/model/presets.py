@@ -2,7 +2,7 @@
 inpainting UNet, SD VAE, DINOv2-g/14 at 224, 512 px) and `train-tiny` (the toy that learns on 2
 CPUs in minutes: 64 px, a VAE of factor 4 so the latents are 16 x 16, DINOv2 at 56 px). All are
 random-init: they fix shapes, not behaviour; `train-tiny` is meant to get its VAE fitted on the
-synthetic domain first (`python -m jobs.fit_vae`, pipeline/train/vae_fit.py), because no
+synthetic domain first (`python -m jobs.fit_vae`, pipeline/toy/vae_fit.py), because no
 diffusion training through a random VAE gives meaningful pixels. Real weights come from
 `assemble.assemble_from_parts` (an untrained warm start, see there for what it does and does not
 compute) and then fine-tuning, or from a trained folder.

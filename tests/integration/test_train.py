@@ -46,7 +46,7 @@ from pipeline.fetch import InputPolicy
 from pipeline.model.checkpoint import model_digest
 from pipeline.model.renderer import Renderer
 from pipeline.stages.prepare_stage import PrepareConfig, prepare_pair
-from pipeline.train.catalog import make_training_catalog
+from pipeline.toy.catalog import make_training_catalog
 from pipeline.train.step import WEIGHTS_FILE
 from pipeline.train.vgg import save_random_vgg19
 

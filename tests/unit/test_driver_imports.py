@@ -52,7 +52,7 @@ DRIVER_MODULES = [
     "pipeline.train.dataset",
     "pipeline.train.recipe",
     "pipeline.train.record",
-    "pipeline.train.catalog",
+    "pipeline.toy.catalog",
     "pipeline.train.export",
     "pipeline.train.faults",
 ]

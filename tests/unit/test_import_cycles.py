@@ -116,3 +116,20 @@ def test_pipeline_and_jobs_have_no_import_circle():
     assert "pipeline.run" in graph and "jobs.render" in graph  # the walk found the packages
     cycle = find_cycle(graph)
     assert cycle is None, "import circle: " + " -> ".join(cycle)
+
+
+def test_the_training_job_imports_no_toy():
+    """The toy (catalog, VAE fit, synthetic eval, ablation runs) drives the training job as a user
+    does; the job itself never reaches into it, directly or through another module."""
+    graph = import_graph()
+    assert "pipeline.toy.catalog" in graph and "pipeline.train.loop" in graph
+    for module in (m for m in graph if m == "pipeline.train" or m.startswith("pipeline.train.")):
+        seen, todo = set(), [module]
+        while todo:
+            current = todo.pop()
+            for target in graph.get(current, ()):
+                if target not in seen:
+                    seen.add(target)
+                    todo.append(target)
+        toy = sorted(m for m in seen if m == "pipeline.toy" or m.startswith("pipeline.toy."))
+        assert not toy, f"{module} imports {toy}"

@@ -1,6 +1,6 @@
 """A model that learned (issue 15): the train-tiny recipe beats the untrained model on hue error.
 
-The CI recipe (`pipeline.train.toy.ci_run`): a small fixed synthetic catalog, the committed
+The CI recipe (`pipeline.toy.runs.ci_run`): a small fixed synthetic catalog, the committed
 train-tiny model's fitted VAE around a fresh random DTC, `CI_STEPS` steps of the training job's
 own step (`step.Learner`, in-process: no Ray), then the test split rendered by `Renderer` with
 the render job's preparation and paste-back, scored by `synthetic_eval` (no metric weights).
@@ -17,7 +17,7 @@ import pyarrow.parquet as pq
 import pytest
 from helpers import ROOT
 
-from pipeline.train import catalog, synthetic_eval, toy
+from pipeline.toy import catalog, runs, synthetic_eval
 
 WEIGHTS = os.path.join(ROOT, "models", "train-tiny.safetensors")
 SEED = 6  # not a calibration seed
@@ -30,9 +30,9 @@ MARGIN_DEG = 25.0
 
 @pytest.mark.slow  # trains for a minute or more: `make test` runs it, `make test-unit` does not
 def test_training_beats_the_untrained_model_by_twice_the_run_to_run_spread(tmp_path):
-    assert SEED not in toy.CALIBRATION_SEEDS
-    weights = toy.unpack(WEIGHTS, str(tmp_path / "weights"))
-    result = toy.ci_run(weights, str(tmp_path / "run"), SEED)
+    assert SEED not in runs.CALIBRATION_SEEDS
+    weights = runs.unpack(WEIGHTS, str(tmp_path / "weights"))
+    result = runs.ci_run(weights, str(tmp_path / "run"), SEED)
     gap = result["untrained"]["hue_error_deg"] - result["trained"]["hue_error_deg"]
     assert gap >= MARGIN_DEG, result
 
@@ -68,4 +68,4 @@ def test_the_committed_weights_are_the_training_jobs_export_bit_for_bit(tmp_path
 
     with safe_open(WEIGHTS, framework="pt") as f:
         provenance = json.loads(f.metadata()["dtc_training"])
-    assert model_digest(toy.unpack(WEIGHTS, str(tmp_path / "model"))) == provenance["model_digest"]
+    assert model_digest(runs.unpack(WEIGHTS, str(tmp_path / "model"))) == provenance["model_digest"]

@@ -16,7 +16,7 @@ from jobs.train import config_from_flags
 from jobs.train import main as train
 from pipeline.config import ConfigError
 from pipeline.manifest import plan_manifest
-from pipeline.train.catalog import make_training_catalog
+from pipeline.toy.catalog import make_training_catalog
 from pipeline.train.config import RECIPE_FIELDS, TrainConfig
 from pipeline.train.dataset import check_splits
 
@@ -90,7 +90,7 @@ def test_the_driver_side_does_not_import_torch():
     code = (
         "import sys\n"
         "import jobs.train, pipeline.train.config, pipeline.train.dataset, pipeline.train.recipe\n"
-        "import pipeline.train.record, pipeline.train.catalog, pipeline.train.export, pipeline.train.faults\n"
+        "import pipeline.train.record, pipeline.toy.catalog, pipeline.train.export, pipeline.train.faults\n"
         "heavy = ('torch', 'diffusers', 'transformers')\n"
         "print(','.join(sorted(m for m in sys.modules if m.split('.')[0] in heavy)))\n"
     )

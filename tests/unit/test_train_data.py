@@ -17,7 +17,7 @@ from pipeline.fetch import InputPolicy
 from pipeline.manifest import pair_id_conflicts, plan_manifest
 from pipeline.stages.prepare_stage import PrepareConfig, prepare_batch, prepare_pair
 from pipeline.stages.read_stage import planned_batches
-from pipeline.train.catalog import make_training_catalog
+from pipeline.toy.catalog import make_training_catalog
 from pipeline.train.dataset import TRAIN_PAYLOADS, prepare_training_batch, read_training_files
 from pipeline.train.samples import Augment, SampleSet, build_batch, positions, sample_at
 

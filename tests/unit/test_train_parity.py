@@ -16,7 +16,7 @@ from pipeline.fetch import InputPolicy
 from pipeline.manifest import plan_manifest
 from pipeline.model.presets import build_preset
 from pipeline.stages.prepare_stage import PrepareConfig
-from pipeline.train.catalog import make_training_catalog
+from pipeline.toy.catalog import make_training_catalog
 from pipeline.train.dataset import prepare_training_batch, read_training_files
 from pipeline.train.loss import TrainableDTC
 from pipeline.train.samples import SampleSet, build_validation_batch

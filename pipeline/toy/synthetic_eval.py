@@ -3,7 +3,7 @@
     metrics = evaluate_run("toy/test.parquet", "renders/", "trained")   # a jobs.render run of test.parquet
     metrics = evaluate_images(rows, images, base_dir)                    # any {pair_id: H x W x 3} renders
 
-The catalog (`pipeline.train.catalog`) makes identity measurable: scenes are of low saturation,
+The catalog (`pipeline.toy.catalog`) makes identity measurable: scenes are of low saturation,
 so the saturated pixels of the region are product pixels, and a product is its hue and the
 quadrant of its opposite-hue label. On the rows of `test.parquet`:
 

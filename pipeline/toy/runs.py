@@ -48,9 +48,9 @@ def train_in_process(init_model: str, manifest: str, cfg: TrainConfig, say=None)
     """Train `cfg.steps` steps of `cfg`'s recipe from `init_model` on `manifest`'s train rows in
     this process (no Ray, one worker); returns the trained pipeline (eval mode) and the losses."""
     from pipeline.model.loading import load_pipeline
+    from pipeline.toy.vae_fit import local_samples
     from pipeline.train.loss import TrainableDTC
     from pipeline.train.step import Learner
-    from pipeline.train.vae_fit import local_samples
 
     pipe = load_pipeline(init_model, device="cpu", dtype=torch.float32)
     train, _ = local_samples(manifest, pipe.config.resolution, pipe.config.product_size)
@@ -87,8 +87,8 @@ def ci_run(weights: str, folder: str, seed: int) -> dict:
 
     import pyarrow.parquet as pq
 
-    from pipeline.train.catalog import make_training_catalog
-    from pipeline.train.synthetic_eval import evaluate_images, render_in_process
+    from pipeline.toy.catalog import make_training_catalog
+    from pipeline.toy.synthetic_eval import evaluate_images, render_in_process
 
     catalog = os.path.join(folder, "catalog")
     manifest = make_training_catalog(catalog, **CI_CATALOG)
