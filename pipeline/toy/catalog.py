@@ -27,11 +27,24 @@ showed. `jobs.eval_synthetic` scores renders of it.
 
 With `bad_rows`, two training rows are broken on purpose (a missing photo, a bbox outside the
 photo): training skips and counts them.
+
+`kind="detail"` (issue 29) makes identity a fine *spatial* detail as well as a continuous hue:
+every product is a square in its hue carrying a 3 x 3 grid **code** (9 bits, row-major from the
+top-left; a 1 cell is the same hue at value 0.35 instead of 0.85, so the code is a light/dark
+pattern and the hue stays one hue). The grid spans `GRID_FRACTION` of the square; the render window
+is the region grown by `crop_margin` (0.25) per side, so at train-tiny's 64 px a cell is ~11 px and,
+through its factor-4 VAE, ~2.8 latent px (`detail_geometry`, written to `catalog.json`). Splits:
+the 512 codes are dealt once (fixed permutation) into 64 test, 64 val and 384 train codes, so test
+products carry codes never seen in training; hues come in **10-degree bands** (band index mod 6: 1
+test, 4 val, the rest train), so every test band lies between two train bands and a render's hue
+can be read *within* its band (`detail_eval`'s slope), not just as a colour family. The turn is
+small (+-4 deg photo, the reference 4..10 deg away) so the grid stays readable from the region's box.
 """
 
 from __future__ import annotations
 
 import colorsys
+import json
 import math
 import os
 
@@ -40,13 +53,40 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image, ImageDraw, ImageFilter
 
-__all__ = ["make_training_catalog", "SHAPES", "hue_split", "split_hue", "PRODUCT_SIDE"]
+__all__ = [
+    "make_training_catalog",
+    "KINDS",
+    "SHAPES",
+    "hue_split",
+    "split_hue",
+    "PRODUCT_SIDE",
+    "GRID",
+    "GRID_FRACTION",
+    "BAND_DEG",
+    "detail_hue_split",
+    "band_centre",
+    "code_split",
+    "code_bits",
+    "detail_geometry",
+]
+
+KINDS = ("toy", "detail")  # make_training_catalog's kinds: the colour toy (default) and issue 29's detail catalog
 
 SHAPES = ("disc", "square", "ring", "hexagon")
 PRODUCT_SIDE = 96  # the canonical product drawing, px (resized into each photo)
 SECTOR_DEG = 15.0
 _SPLIT_OF_SECTOR = {3: "val", 7: "test"}  # sector index mod 8; the rest are train
 SATURATION, VALUE = 0.8, 0.85
+
+GRID = 3  # the detail code: GRID x GRID cells, one bit each
+GRID_FRACTION = 0.78  # the grid's side over the product square's (a border of the product hue around it)
+DARK_VALUE = 0.35  # a 1 cell: the product's hue at this HSV value (a 0 cell: VALUE)
+BAND_DEG = 10.0  # the detail catalog's hue bands
+_SPLIT_OF_BAND = {1: "test", 4: "val"}  # band index mod 6; the rest are train (each test band between two)
+_CODES = np.random.default_rng(29).permutation(2 ** (GRID * GRID))  # dealt once: the first 64 test, then 64 val
+# The render window (crop_margin 0.25 per side) and the train-tiny preset (64 px, VAE factor 4)
+# the detail catalog is drawn for; tests/unit/test_detail.py checks them against the preset.
+DETAIL_CROP_MARGIN, DETAIL_RESOLUTION, DETAIL_VAE_FACTOR = 0.25, 64, 4
 
 
 def hue_split(hue: float) -> str:
@@ -60,9 +100,71 @@ def split_hue(split: str, rng: np.random.Generator) -> float:
     return float(sectors[int(rng.integers(len(sectors)))] * SECTOR_DEG + rng.uniform(0, SECTOR_DEG))
 
 
-def _rgb(hue: float) -> tuple[int, int, int]:
-    r, g, b = colorsys.hsv_to_rgb(hue % 360 / 360, SATURATION, VALUE)
+def detail_hue_split(hue: float) -> str:
+    """train | val | test of a detail-catalog hue: 10-degree bands, test and val each between two train bands."""
+    return _SPLIT_OF_BAND.get(int(hue % 360 // BAND_DEG) % 6, "train")
+
+
+def band_centre(hue: float) -> float:
+    """The centre of the 10-degree band `hue` lies in."""
+    return (hue % 360 // BAND_DEG + 0.5) * BAND_DEG
+
+
+def code_split(code: int) -> str:
+    """train | val | test of a 9-bit code: the splits' codes are disjoint."""
+    rank = int(np.flatnonzero(_CODES == code)[0])
+    return "test" if rank < 64 else "val" if rank < 128 else "train"
+
+
+def code_bits(code: int) -> list[int]:
+    """The code's cells, row-major from the top-left: 1 dark, 0 light."""
+    return [(code >> k) & 1 for k in range(GRID * GRID)]
+
+
+def detail_geometry(resolution: int = DETAIL_RESOLUTION, vae_factor: int = DETAIL_VAE_FACTOR) -> dict:
+    """Pixels per code cell in the render window (the region grown by the crop margin per side,
+    resized to `resolution`) and in the latents of a factor-`vae_factor` VAE."""
+    cell = resolution / (1 + 2 * DETAIL_CROP_MARGIN) * GRID_FRACTION / GRID
+    return {
+        "grid": GRID,
+        "grid_fraction": GRID_FRACTION,
+        "crop_margin": DETAIL_CROP_MARGIN,
+        "resolution": resolution,
+        "vae_factor": vae_factor,
+        "cell_px": round(cell, 2),
+        "latent_px_per_cell": round(cell / vae_factor, 2),
+    }
+
+
+def _detail_hue(split: str, rng: np.random.Generator) -> float:
+    bands = [b for b in range(36) if detail_hue_split(b * BAND_DEG) == split]
+    return float(bands[int(rng.integers(len(bands)))] * BAND_DEG + rng.uniform(0, BAND_DEG))
+
+
+def _detail_code(split: str, rng: np.random.Generator) -> int:
+    codes = {"test": _CODES[:64], "val": _CODES[64:128], "train": _CODES[128:]}[split]
+    return int(codes[int(rng.integers(len(codes)))])
+
+
+def _rgb(hue: float, value: float = VALUE) -> tuple[int, int, int]:
+    r, g, b = colorsys.hsv_to_rgb(hue % 360 / 360, SATURATION, value)
     return round(r * 255), round(g * 255), round(b * 255)
+
+
+def detail_image(hue: float, code: int) -> np.ndarray:
+    """The detail catalog's RGBA drawing: a square in `hue` with the 3 x 3 `code` on it."""
+    p = PRODUCT_SIDE
+    alpha = Image.new("L", (p, p), 0)
+    ImageDraw.Draw(alpha).rounded_rectangle([0, 0, p - 1, p - 1], radius=p // 16, fill=255)
+    colour = Image.new("RGB", (p, p), _rgb(hue))
+    draw = ImageDraw.Draw(colour)
+    side = GRID_FRACTION * p / GRID
+    start = (p - GRID * side) / 2
+    for k, bit in enumerate(code_bits(code)):
+        if bit:
+            x, y = start + (k % GRID) * side, start + (k // GRID) * side
+            draw.rectangle([x, y, x + side - 1, y + side - 1], fill=_rgb(hue, DARK_VALUE))
+    return np.dstack([np.asarray(colour), np.asarray(alpha)])
 
 
 def product_image(shape: str, hue: float, quadrant: int) -> np.ndarray:
@@ -152,12 +254,19 @@ def _identity(split: str, rng: np.random.Generator) -> dict:
     }
 
 
+def _detail_identity(split: str, rng: np.random.Generator) -> dict:
+    return {"shape": "square", "hue": _detail_hue(split, rng), "code": _detail_code(split, rng)}
+
+
 def _pair(folder: str, name: str, identity: dict, size: tuple[int, int], rng: np.random.Generator) -> dict:
     """Write one pair's images; returns its paths (relative), region and the product's drawing."""
     width, height = size
-    drawing = product_image(identity["shape"], identity["hue"], identity["quadrant"])
-    angle = float(rng.uniform(-12, 12))
-    other = angle + float(rng.choice([-1, 1]) * rng.uniform(10, 30))  # another view, never the same one
+    if "code" in identity:  # the detail catalog: a small turn keeps the grid readable
+        drawing, turn, apart = detail_image(identity["hue"], identity["code"]), 4, (4, 10)
+    else:
+        drawing, turn, apart = product_image(identity["shape"], identity["hue"], identity["quadrant"]), 12, (10, 30)
+    angle = float(rng.uniform(-turn, turn))
+    other = angle + float(rng.choice([-1, 1]) * rng.uniform(*apart))  # another view, never the same one
     side = int(min(width, height) * rng.uniform(0.38, 0.55))
     x, y = int(rng.integers(0, width - side)), int(rng.integers(0, height - side))
     layers = composite(
@@ -177,12 +286,12 @@ def _hue_distance(a: float, b: float) -> float:
     return abs((a - b + 180) % 360 - 180)
 
 
-def _training_rows(folder: str, n_pairs: int, val_fraction: float, rng, sizes) -> list[dict]:
+def _training_rows(folder: str, n_pairs: int, val_fraction: float, rng, sizes, identify) -> list[dict]:
     n_val = int(round(n_pairs * val_fraction))
     rows = []
     for i in range(n_pairs):
         split = "val" if i >= n_pairs - n_val else "train"
-        identity = _identity(split, rng)
+        identity = identify(split, rng)
         pair = _pair(folder, f"pair-{i:04d}", identity, sizes[i % len(sizes)], rng)
         row = {"pair_id": f"pair-{i:04d}", "context_uri": pair["context"], "product_uri": pair["product"]}
         region = {"mask_uri": None, "bbox": pair["bbox"]} if i % 4 == 0 else {"mask_uri": pair["mask"], "bbox": None}
@@ -190,9 +299,9 @@ def _training_rows(folder: str, n_pairs: int, val_fraction: float, rng, sizes) -
     return rows
 
 
-def _test_rows(folder: str, n_test: int, rng, sizes) -> list[dict]:
+def _test_rows(folder: str, n_test: int, rng, sizes, identify) -> list[dict]:
     """Two render rows per test product: its own product, and another one (the swap test)."""
-    identities = [_identity("test", rng) for _ in range(n_test)]
+    identities = [identify("test", rng) for _ in range(n_test)]
     pairs = [_pair(folder, f"test-{i:04d}", identities[i], sizes[i % len(sizes)], rng) for i in range(n_test)]
     rows = []
     for i, (identity, pair) in enumerate(zip(identities, pairs)):
@@ -210,6 +319,7 @@ def _test_rows(folder: str, n_test: int, rng, sizes) -> list[dict]:
             "mask_uri": pair["mask"],
             "scene_pair": f"test-{i:04d}",
             "scene_hue": identity["hue"],
+            **({"scene_code": identity["code"]} if "code" in identity else {}),
         }
         rows.append(
             {
@@ -244,7 +354,14 @@ def _bad_rows(first: dict) -> list[dict]:
 
 
 def _write(rows: list[dict], path: str) -> None:
-    types = {"bbox": pa.list_(pa.float64()), "hue": pa.float64(), "scene_hue": pa.float64(), "quadrant": pa.int64()}
+    types = {
+        "bbox": pa.list_(pa.float64()),
+        "hue": pa.float64(),
+        "scene_hue": pa.float64(),
+        "quadrant": pa.int64(),
+        "code": pa.int64(),
+        "scene_code": pa.int64(),
+    }
     names = list(dict.fromkeys(k for r in rows for k in r))
     pq.write_table(pa.table({c: pa.array([r.get(c) for r in rows], types.get(c, pa.string())) for c in names}), path)
 
@@ -258,17 +375,35 @@ def make_training_catalog(
     sizes: list[tuple[int, int]] | None = None,
     manifest_name: str = "manifest.parquet",
     n_test: int = 0,
+    kind: str = "toy",
 ) -> str:
     """Write images under `folder`, the training manifest (train + val) and, with `n_test`,
-    `test.parquet` beside it; relative paths. Returns the training manifest's path."""
+    `test.parquet` beside it; relative paths. Returns the training manifest's path. `kind`
+    "detail" also writes `catalog.json` (the code geometry and splits)."""
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
     rng = np.random.default_rng(seed)
     sizes = sizes or [(128, 112), (112, 112), (144, 120), (112, 128)]
     os.makedirs(os.path.join(folder, "images"), exist_ok=True)
-    rows = _training_rows(folder, n_pairs, val_fraction, rng, sizes)
+    identify = _detail_identity if kind == "detail" else _identity
+    if kind == "detail":
+        with open(os.path.join(folder, "catalog.json"), "w") as f:
+            metadata = {
+                "kind": kind,
+                **detail_geometry(),
+                "dark_value": DARK_VALUE,
+                "light_value": VALUE,
+                "band_deg": BAND_DEG,
+                "bands": "band index (hue // band_deg) mod 6: 1 test, 4 val, else train",
+                "test_codes": sorted(int(c) for c in _CODES[:64]),
+                "val_codes": sorted(int(c) for c in _CODES[64:128]),
+            }
+            json.dump(metadata, f, indent=1)
+    rows = _training_rows(folder, n_pairs, val_fraction, rng, sizes, identify)
     if bad_rows:
         rows += _bad_rows(rows[0])
     path = os.path.join(folder, manifest_name)
     _write(rows, path)
     if n_test:
-        _write(_test_rows(folder, n_test, rng, sizes), os.path.join(folder, "test.parquet"))
+        _write(_test_rows(folder, n_test, rng, sizes, identify), os.path.join(folder, "test.parquet"))
     return path
