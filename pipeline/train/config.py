@@ -111,6 +111,12 @@ class TrainConfig(Options):
     )
     torch_threads: int | None = option(None, "torch threads per worker (Ray gives a fractional-CPU worker 1)", ge=1)
     data_cpus: float = option(0.5, "CPUs per Ray Data read/prepare task", gt=0)
+    prefetch_steps: int = option(
+        2,
+        "steps whose batches are read from the store and built in background threads ahead of the training one "
+        "(0: in the step); changes when a batch is built, never what it holds",
+        ge=0,
+    )
     gradient_checkpointing: bool = option(
         True, "recompute UNet, hint encoder and VAE-decoder activations in backward (less memory, slower)"
     )

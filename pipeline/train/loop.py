@@ -34,7 +34,7 @@ import torch
 
 from pipeline import storage
 from pipeline.train.config import TrainConfig
-from pipeline.train.samples import SampleSet
+from pipeline.train.reader import StoreReader
 from pipeline.train.step import Learner, StepStats
 
 __all__ = ["LoopSpec", "train_loop_per_worker"]
@@ -49,6 +49,7 @@ class LoopSpec:
     cfg: TrainConfig
     run_id: str
     output: str  # absolute for local folders
+    store: str  # the prepared-sample store (`<output>/prepared/<prep_digest>`) the workers read
     total_steps: int
     resolution: int
     product_size: int
@@ -71,7 +72,7 @@ def train_loop_per_worker(config: dict) -> None:
 class Window:
     """Per-step stats since the last log line, reduced over the workers when logged."""
 
-    FIELDS = ("loss", "mse", "pixel", "perceptual", "grad_norm", "data_s", "compute_s", "decode_s")
+    FIELDS = ("loss", "mse", "pixel", "perceptual", "grad_norm", "data_s", "compute_s", "decode_s", "load_s")
 
     def __init__(self):
         self.sums = torch.zeros(len(self.FIELDS) + 3, dtype=torch.float64)  # + steps, pixel steps, perceptual steps
@@ -179,16 +180,19 @@ class Worker:
         self.say(f"resumed from the checkpoint of step {state['step']}")
         return state
 
-    def load_samples(self) -> tuple[SampleSet, SampleSet]:
-        import ray.train
-
-        rows: dict[str, list] = {"train": [], "val": []}
-        for batch in ray.train.get_dataset_shard("train").iter_batches(batch_format="pyarrow", batch_size=None):
-            for row in batch.to_pylist():
-                if not row["error_code"]:
-                    rows[row["split"]].append(row)
-        r, s = self.spec.resolution, self.spec.product_size
-        return SampleSet.from_rows(rows["train"], r, s), SampleSet.from_rows(rows["val"], r, s)
+    def load_samples(self) -> tuple[StoreReader, StoreReader]:
+        """The store's train and val splits (their index; samples are read by the steps). The row
+        groups cached: those of the batches in flight (this step's and the prefetched ones)."""
+        per_worker = self.cfg.batch_size // self.world
+        cache = per_worker * (self.cfg.prefetch_steps + 2)
+        train, val = (StoreReader.open(self.spec.store, split, cache_row_groups=cache) for split in ("train", "val"))
+        wanted = (self.spec.resolution, self.spec.product_size)
+        if (train.sizes.resolution, train.sizes.product_size) != wanted:
+            raise ValueError(
+                f"the store at {self.spec.store} holds samples at {train.sizes.resolution}^2 (product "
+                f"{train.sizes.product_size}^2), the model takes {wanted[0]}^2 (product {wanted[1]}^2)"
+            )
+        return train, val
 
     # -- 2. loop ------------------------------------------------------------------------------
 
@@ -209,7 +213,7 @@ class Worker:
         for step in range(start, total):
             if self.faults is not None:
                 self.faults(step, self.rank)
-            self.window.add(self.learner.train_step(step, self.train))
+            self.window.add(self.learner.train_step(step, self.train, end=total))
             done = step + 1
             if done % self.cfg.log_every == 0 or done == total:
                 state["last_train"] = self.log_window(done)
@@ -217,6 +221,7 @@ class Worker:
                 paused = time.perf_counter()
                 self.checkpoint(done, state, steps_run=done - start)
                 self.window.started += time.perf_counter() - paused  # samples/s counts training, not saving
+        self.learner.close()
         if start >= total:  # a finished run, run again: nothing to train, the same summary
             import ray.train
 
@@ -240,9 +245,9 @@ class Worker:
         extra = "".join(f" {k} {stats[k]:.4f}" for k in ("pixel", "perceptual") if stats[k] is not None)
         self.say(
             f"step {done}/{self.spec.total_steps} epoch {epoch:.2f} loss {stats['loss']:.4f} (mse {stats['mse']:.4f}"
-            f"{extra}) grad {stats['grad_norm']:.3f} {samples_per_s:.2f} samples/s; step {step_s:.2f}s = data "
+            f"{extra}) grad {stats['grad_norm']:.3f} {samples_per_s:.2f} samples/s; step {step_s:.2f}s = data wait "
             f"{stats['data_s'] / max(step_s, 1e-9):.0%}, fwd/bwd {stats['compute_s'] / max(step_s, 1e-9):.0%} "
-            f"(decode fwd {stats['decode_s']:.2f}s)"
+            f"(decode fwd {stats['decode_s']:.2f}s; batch built in {stats['load_s']:.2f}s)"
         )
         return {k: record[k] for k in ("step", "loss", "mse", "samples_per_s")}
 

@@ -16,15 +16,19 @@ on two pure functions, neither of which knows about workers:
 Validation draws come from (seed, pair_id, "val", k) for the k-th timestep of the fixed grid:
 the same (t, noise) for a validation pair at every checkpoint, so checkpoint losses compare.
 
-Samples are sorted by pair_id after loading, so the index of a sample does not depend on the
-order Ray Data delivered the blocks in. Each worker holds every prepared sample: 13 R^2 + 3 S^2
-bytes each with both hole variants (3.6 MB at R = 512, S = 224; 0.36 MB at R = 128).
+Sample i of a split is its i-th pair_id in sorted order, so its index does not depend on the
+order preparation wrote the rows in. A sample source gives `len`, `pair_ids`, `digest` and
+`fetch(indices) -> [Sample]`: the training job's is `reader.StoreReader` (row-group reads from
+the prepared-sample store, memory independent of the dataset size); `SampleSet` holds a split in
+memory (13 R^2 + 3 S^2 bytes a sample with both hole variants: 3.6 MB at R = 512, S = 224), for
+the unit tier, the in-process bench and the VAE fit, which need no store.
 """
 
 from __future__ import annotations
 
 import hashlib
 import math
+import threading
 from dataclasses import dataclass
 
 import numpy as np
@@ -34,7 +38,17 @@ import torch.nn.functional as F
 from pipeline.compose import NEUTRAL_GREY
 from pipeline.payload import SPECS, Sizes
 
-__all__ = ["mix_seed", "SampleSet", "TrainBatch", "Augment", "positions", "build_batch", "validation_items"]
+__all__ = [
+    "mix_seed",
+    "Sample",
+    "pair_ids_digest",
+    "SampleSet",
+    "TrainBatch",
+    "Augment",
+    "positions",
+    "build_batch",
+    "validation_items",
+]
 
 NUM_TRAIN_TIMESTEPS = 1000  # the SD schedule's
 
@@ -43,6 +57,57 @@ def mix_seed(*parts) -> int:
     """A 63-bit seed from any parts (stable across processes and Python versions, unlike hash())."""
     digest = hashlib.sha256("\x1f".join(str(p) for p in parts).encode("utf-8")).digest()
     return int.from_bytes(digest[:8], "big") & (2**63 - 1)
+
+
+@dataclass
+class Sample:
+    """One prepared pair, what augmentation reads (uint8 HWC images, bool masks)."""
+
+    pair_id: str
+    context: np.ndarray  # R x R x 3
+    hole: np.ndarray  # R x R bool, the fine mask
+    hint: np.ndarray  # R x R x 3, the inference hint for the fine hole
+    hint_mask: np.ndarray  # R x R bool
+    box_hole: np.ndarray  # the same three for the bounding-box hole (the fine ones for bbox rows)
+    box_hint: np.ndarray
+    box_hint_mask: np.ndarray
+    product: np.ndarray  # S x S x 3, the product on grey at the image encoder's size
+
+    @classmethod
+    def from_payloads(cls, pair_id: str, payloads: dict, sizes: Sizes) -> Sample:
+        """`dataset.TRAIN_PAYLOADS` (bytes or Arrow buffers) -> views of them, no copy; a bbox
+        row's empty `box_*` payloads fall back to its own."""
+
+        def unpack(key: str, fallback: str | None = None) -> np.ndarray:
+            data = payloads[key]
+            if fallback is not None and (data is None or not len(data)):
+                data = payloads[fallback]
+            return SPECS[key].unpack(data, sizes)
+
+        return cls(
+            pair_id=pair_id,
+            context=unpack("model_context"),
+            hole=unpack("model_hole"),
+            hint=unpack("model_hint"),
+            hint_mask=unpack("model_hint_mask"),
+            box_hole=unpack("box_hole", "model_hole"),
+            box_hint=unpack("box_hint", "model_hint"),
+            box_hint_mask=unpack("box_hint_mask", "model_hint_mask"),
+            product=unpack("model_product"),
+        )
+
+
+def pair_ids_digest(chunks) -> str:
+    """Which samples a split holds (the order depends on N), recorded in every checkpoint:
+    sha256 of its sorted pair_ids joined by newlines, fed in chunks (lists or Arrow arrays) so
+    that a million ids never become one Python string."""
+    h, first = hashlib.sha256(), True
+    for chunk in chunks:
+        ids = chunk.to_pylist() if hasattr(chunk, "to_pylist") else list(chunk)
+        if ids:
+            h.update((("" if first else "\n") + "\n".join(ids)).encode())
+            first = False
+    return h.hexdigest()[:16]
 
 
 @dataclass
@@ -64,8 +129,12 @@ class SampleSet:
 
     @property
     def digest(self) -> str:
-        """Which samples these are (the order depends on N): recorded in every checkpoint."""
-        return hashlib.sha256("\n".join(self.pair_ids).encode()).hexdigest()[:16]
+        return pair_ids_digest([self.pair_ids])
+
+    def fetch(self, indices) -> list[Sample]:
+        """The samples at `indices` (views of the stacked arrays)."""
+        fields = ("context", "hole", "hint", "hint_mask", "box_hole", "box_hint", "box_hint_mask", "product")
+        return [Sample(self.pair_ids[i], *(getattr(self, f)[i] for f in fields)) for i in indices]
 
     @classmethod
     def from_rows(cls, rows: list[dict], resolution: int, product_size: int) -> SampleSet:
@@ -132,17 +201,21 @@ def positions(step: int, batch_size: int, rank: int, world: int) -> range:
 
 
 _PERMUTATIONS: dict[tuple[int, int, int], torch.Tensor] = {}
+_PERMUTATIONS_LOCK = threading.Lock()  # prefetch threads compute their steps' picks too
 
 
 def sample_at(position: int, seed: int, n: int) -> tuple[int, int]:
     """(sample index, epoch) at a global stream position."""
     epoch, offset = divmod(position, n)
     key = (seed, epoch, n)
-    if key not in _PERMUTATIONS:
-        if len(_PERMUTATIONS) > 4:
-            _PERMUTATIONS.clear()
-        _PERMUTATIONS[key] = torch.randperm(n, generator=torch.Generator().manual_seed(mix_seed(seed, "order", epoch)))
-    return int(_PERMUTATIONS[key][offset]), epoch
+    with _PERMUTATIONS_LOCK:
+        permutation = _PERMUTATIONS.get(key)
+        if permutation is None:
+            if len(_PERMUTATIONS) > 4:
+                _PERMUTATIONS.clear()
+            generator = torch.Generator().manual_seed(mix_seed(seed, "order", epoch))
+            permutation = _PERMUTATIONS[key] = torch.randperm(n, generator=generator)
+    return int(permutation[offset]), epoch
 
 
 def _rotate(product: torch.Tensor, degrees: float) -> torch.Tensor:
@@ -196,20 +269,19 @@ def _as_batch(arrays: list[tuple], angles: list[float], rest: list[tuple]) -> Tr
 
 
 def build_batch(
-    samples: SampleSet, indices: list[tuple[int, int]], seed: int, augment: Augment, latent_shape: tuple[int, ...]
+    samples, indices: list[tuple[int, int]], seed: int, augment: Augment, latent_shape: tuple[int, ...]
 ) -> TrainBatch:
-    """The training batch of (sample index, epoch) pairs, each augmented from its own generator."""
+    """The training batch of (sample index, epoch) pairs from a sample source (`fetch`), each
+    augmented from its own generator."""
     arrays, angles, rest = [], [], []
-    for index, epoch in indices:
-        generator = torch.Generator().manual_seed(mix_seed(seed, samples.pair_ids[index], epoch))
+    for item, (_, epoch) in zip(samples.fetch([index for index, _ in indices]), indices):
+        generator = torch.Generator().manual_seed(mix_seed(seed, item.pair_id, epoch))
         uniforms, timestep, noises = _draws(generator, latent_shape)
         box = bool(uniforms[0] < augment.bbox_mask_prob)
         hole, hint, hint_mask = (
-            (samples.box_hole[index], samples.box_hint[index], samples.box_hint_mask[index])
-            if box
-            else (samples.hole[index], samples.hint[index], samples.hint_mask[index])
+            (item.box_hole, item.box_hint, item.box_hint_mask) if box else (item.hole, item.hint, item.hint_mask)
         )
-        sample = (samples.context[index], hole, hint, hint_mask, samples.product[index])
+        sample = (item.context, hole, hint, hint_mask, item.product)
         if bool(uniforms[1] < augment.flip_prob):  # joint: the photo, its hole and hint, the product
             sample = tuple(a[:, ::-1] for a in sample)
         arrays.append(sample)
@@ -218,27 +290,19 @@ def build_batch(
     return _as_batch(arrays, angles, rest)
 
 
-def validation_items(samples: SampleSet, timesteps: list[int]) -> list[tuple[int, int]]:
+def validation_items(samples, timesteps: list[int]) -> list[tuple[int, int]]:
     """The fixed validation grid: (sample index, grid position) for every pair and timestep."""
     return [(i, k) for i in range(len(samples)) for k in range(len(timesteps))]
 
 
 def build_validation_batch(
-    samples: SampleSet, items: list[tuple[int, int]], seed: int, timesteps: list[int], latent_shape: tuple[int, ...]
+    samples, items: list[tuple[int, int]], seed: int, timesteps: list[int], latent_shape: tuple[int, ...]
 ) -> TrainBatch:
     """Validation: the fine hole, no flip, rotation or drop; (t, noise) from the fixed grid."""
     arrays, rest = [], []
-    for index, k in items:
-        generator = torch.Generator().manual_seed(mix_seed(seed, samples.pair_ids[index], "val", k))
+    for item, (_, k) in zip(samples.fetch([index for index, _ in items]), items):
+        generator = torch.Generator().manual_seed(mix_seed(seed, item.pair_id, "val", k))
         noises = torch.randn(3, *latent_shape, generator=generator)
-        arrays.append(
-            (
-                samples.context[index],
-                samples.hole[index],
-                samples.hint[index],
-                samples.hint_mask[index],
-                samples.product[index],
-            )
-        )
+        arrays.append((item.context, item.hole, item.hint, item.hint_mask, item.product))
         rest.append((torch.tensor(False), torch.tensor(timesteps[k]), *noises))
     return _as_batch(arrays, [0.0] * len(items), rest)

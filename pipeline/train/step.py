@@ -4,6 +4,12 @@
     stats = learner.train_step(step, samples)          # zero_grad, forward, backward, clip, AdamW
     val = learner.validation_loss(val_samples)         # the fixed (t, noise) grid
     learner.save(folder, state) / learner.load(folder)  # trainable weights, optimizer state, step
+    learner.close()                                     # the prefetch threads
+
+`samples` is a sample source (`reader.StoreReader` in the job, `samples.SampleSet` in memory).
+A step's batch is a pure function of (seed, step, the source): the next `cfg.prefetch_steps`
+steps' batches are read and built in background threads (`reader.Prefetcher`) while this one
+trains, and `StepStats.data_s` is the time the step still waited for its batch.
 
 Gradients are zeroed at the start of a step, not the end, so a caller can inspect the step's
 gradients after it (tests/unit/test_train_gradients.py does). Under DDP `forward_model` is the
@@ -25,7 +31,8 @@ from torch import nn
 
 from pipeline.train.config import TrainConfig
 from pipeline.train.loss import TRAINABLE, LossWeights, TrainableDTC
-from pipeline.train.samples import Augment, SampleSet, build_batch, build_validation_batch, positions, sample_at
+from pipeline.train.reader import Prefetcher
+from pipeline.train.samples import Augment, TrainBatch, build_batch, build_validation_batch, positions, sample_at
 
 __all__ = ["StepStats", "Learner", "WEIGHTS_FILE", "OPTIMIZER_FILE", "STATE_FILE", "load_trainable"]
 
@@ -39,9 +46,10 @@ class StepStats:
     pixel: float | None
     perceptual: float | None
     grad_norm: float
-    data_s: float  # building the batch (index, augment, collate)
+    data_s: float  # the step's wait for its batch (read, augment, collate) that prefetch did not hide
     compute_s: float  # forward + backward + optimizer, the decode included
     decode_s: float  # the decode's forward alone (VAE decode + VGG), 0 when it did not run
+    load_s: float = 0.0  # building the batch (read, augment, collate), in a prefetch thread or not
 
 
 def _sync(device: torch.device) -> None:
@@ -75,6 +83,8 @@ class Learner:
         pipe = model.pipe
         size = pipe.config.resolution // pipe.vae_scale_factor
         self.latent_shape = (pipe.vae.config.latent_channels, size, size)
+        self.feed: Prefetcher | None = None
+        self.feed_source = None
 
     def autocast(self):
         if self.device.type == "cuda" and self.cfg.bf16:
@@ -84,14 +94,24 @@ class Learner:
     def decodes_at(self, step: int) -> bool:
         return self.weights.decodes and step % self.cfg.perceptual_every == 0
 
-    def train_step(self, step: int, samples: SampleSet) -> StepStats:
-        """Step `step` (0-based): this worker's share of the global batch, then one AdamW update."""
-        start = time.perf_counter()
+    def batch(self, step: int, samples) -> TrainBatch:
+        """This worker's share of step `step`'s global batch (on the CPU): a pure function of the step."""
         picks = [
             sample_at(p, self.cfg.seed, len(samples))
             for p in positions(step, self.cfg.batch_size, self.rank, self.world)
         ]
-        batch = build_batch(samples, picks, self.cfg.seed, self.augment, self.latent_shape).to(self.device)
+        return build_batch(samples, picks, self.cfg.seed, self.augment, self.latent_shape)
+
+    def train_step(self, step: int, samples, end: int | None = None) -> StepStats:
+        """Step `step` (0-based): this worker's share of the global batch, then one AdamW update.
+        The next steps' batches (before `end`) are built meanwhile."""
+        start = time.perf_counter()
+        if self.feed_source is not samples:
+            self.close()
+            self.feed_source = samples
+            self.feed = Prefetcher(lambda k: self.batch(k, samples), self.cfg.prefetch_steps, end)
+        batch, load_s = self.feed.get(step)
+        batch = batch.to(self.device)
         data_done = time.perf_counter()
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
@@ -122,10 +142,17 @@ class Learner:
             data_s=data_done - start,
             compute_s=done - data_done,
             decode_s=self.model.last_decode_s if decode else 0.0,
+            load_s=load_s,
         )
 
+    def close(self) -> None:
+        """Stops the prefetch threads (a batch being built is finished first)."""
+        if self.feed is not None:
+            self.feed.close()
+        self.feed, self.feed_source = None, None
+
     @torch.no_grad()
-    def validation_loss(self, samples: SampleSet) -> float | None:
+    def validation_loss(self, samples) -> float | None:
         """Mean eps-MSE over every (validation pair, grid timestep); this worker's share, all-reduced."""
         grid = self.cfg.validation_timesteps
         items = [(i, k) for i in range(len(samples)) for k in range(len(grid))][self.rank :: self.world]
