@@ -5,8 +5,10 @@
        one; wrap in DDP (gloo on CPU, nccl on GPU); every prepared sample from
        `get_dataset_shard("train")` (unsplit: `DataConfig(datasets_to_split=[])`) into memory
     2. loop: step k takes this worker's share of the global batch from the deterministic order
-       (`samples.positions`), one AdamW step; every `log_every` steps a progress line and a
-       `metrics/<run_id>/train.jsonl` line; every `checkpoint_every` steps (and at the end) the
+       (`samples.positions`; the next `prefetch_steps` steps' batches built in background
+       threads), one AdamW step; every `log_every` steps a progress line and a
+       `metrics/<run_id>/train.jsonl` line (`data_s`: the wait for data prefetch did not hide,
+       beside `compute_s`); every `checkpoint_every` steps (and at the end) the
        validation loss and a checkpoint
     3. checkpoint: `ray.train.report` is a barrier every worker reaches at the same steps; rank 0
        passes the checkpoint (trainable weights, optimizer state, `state.json`), the others None;
@@ -34,7 +36,7 @@ import torch
 
 from pipeline import storage
 from pipeline.train.config import TrainConfig
-from pipeline.train.reader import StoreReader
+from pipeline.train.samples import SampleSet
 from pipeline.train.step import Learner, StepStats
 
 __all__ = ["LoopSpec", "train_loop_per_worker"]
@@ -49,7 +51,6 @@ class LoopSpec:
     cfg: TrainConfig
     run_id: str
     output: str  # absolute for local folders
-    store: str  # the prepared-sample store (`<output>/prepared/<prep_digest>`) the workers read
     total_steps: int
     resolution: int
     product_size: int
@@ -180,19 +181,16 @@ class Worker:
         self.say(f"resumed from the checkpoint of step {state['step']}")
         return state
 
-    def load_samples(self) -> tuple[StoreReader, StoreReader]:
-        """The store's train and val splits (their index; samples are read by the steps). The row
-        groups cached: those of the batches in flight (this step's and the prefetched ones)."""
-        per_worker = self.cfg.batch_size // self.world
-        cache = per_worker * (self.cfg.prefetch_steps + 2)
-        train, val = (StoreReader.open(self.spec.store, split, cache_row_groups=cache) for split in ("train", "val"))
-        wanted = (self.spec.resolution, self.spec.product_size)
-        if (train.sizes.resolution, train.sizes.product_size) != wanted:
-            raise ValueError(
-                f"the store at {self.spec.store} holds samples at {train.sizes.resolution}^2 (product "
-                f"{train.sizes.product_size}^2), the model takes {wanted[0]}^2 (product {wanted[1]}^2)"
-            )
-        return train, val
+    def load_samples(self) -> tuple[SampleSet, SampleSet]:
+        import ray.train
+
+        rows: dict[str, list] = {"train": [], "val": []}
+        for batch in ray.train.get_dataset_shard("train").iter_batches(batch_format="pyarrow", batch_size=None):
+            for row in batch.to_pylist():
+                if not row["error_code"]:
+                    rows[row["split"]].append(row)
+        r, s = self.spec.resolution, self.spec.product_size
+        return SampleSet.from_rows(rows["train"], r, s), SampleSet.from_rows(rows["val"], r, s)
 
     # -- 2. loop ------------------------------------------------------------------------------
 

@@ -80,7 +80,7 @@ class StoreReader:
             info = json.loads(storage.read_bytes(storage.join(uri, "store.json")))
         except FileNotFoundError:
             raise storage.StorageError(
-                f"no prepared-sample store at {uri}: its store.json is missing (absent, or its preparation did not finish)"
+                f"no prepared-sample store at {uri}: its store.json is missing (never prepared, or not finished)"
             ) from None
         if info.get("format") != STORE_FORMAT:
             raise storage.StorageError(
