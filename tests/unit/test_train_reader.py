@@ -16,7 +16,7 @@ from pipeline import storage
 from pipeline.fetch import InputPolicy
 from pipeline.manifest import plan_manifest
 from pipeline.stages.prepare_stage import PrepareConfig
-from pipeline.train.catalog import make_training_catalog
+from pipeline.toy.catalog import make_training_catalog
 from pipeline.train.dataset import prepare_training_batch, read_training_files
 from pipeline.train.reader import Prefetcher, StoreReader
 from pipeline.train.samples import Augment, SampleSet, build_batch, build_validation_batch, positions, sample_at
