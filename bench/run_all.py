@@ -33,6 +33,7 @@ BENCHES = {
     "serve": ["bench/serve.py"],
     "soak": ["bench/soak.py"],
     "train": ["bench/train.py"],
+    "train_data_wait": ["bench/train.py", "--data-wait"],
     "learned": ["bench/learned.py"],
     "learned_ci": ["bench/learned.py", "--calibration-only"],
     "noop": ["bench/noop.py"],

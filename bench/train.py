@@ -12,6 +12,12 @@ augment, collate), `compute_s` (forward, backward, optimizer, the decode include
 `decode_fwd_s` (the decode's forward: VAE decode + VGG); the decode's whole cost (forward and
 backward) is the step-time difference to the run without it.
 
+`--data-wait`: the prepared-sample store read by the training job (`reader.StoreReader`) with
+the store on the local disk and on an S3 endpoint (moto's server on 127.0.0.1, as the tests),
+1 worker, the tiny preset without the x0 decode (the shortest step, so the hardest case for
+hiding reads), at prefetch depths 0, 1 and 2: the share of the step a worker waited for its
+batch (`data_s / (data_s + compute_s)` from train.jsonl) and the smallest depth under 5%.
+
 `--device cuda`: the same step (`step.Learner`) in-process, without Ray (the GPU node has no Ray),
 bf16 autocast and gradient checkpointing as the training job runs there, with and without the
 decode, plus peak GPU memory. `--preset sd15` is the paper's sizes at random init.
@@ -26,6 +32,7 @@ import argparse
 import json
 import os
 import platform
+import socket
 import statistics
 import sys
 import tempfile
@@ -130,6 +137,86 @@ def bench_ray_cpu(folder: str, steps: int, per_worker: int) -> None:
     ray.shutdown()
 
 
+def bench_data_wait(folder: str, steps: int, per_worker: int, depths: tuple[int, ...] = (0, 1, 2)) -> None:
+    import ray
+    from moto.server import ThreadedMotoServer
+
+    from pipeline import storage
+    from pipeline.toy.catalog import make_training_catalog
+    from pipeline.train.config import TrainConfig
+    from pipeline.train.recipe import run_train
+
+    with socket.socket() as probe:  # a free loopback port for moto's server
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
+    server.start()
+    os.environ.update(
+        AWS_ENDPOINT_URL=f"http://127.0.0.1:{port}",
+        AWS_ACCESS_KEY_ID="bench",
+        AWS_SECRET_ACCESS_KEY="bench-secret",
+        AWS_DEFAULT_REGION="us-east-1",
+        AWS_REGION="us-east-1",
+    )
+    import boto3
+
+    boto3.client("s3", endpoint_url=os.environ["AWS_ENDPOINT_URL"]).create_bucket(Bucket="bench-train")
+    manifest = make_training_catalog(os.path.join(folder, "catalog"), n_pairs=16, val_fraction=0.125)
+    model = tiny_model(folder)
+    ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
+    outputs = {"local": os.path.join(folder, "out"), "s3": "s3://bench-train/out"}
+    for where, output in outputs.items():
+        fractions = {}
+        for depth in depths:  # one store per output (same digest): prepared by the first run, reused after
+            run_id = f"prefetch-{depth}"
+            cfg = TrainConfig(
+                manifest=manifest,
+                init_model=model,
+                output=output,
+                run_id=run_id,
+                steps=steps,
+                batch_size=per_worker,
+                learning_rate=1e-4,
+                cpus_per_worker=1.0,
+                torch_threads=1,
+                data_cpus=0.5,
+                pixel_weight=0.0,
+                perceptual_weight=0.0,
+                prefetch_steps=depth,
+                checkpoint_every=steps,
+                log_every=1,
+            )
+            result = run_train(cfg)
+            text = storage.read_bytes(storage.join(output, "metrics", run_id, "train.jsonl")).decode()
+            lines = [json.loads(line) for line in text.splitlines()]
+            steady = [r for r in lines if "loss" in r and r["step"] > 2]
+            wait = statistics.fmean(r["data_s"] for r in steady)
+            step_s = statistics.fmean(r["data_s"] + r["compute_s"] for r in steady)
+            fractions[depth] = wait / step_s
+            emit(
+                what="data_wait",
+                store=where,
+                prefetch_steps=depth,
+                exit_code=result.exit_code,
+                steps_measured=len(steady),
+                per_worker_batch=per_worker,
+                data_wait_s=round(wait, 5),
+                batch_build_s=round(statistics.fmean(r["load_s"] for r in steady), 5),
+                step_s=round(step_s, 4),
+                data_wait_fraction=round(fractions[depth], 4),
+            )
+        enough = [d for d in depths if fractions[d] < 0.05]
+        emit(
+            what="prefetch_needed",
+            store=where,
+            target="data wait < 5% of the step",
+            prefetch_steps=enough[0] if enough else None,
+            fractions={str(d): round(f, 4) for d, f in fractions.items()},
+        )
+    ray.shutdown()
+    server.stop()
+
+
 def _samples(folder: str, resolution: int):
     """Prepared samples in-process (no Ray): the render job's read and prepare functions."""
     import pyarrow as pa
@@ -214,6 +301,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=2, help="per-worker batch")
     parser.add_argument("--steps", type=int, default=12, help="optimiser steps per run")
     parser.add_argument("--in-process", action="store_true", help="CPU too: the step alone, without Ray")
+    parser.add_argument("--data-wait", action="store_true", help="the store's data wait by prefetch depth")
     args = parser.parse_args()
     emit(
         what="machine",
@@ -223,7 +311,9 @@ def main() -> None:
         vgg="random weights: cost real, loss plumbing only",
     )
     with tempfile.TemporaryDirectory(prefix="dtc-bench-train-") as folder:
-        if args.device == "cuda" or args.in_process:
+        if args.data_wait:
+            bench_data_wait(folder, args.steps, args.batch)
+        elif args.device == "cuda" or args.in_process:
             bench_in_process(folder, args.device, args.preset, args.batch, args.steps)
         else:
             bench_ray_cpu(folder, args.steps, args.batch)
