@@ -53,13 +53,23 @@ def planned_batches(
     index: StateIndex | None,
     batch_rows: int,
     verify_inputs: bool = False,
+    row_range: tuple[int, int] | None = None,
 ) -> Iterator[pa.Table]:
     """One manifest file, streamed: validated rows with their resume action, on one machine
-    (`--dry-run`, training): `conflicts` and `index` cover the whole manifest."""
+    (`--dry-run`, training): `conflicts` and `index` cover the whole manifest. `row_range`
+    `(start, end)`: only the file's rows start <= row < end (a training store's part); the
+    rows before it are streamed past unvalidated."""
     one = _one_file(plan, file_index)
     folder = manifest.file_folder(plan.files[file_index])
     partition = None if plan.partitions is None else plan.partitions[file_index]
+    start, end = row_range or (0, plan.file_rows[file_index])
     for batch in manifest.iter_batches(one, batch_size=batch_rows):
+        first = batch.column(manifest.SOURCE_ROW)[0].as_py()
+        if first >= end:
+            return
+        if first + batch.num_rows <= start:
+            continue
+        batch = batch.slice(max(0, start - first), min(batch.num_rows, end - first) - max(0, start - first))
         yield resume_batch(validate_rows(batch, folder, conflicts, partition), index, verify_inputs)
 
 

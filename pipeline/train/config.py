@@ -117,6 +117,18 @@ class TrainConfig(Options):
         "(0: in the step); changes when a batch is built, never what it holds",
         ge=0,
     )
+    # -- the prepared-sample store (pipeline.train.store) ------------------------------------------
+    prepare_only: bool = option(
+        False, "prepare the store under <output>/prepared/ (or find it complete), print it and exit: no training"
+    )
+    store_part_rows: int = option(
+        64, "manifest rows per store part: the unit a preparation task writes and a re-run skips", ge=1
+    )
+    # a sample is 0.36 MB (R=128) to 3.6 MB (R=512): a row group per sample costs ~1 KB of footer
+    # and lets a random read fetch exactly the sample it needs
+    store_row_group_rows: int = option(
+        1, "rows per Parquet row group of a store part (the unit a reader fetches)", ge=1
+    )
     gradient_checkpointing: bool = option(
         True, "recompute UNet, hint encoder and VAE-decoder activations in backward (less memory, slower)"
     )
@@ -153,7 +165,7 @@ class TrainConfig(Options):
             )
         if not self.validation_timesteps or not all(0 <= t <= 999 for t in self.validation_timesteps):
             raise ConfigError(f"validation_timesteps must be 1+ timesteps in 0..999, got {self.validation_timesteps}")
-        if self.perceptual_weight > 0 and not self.vgg_weights:
+        if self.perceptual_weight > 0 and not self.vgg_weights and not self.prepare_only:
             raise ConfigError(
                 f"--perceptual-weight {self.perceptual_weight} needs VGG19 weights: pass --vgg-weights PATH|s3://... "
                 "(torchvision's vgg19-dcbb9e9d.pth), or --perceptual-weight 0 to train without the perceptual term"

@@ -1,6 +1,6 @@
-"""Training rows as Ray Data: the render job's read, validation and preparation, once per run.
+"""Training rows: the render job's read, validation and preparation, run by the store's parts.
 
-    manifest files ─▶ read (read_stage.planned_batches: rows.validate_rows) ─▶ prepare (prepare_pair) ─▶ materialized
+    manifest rows ─▶ read (read_stage.planned_batches: rows.validate_rows) ─▶ prepare (prepare_pair) ─▶ a store part
 
 The same code as rendering, not a copy: `read_stage.planned_batches` validates each row
 (`rows.validate_rows`, same error codes, same pair_id rule and duplicate check) and
@@ -16,7 +16,8 @@ only (`regions.crop_window`), so both give the same window and context pixels (c
 the second hint is the inference hint builder's own for the box hole. A bbox row's box variant
 is the row itself (its payloads are left empty).
 
-Driver-side: no torch (the prepare tasks import it inside the resize kernels).
+Driver-side: no torch (the prepare tasks import it inside the resize kernels). `train.store` runs
+these functions in its Ray Data job, one part (a manifest file's row range) per task.
 """
 
 from __future__ import annotations
@@ -36,14 +37,7 @@ from pipeline.stages.prepare_stage import PrepareConfig, prepare_pair
 from pipeline.stages.read_stage import planned_batches
 from pipeline.train.config import SPLITS
 
-__all__ = [
-    "TRAIN_PAYLOADS",
-    "check_splits",
-    "read_training_files",
-    "prepare_training_batch",
-    "build_dataset",
-    "count_rows",
-]
+__all__ = ["TRAIN_PAYLOADS", "check_splits", "read_training_files", "prepare_training_batch", "RowCounts"]
 
 # Payloads per row (`pipeline.payload`'s specs): the render job's `model_*` columns of the
 # fine-mask preparation, and `box_*` of the bounding-box one (empty for bbox rows).
@@ -72,14 +66,21 @@ def check_splits(plan: manifest.ManifestPlan) -> None:
             raise ConfigError(f"manifest {plan.uri}: split must be train or val (or empty), got {sorted(values)[:5]}")
 
 
-def read_training_files(files: dict, *, plan: manifest.ManifestPlan, conflicts_ref: list, batch_rows: int = 64):
-    """The read stage (a generator `map_batches` function over `{"file_index": i}` rows): the
-    render job's validated rows, with `split` normalised (empty -> train)."""
+def read_training_files(
+    files: dict,
+    *,
+    plan: manifest.ManifestPlan,
+    conflicts_ref: list,
+    batch_rows: int = 64,
+    row_range: tuple[int, int] | None = None,
+):
+    """The read stage (a generator over `{"file_index": [i, ...]}`): the render job's validated
+    rows, with `split` normalised (empty -> train); `row_range`: only those rows of each file."""
     import ray
 
     conflicts = ray.get(conflicts_ref[0]) if conflicts_ref else manifest.PairIdConflicts()
     for i in files["file_index"]:
-        for batch in planned_batches(plan, int(i), conflicts, None, batch_rows):
+        for batch in planned_batches(plan, int(i), conflicts, None, batch_rows, row_range=row_range):
             split = batch["split"] if "split" in batch.column_names else pa.nulls(batch.num_rows, pa.string())
             split = pc.if_else(pc.or_kleene(pc.is_null(split), pc.equal(split, "")), "train", split.cast(pa.string()))
             batch = set_columns(batch, {"split": split})
@@ -132,32 +133,6 @@ def prepare_training_batch(batch: pa.Table, *, config: PrepareConfig) -> pa.Tabl
     return set_columns(batch.select(list(keep)), columns)
 
 
-def build_dataset(plan: manifest.ManifestPlan, conflicts: manifest.PairIdConflicts, config: PrepareConfig):
-    """The (lazy) Ray Data graph of prepared training rows; `config.num_cpus` per task."""
-    import ray
-
-    conflicts_ref = [ray.put(conflicts)] if conflicts.duplicates else []
-    files = ray.data.from_items(
-        [{"file_index": i} for i in range(len(plan.files))], override_num_blocks=len(plan.files)
-    )
-    rows = files.map_batches(
-        read_training_files,
-        batch_format="pyarrow",
-        batch_size=1,
-        num_cpus=config.num_cpus,
-        fn_kwargs=dict(plan=plan, conflicts_ref=conflicts_ref),
-    )
-    # Small blocks so the prepare tasks spread over the cluster's CPUs.
-    rows = rows.repartition(target_num_rows_per_block=config.batch_size)
-    return rows.map_batches(
-        prepare_training_batch,
-        batch_format="pyarrow",
-        batch_size=config.batch_size,
-        num_cpus=config.num_cpus,
-        fn_kwargs=dict(config=config),
-    )
-
-
 @dataclasses.dataclass
 class RowCounts:
     """Rows per split: usable, and skipped by error code."""
@@ -185,17 +160,19 @@ class RowCounts:
             "examples": self.examples,
         }
 
+    @classmethod
+    def from_record(cls, record: dict) -> RowCounts:
+        return cls(
+            usable={s: int(record["usable"].get(s, 0)) for s in SPLITS},
+            skipped={s: collections.Counter(record["skipped"].get(s, {})) for s in SPLITS},
+            examples=dict(record.get("examples", {})),
+        )
 
-def count_rows(dataset) -> RowCounts:
-    """Usable and skipped rows of a (materialized) prepared dataset, streaming its small columns."""
-    counts = RowCounts()
-    for batch in dataset.select_columns(["pair_id", "split", "error_code", "error_message"]).iter_batches(
-        batch_format="pyarrow", batch_size=None
-    ):
-        for pair_id, split, code, message in zip(*(batch[c].to_pylist() for c in batch.column_names)):
+    def add(self, pair_ids: list, splits: list, codes: list, messages: list) -> None:
+        """Count rows of the prepared columns (a good row has no error code)."""
+        for pair_id, split, code, message in zip(pair_ids, splits, codes, messages, strict=True):
             if code:
-                counts.skipped[split][code] += 1
-                counts.examples.setdefault(code, f"{pair_id}: {message}")
+                self.skipped[split][code] += 1
+                self.examples.setdefault(code, f"{pair_id}: {message}")
             else:
-                counts.usable[split] += 1
-    return counts
+                self.usable[split] += 1

@@ -1,4 +1,5 @@
-"""Fault injection for the training chaos tests: a worker that dies (or stalls) at a given step, once.
+"""Fault injection for the training chaos tests: a worker that dies (or stalls) at a given step, once,
+or a preparation that stalls on one store part.
 
 Never part of a production run: the loop builds `TrainFaults` only when the run's YAML carries
 `fault_injection` (tests/integration/test_train.py), and calls it before each step. Keys:
@@ -19,7 +20,15 @@ import time
 
 __all__ = ["TrainFaults"]
 
-KEYS = ("crash_at_step", "crash_rank", "crash_once_marker", "pause_at_step", "pause_s", "pause_once_marker")
+KEYS = (
+    "crash_at_step",
+    "crash_rank",
+    "crash_once_marker",
+    "pause_at_step",
+    "pause_s",
+    "pause_once_marker",
+    "prepare_stall_part",
+)
 
 
 class TrainFaults:

@@ -7,8 +7,10 @@
 
     check    config, output, manifest (+ split values), init model, VGG weights, an earlier attempt's
              recipe: anything wrong refuses the run (exit 2) before a byte is written
-    prepare  the Ray Data pass (the render job's read, validation and prepare code); bad rows are
-             skipped and counted by error code; no usable train row refuses the run (exit 2)
+    prepare  the prepared-sample store (`train.store`): reused when a complete one has the same
+             digest, else its missing parts prepared by a Ray Data job (the render job's read,
+             validation and prepare code); bad rows are skipped and counted by error code; no
+             usable train row refuses the run (exit 2). `--prepare-only` stops here (exit 0)
     train    `_lock`, the run record as "running", Ray Train's TorchTrainer (resumes from the
              latest checkpoint of `checkpoints/<run_id>/` when there is one)
     export   a Ray task: the best (or final) weights -> `model/`, a DTC folder with its digest
@@ -40,7 +42,8 @@ from pipeline.schema import EXIT_ERROR, EXIT_OK, EXIT_REFUSED
 from pipeline.stages.prepare_stage import PrepareConfig
 from pipeline.train import record
 from pipeline.train.config import TrainConfig
-from pipeline.train.dataset import RowCounts, build_dataset, check_splits, count_rows
+from pipeline.train.dataset import TRAIN_PAYLOADS, RowCounts, check_splits
+from pipeline.train.store import StoreInfo, prepare_store
 
 __all__ = ["TrainSpec", "TrainResult", "TrainRecipe", "run_train", "check"]
 
@@ -79,6 +82,9 @@ def run_train(cfg: TrainConfig) -> TrainResult:
         return TrainResult(EXIT_REFUSED, run_id=cfg.run_id, message=str(e))
     except storage.StorageError as e:
         return TrainResult(EXIT_ERROR, run_id=cfg.run_id, message=str(e))
+    if recipe.cfg.prepare_only:
+        print(record.store_text(recipe.store, recipe.counts), flush=True)
+        return TrainResult(EXIT_OK, run_id=cfg.run_id)
     return recipe.run()
 
 
@@ -98,7 +104,7 @@ def check(cfg: TrainConfig) -> TrainSpec:
     init_digest = model_digest(cfg.init_model)
     digest = cfg.recipe_digest(init_digest)
     previous = record.read_record(cfg.output, cfg.run_id)
-    if previous is not None and previous.get("recipe_digest") != digest:
+    if previous is not None and previous.get("recipe_digest") != digest and not cfg.prepare_only:
         changed = sorted(k for k, v in cfg.recipe().items() if previous.get("recipe", {}).get(k) != v)
         if previous.get("init_model", {}).get("digest") != init_digest:
             changed.append("init model")
@@ -130,6 +136,7 @@ class TrainRecipe:
         self.cfg = cfg
         self.spec: TrainSpec | None = None
         self.counts: RowCounts | None = None
+        self.store: StoreInfo | None = None
         self.dataset = None
         self.total_steps = 0
         self.timings: dict[str, float] = {}
@@ -148,7 +155,7 @@ class TrainRecipe:
         self.timings["check_s"] = time.monotonic() - begin
 
     def prepare(self) -> None:
-        """The Ray Data pass: every row read, validated and prepared once; bad rows counted."""
+        """The prepared-sample store: reused, or its missing parts prepared; bad rows counted."""
         begin = time.monotonic()
         init_ray(self.cfg.address)  # rank 0's progress lines reach this driver (log_to_driver)
         spec, cfg = self.spec, self.cfg
@@ -161,10 +168,20 @@ class TrainRecipe:
             num_cpus=cfg.data_cpus,
             batch_size=8,
         )
-        print(f"[dtc-train] run {cfg.run_id}: preparing {spec.plan.num_rows} manifest rows", flush=True)
-        self.dataset = build_dataset(spec.plan, pair_id_conflicts(spec.plan), config).materialize()
-        self.counts = count_rows(self.dataset)
+        print(f"[dtc-train] run {cfg.run_id}: the store of {spec.plan.num_rows} manifest rows", flush=True)
+        self.store = prepare_store(
+            spec.plan,
+            pair_id_conflicts(spec.plan),
+            config,
+            cfg.output,
+            part_rows=cfg.store_part_rows,
+            row_group_rows=cfg.store_row_group_rows,
+            stall_part=(cfg.fault_injection or {}).get("prepare_stall_part"),
+        )
+        self.counts = self.store.counts
         self.timings["prepare_s"] = time.monotonic() - begin
+        if cfg.prepare_only:
+            return
         usable = self.counts.usable["train"]
         if usable == 0:
             skipped = ", ".join(f"{c} {n}" for c, n in self.counts.skipped_by_code().items()) or "none"
@@ -174,6 +191,16 @@ class TrainRecipe:
             )
         steps = cfg.steps if cfg.epochs is None else math.ceil(cfg.epochs * usable / cfg.batch_size)
         self.total_steps = steps
+        self.dataset = self.store_dataset()
+
+    def store_dataset(self):
+        """The store's parts as a Ray Data dataset: what the workers load until `train.reader`
+        streams from the store instead."""
+        import ray
+
+        fs, _ = storage.filesystem(self.store.uri)
+        paths = [storage.filesystem(self.store.part_uri(p))[1] for p in self.store.record["parts"]]
+        return ray.data.read_parquet(paths, filesystem=fs, columns=["pair_id", "split", "error_code", *TRAIN_PAYLOADS])
 
     def run(self) -> TrainResult:
         lock = OutputLock(self.layout, self.cfg.run_id, stale_after_s=self.cfg.lock_stale_s)

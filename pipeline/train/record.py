@@ -19,8 +19,17 @@ from pipeline.record import versions
 from pipeline.schema import EXIT_OK
 from pipeline.train.config import PUBLISHED_VGG19_SHA256_PREFIX, TrainConfig
 from pipeline.train.dataset import RowCounts
+from pipeline.train.store import StoreInfo
 
-__all__ = ["TrainedRun", "read_record", "write_record", "run_record", "summary_text", "checkpoint_storage"]
+__all__ = [
+    "TrainedRun",
+    "read_record",
+    "write_record",
+    "run_record",
+    "summary_text",
+    "store_text",
+    "checkpoint_storage",
+]
 
 
 class CheckedFacts(Protocol):
@@ -37,6 +46,7 @@ class TrainedRun(Protocol):
     cfg: TrainConfig
     spec: CheckedFacts | None  # None: stopped before its checks passed
     counts: RowCounts | None
+    store: StoreInfo | None  # the prepared-sample store (None: stopped before it)
     started_at: datetime
     exit_code: int
     message: str
@@ -92,6 +102,7 @@ def run_record(run: TrainedRun, running: bool = False) -> dict:
         "finished_at": None if running else _now(),
         "timings_s": {k: round(v, 3) for k, v in run.timings.items()},
         "rows": run.counts.to_record() if run.counts else None,
+        "store": run.store.to_record() if run.store else None,
         "steps": {
             "total": run.total_steps,
             "end": metrics.get("step"),
@@ -140,6 +151,25 @@ def _loss(value) -> str:
     return "n/a" if value is None else f"{value:.5f}"
 
 
+def _rows_line(counts: RowCounts) -> str:
+    skipped = ", ".join(f"{c} {n}" for c, n in counts.skipped_by_code().items())
+    return f"  rows       train {counts.usable['train']}, val {counts.usable['val']} usable" + (
+        f"; skipped {skipped}" if skipped else "; none skipped"
+    )
+
+
+def _store_line(store: StoreInfo) -> str:
+    how = f"prepared {store.parts_written} part(s) in {store.prepare_s:.1f}s"
+    if store.reused:
+        how = "reused, nothing prepared"
+    return f"  store      {store.uri} (digest {store.digest}; {how})"
+
+
+def store_text(store: StoreInfo, counts: RowCounts) -> str:
+    """What `--prepare-only` prints: the store and its rows."""
+    return "\n".join(["", f"DTC train store {store.digest}: complete", _store_line(store), _rows_line(counts)])
+
+
 def summary_text(run: TrainedRun) -> str:
     """The one-screen summary printed at the end of a run."""
     cfg, metrics, counts = run.cfg, run.result_metrics, run.counts
@@ -151,11 +181,9 @@ def summary_text(run: TrainedRun) -> str:
         f"DTC train {cfg.run_id}: {'finished' if finished else 'FAILED'} in {total:.1f}s (exit {run.exit_code})",
     ]
     if counts:
-        skipped = ", ".join(f"{c} {n}" for c, n in counts.skipped_by_code().items())
-        lines.append(
-            f"  rows       train {counts.usable['train']}, val {counts.usable['val']} usable"
-            + (f"; skipped {skipped}" if skipped else "; none skipped")
-        )
+        lines.append(_rows_line(counts))
+    if run.store:
+        lines.append(_store_line(run.store))
     if end is not None:
         start = end - run_now
         lines.append(
