@@ -5,11 +5,15 @@
 
     ray job submit --working-dir . -- python -m jobs.train --manifest ... --init-model ... --output ...
 
+    python -m jobs.train --prepare-only --manifest ... --init-model ... --output ...   # the store only, no training
+
 Re-running the same command resumes from the latest checkpoint. `--config FILE` is YAML with the
 flags' names as keys (`-` or `_`); flags given on the command line win. Outputs under --output:
+prepared/<digest>/ (the prepared-sample store, reused while the inputs are the same),
 checkpoints/<run_id>/ (Ray Train), best/<run_id>/, model/ (load it with `jobs.render --model`),
-runs/<run_id>.json, metrics/<run_id>/train.jsonl. Exit codes: 0 done, 2 refused before any work
-(bad usage/config/manifest/model, no usable training row, output locked; nothing written), 1 other.
+runs/<run_id>.json, metrics/<run_id>/train.jsonl. Exit codes: 0 done, 2 refused (bad
+usage/config/manifest/model or output locked: nothing written; no usable training row: only the
+store written), 1 other.
 """
 
 from __future__ import annotations

@@ -101,6 +101,16 @@ def test_prepare_only_writes_a_store_that_the_same_inputs_reuse(
     assert _versions(again) == before  # nothing prepared, nothing rewritten
     assert again.record["created_at"] == info.record["created_at"]
 
+    # a training run on the same output: its record says the store was reused; no part rewritten
+    args = ["--manifest", catalog, "--init-model", tiny_model_dir, "--output", output, "--steps", "1",
+            "--batch-size", "2", "--perceptual-weight", "0", "--store-part-rows", "3", "--store-row-group-rows", "2",
+            "--cpus-per-worker", "0.5", "--torch-threads", "1", "--export", "final"]  # fmt: skip
+    assert train(args) == 0
+    record = json.loads(storage.read_bytes(storage.join(output, "runs", "train.json")))
+    assert record["store"]["reused"] is True and record["store"]["digest"] == info.digest
+    assert record["store"]["parts_written"] == 0 and record["rows"]["usable"] == USABLE
+    assert _versions(info) == before
+
     # another crop margin: other payload bytes, another store beside the first
     assert train(["--prepare-only", "--manifest", catalog, "--init-model", tiny_model_dir, "--output", output,
                   "--perceptual-weight", "0", "--store-part-rows", "3", "--crop-margin", "0.3"]) == 0  # fmt: skip

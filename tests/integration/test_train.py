@@ -361,6 +361,6 @@ def test_a_manifest_without_a_usable_training_row_is_refused(ray_address, tmp_pa
     code = train(
         ["--manifest", manifest, "--init-model", _tiny(), "--output", str(output), "--perceptual-weight", "0"]
     )
-    assert code == 2 and not output.exists()
+    assert code == 2 and os.listdir(output) == ["prepared"]  # the store only: no run record, no checkpoint
     message = capsys.readouterr().err
     assert "no usable training row" in message and "image_missing 1" in message and "bad_bbox 1" in message
