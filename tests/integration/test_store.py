@@ -24,7 +24,7 @@ from helpers import ROOT
 
 from jobs.train import main as train
 from pipeline import storage
-from pipeline.train.catalog import make_training_catalog
+from pipeline.toy.catalog import make_training_catalog
 from pipeline.train.dataset import TRAIN_PAYLOADS
 from pipeline.train.store import INDEX_SCHEMA, PART_COLUMNS, StoreInfo
 
