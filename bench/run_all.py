@@ -34,6 +34,7 @@ BENCHES = {
     "soak": ["bench/soak.py"],
     "train": ["bench/train.py"],
     "train_data_wait": ["bench/train.py", "--data-wait"],
+    "store": ["bench/store.py"],
     "learned": ["bench/learned.py"],
     "learned_ci": ["bench/learned.py", "--calibration-only"],
     "noop": ["bench/noop.py"],

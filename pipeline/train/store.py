@@ -51,6 +51,7 @@ __all__ = [
     "PREP_VERSION",
     "FORMAT",
     "COMPRESSION",
+    "COMPRESSION_LEVEL",
     "Part",
     "StoreInfo",
     "prep_inputs",
@@ -63,9 +64,15 @@ __all__ = [
 # Bumped whenever the preparation code changes the bytes it writes (a new digest for every store).
 PREP_VERSION = 1
 FORMAT = 1  # store.json's layout version
-# Parquet compression of the payload columns. Measured by bench/store.py (bench/RESULTS.md
-# "store"): see the comment at `payload_compression`.
-COMPRESSION = "none"
+# Parquet compression of the payload columns: zstd level 3, the choice bench/store.py measures
+# (bench/RESULTS.md, section store: bytes and decode ms per sample at 512^2). Why: a sample's
+# masks (4 of its 13 R^2 bytes) and the hint outside its hole are nearly all zeros, so zstd cuts
+# even the noisy-photo catalog to about a sixth of raw (a sixth of the storage and of the bytes
+# each step reads, on S3 the cost that counts), for a decode of a millisecond or two more per
+# sample than raw: a few % of one core per GPU at the samples/s the cost model gives. Level 3 is
+# ~15% smaller than level 1 for a decode within this VM's noise of it; level 9 gains ~5% more for
+# ~3x the encode. PNG is smaller again but ~10x zstd's decode (and far more to encode).
+COMPRESSION, COMPRESSION_LEVEL = "zstd", 3
 SMALL_COLUMNS = ("pair_id", "split", "error_code", "error_message")
 PART_COLUMNS = (*SMALL_COLUMNS, *TRAIN_PAYLOADS)
 INDEX_SCHEMA = pa.schema(
@@ -189,20 +196,22 @@ class StoreInfo:
 
 
 def payload_compression(compression: str) -> dict[str, str]:
-    """Parquet's codec per column: the small columns always zstd (text, tiny), the payloads
-    `compression` ("none" or "zstd")."""
+    """Parquet's codec per column: the small columns always zstd (text), the payloads
+    `compression` ("none" or "zstd"); one level for every zstd column."""
     return {c: ("zstd" if c in SMALL_COLUMNS else compression) for c in PART_COLUMNS}
 
 
-def encode_part(table: pa.Table, row_group_rows: int, compression: str, level: int | None = None) -> bytes:
+def encode_part(
+    table: pa.Table, row_group_rows: int, compression: str = COMPRESSION, level: int | None = COMPRESSION_LEVEL
+) -> bytes:
     """A part's Parquet bytes: `row_group_rows` rows per row group (the unit a reader fetches)."""
-    sink = io.BytesIO()
+    sink, codecs = io.BytesIO(), payload_compression(compression)
     pq.write_table(
         table.select(list(PART_COLUMNS)),
         sink,
         row_group_size=row_group_rows,
-        compression=payload_compression(compression),
-        compression_level=level,
+        compression=codecs,
+        compression_level={c: level for c, codec in codecs.items() if codec == "zstd"},
         use_dictionary=False,
         write_statistics=list(SMALL_COLUMNS),
     )
@@ -336,7 +345,10 @@ def prepare_store(
         "digest": digest,
         "inputs": inputs,
         "row_group_rows": row_group_rows,
-        "compression": payload_compression(compression),
+        "compression": {  # codec-level per column
+            c: "none" if codec == "none" else f"{codec}-{COMPRESSION_LEVEL}"
+            for c, codec in payload_compression(compression).items()
+        },
         "columns": list(PART_COLUMNS),
         "parts": [p.name for p in parts],
         "counts": counts.to_record(),
