@@ -119,7 +119,7 @@ def plan_parts(plan: manifest.ManifestPlan, part_rows: int) -> list[Part]:
 
 def _file_identity(uri: str) -> dict:
     """A manifest file's identity: an S3 object's ETag (no read); a local file's content sha256
-    (a copy or a touch keeps the store; an mtime would not)."""
+    (a touch or a rewrite of the same bytes keeps the store; an mtime would not)."""
     fs, path = storage.filesystem(uri)
     size = storage.retry_transient(lambda: fs.get_file_info(path)).size
     if storage.is_s3(uri):
