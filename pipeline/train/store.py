@@ -73,6 +73,7 @@ FORMAT = 1  # store.json's layout version
 # ~15% smaller than level 1 for a decode within this VM's noise of it; level 9 gains ~5% more for
 # ~3x the encode. PNG is smaller again but ~10x zstd's decode (and far more to encode).
 COMPRESSION, COMPRESSION_LEVEL = "zstd", 3
+PROGRESS_EVERY_S = 30.0
 SMALL_COLUMNS = ("pair_id", "split", "error_code", "error_message")
 PART_COLUMNS = (*SMALL_COLUMNS, *TRAIN_PAYLOADS)
 INDEX_SCHEMA = pa.schema(
@@ -332,10 +333,14 @@ def prepare_store(
             stall_part=stall_part,
         ),
     )
-    counts, good = RowCounts(), []
+    counts, good, said = RowCounts(), [], time.monotonic()
+    print(f"[dtc-train] store {uri}: {len(written)} of {len(parts)} parts there, preparing the rest", flush=True)
     for batch in job.iter_batches(batch_format="pyarrow", batch_size=None):
         counts.add(*(batch[c].to_pylist() for c in SMALL_COLUMNS))
         good.append(batch.filter(pc.equal(pc.fill_null(batch["error_code"], ""), "")))
+        if time.monotonic() - said > PROGRESS_EVERY_S:  # a long preparation says how far it is
+            said = time.monotonic()
+            print(f"[dtc-train] store {digest}: {counts.total} of {plan.num_rows} rows", flush=True)
     index = pa.concat_tables([t.cast(ROWS_SCHEMA) for t in good]) if good else ROWS_SCHEMA.empty_table()
     index = index.select(INDEX_SCHEMA.names).sort_by([("split", "ascending"), ("pair_id", "ascending")])
     storage.write_parquet(storage.join(uri, "index.parquet"), index.cast(INDEX_SCHEMA))
