@@ -98,6 +98,11 @@ class TrainConfig(Options):
         2, "Ray Train keeps the last this many; the best by validation loss is kept apart", ge=1
     )
     log_every: int = option(10, "steps between progress lines and metrics/<run_id>/train.jsonl lines", ge=1)
+    # the training page's grid (metrics/<run_id>/training.html): a person sees the model learn
+    val_renders: int = option(
+        4, "val pairs rendered at step 0 and each checkpoint for the training page's grid; 0 = none", ge=0
+    )
+    val_render_steps: int = option(8, "denoising steps of those renders (the render job's path, fewer steps)", ge=1)
     export: Literal[EXPORTS] = option(
         "best", "which weights become model/: best (lowest validation loss) or final (no val rows)"
     )

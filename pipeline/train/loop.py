@@ -16,14 +16,15 @@
        A new best validation loss is also copied to `best/<run_id>/` (weights and state only):
        Ray Train keeps the last `keep_checkpoints`, the best is kept apart from them.
 
-Only rank 0 writes (the checkpoint, best/, train.jsonl). A restarted worker group (FailureConfig)
-or a re-run of the same command starts at the latest checkpoint's step; train.jsonl is cut back
-to that step, so it always describes the path to the current weights.
+Only rank 0 writes (the checkpoint, best/, train.jsonl and TensorBoard events: `logs.TrainLog`;
+the validation renders of the training page at step 0 and each checkpoint: `val_renders`). A
+restarted worker group (FailureConfig) or a re-run of the same command starts at the latest
+checkpoint's step; train.jsonl is cut back to that step and TensorBoard's readers drop the points
+past it, so the logs describe the path to the current weights.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shutil
@@ -35,7 +36,9 @@ from dataclasses import dataclass
 import torch
 
 from pipeline import storage
+from pipeline.fetch import InputPolicy
 from pipeline.train.config import TrainConfig
+from pipeline.train.logs import TrainLog, log_uri
 from pipeline.train.samples import SampleSet
 from pipeline.train.step import Learner, StepStats
 
@@ -56,10 +59,12 @@ class LoopSpec:
     product_size: int
     recipe_digest: str
     init_model_digest: str
+    val_pairs: tuple[dict, ...] = ()  # val_renders.pick_val_pairs: rendered at each checkpoint
+    input_policy: InputPolicy | None = None  # the run's allowlist, for those renders' inputs
 
     @property
     def log_uri(self) -> str:
-        return storage.join(self.output, "metrics", self.run_id, "train.jsonl")
+        return log_uri(self.output, self.run_id)
 
     @property
     def best_uri(self) -> str:
@@ -95,28 +100,6 @@ class Window:
         out["steps"] = steps
         out["wall_s"] = time.perf_counter() - self.started
         return out
-
-
-class TrainLog:
-    """Rank 0's `train.jsonl` (kept in memory, written at every checkpoint and at the end) and
-    the live progress lines (stdout reaches the driver through Ray's log_to_driver)."""
-
-    def __init__(self, spec: LoopSpec, start_step: int, enabled: bool):
-        self.spec, self.enabled, self.lines = spec, enabled, []
-        if enabled:
-            try:
-                text = storage.read_bytes(spec.log_uri).decode()
-            except FileNotFoundError:
-                text = ""
-            self.lines = [line for line in text.splitlines() if line and json.loads(line)["step"] <= start_step]
-
-    def add(self, record: dict) -> None:
-        if self.enabled:
-            self.lines.append(json.dumps(record))
-
-    def flush(self) -> None:
-        if self.enabled:
-            storage.write_bytes(self.spec.log_uri, ("\n".join(self.lines) + "\n").encode())
 
 
 class Worker:
@@ -199,11 +182,18 @@ class Worker:
         state = self.setup()
         self.say(f"setup {time.perf_counter() - began:.1f}s")
         start, total = state["step"], self.spec.total_steps
-        self.log = TrainLog(self.spec, start, enabled=self.rank == 0)
+        self.log = TrainLog(self.spec.output, self.spec.run_id, start, enabled=self.rank == 0)
+        self.val_renders = None
+        if self.rank == 0 and self.spec.val_pairs:
+            from pipeline.train.val_renders import ValRenders
+
+            self.val_renders = ValRenders(self.spec, self.learner.model.pipe, self.device)
         self.started, self.window = time.perf_counter(), Window()
         if start == 0 and len(self.val):
             state["initial_val_loss"] = self.learner.validation_loss(self.val)
             self.log.add({"step": 0, "val_loss": state["initial_val_loss"], "time": time.time()})
+        if start == 0 and self.val_renders:
+            self.val_renders.render(0, self.learner.autocast)
         self.say(
             f"training steps {start}..{total} on {len(self.train)} train / {len(self.val)} val samples, "
             f"{self.world} worker(s) x batch {self.cfg.batch_size // self.world} on {self.device}"
@@ -220,6 +210,7 @@ class Worker:
                 self.checkpoint(done, state, steps_run=done - start)
                 self.window.started += time.perf_counter() - paused  # samples/s counts training, not saving
         self.learner.close()
+        self.log.close()
         if start >= total:  # a finished run, run again: nothing to train, the same summary
             import ray.train
 
@@ -268,6 +259,8 @@ class Worker:
             vgg_sha256=self.vgg_sha256,
         )
         checkpoint, folder = None, None
+        if self.val_renders:
+            self.val_renders.render(done, self.learner.autocast)
         if self.rank == 0:
             from ray.train import Checkpoint
 
