@@ -1,6 +1,7 @@
-"""The QA page's shared pieces: escaping, the number format, thumbnails and a pair's contact-sheet
-row. `metrics/report.py` builds the page with them, `metrics/qa.py` its scene, variant and identity
-sections. No torch.
+"""The HTML pages' shared pieces: the style, the images-loaded flag, escaping, the number format,
+thumbnails and a pair's contact-sheet row. `metrics/report.py` builds the QA page with them,
+`metrics/qa.py` its scene, variant and identity sections, `train/training_page.py` the training
+page. No torch.
 """
 
 from __future__ import annotations
@@ -15,10 +16,23 @@ from PIL import Image, ImageDraw
 from pipeline import images, regions, storage
 from pipeline.schema import RowError
 
-__all__ = ["THUMB_HEIGHT", "esc", "fmt", "thumb", "contact_row"]
+__all__ = ["THUMB_HEIGHT", "STYLE", "IMAGES_LOADED", "esc", "fmt", "thumb", "contact_row"]
 
 THUMB_HEIGHT = 160
 esc = html.escape
+
+STYLE = (  # the head's style
+    "body{font-family:sans-serif;margin:24px}table{border-collapse:collapse;margin:6px 0}"
+    "td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}th{background:#eee}"
+    ".banner{font-size:40px;font-weight:bold;color:#fff;background:#c33;padding:16px;margin:12px 0}"
+    ".sheet td,.sheet th,.text td,.text th{text-align:left;vertical-align:top}"
+    ".sheet img{display:block}"
+)
+# For headless checks (and a reader's devtools): true once every image has decoded.
+IMAGES_LOADED = (
+    "<script>window.addEventListener('load',()=>{document.body.dataset.imagesLoaded="
+    "[...document.images].every(i=>i.complete&&i.naturalWidth>0)})</script>"
+)
 
 
 def fmt(value, digits: int = 2) -> str:

@@ -40,7 +40,7 @@ SCENE_COLUMNS = ("scene_id", "step")
 VARIANT_COLUMNS = ("variant_seeds", "variant_scores", "chosen_variant")
 _UNREADABLE = (RowError, FileNotFoundError, storage.StorageError, OSError, ValueError)
 
-# In the page's body (the head's style is report.py's): the outline of the chosen variant, the flag.
+# In the page's body (the head's style is page.py's STYLE): the outline of the chosen variant, the flag.
 _STYLE = (
     "<style>.strip td,.variants td{text-align:center;vertical-align:top;font-size:12px}"
     ".variants td.chosen{border:4px solid #1a7f37}.review{color:#c33;font-weight:bold}"

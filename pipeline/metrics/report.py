@@ -24,7 +24,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipeline import storage
-from pipeline.metrics.page import contact_row, esc, fmt
+from pipeline.metrics.page import IMAGES_LOADED, STYLE, contact_row, esc, fmt
 from pipeline.metrics.qa import qa_sections
 from pipeline.output.layout import Layout
 from pipeline.schema import OUTPUT_FIELDS
@@ -51,20 +51,6 @@ QA_COLUMNS = (
 REPORT_COLUMNS = (*REQUIRED_COLUMNS, "context_uri", "product_uri", "output_uri", "mask_uri", "bbox", *QA_COLUMNS)
 _TYPES = {f.name: f.type for f in OUTPUT_FIELDS} | {"pair_id": pa.string(), "shard": pa.string()}
 _NO_ROWS = pa.schema([(name, _TYPES[name]) for name in REQUIRED_COLUMNS]).empty_table()
-
-_STYLE = (
-    "body{font-family:sans-serif;margin:24px}table{border-collapse:collapse;margin:6px 0}"
-    "td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}th{background:#eee}"
-    ".banner{font-size:40px;font-weight:bold;color:#fff;background:#c33;padding:16px;margin:12px 0}"
-    ".sheet td,.sheet th,.text td,.text th{text-align:left;vertical-align:top}"
-    ".sheet img{display:block}"
-)
-# For headless checks (and a reader's devtools): true once every image has decoded.
-_IMAGES_LOADED = (
-    "<script>window.addEventListener('load',()=>{document.body.dataset.imagesLoaded="
-    "[...document.images].every(i=>i.complete&&i.naturalWidth>0)})</script>"
-)
-
 
 # -- contact sheets ------------------------------------------------------------------------------
 
@@ -268,7 +254,7 @@ def render_report(
     scored = ok.filter(pc.is_valid(ok["clip_score"]))
     sections = [
         f"<!doctype html><html><head><meta charset='utf-8'><title>DTC render {esc(run_id)}</title>",
-        f"<style>{_STYLE}</style></head><body><h1>DTC render {esc(run_id)}</h1>",
+        f"<style>{STYLE}</style></head><body><h1>DTC render {esc(run_id)}</h1>",
         _banner(summary, model_warning),
         _identity(identity),
         _settings(settings),
@@ -281,7 +267,7 @@ def render_report(
         _sheet("Random sample", "sample", _sample(ok, sample_size, seed), max_pixels),
         *qa_sections(rows, max_pixels),  # scene strips, variant grids, lowest identity
         _failed_pairs(rows, failed_shown),
-        _IMAGES_LOADED,
+        IMAGES_LOADED,
         "</body></html>",
     ]
     return "\n".join(s for s in sections if s)

@@ -14,7 +14,8 @@
     train    `_lock`, the run record as "running", Ray Train's TorchTrainer (resumes from the
              latest checkpoint of `checkpoints/<run_id>/` when there is one)
     export   a Ray task: the best (or final) weights -> `model/`, a DTC folder with its digest
-    close    `runs/<run_id>.json`, the lock, the one-screen summary
+    close    `metrics/<run_id>/training.html` (`training_page`), `runs/<run_id>.json`, the lock,
+             the one-screen summary
 
 The driver imports torch only at `train` (Ray Train's TorchTrainer imports it); checking,
 preparing and refusing do not, and the export runs in a task.
@@ -44,6 +45,7 @@ from pipeline.train import record
 from pipeline.train.config import TrainConfig
 from pipeline.train.dataset import TRAIN_PAYLOADS, RowCounts, check_splits
 from pipeline.train.store import StoreInfo, prepare_store
+from pipeline.train.training_page import write_training_page
 
 __all__ = ["TrainSpec", "TrainResult", "TrainRecipe", "run_train", "check"]
 
@@ -143,6 +145,7 @@ class TrainRecipe:
         self.result_metrics: dict = {}
         self.model_digest: str | None = None
         self.export_source: str | None = None
+        self.page_uri: str | None = None
         self.exit_code, self.message = EXIT_ERROR, ""
         self.started_at = datetime.now(UTC)
         self.start = time.monotonic()
@@ -160,7 +163,7 @@ class TrainRecipe:
         init_ray(self.cfg.address)  # rank 0's progress lines reach this driver (log_to_driver)
         spec, cfg = self.spec, self.cfg
         config = PrepareConfig(
-            InputPolicy(manifest_dir=spec.plan.base_dir, allow_roots=tuple(cfg.allow_root), allow_http=cfg.allow_http),
+            self.input_policy(),
             resolution=spec.resolution,
             product_size=spec.product_size,
             max_pixels=cfg.max_pixels,
@@ -202,6 +205,13 @@ class TrainRecipe:
         paths = [storage.filesystem(self.store.part_uri(p))[1] for p in self.store.record["parts"]]
         return ray.data.read_parquet(paths, filesystem=fs, columns=["pair_id", "split", "error_code", *TRAIN_PAYLOADS])
 
+    def input_policy(self) -> InputPolicy:
+        """Where the run's inputs may come from (the render job's allowlist)."""
+        cfg = self.cfg
+        return InputPolicy(
+            manifest_dir=self.spec.plan.base_dir, allow_roots=tuple(cfg.allow_root), allow_http=cfg.allow_http
+        )
+
     def run(self) -> TrainResult:
         lock = OutputLock(self.layout, self.cfg.run_id, stale_after_s=self.cfg.lock_stale_s)
         try:
@@ -235,6 +245,7 @@ class TrainRecipe:
         from ray.train.torch import TorchConfig, TorchTrainer
 
         from pipeline.train.loop import LoopSpec, train_loop_per_worker
+        from pipeline.train.val_renders import pick_val_pairs
 
         begin, cfg = time.monotonic(), self.cfg
         import ray
@@ -251,6 +262,8 @@ class TrainRecipe:
             self.spec.product_size,
             self.spec.recipe_digest,
             self.spec.init_model_digest,
+            val_pairs=pick_val_pairs(self.spec.plan, cfg.val_renders),
+            input_policy=self.input_policy(),
         )
         storage_path, filesystem = record.checkpoint_storage(cfg.output)
         trainer = TorchTrainer(
@@ -312,6 +325,10 @@ class TrainRecipe:
     def close(self, lock: OutputLock) -> None:
         elapsed = time.monotonic() - self.start
         self.timings["total_s"] = elapsed
+        try:  # rewritten by every attempt: its curves and grid are the path to the current weights
+            self.page_uri = write_training_page(self.cfg.output, self.cfg.run_id, max_pixels=self.cfg.max_pixels)
+        except Exception as e:  # noqa: BLE001 - the record and summary still come
+            log.error("could not write the training page: %s", e)
         try:
             record.write_record(self.layout, self.cfg.run_id, self.record())
         except Exception as e:  # noqa: BLE001

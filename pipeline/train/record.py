@@ -19,6 +19,7 @@ from pipeline.record import versions
 from pipeline.schema import EXIT_OK
 from pipeline.train.config import PUBLISHED_VGG19_SHA256_PREFIX, TrainConfig
 from pipeline.train.dataset import RowCounts
+from pipeline.train.logs import log_uri, tensorboard_uri
 from pipeline.train.store import StoreInfo
 
 __all__ = [
@@ -55,6 +56,7 @@ class TrainedRun(Protocol):
     result_metrics: dict  # the last `ray.train.report` of the workers
     model_digest: str | None
     export_source: str | None
+    page_uri: str | None  # metrics/<run_id>/training.html once written
 
 
 def read_record(output: str, run_id: str) -> dict | None:
@@ -118,7 +120,9 @@ def run_record(run: TrainedRun, running: bool = False) -> dict:
         "model": {"uri": storage.join(cfg.output, "model"), "digest": run.model_digest, "source": run.export_source},
         "vgg": {"uri": cfg.vgg_weights, "sha256": vgg_sha, "note": _vgg_note(cfg, vgg_sha)},
         "checkpoints": storage.join(cfg.output, "checkpoints", cfg.run_id),
-        "train_log": storage.join(cfg.output, "metrics", cfg.run_id, "train.jsonl"),
+        "train_log": log_uri(cfg.output, cfg.run_id),
+        "tensorboard": tensorboard_uri(cfg.output, cfg.run_id),
+        "training_page": run.page_uri,
         "recipe": cfg.recipe(),
         "recipe_digest": spec.recipe_digest if spec else None,
         "config": cfg.to_record(),
@@ -205,7 +209,9 @@ def summary_text(run: TrainedRun) -> str:
         lines.append("  model      not exported (see the note below)")
     lines += [
         f"  checkpoints {storage.join(cfg.output, 'checkpoints', cfg.run_id)} (re-run the same command to resume)",
-        f"  train log  {storage.join(cfg.output, 'metrics', cfg.run_id, 'train.jsonl')}",
+        f"  train log  {log_uri(cfg.output, cfg.run_id)}",
+        f"  tensorboard tensorboard --logdir {tensorboard_uri(cfg.output, cfg.run_id)}",
+        f"  page       {run.page_uri or 'not written (see the log)'}",
         f"  run record {Layout(cfg.output).run_record(cfg.run_id)}",
     ]
     return "\n".join(lines)
