@@ -10,6 +10,8 @@ still refuses Ray and S3 but runs with the integration tier. `make test` (and CI
 from __future__ import annotations
 
 import os
+import shutil
+import subprocess
 import sys
 
 import pytest
@@ -31,11 +33,11 @@ os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
 torch.set_num_threads(1)
 
 INTEGRATION_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "integration")
-SLOW_FIXTURES = {"s3_proxy", "s3_endpoint", "s3_bucket", "ray_address"}
+SLOW_FIXTURES = {"s3_proxy", "s3_endpoint", "s3_bucket", "ray_address", "chromium"}
 
 
 def pytest_collection_modifyitems(config, items):
-    """Mark tests/integration/ `integration`; a unit test asking for Ray or S3 is a mistake."""
+    """Mark tests/integration/ `integration`; a unit test asking for Ray, S3 or the browser is a mistake."""
     for item in items:
         if str(item.fspath).startswith(INTEGRATION_DIR):
             item.add_marker(pytest.mark.integration)
@@ -51,6 +53,21 @@ def _one_torch_thread():
     yield
     if torch.get_num_threads() != 1:
         torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="session")
+def chromium() -> str:
+    """Debian's chromium, for the pages' headless checks; installed here when missing (the tests
+    run as root, as CI does)."""
+    path = shutil.which("chromium")
+    if path is None:
+        env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+        subprocess.run(["apt-get", "update", "-qq"], check=True, env=env, capture_output=True, timeout=600)
+        install = ["apt-get", "install", "-y", "-qq", "--no-install-recommends", "chromium"]
+        subprocess.run(install, check=True, env=env, capture_output=True, timeout=900)
+        path = shutil.which("chromium")
+    assert path, "chromium could not be installed"
+    return path
 
 
 @pytest.fixture(scope="session")

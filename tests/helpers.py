@@ -5,9 +5,11 @@ from __future__ import annotations
 import glob
 import io
 import os
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 
 import numpy as np
@@ -98,3 +100,22 @@ def wait_for_parts(proc: subprocess.Popen, output, run_id: str, parts: int, log_
         assert proc.poll() is None, open(log_path).read()[-3000:]
         assert time.time() < deadline, f"run {run_id} wrote {parts} manifest part(s) not in time"
         time.sleep(0.2)
+
+
+def browser_view(chromium: str, page, shot, size: tuple[int, int] = (1000, 1400)) -> tuple[str, np.ndarray]:
+    """Headless Chromium on the local file `page` at a `size` window: its DOM once loaded (the
+    page's scripts run) and a screenshot saved to `shot`, as RGB pixels."""
+    profile = tempfile.mkdtemp(prefix="chromium-")
+    flags = [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+             "--disable-background-networking", "--disable-component-update", "--disable-sync",
+             "--force-device-scale-factor=1", f"--window-size={size[0]},{size[1]}",
+             f"--user-data-dir={profile}"]  # fmt: skip
+    url = page.as_uri()
+    try:
+        dump = [*flags, "--virtual-time-budget=5000", "--dump-dom", url]
+        dom = subprocess.run(dump, capture_output=True, text=True, timeout=120)
+        assert dom.stdout, dom.stderr[-1000:]
+        subprocess.run([*flags, f"--screenshot={shot}", url], capture_output=True, timeout=120)
+    finally:
+        shutil.rmtree(profile, ignore_errors=True)
+    return dom.stdout, np.asarray(Image.open(shot).convert("RGB")).astype(float)

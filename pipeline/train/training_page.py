@@ -9,7 +9,8 @@ picked val pair (its photo with the region outlined, its product), a column per 
 cell the pair rendered by that checkpoint's weights (`val_renders`). Only the checkpoints
 `train.jsonl` holds are columns, so renders an attempt made past its last committed checkpoint
 are left out, and a resumed run's page (rewritten at its close) shows one path to the weights.
-Element ids for headless checks: `run`, `loss-curves`, `val-grid`.
+Element ids for headless checks: `run`, `loss-curves`, `val-grid`; once loaded, the body's
+`data-images-loaded` (every image decoded) and `data-grid-images` (the grid images' boxes).
 """
 
 from __future__ import annotations
@@ -25,6 +26,12 @@ __all__ = ["page_uri", "render_training_page", "write_training_page"]
 
 _CURVE = {"width": 640, "height": 240, "pad": 44}
 _GRID_STYLE = "<style>.grid td{text-align:center;vertical-align:top;font-size:12px}.grid img{display:block}</style>"
+# For headless checks: where the grid's images were laid out (left,top,right,bottom;...) once loaded.
+_GRID_BOXES = (
+    "<script>window.addEventListener('load',()=>{document.body.dataset.gridImages=[...document.querySelectorAll("
+    "'#val-grid img')].map(i=>{const b=i.getBoundingClientRect();return [b.left,b.top,b.right,b.bottom]"
+    ".map(Math.round).join(',')}).join(';')})</script>"
+)
 
 
 def page_uri(output: str, run_id: str) -> str:
@@ -148,6 +155,7 @@ def render_training_page(output: str, run_id: str, *, max_pixels: int) -> str:
             loss_curves(lines),
             val_grid(output, run_id, pairs, steps, max_pixels),
             IMAGES_LOADED,
+            _GRID_BOXES,
             "</body></html>",
         ]
     )

@@ -7,16 +7,13 @@ from __future__ import annotations
 import base64
 import io
 import json
-import os
 import re
 import shutil
-import subprocess
-import tempfile
 
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-from helpers import FAST, read_manifest
+from helpers import FAST, browser_view, read_manifest
 from PIL import Image
 
 from jobs.metrics import main as metrics_main
@@ -31,20 +28,6 @@ def extractors(tmp_path_factory):
     from pipeline.metrics.extract import save_random_extractors
 
     return save_random_extractors(str(tmp_path_factory.mktemp("extractors")))
-
-
-@pytest.fixture(scope="module")
-def chromium() -> str:
-    """Debian's chromium; installed here when missing (the tests run as root, as CI does)."""
-    path = shutil.which("chromium")
-    if path is None:
-        env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
-        subprocess.run(["apt-get", "update", "-qq"], check=True, env=env, capture_output=True, timeout=600)
-        install = ["apt-get", "install", "-y", "-qq", "--no-install-recommends", "chromium"]
-        subprocess.run(install, check=True, env=env, capture_output=True, timeout=900)
-        path = shutil.which("chromium")
-    assert path, "chromium could not be installed"
-    return path
 
 
 def _catalog(root) -> str:
@@ -92,18 +75,9 @@ def _close(a, b, rel=1e-9):
 
 def _check_in_browser(chromium: str, page, shot) -> None:
     """Headless Chromium shows the page: every image loaded, a screenshot that is not blank."""
-    profile = tempfile.mkdtemp(prefix="chromium-")
-    flags = [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-             "--disable-background-networking", "--disable-component-update", "--disable-sync",
-             f"--user-data-dir={profile}"]  # fmt: skip
-    url = page.as_uri()
-    dump = [*flags, "--virtual-time-budget=5000", "--dump-dom", url]
-    dom = subprocess.run(dump, capture_output=True, text=True, timeout=120)
-    assert 'data-images-loaded="true"' in dom.stdout, dom.stderr[-1000:]
-    subprocess.run([*flags, "--window-size=1000,1400", f"--screenshot={shot}", url], capture_output=True, timeout=120)
-    pixels = np.asarray(Image.open(shot).convert("RGB")).astype(float)
+    dom, pixels = browser_view(chromium, page, shot)
+    assert 'data-images-loaded="true"' in dom
     assert pixels.std() > 20 and len(np.unique(pixels.reshape(-1, 3), axis=0)) > 500  # text, tables and photos
-    shutil.rmtree(profile, ignore_errors=True)
 
 
 def test_metrics_run_writes_shards_summary_and_report(ray_address, tmp_path, tiny_model_dir, extractors, chromium):

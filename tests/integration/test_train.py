@@ -24,6 +24,7 @@ from __future__ import annotations
 import glob
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -35,8 +36,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
-from helpers import ROOT, read_manifest
+from helpers import ROOT, browser_view, read_manifest
+from PIL import Image
 from safetensors.torch import load
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from jobs.render import main as render
 from jobs.train import main as train
@@ -201,6 +204,80 @@ def test_reference_run_records_skips_and_exports(reference, tiny_model_dir):
     assert record["model"]["digest"] == model_digest(f"{output}/model") != model_digest(tiny_model_dir)
 
 
+def _events(output: str, tmp_path) -> EventAccumulator:
+    """The run's TensorBoard files (a local copy when on S3), through TensorBoard's own reader."""
+    folder = storage.join(output, "metrics", "train", "tensorboard")
+    local = tmp_path / "tensorboard"
+    local.mkdir()
+    for rel, _, _ in storage.list_files(folder):
+        (local / rel).write_bytes(storage.read_bytes(storage.join(folder, rel)))
+    events = EventAccumulator(str(local))
+    events.Reload()
+    return events
+
+
+def _scalar_steps(events: EventAccumulator, tag: str) -> list[int]:
+    return [e.step for e in events.Scalars(tag)]
+
+
+def _pixels(uri: str) -> np.ndarray:
+    return images.decode_image(storage.read_bytes(uri), max_pixels=10**8).astype(int)
+
+
+def test_reference_run_logs_tensorboard_and_a_training_page(reference, tmp_path, chromium):
+    """On S3: event files with every tag at its steps, the validation renders at step 0 and each
+    checkpoint equal to the render path's own render of those weights, and the training page, seen
+    in headless Chromium: its grid's images drawn (photos, not blank cells)."""
+    output = reference["output"]
+    record = json.loads(storage.read_bytes(f"{output}/runs/train.json"))
+    assert record["tensorboard"] == f"{output}/metrics/train/tensorboard"
+    assert record["training_page"] == f"{output}/metrics/train/training.html"
+
+    events = _events(output, tmp_path)
+    tags = {"train/loss", "train/mse", "train/perceptual", "train/lr", "train/grad_norm", "val/loss"}
+    assert tags | {"perf/samples_per_s", "perf/data_wait_s", "perf/step_s"} <= set(events.Tags()["scalars"])
+    assert _scalar_steps(events, "train/loss") == [1, 2, 3, 4]
+    assert _scalar_steps(events, "train/perceptual") == [1, 4]  # perceptual_every 3: 0-based steps 0 and 3
+    val = [(e.step, e.value) for e in events.Scalars("val/loss")]
+    assert [s for s, _ in val] == [0, 2, 4]
+    assert val[-1][1] == pytest.approx(record["losses"]["val_loss"], rel=1e-6)  # float32 in the file
+
+    # the renders: the 2 val pairs at steps 0, 2, 4; the exported (best) step's through the render path
+    renders = f"{output}/metrics/train/val_renders"
+    pairs = json.loads(storage.read_bytes(f"{renders}/pairs.json"))["pairs"]
+    assert len(pairs) == 2 and not any(p["error"] for p in pairs)
+    pngs = sorted(p for p, _, _ in storage.list_files(renders) if p.endswith(".png"))
+    assert pngs == [f"step_{s:08d}/{p['pair_id']}.png" for s in (0, 2, 4) for p in pairs]
+    best = record["losses"]["best_step"]
+    renderer = Renderer.from_pretrained(f"{output}/model", device="cpu", torch_threads=1)
+    policy = InputPolicy(f"s3://{reference['bucket']}/catalog")
+    config = PrepareConfig(policy, renderer.resolution, renderer.product_size)
+    for p in pairs:
+        pair = prepare_pair(p["context_uri"], p["product_uri"], p["mask_uri"], p["bbox"], config)
+        m = {k: v[None] for k, v in pair.model.items() if k != "crop_box"}
+        (window,) = renderer.render(
+            m["context"], m["hole"], m["product"], m["product_alpha"], np.array([p["seed"]]), steps=8,
+            guidance_scale=RENDER_DEFAULTS.guidance_scale, hint=m["hint"], hint_mask=m["hint_mask"],
+        )  # fmt: skip
+        box, feather = pair.model["crop_box"], RENDER_DEFAULTS.feather_px
+        ours = np.asarray(compose.postprocess(pair.context, window, pair.hole, box, feather))
+        logged = _pixels(f"{renders}/step_{best:08d}/{p['pair_id']}.png")
+        assert np.abs(logged - ours.astype(int)).max() <= 1  # batch-mates move a pixel by 1 level at most (Renderer)
+        assert np.abs(_pixels(f"{renders}/step_00000000/{p['pair_id']}.png") - logged).max() > 8  # it learned
+
+    page = tmp_path / "training.html"
+    page.write_bytes(storage.read_bytes(record["training_page"]))
+    dom, pixels = browser_view(chromium, page, tmp_path / "training.png", size=(1100, 1600))
+    assert 'data-images-loaded="true"' in dom
+    boxes = [tuple(map(int, b.split(","))) for b in re.search(r'data-grid-images="([^"]*)"', dom).group(1).split(";")]
+    assert len(boxes) == 2 * (2 + 3)  # each pair: photo, product, three checkpoints
+    for left, top, right, bottom in boxes:
+        assert right - left > 100 and bottom - top == 160 and bottom <= pixels.shape[0]
+        cell = pixels[top:bottom, left:right]
+        assert cell.std() > 10 and len(np.unique(cell.reshape(-1, 3), axis=0)) > 100  # a picture, not a blank
+    Image.open(tmp_path / "training.png").verify()
+
+
 def test_two_workers_equal_one_worker_with_twice_the_batch(reference, two_workers):
     _assert_close_updates(_final_weights(two_workers), reference["weights"], _init_weights())
     (steps, ours), (ref_steps, theirs) = zip(*_losses(two_workers)), zip(*_losses(reference["output"]))
@@ -218,6 +295,13 @@ def test_a_killed_worker_resumes_exactly(two_workers, catalog, tmp_path):
     assert code == 0 and marker.exists()  # the worker really died, and the run finished
     _assert_exact(_final_weights(output), _final_weights(two_workers))
     assert _losses(output) == _losses(two_workers)  # train.jsonl cut back to step 2, then redone
+    # TensorBoard: a file per attempt; the reader shows each step once, in order, as train.jsonl
+    events = _events(output, tmp_path)
+    assert len(os.listdir(tmp_path / "tensorboard")) == 2
+    assert _scalar_steps(events, "train/loss") == [1, 2, 3, 4] and _scalar_steps(events, "val/loss") == [0, 2, 4]
+    lines = [json.loads(line) for line in open(os.path.join(output, "metrics", "train", "train.jsonl"))]
+    logged = [(r["step"], pytest.approx(r["loss"], rel=1e-6)) for r in lines if "loss" in r]
+    assert [(e.step, e.value) for e in events.Scalars("train/loss")] == logged  # the resumed attempt's 3 and 4
 
 
 def _train_command(catalog: dict, output, config, ray_address: str, *flags: str) -> list[str]:
@@ -258,6 +342,8 @@ def test_driver_sigkill_then_the_same_command_resumes_exactly(reference, catalog
     _assert_exact(_final_weights(str(output)), reference["weights"])
     record = json.loads((output / "runs" / "train.json").read_text())
     assert record["steps"]["run_this_attempt"] == 2 and record["attempts"][-1]["status"] == "running"
+    page = (output / "metrics" / "train" / "training.html").read_text()  # rewritten by the resumed run
+    assert re.findall(r"<th>step (\d+)</th>", page) == ["0", "2", "4"]
 
 
 def test_sigterm_stops_a_training_run_with_its_record_and_the_lock_released(catalog, tmp_path, ray_address):
