@@ -55,6 +55,9 @@ DRIVER_MODULES = [
     "pipeline.toy.catalog",
     "pipeline.train.export",
     "pipeline.train.faults",
+    "pipeline.train.logs",
+    "pipeline.train.val_renders",
+    "pipeline.train.training_page",
 ]
 
 
