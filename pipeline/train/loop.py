@@ -192,8 +192,8 @@ class Worker:
         if start == 0 and len(self.val):
             state["initial_val_loss"] = self.learner.validation_loss(self.val)
             self.log.add({"step": 0, "val_loss": state["initial_val_loss"], "time": time.time()})
-        if start == 0 and self.val_renders:
-            self.val_renders.render(0, self.learner.autocast)
+        if start == 0 and self.val_renders and (problem := self.val_renders.render(0, self.learner.autocast)):
+            self.say(problem)
         self.say(
             f"training steps {start}..{total} on {len(self.train)} train / {len(self.val)} val samples, "
             f"{self.world} worker(s) x batch {self.cfg.batch_size // self.world} on {self.device}"
@@ -259,8 +259,8 @@ class Worker:
             vgg_sha256=self.vgg_sha256,
         )
         checkpoint, folder = None, None
-        if self.val_renders:
-            self.val_renders.render(done, self.learner.autocast)
+        if self.val_renders and (problem := self.val_renders.render(done, self.learner.autocast)):
+            self.say(problem)
         if self.rank == 0:
             from ray.train import Checkpoint
 

@@ -210,7 +210,7 @@ def summary_text(run: TrainedRun) -> str:
     lines += [
         f"  checkpoints {storage.join(cfg.output, 'checkpoints', cfg.run_id)} (re-run the same command to resume)",
         f"  train log  {log_uri(cfg.output, cfg.run_id)}",
-        f"  tensorboard tensorboard --logdir {tensorboard_uri(cfg.output, cfg.run_id)}",
+        f"  tensorboard {tensorboard_uri(cfg.output, cfg.run_id)}",
         f"  page       {run.page_uri or 'not written (see the log)'}",
         f"  run record {Layout(cfg.output).run_record(cfg.run_id)}",
     ]

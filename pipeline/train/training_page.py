@@ -131,6 +131,12 @@ def val_grid(output: str, run_id: str, pairs: list[dict], steps: list[int], max_
     )
 
 
+def _tensorboard_line(uri: str) -> str:
+    if storage.is_s3(uri):
+        return f"{uri} (copy it to a local folder, then tensorboard --logdir FOLDER)"
+    return f"tensorboard --logdir {uri}"
+
+
 def render_training_page(output: str, run_id: str, *, max_pixels: int) -> str:
     """The page as a string, from what rank 0 wrote under `metrics/<run_id>/`."""
     lines = _read_lines(output, run_id)
@@ -143,7 +149,7 @@ def render_training_page(output: str, run_id: str, *, max_pixels: int) -> str:
         "last train loss": train[-1]["loss"] if train else None,
         "validation loss": " -> ".join(f"{line['val_loss']:.5f}" for line in (val[:1] + val[-1:])) or None,
         "best validation loss": min((line["val_loss"] for line in val), default=None),
-        "TensorBoard": f"tensorboard --logdir {tensorboard_uri(output, run_id)}",
+        "TensorBoard": _tensorboard_line(tensorboard_uri(output, run_id)),
         "train log": log_uri(output, run_id),
     }
     table = "".join(f"<tr><th>{esc(k)}</th><td>{fmt(v, 5)}</td></tr>" for k, v in facts.items())

@@ -82,13 +82,25 @@ class ValRenders:
             except RowError as e:  # shown on the page, as the render job would fail the row
                 listed.append({**row, "error": f"{e.code}: {e.message}"})
                 continue
+            except Exception as e:  # noqa: BLE001 - an input gone since the store was prepared: the page says so
+                listed.append({**row, "error": f"prepare_failed: {type(e).__name__}: {e}"[:500]})
+                continue
             self.pairs.append((row, pair))
             listed.append({**row, "error": None})
         index = json.dumps({"steps": self.cfg.val_render_steps, "pairs": listed}, indent=1, default=str)
         storage.write_bytes(storage.join(val_renders_uri(spec.output, spec.run_id), "pairs.json"), index.encode())
 
-    def render(self, step: int, autocast) -> None:
-        """The pairs through the current weights -> their PNGs for `step`."""
+    def render(self, step: int, autocast) -> str | None:
+        """The pairs through the current weights -> their PNGs for `step`. A failure (out of
+        memory, storage) is returned as a line for the progress log, not raised: the grid misses
+        that column, training goes on."""
+        try:
+            self._render(step, autocast)
+        except Exception as e:  # noqa: BLE001 - a side product of training must not stop it
+            return f"the validation renders of step {step} failed ({type(e).__name__}: {e}); the page skips them"
+        return None
+
+    def _render(self, step: int, autocast) -> None:
         import torch
 
         from pipeline import compose, images

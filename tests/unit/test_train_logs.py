@@ -145,3 +145,50 @@ def test_the_training_page_shows_curves_and_the_committed_checkpoints_renders(tm
         assert Image.open(io.BytesIO(base64.b64decode(data))).size[1] == 160
     assert "not prepared: image_missing: no such file" in grid
     assert "0.90000 -&gt; 0.60000" in page and f"tensorboard --logdir {tensorboard_uri(output, 'r')}" in page
+
+
+def test_val_renders_are_the_render_paths_and_leave_trainings_random_numbers_alone(tmp_path, tiny_model_dir):
+    """Rank 0's renders on the training pipeline: a PNG per pair of the photo's size, the same
+    bytes at the same weights (manifest seeds), torch's global RNG where it was; an input gone
+    since the pick is listed with its reason; a failing render is a line, not an exception."""
+    import contextlib
+
+    import torch
+
+    from pipeline.fetch import InputPolicy
+    from pipeline.model.loading import load_pipeline
+    from pipeline.train.config import TrainConfig
+    from pipeline.train.loop import LoopSpec
+    from pipeline.train.val_renders import ValRenders
+
+    catalog = tmp_path / "catalog"
+    manifest = make_training_catalog(str(catalog), n_pairs=4, val_fraction=0.5, sizes=[(48, 40)])
+    picked = pick_val_pairs(plan_manifest(manifest), 2)
+    gone = {**picked[1], "context_uri": str(catalog / "missing.png")}
+    output = str(tmp_path / "out")
+    pipe = load_pipeline(tiny_model_dir, dtype=torch.float32)
+    cfg = TrainConfig(manifest=manifest, init_model=tiny_model_dir, output=output, val_render_steps=2)
+    spec = LoopSpec(
+        cfg, "r", output, 4, pipe.config.resolution, pipe.config.product_size, "d", "i",
+        val_pairs=(picked[0], gone), input_policy=InputPolicy(str(catalog)),
+    )  # fmt: skip
+    renders = ValRenders(spec, pipe, "cpu")
+    listed = json.loads(storage.read_bytes(storage.join(val_renders_uri(output, "r"), "pairs.json")))["pairs"]
+    assert [p["error"] is None for p in listed] == [True, False] and "missing.png" in listed[1]["error"]
+
+    torch.manual_seed(7)
+    assert renders.render(2, contextlib.nullcontext) is None
+    after = torch.rand(3)
+    torch.manual_seed(7)
+    assert torch.equal(torch.rand(3), after)  # the renders drew nothing from the global generator
+    first = storage.read_bytes(render_uri(output, "r", 2, picked[0]["pair_id"]))
+    assert Image.open(io.BytesIO(first)).size == (48, 40)  # pasted back into the whole photo
+    assert renders.render(4, contextlib.nullcontext) is None
+    assert storage.read_bytes(render_uri(output, "r", 4, picked[0]["pair_id"])) == first  # same weights, same seed
+    assert not storage.exists(render_uri(output, "r", 2, gone["pair_id"]))
+
+    def broken():
+        raise RuntimeError("out of memory")
+
+    problem = renders.render(6, broken)
+    assert "step 6 failed (RuntimeError: out of memory)" in problem
