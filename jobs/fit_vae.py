@@ -14,7 +14,7 @@ import os
 import sys
 
 from jobs.cli import Parser
-from pipeline.schema import FILM_MODES
+from pipeline.schema import FUSION_FORMS
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -28,7 +28,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=default.batch_size)
     parser.add_argument("--learning-rate", type=float, default=default.learning_rate)
     parser.add_argument("--seed", type=int, default=default.seed)
-    parser.add_argument("--film-mode", choices=FILM_MODES, default=default.film_mode)
+    parser.add_argument("--film-mode", choices=FUSION_FORMS, default=default.film_mode)
     parser.add_argument("--torch-threads", type=int, default=None)
     args = parser.parse_args(argv)
     if args.steps < 1 or args.batch_size < 1 or args.learning_rate <= 0:

@@ -20,7 +20,7 @@ import argparse
 import sys
 
 from jobs.cli import Parser
-from pipeline.schema import DEFAULT_FILM_MODE, EXIT_OK, EXIT_REFUSED, FILM_MODES, PRESETS
+from pipeline.schema import DEFAULT_FILM_MODE, EXIT_OK, EXIT_REFUSED, FUSION_FORMS, PRESETS
 
 # train-tiny: the toy's sizes (64 px, the committed weights' shapes), random VAE included
 MAKE_PRESETS = (*PRESETS, "train-tiny")
@@ -34,7 +34,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--sd-inpainting", help="diffusers SD-inpainting pipeline folder or s3:// prefix")
     parser.add_argument("--dinov2", help="transformers DINOv2 folder or s3:// prefix")
     parser.add_argument("--vae", help="optional VAE folder replacing the SD one")
-    parser.add_argument("--film-mode", choices=FILM_MODES, default=DEFAULT_FILM_MODE)
+    parser.add_argument("--film-mode", choices=FUSION_FORMS, default=DEFAULT_FILM_MODE)
     parser.add_argument("--seed", type=int, default=0, help="weight init seed for --preset")
     parser.add_argument("--out", required=True, help="output folder")
     args = parser.parse_args(argv)

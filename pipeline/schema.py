@@ -53,6 +53,7 @@ __all__ = [
     "SCHEDULERS",
     "SELECTIONS",
     "FILM_MODES",
+    "FUSION_FORMS",
     "DEFAULT_FILM_MODE",
     "PRESETS",
     "RENDER",
@@ -214,6 +215,9 @@ MEDIA_TYPES = {"jpeg": "image/jpeg", "png": "image/png", "webp": "image/webp"}
 SCHEDULERS = ("ddim", "dpmpp")
 SELECTIONS = ("identity", "clip")  # --select: how the best of --variants is chosen
 FILM_MODES = ("spatial", "channel")
+# The hint branch's fusion forms (a model folder records its form as the hint encoder's `film_mode`):
+# the two FiLM modes, additive residuals (ControlNet), cross-attention (TryOnDiffusion), no hint branch.
+FUSION_FORMS = (*FILM_MODES, "add", "xattn", "off")
 # One value per channel won the toy ablation (docs/training.md "A model that learned": hue error and swap test)
 DEFAULT_FILM_MODE = "channel"
 PRESETS = ("tiny", "sd15")

@@ -5,7 +5,9 @@
 - `DTCHintAdapter`: the paper's "shallow convolutional network comprising four layers" that
   brings the pasted-product hint from pixels to latent size; last conv zero-initialised.
 - `DTCHintEncoder`: a trainable copy of the main UNet's conv_in, time embedding, down blocks
-  and mid block (like `ControlNetModel.from_unet`), ending in one FiLM head per skip.
+  and mid block (like `ControlNetModel.from_unet`), ending in one fusion head per skip: FiLM
+  (spatial or channel), an additive residual (ControlNet) or cross-attention (TryOnDiffusion);
+  or no hint branch at all (`film_mode="off"`).
 - `DTCUNet2DConditionModel`: the stock diffusers UNet with a forward that applies
   `s * (1 + gamma) + beta` to its 12 down skips and the mid output. Its weights are a stock
   UNet's, unchanged: `UNet2DConditionModel.from_pretrained` loads the same folder.
@@ -27,8 +29,11 @@ do not offer it.
 from __future__ import annotations
 
 import inspect
+from collections.abc import Callable
+from functools import partial
 
 import torch
+import torch.nn.functional as F
 from diffusers import UNet2DConditionModel
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.embeddings import TimestepEmbedding, Timesteps
@@ -37,9 +42,11 @@ from diffusers.models.unets.unet_2d_blocks import get_down_block, get_mid_block
 from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
 from torch import nn
 
-from pipeline.schema import DEFAULT_FILM_MODE, FILM_MODES
+from pipeline.schema import DEFAULT_FILM_MODE, FUSION_FORMS
 
-FilmParams = list[tuple[torch.Tensor, torch.Tensor]]
+# Per skip site: (gamma, beta) of FiLM (gamma None: an additive residual), or a function of the
+# main skip (cross-attention: what it reads from the hint depends on the skip).
+FilmParams = list[tuple[torch.Tensor | None, torch.Tensor] | Callable[[torch.Tensor], torch.Tensor]]
 
 # UNet2DConditionModel settings that `encode_down`, the hint encoder and the FiLM forward do not
 # implement. Each must keep diffusers' default (SD-1.x configs do); otherwise the hint encoder
@@ -136,6 +143,33 @@ def encode_down(module, sample: torch.Tensor, emb: torch.Tensor, encoder_hidden_
     return sample, skips
 
 
+class HintCrossAttention(nn.Module):
+    """One skip site's cross-attention fusion (TryOnDiffusion's, as the DTC paper cites): every
+    pixel of the main skip attends to all pixels of the hint features at the same site;
+    `skip + out(attention(q=skip, kv=hint))`, heads of 32 channels (one for fewer). `out`
+    starts at zero, so a fresh head leaves the skip untouched, as the FiLM heads do."""
+
+    def __init__(self, channels: int, groups: int, eps: float):
+        super().__init__()
+        self.heads = channels // 32 if channels % 32 == 0 and channels >= 32 else 1
+        self.norm_skip = nn.GroupNorm(groups, channels, eps=eps)
+        self.norm_hint = nn.GroupNorm(groups, channels, eps=eps)
+        self.to_q = nn.Linear(channels, channels, bias=False)
+        self.to_kv = nn.Linear(channels, 2 * channels, bias=False)
+        self.out = nn.Linear(channels, channels)
+        nn.init.zeros_(self.out.weight)
+        nn.init.zeros_(self.out.bias)
+
+    def forward(self, hint: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
+        b, c, h, w = skip.shape
+        tokens = lambda x: x.flatten(2).transpose(1, 2)  # noqa: E731  B x C x H x W -> B x HW x C
+        split = lambda x: x.unflatten(-1, (self.heads, -1)).transpose(1, 2)  # noqa: E731  -> B x heads x N x d
+        q = split(self.to_q(tokens(self.norm_skip(skip))))
+        k, v = (split(t) for t in self.to_kv(tokens(self.norm_hint(hint))).chunk(2, dim=-1))
+        attended = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).flatten(2)
+        return skip + self.out(attended).transpose(1, 2).reshape(b, c, h, w)
+
+
 def _per_block(value, n: int) -> tuple:
     return tuple(value) if isinstance(value, (list, tuple)) else (value,) * n
 
@@ -144,10 +178,16 @@ class DTCHintEncoder(ModelMixin, ConfigMixin):
     """Encoder half of a UNet (conv_in, time embedding, down blocks, mid block) whose skip
     tensors become FiLM parameters for the main UNet: 13 sites for SD-1.5.
 
-    `film_mode="channel"` (default, `schema.DEFAULT_FILM_MODE`): `[gamma, beta] = Linear(mean_hw(h))`,
-    one value per channel. `film_mode="spatial"`: `[gamma, beta] = Conv1x1(h)` per site, one value
-    per pixel. A saved folder records its mode, so changing the default never changes a model.
-    Every head starts at zero, so a fresh encoder leaves the main UNet untouched.
+    `film_mode` is the fusion form (`schema.FUSION_FORMS`; the name predates the non-FiLM forms
+    and stays, so every saved folder keeps loading). `"channel"` (default, `schema.DEFAULT_FILM_MODE`):
+    `[gamma, beta] = Linear(mean_hw(h))`, one value per channel. `"spatial"`: `[gamma, beta] =
+    Conv1x1(h)` per site, one value per pixel. `"add"`: ControlNet's zero convolution, `skip +
+    Conv1x1(h)`. `"xattn"`: `HintCrossAttention`, the skip's pixels attending to the hint's.
+    `"off"`: no hint branch: nothing is built, `forward` returns None and the UNet runs its stock
+    forward (the ablation trained as such; its hint adapter then gets no gradient, so a multi-worker
+    DDP run of it would need `find_unused_parameters`). A saved folder records its form, so
+    changing the default never changes a model. Every head starts at zero, so a fresh encoder
+    leaves the main UNet untouched.
 
     Gradient checkpointing is diffusers' own: the down and mid blocks carry the
     `gradient_checkpointing` flag that `enable_gradient_checkpointing()` sets.
@@ -186,8 +226,14 @@ class DTCHintEncoder(ModelMixin, ConfigMixin):
         film_mode: str = DEFAULT_FILM_MODE,
     ):
         super().__init__()
-        if film_mode not in FILM_MODES:
-            raise ValueError(f"film_mode must be one of {FILM_MODES}, got {film_mode!r}")
+        if film_mode not in FUSION_FORMS:
+            raise ValueError(f"film_mode must be one of {FUSION_FORMS}, got {film_mode!r}")
+        self.film_heads = nn.ModuleList()
+        if film_mode == "off":
+            # no parameters; one buffer so the folder still holds a hint_encoder weights file,
+            # which checkpoint checks require of every component
+            self.register_buffer("no_hint_branch", torch.zeros(1))
+            return
         n = len(down_block_types)
         # diffusers' SD configs call the head count `attention_head_dim`; mirror the UNet's reading.
         num_attention_heads = _per_block(num_attention_heads or attention_head_dim, n)
@@ -249,11 +295,23 @@ class DTCHintEncoder(ModelMixin, ConfigMixin):
         )
         skip_channels.append(block_out_channels[-1])  # the mid block's output is the 13th site
 
-        make_head = (lambda c: nn.Conv2d(c, 2 * c, 1)) if film_mode == "spatial" else (lambda c: nn.Linear(c, 2 * c))
-        self.film_heads = nn.ModuleList(make_head(c) for c in skip_channels)
+        make_head = {
+            "spatial": lambda c: nn.Conv2d(c, 2 * c, 1),
+            "channel": lambda c: nn.Linear(c, 2 * c),
+            "add": lambda c: nn.Conv2d(c, c, 1),
+            "xattn": lambda c: HintCrossAttention(c, norm_num_groups, norm_eps),
+        }[film_mode]
+        self.film_heads.extend(make_head(c) for c in skip_channels)
+        self.silence_()
+
+    @torch.no_grad()
+    def silence_(self) -> None:
+        """Zero every head's output layer: the hint branch then changes nothing (a fresh
+        encoder's state; on a trained one, the ablation "hint branch off" at inference)."""
         for head in self.film_heads:
-            nn.init.zeros_(head.weight)
-            nn.init.zeros_(head.bias)
+            last = head.out if isinstance(head, HintCrossAttention) else head
+            last.weight.zero_()
+            last.bias.zero_()
 
     @property
     def num_film_sites(self) -> int:
@@ -288,13 +346,20 @@ class DTCHintEncoder(ModelMixin, ConfigMixin):
             resnet_time_scale_shift=cfg.resnet_time_scale_shift,
             **hint_options,
         )
+        if encoder.config.film_mode == "off":
+            return encoder
         if (encoder.device, encoder.dtype) != (unet.device, unet.dtype):
             encoder.to(device=unet.device, dtype=unet.dtype)
         for name in ("conv_in", "time_proj", "time_embedding", "down_blocks", "mid_block"):
             getattr(encoder, name).load_state_dict(getattr(unet, name).state_dict())
         return encoder
 
-    def forward(self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor) -> FilmParams:
+    def forward(
+        self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor
+    ) -> FilmParams | None:
+        mode = self.config.film_mode
+        if mode == "off":
+            return None
         timesteps = timestep.expand(sample.shape[0]) if timestep.ndim else timestep[None].expand(sample.shape[0])
         emb = self.time_embedding(self.time_proj(timesteps).to(dtype=sample.dtype))
         sample, down = encode_down(self, sample, emb, encoder_hidden_states)
@@ -302,17 +367,24 @@ class DTCHintEncoder(ModelMixin, ConfigMixin):
 
         film: FilmParams = []
         for h, head in zip(skips, self.film_heads):
-            if self.config.film_mode == "spatial":
-                gamma, beta = head(h).chunk(2, dim=1)
+            if mode == "spatial":
+                film.append(tuple(head(h).chunk(2, dim=1)))
+            elif mode == "channel":
+                film.append(tuple(head(h.mean(dim=(2, 3)))[:, :, None, None].chunk(2, dim=1)))
+            elif mode == "add":
+                film.append((None, head(h)))
             else:
-                gamma, beta = head(h.mean(dim=(2, 3)))[:, :, None, None].chunk(2, dim=1)
-            film.append((gamma, beta))
+                film.append(partial(head, h))
         return film
 
 
-def apply_film(skip: torch.Tensor, params: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+def apply_film(skip: torch.Tensor, params) -> torch.Tensor:
+    """One site's fusion: `skip * (1 + gamma) + beta` (FiLM), `skip + beta` (gamma None: an
+    additive residual), or `params(skip)` (cross-attention)."""
+    if callable(params):
+        return params(skip)
     gamma, beta = params
-    return skip * (1 + gamma) + beta
+    return skip + beta if gamma is None else skip * (1 + gamma) + beta
 
 
 class DTCUNet2DConditionModel(UNet2DConditionModel):

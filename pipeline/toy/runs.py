@@ -33,14 +33,11 @@ def with_film_mode(init_model: str, out: str, film_mode: str, seed: int = 0) -> 
 
 
 def hint_off(model: str, out: str) -> None:
-    """`model` with every FiLM head at zero: the hint branch is off, nothing else changes."""
+    """`model` with every fusion head's output at zero: the hint branch is off, nothing else changes."""
     from pipeline.model.loading import load_pipeline, save_pipeline
 
     pipe = load_pipeline(model, device="cpu", dtype=torch.float32)
-    with torch.no_grad():
-        for head in pipe.hint_encoder.film_heads:
-            head.weight.zero_()
-            head.bias.zero_()
+    pipe.hint_encoder.silence_()
     save_pipeline(pipe, out)
 
 
