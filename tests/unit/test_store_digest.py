@@ -1,5 +1,6 @@
 """The store's digest and parts without Ray (`pipeline.train.store`): which inputs make a new
-store, how a manifest splits into parts, and a part's layout (row groups, the small columns).
+store, how a manifest splits into parts, a part's layout (row groups, zstd), and the job's stage
+as a plain function (writes its part, hands back only the small columns, never rewrites).
 Ray, S3 and a killed preparation: tests/integration/test_store.py."""
 
 from __future__ import annotations
@@ -89,3 +90,25 @@ def test_a_part_has_the_contract_columns_in_row_groups_and_compressed_payloads()
     assert column.compression == store.COMPRESSION.upper()
     assert column.total_compressed_size < 4096  # zeros: zstd
     assert part.read_row_group(2)["model_hole"].to_pylist() == [bytes(4096)]
+
+
+def test_a_part_task_writes_its_part_and_hands_back_only_the_small_columns(tmp_path):
+    """The job's stage without Ray: the payloads stay in the part; a written part is read back
+    (the same rows and positions), never rewritten."""
+    from pipeline.toy.catalog import make_training_catalog
+
+    manifest = make_training_catalog(str(tmp_path / "catalog"), n_pairs=3, val_fraction=0, bad_rows=True)
+    plan = plan_manifest(manifest)
+    config = _config(plan.base_dir)
+    (part,) = store.plan_parts(plan, part_rows=8)
+    item = {"name": part.name, "file_index": 0, "start": part.start, "end": part.end, "written": False}
+    kwargs = dict(uri=str(tmp_path / "store"), plan=plan, conflicts_ref=[], config=config, row_group_rows=2)
+    rows = store.prepare_parts(pa.Table.from_pylist([item]), compression=store.COMPRESSION, **kwargs)
+    assert rows.schema.equals(store.ROWS_SCHEMA)  # no payload reaches the driver
+    codes = sorted(c for c in rows["error_code"].to_pylist() if c)
+    assert rows.num_rows == 5 and codes == ["bad_bbox", "image_missing"]
+    assert rows["row_group"].to_pylist() == [0, 0, 1, 1, 2] and rows["row"].to_pylist() == [0, 1, 0, 1, 0]
+    path = tmp_path / "store" / "parts" / f"{part.name}.parquet"
+    written = path.stat().st_mtime_ns
+    again = store.prepare_parts(pa.Table.from_pylist([item | {"written": True}]), compression="none", **kwargs)
+    assert again.equals(rows) and path.stat().st_mtime_ns == written
