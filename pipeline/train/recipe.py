@@ -34,7 +34,7 @@ from pipeline import storage
 from pipeline.config import ConfigError
 from pipeline.driver import Terminated, absolute_uri, check_writable, init_ray, terminate_as_exception
 from pipeline.fetch import InputPolicy
-from pipeline.manifest import ManifestError, ManifestPlan, pair_id_conflicts, plan_manifest
+from pipeline.manifest import ManifestError, ManifestPlan, plan_manifest
 from pipeline.model.checkpoint import CheckpointError, check_dtc_checkpoint, model_digest
 from pipeline.output.layout import Layout
 from pipeline.output.lock import LockHeld, OutputLock
@@ -162,19 +162,10 @@ class TrainRecipe:
         begin = time.monotonic()
         init_ray(self.cfg.address)  # rank 0's progress lines reach this driver (log_to_driver)
         spec, cfg = self.spec, self.cfg
-        config = PrepareConfig(
-            self.input_policy(),
-            resolution=spec.resolution,
-            product_size=spec.product_size,
-            max_pixels=cfg.max_pixels,
-            crop_margin=cfg.crop_margin,
-            num_cpus=cfg.data_cpus,
-            batch_size=8,
-        )
+        config = self.prepare_config()
         print(f"[dtc-train] run {cfg.run_id}: the store of {spec.plan.num_rows} manifest rows", flush=True)
         self.store = prepare_store(
             spec.plan,
-            pair_id_conflicts(spec.plan),
             config,
             cfg.output,
             part_rows=cfg.store_part_rows,
@@ -204,6 +195,20 @@ class TrainRecipe:
         fs, _ = storage.filesystem(self.store.uri)
         paths = [storage.filesystem(self.store.part_uri(p))[1] for p in self.store.record["parts"]]
         return ray.data.read_parquet(paths, filesystem=fs, columns=["pair_id", "split", "error_code", *TRAIN_PAYLOADS])
+
+    def prepare_config(self) -> PrepareConfig:
+        """How this run's rows are prepared: every field but `num_cpus`/`batch_size` enters the
+        store's digest (`store.prep_inputs`)."""
+        spec, cfg = self.spec, self.cfg
+        return PrepareConfig(
+            self.input_policy(),
+            resolution=spec.resolution,
+            product_size=spec.product_size,
+            max_pixels=cfg.max_pixels,
+            crop_margin=cfg.crop_margin,
+            num_cpus=cfg.data_cpus,
+            batch_size=8,
+        )
 
     def input_policy(self) -> InputPolicy:
         """Where the run's inputs may come from (the render job's allowlist)."""

@@ -1,6 +1,6 @@
 """The prepared-sample store: training's inputs prepared once, as Parquet, reused by every run.
 
-    info = prepare_store(plan, conflicts, config, output, part_rows=64, row_group_rows=1)
+    info = prepare_store(plan, config, output, part_rows=64, row_group_rows=1)
     info.uri  # <output>/prepared/<digest>/, complete: store.json is there
 
 Layout (the contract with `train.reader`; docs/training.md "The prepared-sample store"):
@@ -291,7 +291,6 @@ def prepare_parts(
 
 def prepare_store(
     plan: manifest.ManifestPlan,
-    conflicts: manifest.PairIdConflicts,
     config: PrepareConfig,
     output: str,
     *,
@@ -317,6 +316,9 @@ def prepare_store(
         {"name": p.name, "file_index": p.file_index, "start": p.start, "end": p.end, "written": p.name in written}
         for p in parts
     ]
+    # The pair_id conflicts only when there is something to prepare: a whole-manifest scan whose
+    # memory grows with the distinct ids, which a run reusing its store must not pay.
+    conflicts = manifest.pair_id_conflicts(plan)
     conflicts_ref = [ray.put(conflicts)] if conflicts.duplicates else []
     job = ray.data.from_items(items, override_num_blocks=max(1, len(items))).map_batches(
         prepare_parts,
