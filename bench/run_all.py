@@ -35,6 +35,7 @@ BENCHES = {
     "train": ["bench/train.py"],
     "train_data_wait": ["bench/train.py", "--data-wait"],
     "store": ["bench/store.py"],
+    "train_scale": ["bench/train_scale.py"],
     "learned": ["bench/learned.py"],
     "learned_ci": ["bench/learned.py", "--calibration-only"],
     "noop": ["bench/noop.py"],

@@ -17,11 +17,11 @@ samples, and the 1.2M-pair plan from measured per-sample costs. One JSON line pe
    (nothing prepared) and the workers read it. Sampled every 0.2 s: the job's (driver) RSS, the
    largest Ray Train worker's RSS, the object store's use (`ray memory --stats-only`); steps/s
    from the run's train.jsonl (after the first window).
-4. At 512^2 (the paper's resolution) on this machine: preparation CPU ms per pair (the training
-   job's prepare code), the store's bytes per sample (its encoding, photo-like noise added to the
-   synthetic photos), and a worker's read + decode + augmentation ms per sample
-   (`reader.StoreReader.fetch` + `samples.build_batch`); turned into the 1.2M-pair plan: store
-   size, preparation hours on N cores, CPU cores per GPU at the cost model's samples/s per GPU.
+4. At 512^2 (the paper's resolution) on this machine: a worker's read + decode + augmentation
+   ms per sample (`reader.StoreReader.fetch` + `samples.build_batch`, photo-like noise in the
+   synthetic photos), turned into CPU cores per GPU and GPU-days for 1.2M pairs x 40 epochs at the
+   cost model's samples/s per GPU. The store's bytes per sample, size and preparation core-hours
+   for 1.2M pairs are bench/store.py's (section `store`): one definition each.
 
 What it does not show: disk or S3 throughput at 1M distinct samples (the replicated payloads
 compress alike and the page cache holds more of them than of a real store), and GPU step times
@@ -318,7 +318,8 @@ def train_on(built: dict, model: str, steps: int, workers: int, gcs: str) -> dic
 
 
 def per_sample_512(folder: str, pairs: int = 8, rounds: int = 3) -> dict:
-    """Preparation, store bytes, read + decode + augmentation per sample at R = 512, S = 224."""
+    """A worker's CPU per sample at R = 512, S = 224: the row-group read and decode, the
+    augmentation and collation. (Store bytes and preparation per sample: bench/store.py.)"""
     import numpy as np
     import pyarrow as pa
     import torch
@@ -330,15 +331,12 @@ def per_sample_512(folder: str, pairs: int = 8, rounds: int = 3) -> dict:
     from pipeline.train.samples import Augment, build_batch
 
     torch.set_num_threads(1)
-    began = time.process_time()
-    table = prepared_rows(os.path.join(folder, "cat512"), pairs, 512, noisy=True)
-    prepare_ms = (time.process_time() - began) * 1000 / pairs  # the catalog's drawing included: an upper bound
+    table, _ = prepared_rows(os.path.join(folder, "cat512"), pairs, 512, noisy=True)
     uri = os.path.join(folder, "store512")
     ids = pa.array([f"p{i:03d}" for i in range(pairs)])
     record = {"format": store.FORMAT, "resolution": 512, "product_size": 224}
     parts = [store.Part("00000-0000000000", 0, 0, pairs)]
     write_store(uri, table, np.arange(pairs), ids, pa.array(["train"] * pairs), parts, 1, record)
-    part_bytes = os.path.getsize(os.path.join(uri, "parts", f"{parts[0].name}.parquet"))
     cfg = TrainConfig(manifest="-", init_model="-", output="-")
     augment = Augment(cfg.bbox_mask_prob, cfg.flip_prob, cfg.rotate_degrees, cfg.cfg_drop)
     latent = (4, 64, 64)  # SD's VAE at 512: the noise draws a sample costs
@@ -356,8 +354,6 @@ def per_sample_512(folder: str, pairs: int = 8, rounds: int = 3) -> dict:
         "resolution": 512,
         "product_size": 224,
         "samples": pairs,
-        "prepare_cpu_ms_per_pair": round(prepare_ms, 1),
-        "store_bytes_per_sample": round(part_bytes / pairs),
         "read_decode_ms_per_sample": round(statistics.median(read_ms), 2),
         "augment_batch_ms_per_sample": round(statistics.median(build_ms), 2),
         "compression": store.COMPRESSION,
@@ -365,14 +361,12 @@ def per_sample_512(folder: str, pairs: int = 8, rounds: int = 3) -> dict:
     }
 
 
-def plan_1_2m(costs: dict, cores: int = 64) -> dict:
-    """The paper's 1.2M pairs x 40 epochs from the per-sample costs at 512^2."""
+def plan_1_2m(costs: dict) -> dict:
+    """The paper's 1.2M pairs x 40 epochs: CPU cores per GPU for the workers' data work, GPU-days.
+    (The store's size and preparation core-hours: bench/store.py's `store_plan`.)"""
     worker_ms = costs["read_decode_ms_per_sample"] + costs["augment_batch_ms_per_sample"]
     return {
         "pairs": PAIRS_1_2M,
-        "store_gb": round(PAIRS_1_2M * costs["store_bytes_per_sample"] / 1e9, 1),
-        "prepare_cpu_hours": round(PAIRS_1_2M * costs["prepare_cpu_ms_per_pair"] / 3.6e6, 1),
-        f"prepare_hours_on_{cores}_cores": round(PAIRS_1_2M * costs["prepare_cpu_ms_per_pair"] / 3.6e6 / cores, 2),
         "worker_cpu_ms_per_sample": round(worker_ms, 2),
         "cpu_cores_per_gpu": [round(s * worker_ms / 1000, 2) for s in GPU_SAMPLES_PER_S],
         "at_gpu_samples_per_s": list(GPU_SAMPLES_PER_S),
