@@ -41,16 +41,18 @@ def hint_off(model: str, out: str) -> None:
     save_pipeline(pipe, out)
 
 
-def train_in_process(init_model: str, manifest: str, cfg: TrainConfig, say=None):
+def train_in_process(init_model: str, manifest: str, cfg: TrainConfig, say=None, train=None):
     """Train `cfg.steps` steps of `cfg`'s recipe from `init_model` on `manifest`'s train rows in
-    this process (no Ray, one worker); returns the trained pipeline (eval mode) and the losses."""
+    this process (no Ray, one worker); returns the trained pipeline (eval mode) and the losses.
+    `train`: those rows already prepared (`vae_fit.local_samples`), to prepare them once for many runs."""
     from pipeline.model.loading import load_pipeline
     from pipeline.toy.vae_fit import local_samples
     from pipeline.train.loss import TrainableDTC
     from pipeline.train.step import Learner
 
     pipe = load_pipeline(init_model, device="cpu", dtype=torch.float32)
-    train, _ = local_samples(manifest, pipe.config.resolution, pipe.config.product_size)
+    if train is None:
+        train, _ = local_samples(manifest, pipe.config.resolution, pipe.config.product_size)
     learner = Learner(TrainableDTC(pipe), cfg)
     losses = []
     for step in range(cfg.steps):

@@ -1,0 +1,321 @@
+"""The fusion table on the detail catalog (issue 29; the paper's Table 1), built in cached parts.
+
+    python bench/detail.py --plan                  # what is cached, what remains, what each part costs
+    python bench/detail.py --budget-s 3600         # run missing parts while the budget lasts, print the table
+    python bench/detail.py --measure 30            # the cost basis: a 30-step run of each form, CPU-timed
+    python bench/run_all.py --only detail          # the same with the run_all budget, into RESULTS.md
+
+A **part** is one (fusion form, seed): a fresh train-tiny DTC of that form (`runs.with_film_mode`:
+the committed models/train-tiny.safetensors' fitted VAE, so no stage 0 and the same VAE in every
+session) trained `STEPS` steps by the training job's step (`runs.train_in_process`: `step.Learner`
+on the training job's own prepared samples, no Ray) on the detail catalog's train rows, then the
+test split rendered in process (`synthetic_eval.render_in_process`: the render job's prepare,
+`Renderer`, paste-back; DDIM `RENDER_STEPS`, CFG `GUIDANCE`) and scored by
+`pipeline.toy.detail_eval`. Each finished part appends one JSON line to `bench/detail_parts.jsonl`
+(tracked: later sessions go on from it) with its metrics and its cost (wall s, CPU s, threads,
+machine); a part whose recipe digest differs from `RECIPE`'s is stale and runs again.
+
+Printed records (`"bench": "detail"`): `recipe` (the settings and the catalog's geometry),
+`reference` rows (copy-paste of the hint, the empty hole, the VAE round trip of the true
+composite: the most any model behind this VAE can show; measured, no training) and `chance`,
+one `part` per cached part, one `table` row per form (mean +- sample std over its cached seeds,
+n), and `remaining` (the parts still to run and their estimated cost from the cost basis).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from common import ROOT  # noqa: E402  (bench/common.py: bench/ is first on sys.path)
+
+from pipeline.schema import FUSION_FORMS  # noqa: E402
+
+PARTS_FILE = os.path.join(ROOT, "bench", "detail_parts.jsonl")
+WEIGHTS = os.path.join(ROOT, "models", "train-tiny.safetensors")
+SEEDS = (0, 1, 2)
+# The recipe of every part. STEPS from the cost basis (`--measure 20`, bench/detail_parts.jsonl:
+# ~0.42 CPU s a step at batch 16, ~0.22 CPU s a rendered row): ~1300 CPU s a part, ~15 minutes
+# on 2 cores at ~1.5 cores' worth of torch threads. The rest is the CI recipe's (pipeline/toy/runs.py).
+STEPS = 3000
+RENDER_STEPS, GUIDANCE = 20, 5.0
+CATALOG = dict(n_pairs=512, val_fraction=0.0, n_test=32, seed=29, kind="detail")
+TRAIN = dict(batch_size=16, learning_rate=1e-3, perceptual_weight=0.0, pixel_weight=0.0)
+RECIPE = dict(steps=STEPS, render_steps=RENDER_STEPS, guidance=GUIDANCE, catalog=CATALOG, train=TRAIN)
+
+
+def recipe_digest() -> str:
+    return hashlib.sha256(json.dumps(RECIPE, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def emit(**record) -> None:
+    print(json.dumps({"bench": "detail", **record}), flush=True)
+
+
+def cached_parts() -> dict[tuple[str, int], dict]:
+    """(form, seed) -> its part of the current recipe (the last line wins)."""
+    parts = {}
+    if os.path.exists(PARTS_FILE):
+        for line in open(PARTS_FILE):
+            part = json.loads(line)
+            if part.get("recipe") == recipe_digest():  # a cost basis line has none
+                parts[(part["form"], part["seed"])] = part
+    return parts
+
+
+def catalog(work: str) -> tuple[str, str]:
+    """The detail catalog under `work` (made once; seconds): (manifest, test manifest)."""
+    from pipeline.toy.catalog import make_training_catalog
+
+    folder = os.path.join(work, "detail")
+    manifest = os.path.join(folder, "manifest.parquet")
+    if not os.path.exists(os.path.join(folder, "test.parquet")):
+        make_training_catalog(folder, **CATALOG)
+    return manifest, os.path.join(folder, "test.parquet")
+
+
+def committed_vae_model(work: str) -> str:
+    from pipeline.toy.runs import unpack
+
+    folder = os.path.join(work, "committed")
+    return folder if os.path.exists(os.path.join(folder, "model_index.json")) else unpack(WEIGHTS, folder)
+
+
+def score(images: dict, test: str) -> dict:
+    import pyarrow.parquet as pq
+
+    from pipeline.toy.detail_eval import evaluate_detail
+
+    return evaluate_detail(pq.read_table(test).to_pylist(), images, os.path.dirname(test))
+
+
+def run_part(work: str, form: str, seed: int, steps: int, test: str | None = None) -> dict:
+    """Train and score one (form, seed) (on `test`, default the catalog's test split); returns its
+    metrics and its cost: wall and CPU seconds in all, and CPU seconds per phase."""
+    import torch
+
+    from pipeline.model.presets import TRAIN_TINY_PRODUCT_SIZE
+    from pipeline.toy.runs import train_in_process, with_film_mode
+    from pipeline.toy.synthetic_eval import render_in_process
+    from pipeline.toy.vae_fit import local_samples
+    from pipeline.train.config import TrainConfig
+
+    manifest, full_test = catalog(work)
+    test = test or full_test
+    began, cpu = time.perf_counter(), [time.process_time()]
+
+    def lap() -> float:
+        cpu.append(time.process_time())
+        return round(cpu[-1] - cpu[-2], 1)
+
+    init = os.path.join(work, f"init-{form}-{seed}")
+    with_film_mode(committed_vae_model(work), init, form, seed=seed)
+    samples, _ = local_samples(manifest, 64, TRAIN_TINY_PRODUCT_SIZE)
+    setup_cpu_s = lap()
+    cfg = TrainConfig(manifest=manifest, init_model=init, output=work, seed=seed, steps=steps, **TRAIN)
+    trained, losses = train_in_process(init, manifest, cfg, train=samples)
+    train_cpu_s = lap()
+    images = render_in_process(trained, test, steps=RENDER_STEPS, guidance_scale=GUIDANCE)
+    render_cpu_s = lap()
+    metrics = score(images, test)
+    return {
+        "form": form,
+        "seed": seed,
+        "steps": steps,
+        "metrics": metrics,
+        "last_mse": round(sum(losses[-50:]) / len(losses[-50:]), 4),
+        "wall_s": round(time.perf_counter() - began, 1),
+        "cpu_s": round(cpu[-1] - cpu[0], 1),
+        "cpu_s_phases": {"setup": setup_cpu_s, "train": train_cpu_s, "render": render_cpu_s, "score": lap()},
+        "rendered_rows": len(images),
+        "torch_threads": torch.get_num_threads(),
+        "machine": f"{platform.node()}, {os.cpu_count()} CPUs",
+    }
+
+
+def references(work: str) -> None:
+    """Copy-paste of the hint, the empty hole and the VAE round trip (measured), and chance."""
+    import numpy as np
+    import pyarrow.parquet as pq
+    import torch
+    from PIL import Image
+
+    from pipeline.model.loading import load_pipeline
+    from pipeline.toy.detail_eval import CHANCE, REFERENCES
+    from pipeline.toy.synthetic_eval import copy_paste_images
+
+    _, test = catalog(work)
+    base = os.path.dirname(test)
+    rows = pq.read_table(test).to_pylist()
+    load = lambda uri: np.asarray(Image.open(os.path.join(base, uri)).convert("RGB"))  # noqa: E731
+    pasted = copy_paste_images(test, 64, 56)
+    emit(
+        what="reference",
+        row="copy-paste of the hint",
+        note=REFERENCES["copy-paste of the hint"],
+        **score(pasted, test),
+    )
+    empty = {r["pair_id"]: load(r["context_uri"]) for r in rows}
+    emit(what="reference", row="empty hole", note=REFERENCES["empty hole"], **score(empty, test))
+    vae = load_pipeline(committed_vae_model(work), device="cpu", dtype=torch.float32).vae
+    round_trip = {}
+    with torch.no_grad():  # own rows only: a swap row has no true composite (its swap stays unscored)
+        for row in (r for r in rows if r["role"] == "own"):
+            image = load(row["target_uri"])
+            h, w = (side // 4 * 4 for side in image.shape[:2])  # the VAE's factor 4
+            x = torch.from_numpy(image[:h, :w]).permute(2, 0, 1)[None].float() / 127.5 - 1
+            decoded = vae.decode(vae.encode(x).latent_dist.mean).sample.clamp(-1, 1)
+            out = image.copy()
+            out[:h, :w] = ((decoded[0].permute(1, 2, 0) + 1) * 127.5).round().byte().numpy()
+            round_trip[row["pair_id"]] = out
+    emit(
+        what="reference",
+        row="VAE round trip",
+        note="the true composite encoded and decoded at the photo's size by the committed VAE: what it can carry",
+        **score(round_trip, test),
+    )
+    emit(what="chance", **CHANCE, band_centre=REFERENCES["band centre"])
+
+
+def table(parts: dict) -> None:
+    from pipeline.toy.detail_eval import METRICS
+
+    for form in FUSION_FORMS:
+        runs = [p for (f, _), p in sorted(parts.items()) if f == form]
+        if not runs:
+            continue
+        row = {"form": form, "seeds": [p["seed"] for p in runs], "n": len(runs)}
+        for metric in METRICS:
+            values = [p["metrics"][metric] for p in runs if p["metrics"][metric] is not None]
+            row[metric] = round(statistics.mean(values), 4) if values else None
+            row[f"{metric}_std"] = round(statistics.stdev(values), 4) if len(values) > 1 else None
+        row["wall_s_mean"] = round(statistics.mean(p["wall_s"] for p in runs), 1)
+        emit(what="table", **row)
+
+
+def cost_basis() -> dict | None:
+    """The latest `--measure` record in the parts file."""
+    basis = None
+    if os.path.exists(PARTS_FILE):
+        for line in open(PARTS_FILE):
+            record = json.loads(line)
+            if record.get("what") == "cost_basis":
+                basis = record
+    return basis
+
+
+def estimate(form: str, basis: dict | None) -> float | None:
+    """A part's CPU seconds at the current recipe, from the cost basis's per-step and per-row
+    figures (a 2-core machine to itself: wall ~ CPU / 2 at best, ~ CPU with one thread)."""
+    if not basis or form not in basis["forms"]:
+        return None
+    measured = basis["forms"][form]
+    rows = 2 * CATALOG["n_test"]
+    return round(
+        measured["setup_cpu_s"] + STEPS * measured["cpu_s_per_step"] + rows * measured["cpu_s_per_rendered_row"]
+    )
+
+
+def plan(parts: dict) -> list[tuple[str, int]]:
+    basis = cost_basis()
+    missing = [(f, s) for f in FUSION_FORMS for s in SEEDS if (f, s) not in parts]
+    for (form, seed), part in sorted(parts.items()):
+        cost = f"{part['wall_s']:.0f} s wall, {part['cpu_s']:.0f} s CPU"
+        print(f"cached   {form:8s} seed {seed}: {cost} ({part['machine']})")
+    for form, seed in missing:
+        cost = estimate(form, basis)
+        print(f"missing  {form:8s} seed {seed}: ~{cost if cost is not None else '?'} CPU s (cost basis: --measure)")
+    total = sum(estimate(f, basis) or 0 for f, _ in missing)
+    counts = f"{len(parts)} cached, {len(missing)} to run, ~{total / 3600:.1f} CPU h"
+    print(f"recipe {recipe_digest()} ({STEPS} steps); {counts}")
+    return missing
+
+
+def measure(work: str, steps: int, forms: list[str]) -> None:
+    """A short part of each form (`steps` steps, 8 test products rendered): CPU seconds per
+    training step and per rendered row, projected to a part of the recipe (STEPS steps, 64 rows)."""
+    import pyarrow.parquet as pq
+
+    _, test = catalog(work)
+    subset = os.path.join(os.path.dirname(test), "test-8.parquet")
+    pq.write_table(pq.read_table(test).slice(0, 16), subset)
+    rows = pq.read_table(test).num_rows
+    measured = {}
+    for form in forms:
+        part = run_part(work, form, 0, steps, test=subset)
+        phases = part["cpu_s_phases"]
+        per_step, per_row = phases["train"] / steps, phases["render"] / part["rendered_rows"]
+        measured[form] = {
+            "cpu_s_per_step": round(per_step, 3),
+            "cpu_s_per_rendered_row": round(per_row, 2),
+            "setup_cpu_s": phases["setup"],
+            "wall_s": part["wall_s"],
+            "cpu_s": part["cpu_s"],
+            "projected_cpu_s": round(
+                phases["setup"] + STEPS * per_step + rows * per_row + phases["score"] * rows / 16
+            ),
+        }
+        print(f"[detail] {form}: {measured[form]}", file=sys.stderr, flush=True)
+    record = {
+        "what": "cost_basis",
+        "steps": steps,
+        "render_steps": RENDER_STEPS,
+        "forms": measured,
+        "torch_threads": part["torch_threads"],
+        "machine": f"{platform.node()}, {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}",
+        "measured": time.strftime("%Y-%m-%d %H:%M", time.gmtime()),
+    }
+    with open(PARTS_FILE, "a") as f:
+        f.write(json.dumps(record) + "\n")
+    emit(**record)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--work", help="catalog and model folders (default: a temporary folder)")
+    parser.add_argument("--plan", action="store_true", help="print what is cached and what remains; run nothing")
+    parser.add_argument("--budget-s", type=float, default=0, help="run missing parts while their estimate fits")
+    parser.add_argument("--measure", type=int, help="the cost basis: a run of this many steps per form, timed")
+    parser.add_argument("--forms", default=",".join(FUSION_FORMS), help="--measure: these forms")
+    args = parser.parse_args()
+    parts = cached_parts()
+    if args.plan:
+        plan(parts)
+        return
+    work = args.work or tempfile.mkdtemp(prefix="detail-")
+    if args.measure:
+        measure(work, args.measure, args.forms.split(","))
+        return
+    emit(what="recipe", digest=recipe_digest(), **RECIPE, seeds=list(SEEDS))
+    began, basis = time.perf_counter(), cost_basis()
+    for form, seed in plan(parts):
+        cost = estimate(form, basis) or float("inf")  # CPU s: a wall-clock bound on 2 cores, roughly
+        if time.perf_counter() - began + cost > args.budget_s:
+            continue
+        part = {"recipe": recipe_digest(), **run_part(work, form, seed, STEPS)}
+        with open(PARTS_FILE, "a") as f:
+            f.write(json.dumps(part) + "\n")
+        parts[(form, seed)] = part
+    references(work)
+    for part in parts.values():
+        emit(what="part", **{k: v for k, v in part.items() if k != "recipe"})
+    table(parts)
+    missing = [(f, s) for f in FUSION_FORMS for s in SEEDS if (f, s) not in parts]
+    emit(
+        what="remaining",
+        parts=[f"{f}/{s}" for f, s in missing],
+        estimated_s=sum(estimate(f, basis) or 0 for f, _ in missing),
+    )
+
+
+if __name__ == "__main__":
+    main()
