@@ -2,8 +2,8 @@
 
     python bench/detail.py --plan                  # what is cached, what remains, what each part costs
     python bench/detail.py --budget-s 3600         # run missing parts while the budget lasts, print the table
-    python bench/detail.py --measure 30            # the cost basis: a 30-step run of each form, CPU-timed
-    python bench/run_all.py --only detail          # the same with the run_all budget, into RESULTS.md
+    python bench/detail.py --measure 20            # the cost basis: a 20-step run of each form, CPU-timed
+    python bench/run_all.py --only detail          # the table of the cached parts into RESULTS.md (trains nothing)
 
 A **part** is one (fusion form, seed): a fresh train-tiny DTC of that form (`runs.with_film_mode`:
 the committed models/train-tiny.safetensors' fitted VAE, so no stage 0 and the same VAE in every
@@ -297,6 +297,8 @@ def main() -> None:
         return
     emit(what="recipe", digest=recipe_digest(), **RECIPE, seeds=list(SEEDS))
     began, basis = time.perf_counter(), cost_basis()
+    if basis:
+        emit(**basis)
     for form, seed in plan(parts):
         cost = estimate(form, basis) or float("inf")  # CPU s: a wall-clock bound on 2 cores, roughly
         if time.perf_counter() - began + cost > args.budget_s:
@@ -313,7 +315,7 @@ def main() -> None:
     emit(
         what="remaining",
         parts=[f"{f}/{s}" for f, s in missing],
-        estimated_s=sum(estimate(f, basis) or 0 for f, _ in missing),
+        estimated_cpu_s=sum(estimate(f, basis) or 0 for f, _ in missing),
     )
 
 
