@@ -2,14 +2,14 @@
 
     1. setup: the init model on this worker's device, frozen parts frozen, gradient checkpointing,
        the VGG; restore from Ray Train's latest checkpoint (weights, optimizer, step) if there is
-       one; wrap in DDP (gloo on CPU, nccl on GPU); every prepared sample from
-       `get_dataset_shard("train")` (unsplit: `DataConfig(datasets_to_split=[])`) into memory
+       one; wrap in DDP (gloo on CPU, nccl on GPU); the train and val index of the prepared-sample
+       store (`reader.StoreReader`: the samples are read by the steps that need them)
     2. loop: step k takes this worker's share of the global batch from the deterministic order
-       (`samples.positions`; the next `prefetch_steps` steps' batches built in background
-       threads), one AdamW step; every `log_every` steps a progress line and a
-       `metrics/<run_id>/train.jsonl` line (`data_s`: the wait for data prefetch did not hide,
-       beside `compute_s`); every `checkpoint_every` steps (and at the end) the
-       validation loss and a checkpoint
+       (`samples.positions`), read from the store (the next `prefetch_steps` steps' batches read
+       and built in background threads), one AdamW step; every `log_every` steps a progress line
+       and a `metrics/<run_id>/train.jsonl` line (`data_s`, the wait for data prefetch did not
+       hide, beside `compute_s`); every `checkpoint_every` steps (and at the end) the validation
+       loss and a checkpoint
     3. checkpoint: `ray.train.report` is a barrier every worker reaches at the same steps; rank 0
        passes the checkpoint (trainable weights, optimizer state, `state.json`), the others None;
        training goes on once Ray Train has committed it (`get_all_reported_checkpoints`).
@@ -39,7 +39,7 @@ from pipeline import storage
 from pipeline.fetch import InputPolicy
 from pipeline.train.config import TrainConfig
 from pipeline.train.logs import TrainLog, log_uri
-from pipeline.train.samples import SampleSet
+from pipeline.train.reader import StoreReader
 from pipeline.train.step import Learner, StepStats
 
 __all__ = ["LoopSpec", "train_loop_per_worker"]
@@ -54,6 +54,7 @@ class LoopSpec:
     cfg: TrainConfig
     run_id: str
     output: str  # absolute for local folders
+    store: str  # the prepared-sample store (`<output>/prepared/<prep_digest>`) the workers read
     total_steps: int
     resolution: int
     product_size: int
@@ -164,16 +165,19 @@ class Worker:
         self.say(f"resumed from the checkpoint of step {state['step']}")
         return state
 
-    def load_samples(self) -> tuple[SampleSet, SampleSet]:
-        import ray.train
-
-        rows: dict[str, list] = {"train": [], "val": []}
-        for batch in ray.train.get_dataset_shard("train").iter_batches(batch_format="pyarrow", batch_size=None):
-            for row in batch.to_pylist():
-                if not row["error_code"]:
-                    rows[row["split"]].append(row)
-        r, s = self.spec.resolution, self.spec.product_size
-        return SampleSet.from_rows(rows["train"], r, s), SampleSet.from_rows(rows["val"], r, s)
+    def load_samples(self) -> tuple[StoreReader, StoreReader]:
+        """The store's train and val splits (their index; samples are read by the steps). The row
+        groups cached: those of the batches in flight (this step's and the prefetched ones)."""
+        per_worker = self.cfg.batch_size // self.world
+        cache = per_worker * (self.cfg.prefetch_steps + 2)
+        train, val = (StoreReader.open(self.spec.store, split, cache_row_groups=cache) for split in ("train", "val"))
+        wanted = (self.spec.resolution, self.spec.product_size)
+        if (train.sizes.resolution, train.sizes.product_size) != wanted:
+            raise ValueError(
+                f"the store at {self.spec.store} holds samples at {train.sizes.resolution}^2 (product "
+                f"{train.sizes.product_size}^2), the model takes {wanted[0]}^2 (product {wanted[1]}^2)"
+            )
+        return train, val
 
     # -- 2. loop ------------------------------------------------------------------------------
 

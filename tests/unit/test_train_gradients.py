@@ -1,5 +1,5 @@
 """The recipe's optimiser steps on the tiny model, in-process (no Ray): zero-init gradient flow, the
-loss falling on a fixed small set, and a save/load in the middle changing nothing."""
+loss falling on a fixed small set, and a save/load in the middle or the prefetch depth changing nothing."""
 
 from __future__ import annotations
 
@@ -108,9 +108,9 @@ def test_the_loss_falls_on_a_fixed_small_set(samples):
     assert end < 0.5 * start, (start, end)
 
 
-def test_save_and_load_mid_run_change_nothing(samples, tmp_path):
+def test_save_and_load_mid_run_and_the_prefetch_depth_change_nothing(samples, tmp_path):
     cfg = _config(pixel_weight=0.1, perceptual_every=2)
-    straight = _learner(cfg)
+    straight = _learner(cfg.model_copy(update={"prefetch_steps": 0}))  # each batch built in its step
     for step in range(4):
         straight.train_step(step, samples)
     first = _learner(cfg)
@@ -121,6 +121,7 @@ def test_save_and_load_mid_run_change_nothing(samples, tmp_path):
     assert resumed.load(str(tmp_path / "ckpt")) == {"step": 2}
     for step in range(2, 4):
         resumed.train_step(step, samples)
+    assert cfg.prefetch_steps == 2 and resumed.feed.pool is not None  # these built 2 steps ahead, in threads
     for name in TRAINABLE:
         a, b = getattr(straight.model, name).state_dict(), getattr(resumed.model, name).state_dict()
         assert all(torch.equal(a[k], b[k]) for k in a), name
