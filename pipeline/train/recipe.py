@@ -245,8 +245,9 @@ class TrainRecipe:
         )
 
     def train(self) -> None:
-        """Ray Train: TorchTrainer over the prepared dataset, resuming from the latest checkpoint."""
-        from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+        """Ray Train: TorchTrainer, its workers reading the prepared-sample store, resuming from the
+        latest checkpoint."""
+        from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
         from ray.train.torch import TorchConfig, TorchTrainer
 
         from pipeline.train.loop import LoopSpec, train_loop_per_worker
@@ -262,6 +263,7 @@ class TrainRecipe:
             cfg,
             cfg.run_id,
             cfg.output,
+            self.store.uri,
             self.total_steps,
             self.spec.resolution,
             self.spec.product_size,
@@ -287,8 +289,6 @@ class TrainRecipe:
                 checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
                 failure_config=FailureConfig(max_failures=cfg.max_failures),
             ),
-            datasets={"train": self.dataset},
-            dataset_config=DataConfig(datasets_to_split=[]),  # every worker sees every row; it picks by index
         )
         result = fit_interruptibly(trainer)
         self.timings["train_s"] = time.monotonic() - begin
