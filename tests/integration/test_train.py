@@ -1,13 +1,17 @@
 """The training job end to end: real local Ray (Ray Data + Ray Train V2), the moto S3 endpoint, the
 tiny model, a random-weight VGG19 (plumbing only: the perceptual term's path, not its meaning).
 
-One reference run trains on S3 (manifest, output and VGG weights there), 1 worker x batch 4; the
-other runs train the same recipe on a local copy of the same catalog and are compared with it:
+One reference run trains on S3 (manifest, output, its prepared-sample store and VGG weights
+there), 1 worker x batch 4; the other runs train the same recipe on a local copy of the same
+catalog and are compared with it:
 
 - 2 workers x batch 2: the same weights up to float reduction order (tolerance below);
 - 2 workers, one killed at step 3 (FailureConfig restarts the group from the step-2 checkpoint):
   exactly the uninterrupted 2-worker weights;
 - a driver SIGKILLed after the first checkpoint, then the same command: exactly the reference's.
+
+Every worker reads only its own samples from the store (`reader.StoreReader`), prefetching the
+next steps' batches in threads: the exactness below holds on that path.
 
 Tolerance of the data-parallel comparison: DDP averages two per-worker mean gradients where one
 worker takes the mean over the whole batch; the two differ in the last bits (float addition is not
@@ -196,6 +200,8 @@ def test_reference_run_records_skips_and_exports(reference, tiny_model_dir):
     ]
     assert [r["step"] for r in lines if "loss" in r] == [1, 2, 3, 4]
     assert all(np.isfinite(r["loss"]) for r in lines if "loss" in r)
+    # the data wait (what prefetch did not hide) beside compute, and the batch's build time
+    assert all(r["data_s"] >= 0 and r["load_s"] > 0 and r["compute_s"] > 0 for r in lines if "loss" in r)
     assert [r["perceptual"] is not None for r in lines if "loss" in r] == [True, False, False, True]
     kept = {p.split("/")[0] for p, _, _ in storage.list_files(f"{output}/checkpoints/train") if "/" in p}
     assert kept == {"checkpoint_00000004"}  # the last one (keep_checkpoints 1); the best is kept apart
