@@ -456,3 +456,18 @@ def test_a_manifest_without_a_usable_training_row_is_refused(ray_address, tmp_pa
     assert code == 2 and os.listdir(output) == ["prepared"]  # the store only: no run record, no checkpoint
     message = capsys.readouterr().err
     assert "no usable training row" in message and "image_missing 1" in message and "bad_bbox 1" in message
+
+
+def test_a_store_read_that_fails_fails_the_run_with_its_cause(two_workers, catalog, tmp_path):
+    """A part of the store gone after preparation: the run fails (exit 1) naming the part, no
+    sample is skipped. The store is the 2-worker run's (same manifest, same digest: reused)."""
+    import shutil
+
+    output = tmp_path / "out"
+    shutil.copytree(os.path.join(two_workers, "prepared"), output / "prepared")
+    (part,) = glob.glob(str(output / "prepared" / "*" / "parts" / "*.parquet"))
+    os.remove(part)
+    code, _ = _local_run(catalog, tmp_path, "--max-failures", "0", "--perceptual-weight", "0")
+    record = json.loads((output / "runs" / "train.json").read_text())
+    assert code == 1 and record["exit_code"] == 1, record["message"]
+    assert "cannot read row group" in record["message"] and os.path.basename(part) in record["message"]
