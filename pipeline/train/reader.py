@@ -12,8 +12,8 @@ a split is its i-th index row, the order `SampleSet.from_rows` sorts in, so the 
 every per-sample draw are those of the in-memory path.
 
 Memory does not grow with the store: the split's index is held as Arrow/numpy arrays (its
-pair_id strings plus 12 bytes a sample), the row groups in an LRU of at most `cache_row_groups`,
-Parquet footers per part, and the batches in flight. A sample costs one row-group read unless
+pair_id strings plus 12 bytes a sample), the row groups and the parts' Parquet footers in LRUs
+of at most `cache_row_groups` each, and the batches in flight. A sample costs one row-group read unless
 its row group is cached: small row groups keep that read small.
 
 A read that fails is retried (the S3 client's own retries, then `storage.retry_transient` for
@@ -68,7 +68,7 @@ class StoreReader:
         self.pair_ids, self.parts, self.part_of, self.row_group, self.row = pair_ids, parts, part_of, row_group, row
         self.cache_row_groups = max(1, cache_row_groups)
         self._cache: collections.OrderedDict[tuple[int, int], Future] = collections.OrderedDict()
-        self._footers: dict[int, pq.FileMetaData] = {}
+        self._footers: collections.OrderedDict[int, pq.FileMetaData] = collections.OrderedDict()
         self._lock = threading.Lock()
         self.reads, self.read_bytes = 0, 0  # row groups read and their decoded size, for benches
 
@@ -156,15 +156,28 @@ class StoreReader:
                 future.set_exception(e)
         return future.result()
 
+    def _footer(self, part: int) -> pq.FileMetaData | None:
+        with self._lock:
+            return self._footers.get(part)
+
+    def _remember_footer(self, part: int, footer: pq.FileMetaData) -> None:
+        """Parts' footers in an LRU as large as the row groups': a store has a part per
+        `--store-part-rows` manifest rows, so a footer per part would grow with the store."""
+        with self._lock:
+            self._footers[part] = footer
+            self._footers.move_to_end(part)
+            while len(self._footers) > self.cache_row_groups:
+                self._footers.popitem(last=False)
+
     def _read(self, part: int, group: int) -> dict[str, pa.Array]:
         uri = storage.join(self.uri, "parts", f"{self.parts[part]}.parquet")
         fs, path = storage.filesystem(uri)
 
         def read() -> pa.Table:
             with fs.open_input_file(path) as f:
-                # the footer once per part; pre_buffer coalesces the column chunks into few range reads
-                parquet = pq.ParquetFile(f, metadata=self._footers.get(part), pre_buffer=True)
-                self._footers[part] = parquet.metadata
+                # pre_buffer coalesces the column chunks into few range reads
+                parquet = pq.ParquetFile(f, metadata=self._footer(part), pre_buffer=True)
+                self._remember_footer(part, parquet.metadata)
                 return parquet.read_row_group(group, columns=READ_COLUMNS, use_threads=False)
 
         try:
