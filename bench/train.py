@@ -204,6 +204,7 @@ def bench_data_wait(folder: str, steps: int, per_worker: int, depths: tuple[int,
                 batch_build_s=round(statistics.fmean(r["load_s"] for r in steady), 5),
                 step_s=round(step_s, 4),
                 data_wait_fraction=round(fractions[depth], 4),
+                **({"message": result.message} if result.exit_code else {}),
             )
         enough = [d for d in depths if fractions[d] < 0.05]
         emit(
