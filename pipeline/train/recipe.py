@@ -43,7 +43,7 @@ from pipeline.schema import EXIT_ERROR, EXIT_OK, EXIT_REFUSED
 from pipeline.stages.prepare_stage import PrepareConfig
 from pipeline.train import record
 from pipeline.train.config import TrainConfig
-from pipeline.train.dataset import TRAIN_PAYLOADS, RowCounts, check_splits
+from pipeline.train.dataset import RowCounts, check_splits
 from pipeline.train.store import StoreInfo, prepare_store
 from pipeline.train.training_page import write_training_page
 
@@ -139,7 +139,6 @@ class TrainRecipe:
         self.spec: TrainSpec | None = None
         self.counts: RowCounts | None = None
         self.store: StoreInfo | None = None
-        self.dataset = None
         self.total_steps = 0
         self.timings: dict[str, float] = {}
         self.result_metrics: dict = {}
@@ -185,16 +184,6 @@ class TrainRecipe:
             )
         steps = cfg.steps if cfg.epochs is None else math.ceil(cfg.epochs * usable / cfg.batch_size)
         self.total_steps = steps
-        self.dataset = self.store_dataset()
-
-    def store_dataset(self):
-        """The store's parts as a Ray Data dataset: what the workers load until `train.reader`
-        streams from the store instead."""
-        import ray
-
-        fs, _ = storage.filesystem(self.store.uri)
-        paths = [storage.filesystem(self.store.part_uri(p))[1] for p in self.store.record["parts"]]
-        return ray.data.read_parquet(paths, filesystem=fs, columns=["pair_id", "split", "error_code", *TRAIN_PAYLOADS])
 
     def prepare_config(self) -> PrepareConfig:
         """How this run's rows are prepared: every field but `num_cpus`/`batch_size` enters the
