@@ -61,11 +61,11 @@ def emit(**record) -> None:
     print(json.dumps({"bench": "detail", **record}), flush=True)
 
 
-def cached_parts() -> dict[tuple[str, int], dict]:
-    """(form, seed) -> its part of the current recipe (the last line wins)."""
+def cached_parts(path: str) -> dict[tuple[str, int], dict]:
+    """(form, seed) -> its part of the current recipe in the parts file `path` (the last line wins)."""
     parts = {}
-    if os.path.exists(PARTS_FILE):
-        for line in open(PARTS_FILE):
+    if os.path.exists(path):
+        for line in open(path):
             part = json.loads(line)
             if part.get("recipe") == recipe_digest():  # a cost basis line has none
                 parts[(part["form"], part["seed"])] = part
@@ -202,11 +202,11 @@ def table(parts: dict) -> None:
         emit(what="table", **row)
 
 
-def cost_basis() -> dict | None:
-    """The latest `--measure` record in the parts file."""
+def cost_basis(path: str) -> dict | None:
+    """The latest `--measure` record in the parts file `path`."""
     basis = None
-    if os.path.exists(PARTS_FILE):
-        for line in open(PARTS_FILE):
+    if os.path.exists(path):
+        for line in open(path):
             record = json.loads(line)
             if record.get("what") == "cost_basis":
                 basis = record
@@ -225,8 +225,7 @@ def estimate(form: str, basis: dict | None) -> float | None:
     )
 
 
-def plan(parts: dict) -> list[tuple[str, int]]:
-    basis = cost_basis()
+def plan(parts: dict, basis: dict | None) -> list[tuple[str, int]]:
     missing = [(f, s) for f in FUSION_FORMS for s in SEEDS if (f, s) not in parts]
     for (form, seed), part in sorted(parts.items()):
         cost = f"{part['wall_s']:.0f} s wall, {part['cpu_s']:.0f} s CPU"
@@ -240,7 +239,7 @@ def plan(parts: dict) -> list[tuple[str, int]]:
     return missing
 
 
-def measure(work: str, steps: int, forms: list[str]) -> None:
+def measure(work: str, steps: int, forms: list[str], path: str) -> None:
     """A short part of each form (`steps` steps, 8 test products rendered): CPU seconds per
     training step and per rendered row, projected to a part of the recipe (STEPS steps, 64 rows)."""
     import pyarrow.parquet as pq
@@ -274,7 +273,7 @@ def measure(work: str, steps: int, forms: list[str]) -> None:
         "machine": f"{platform.node()}, {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}",
         "measured": time.strftime("%Y-%m-%d %H:%M", time.gmtime()),
     }
-    with open(PARTS_FILE, "a") as f:
+    with open(path, "a") as f:
         f.write(json.dumps(record) + "\n")
     emit(**record)
 
@@ -286,25 +285,26 @@ def main() -> None:
     parser.add_argument("--budget-s", type=float, default=0, help="run missing parts while their estimate fits")
     parser.add_argument("--measure", type=int, help="the cost basis: a run of this many steps per form, timed")
     parser.add_argument("--forms", default=",".join(FUSION_FORMS), help="--measure: these forms")
+    parser.add_argument("--parts-file", default=PARTS_FILE, help="the cached parts and cost basis (JSON lines)")
     args = parser.parse_args()
-    parts = cached_parts()
+    parts, basis = cached_parts(args.parts_file), cost_basis(args.parts_file)
     if args.plan:
-        plan(parts)
+        plan(parts, basis)
         return
     work = args.work or tempfile.mkdtemp(prefix="detail-")
     if args.measure:
-        measure(work, args.measure, args.forms.split(","))
+        measure(work, args.measure, args.forms.split(","), args.parts_file)
         return
     emit(what="recipe", digest=recipe_digest(), **RECIPE, seeds=list(SEEDS))
-    began, basis = time.perf_counter(), cost_basis()
+    began = time.perf_counter()
     if basis:
         emit(**basis)
-    for form, seed in plan(parts):
+    for form, seed in plan(parts, basis):
         cost = estimate(form, basis) or float("inf")  # CPU s: a wall-clock bound on 2 cores, roughly
         if time.perf_counter() - began + cost > args.budget_s:
             continue
         part = {"recipe": recipe_digest(), **run_part(work, form, seed, STEPS)}
-        with open(PARTS_FILE, "a") as f:
+        with open(args.parts_file, "a") as f:
             f.write(json.dumps(part) + "\n")
         parts[(form, seed)] = part
     references(work)
