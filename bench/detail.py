@@ -17,7 +17,7 @@ machine); a part whose recipe digest differs from `RECIPE`'s is stale and runs a
 
 Printed records (`"bench": "detail"`): `recipe` (the settings and the catalog's geometry),
 `reference` rows (copy-paste of the hint, the empty hole, the VAE round trip of the true
-composite: the most any model behind this VAE can show; measured, no training) and `chance`,
+composite's 64 px window: the most any model behind this VAE can show; measured, no training) and `chance`,
 one `part` per cached part, one `table` row per form (mean +- sample std over its cached seeds,
 n), and `remaining` (the parts still to run and their estimated cost from the cost basis).
 """
@@ -146,10 +146,8 @@ def references(work: str) -> None:
     """Copy-paste of the hint, the empty hole and the VAE round trip (measured), and chance."""
     import numpy as np
     import pyarrow.parquet as pq
-    import torch
     from PIL import Image
 
-    from pipeline.model.loading import load_pipeline
     from pipeline.toy.detail_eval import CHANCE, REFERENCES
     from pipeline.toy.synthetic_eval import copy_paste_images
 
@@ -166,24 +164,46 @@ def references(work: str) -> None:
     )
     empty = {r["pair_id"]: load(r["context_uri"]) for r in rows}
     emit(what="reference", row="empty hole", note=REFERENCES["empty hole"], **score(empty, test))
-    vae = load_pipeline(committed_vae_model(work), device="cpu", dtype=torch.float32).vae
-    round_trip = {}
-    with torch.no_grad():  # own rows only: a swap row has no true composite (its swap stays unscored)
-        for row in (r for r in rows if r["role"] == "own"):
-            image = load(row["target_uri"])
-            h, w = (side // 4 * 4 for side in image.shape[:2])  # the VAE's factor 4
-            x = torch.from_numpy(image[:h, :w]).permute(2, 0, 1)[None].float() / 127.5 - 1
-            decoded = vae.decode(vae.encode(x).latent_dist.mean).sample.clamp(-1, 1)
-            out = image.copy()
-            out[:h, :w] = ((decoded[0].permute(1, 2, 0) + 1) * 127.5).round().byte().numpy()
-            round_trip[row["pair_id"]] = out
+    round_trip = vae_round_trip(committed_vae_model(work), test, rows)
     emit(
         what="reference",
         row="VAE round trip",
-        note="the true composite encoded and decoded at the photo's size by the committed VAE: what it can carry",
+        note="the true composite's window through the committed VAE, pasted back: a perfect model behind it",
         **score(round_trip, test),
     )
     emit(what="chance", **CHANCE, band_centre=REFERENCES["band centre"])
+
+
+def vae_round_trip(model: str, test: str, rows: list[dict]) -> dict:
+    """Own rows: the true composite's render window (the render job's `prepare_pair`, 64 px)
+    encoded and decoded by `model`'s VAE and pasted back as a render is (`compose.postprocess`):
+    the latents a perfect diffusion model would give. Swap rows have no true composite."""
+    import numpy as np
+    import torch
+
+    from pipeline.compose import postprocess
+    from pipeline.config import RENDER_DEFAULTS
+    from pipeline.fetch import InputPolicy
+    from pipeline.model.loading import load_pipeline
+    from pipeline.model.presets import TRAIN_TINY_PRODUCT_SIZE
+    from pipeline.stages.prepare_stage import PrepareConfig, prepare_pair
+
+    base = os.path.dirname(test)
+    vae = load_pipeline(model, device="cpu", dtype=torch.float32).vae
+    config = PrepareConfig(InputPolicy(base), resolution=64, product_size=TRAIN_TINY_PRODUCT_SIZE)
+    images = {}
+    for row in (r for r in rows if r["role"] == "own"):
+        pair = prepare_pair(
+            *(os.path.join(base, row[k]) for k in ("target_uri", "product_uri", "mask_uri")), None, config
+        )
+        x = torch.from_numpy(pair.model["context"]).permute(2, 0, 1)[None].float() / 127.5 - 1
+        with torch.no_grad():
+            decoded = vae.decode(vae.encode(x).latent_dist.mean).sample.clamp(-1, 1)
+        window = ((decoded[0].permute(1, 2, 0) + 1) * 127.5).round().byte().numpy()
+        images[row["pair_id"]] = np.asarray(
+            postprocess(pair.context, window, pair.hole, pair.model["crop_box"], RENDER_DEFAULTS.feather_px)
+        )
+    return images
 
 
 def table(parts: dict) -> None:
