@@ -279,9 +279,8 @@ def measure(work: str, steps: int, forms: list[str], path: str) -> None:
             "setup_cpu_s": phases["setup"],
             "wall_s": part["wall_s"],
             "cpu_s": part["cpu_s"],
-            "projected_cpu_s": round(
-                phases["setup"] + STEPS * per_step + rows * per_row + phases["score"] * rows / 16
-            ),
+            "projected_cpu_s": round(phases["setup"] + STEPS * per_step + rows * per_row),
+            "projected_for_steps": STEPS,
         }
         print(f"[detail] {form}: {measured[form]}", file=sys.stderr, flush=True)
     record = {
@@ -315,7 +314,9 @@ def main() -> None:
     if args.measure:
         measure(work, args.measure, args.forms.split(","), args.parts_file)
         return
-    emit(what="recipe", digest=recipe_digest(), **RECIPE, seeds=list(SEEDS))
+    from pipeline.toy.catalog import detail_geometry
+
+    emit(what="recipe", digest=recipe_digest(), **RECIPE, seeds=list(SEEDS), geometry=detail_geometry())
     began = time.perf_counter()
     if basis:
         emit(**basis)
