@@ -36,6 +36,7 @@ import time
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import torch
 from helpers import ROOT, check_ok_rows, render_args
 
 from pipeline.output.layout import Layout
@@ -351,3 +352,97 @@ def test_model_node_lost_with_no_node_left_for_the_actor(cluster, nodes, tmp_pat
     job.check_exactly_once()
     record = job.record("rerun")
     assert record["nodes_lost"] == [] and record["counts"]["reused"] == done
+
+
+TRAIN_RECIPE = """\
+steps: 6
+batch_size: 4
+learning_rate: 0.001
+pixel_weight: 0
+perceptual_weight: 0
+checkpoint_every: 2
+keep_checkpoints: 1
+log_every: 1
+workers: 2
+cpus_per_worker: 1
+data_cpus: 0.25
+torch_threads: 1
+max_failures: 1
+val_renders: 0
+"""
+
+
+def _train(cluster, tmp_path, model_dir: str, manifest: str, name: str, *extra: str) -> subprocess.Popen:
+    env = dict(os.environ, PYTHONPATH=ROOT, RAY_USAGE_STATS_ENABLED="0", RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0")
+    env.pop("RAY_ADDRESS", None)
+    command = [sys.executable, "-m", "jobs.train", "--manifest", manifest, "--init-model", model_dir]
+    command += ["--output", str(tmp_path / name), "--address", cluster.address, *extra]
+    return subprocess.Popen(
+        command,
+        stdout=open(tmp_path / f"{name}.log", "w"),
+        stderr=subprocess.STDOUT,
+        env=env,
+        cwd=ROOT,
+        start_new_session=True,
+    )
+
+
+def _finish(proc: subprocess.Popen, log) -> int:
+    try:
+        return proc.wait(timeout=RUN_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        pytest.fail(f"the training run hung:\n{open(log).read()[-4000:]}")
+
+
+def test_training_worker_node_lost_mid_epoch(cluster, tmp_path, tiny_model_dir):
+    """Issue 30: two training workers, one per 1-CPU node; the node of one is removed mid-epoch
+    (every worker paused before step 2, the step-2 checkpoint committed; an epoch is 3 steps).
+    Ray Train restarts the group from that checkpoint on the node added in its place, the run
+    finishes in the one command, and its weights equal an uninterrupted run's bit for bit (the
+    data order and every draw depend on (seed, pair_id, epoch), not on which worker or node)."""
+    from safetensors.torch import load
+
+    from pipeline.toy.catalog import make_training_catalog
+    from pipeline.train.step import WEIGHTS_FILE
+
+    manifest = make_training_catalog(str(tmp_path / "catalog"), n_pairs=16, val_fraction=0.25)  # 12 train
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(TRAIN_RECIPE)
+    marker = tmp_path / "paused"
+    faulty = tmp_path / "faulty.yaml"
+    faulty.write_text(
+        TRAIN_RECIPE + f"fault_injection: {{pause_at_step: 2, pause_s: 60, pause_once_marker: '{marker}'}}\n"
+    )
+    first, second = (cluster.add_node(num_cpus=1, node_ip_address=LOOPBACK) for _ in range(2))
+    cluster.wait_for_nodes()
+    try:
+        plain = _train(cluster, tmp_path, tiny_model_dir, manifest, "plain", "--config", str(recipe))
+        assert _finish(plain, tmp_path / "plain.log") == 0, (tmp_path / "plain.log").read_text()[-4000:]
+
+        proc = _train(cluster, tmp_path, tiny_model_dir, manifest, "lost", "--config", str(faulty))
+        deadline = time.monotonic() + RUN_TIMEOUT_S
+        while not marker.exists():  # the workers are paused before step 2
+            assert proc.poll() is None, (tmp_path / "lost.log").read_text()[-4000:]
+            assert time.monotonic() < deadline, "the run never reached step 2"
+            time.sleep(0.2)
+        cluster.remove_node(second, allow_graceful=False)
+        cluster.add_node(num_cpus=1, node_ip_address=LOOPBACK)
+        assert _finish(proc, tmp_path / "lost.log") == 0, (tmp_path / "lost.log").read_text()[-4000:]
+    finally:
+        for node in list(cluster.worker_nodes):
+            cluster.remove_node(node, allow_graceful=False)
+    log = (tmp_path / "lost.log").read_text()
+    assert "resumed from the checkpoint of step 2" in log, log[-4000:]
+    record = json.loads((tmp_path / "lost" / "runs" / "train.json").read_text())
+    assert record["exit_code"] == 0
+
+    def weights(name: str) -> dict:
+        path = tmp_path / name / "checkpoints" / "train" / "checkpoint_00000006" / WEIGHTS_FILE
+        return load(path.read_bytes())
+
+    expected, got = weights("plain"), weights("lost")
+    assert expected.keys() == got.keys()
+    for key, tensor in expected.items():
+        assert torch.equal(tensor, got[key]), key
