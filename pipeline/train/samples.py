@@ -78,23 +78,27 @@ class Sample:
         """`dataset.TRAIN_PAYLOADS` (bytes or Arrow buffers) -> views of them, no copy; a bbox
         row's empty `box_*` payloads fall back to its own."""
 
-        def unpack(key: str, fallback: str | None = None) -> np.ndarray:
+        def unpack(key: str, fallback: str | None) -> np.ndarray:
             data = payloads[key]
             if fallback is not None and (data is None or not len(data)):
                 data = payloads[fallback]
             return SPECS[key].unpack(data, sizes)
 
-        return cls(
-            pair_id=pair_id,
-            context=unpack("model_context"),
-            hole=unpack("model_hole"),
-            hint=unpack("model_hint"),
-            hint_mask=unpack("model_hint_mask"),
-            box_hole=unpack("box_hole", "model_hole"),
-            box_hint=unpack("box_hint", "model_hint"),
-            box_hint_mask=unpack("box_hint_mask", "model_hint_mask"),
-            product=unpack("model_product"),
-        )
+        return cls(pair_id, *(unpack(key, fallback) for key, fallback in SAMPLE_PAYLOADS.values()))
+
+
+# Each array of a Sample (in field order): its payload column, and the column a bbox row's empty
+# `box_*` payload falls back to.
+SAMPLE_PAYLOADS = {
+    "context": ("model_context", None),
+    "hole": ("model_hole", None),
+    "hint": ("model_hint", None),
+    "hint_mask": ("model_hint_mask", None),
+    "box_hole": ("box_hole", "model_hole"),
+    "box_hint": ("box_hint", "model_hint"),
+    "box_hint_mask": ("box_hint_mask", "model_hint_mask"),
+    "product": ("model_product", None),
+}
 
 
 def pair_ids_digest(chunks) -> str:
@@ -133,33 +137,23 @@ class SampleSet:
 
     def fetch(self, indices) -> list[Sample]:
         """The samples at `indices` (views of the stacked arrays)."""
-        fields = ("context", "hole", "hint", "hint_mask", "box_hole", "box_hint", "box_hint_mask", "product")
-        return [Sample(self.pair_ids[i], *(getattr(self, f)[i] for f in fields)) for i in indices]
+        return [Sample(self.pair_ids[i], *(getattr(self, f)[i] for f in SAMPLE_PAYLOADS)) for i in indices]
 
     @classmethod
     def from_rows(cls, rows: list[dict], resolution: int, product_size: int) -> SampleSet:
         """Rows of the prepared dataset (`dataset.TRAIN_PAYLOADS` as bytes) -> arrays."""
-        rows = sorted(rows, key=lambda r: r["pair_id"])
         sizes = Sizes(resolution, product_size)
+        rows = sorted(rows, key=lambda r: r["pair_id"])
+        samples = [Sample.from_payloads(row["pair_id"], row, sizes) for row in rows]
 
-        def stack(key: str, fallback: str | None = None) -> np.ndarray:
-            spec = SPECS[key]
-            out = np.empty((len(rows), *spec.shape(sizes)), dtype=spec.dtype)
-            for i, row in enumerate(rows):
-                out[i] = spec.unpack(row[key] or row[fallback], sizes)
+        def stack(field: str) -> np.ndarray:
+            spec = SPECS[SAMPLE_PAYLOADS[field][0]]
+            out = np.empty((len(samples), *spec.shape(sizes)), dtype=spec.dtype)
+            for i, sample in enumerate(samples):
+                out[i] = getattr(sample, field)
             return out
 
-        return cls(
-            pair_ids=[row["pair_id"] for row in rows],
-            context=stack("model_context"),
-            hole=stack("model_hole"),
-            hint=stack("model_hint"),
-            hint_mask=stack("model_hint_mask"),
-            box_hole=stack("box_hole", "model_hole"),
-            box_hint=stack("box_hint", "model_hint"),
-            box_hint_mask=stack("box_hint_mask", "model_hint_mask"),
-            product=stack("model_product"),
-        )
+        return cls([sample.pair_id for sample in samples], *(stack(f) for f in SAMPLE_PAYLOADS))
 
 
 @dataclass
