@@ -71,6 +71,10 @@ class TrainableDTC(nn.Module):
         self._frozen = {"pipe": pipe, "vgg": vgg}
         pipe.vae.requires_grad_(False).eval()
         pipe.image_encoder.requires_grad_(False).eval()
+        if pipe.hint_encoder.config.film_mode == "off":
+            # No hint branch: the adapter feeds nothing, so it would never get a gradient, and DDP
+            # (more than one worker) fails a step in which a parameter it reduces got none.
+            pipe.hint_adapter.requires_grad_(False)
         self.noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)  # same betas: SD's 1000 steps
         self.register_buffer("alphas_cumprod", self.noise_scheduler.alphas_cumprod.clone(), persistent=False)
         self.last_decode_s = 0.0
@@ -80,8 +84,9 @@ class TrainableDTC(nn.Module):
         return self._frozen["pipe"]
 
     def trainable_parameters(self) -> list[nn.Parameter]:
-        """In a fixed order (the optimizer state's)."""
-        return [p for name in TRAINABLE for p in getattr(self, name).parameters()]
+        """In a fixed order (the optimizer state's); a frozen part (the adapter of a model with the
+        hint branch off) is left out."""
+        return [p for name in TRAINABLE for p in getattr(self, name).parameters() if p.requires_grad]
 
     def condition(self, batch: TrainBatch) -> Conditioning:
         """`DTCPipeline.__call__` steps 3-4 (one branch of step 5: CFG drop picks null per sample)."""

@@ -12,6 +12,7 @@ import torch
 from pipeline.fetch import InputPolicy
 from pipeline.manifest import plan_manifest
 from pipeline.model.presets import build_preset
+from pipeline.schema import FUSION_FORMS
 from pipeline.stages.prepare_stage import PrepareConfig
 from pipeline.toy.catalog import make_training_catalog
 from pipeline.train.config import TrainConfig
@@ -92,6 +93,21 @@ def test_zero_init_gradient_flow(samples, vgg):
     missing = [name for name, module in _leaf_modules(model) if _grad(module, recurse=False) == 0]
     assert not missing, f"no gradient at step 3: {missing[:5]}"
     assert all(math.isfinite(v) for s in history for v in (s.loss, s.mse, s.pixel, s.perceptual, s.grad_norm))
+
+
+@pytest.mark.parametrize("form", FUSION_FORMS)
+def test_every_trained_parameter_gets_a_gradient_in_every_fusion_form(samples, form):
+    """DDP reduces every parameter that requires a gradient and fails a step in which one got none
+    (with more than one worker): each fusion form's trainable parameters all take part in the
+    loss (zero gradients are fine), and `off` trains no hint adapter, which would feed nothing."""
+    pipe = build_preset("tiny", seed=0, film_mode=form)
+    learner = Learner(TrainableDTC(pipe), _config())
+    learner.train_step(0, samples)
+    missing = [n for n, p in learner.model.named_parameters() if p.requires_grad and p.grad is None]
+    assert not missing, missing[:5]
+    adapter = list(pipe.hint_adapter.parameters())
+    assert all(p.requires_grad != (form == "off") for p in adapter)
+    assert len(learner.params) == sum(p.requires_grad for p in learner.model.parameters())
 
 
 def _grid_loss(learner: Learner, samples: SampleSet) -> float:
