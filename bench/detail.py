@@ -246,7 +246,9 @@ def estimate(form: str, basis: dict | None) -> float | None:
 
 
 def plan(parts: dict, basis: dict | None) -> list[tuple[str, int]]:
-    missing = [(f, s) for f in FUSION_FORMS for s in SEEDS if (f, s) not in parts]
+    # seed-major: a session's budget buys one seed of every form first (the whole table at one
+    # seed), then the spreads
+    missing = [(f, s) for s in SEEDS for f in FUSION_FORMS if (f, s) not in parts]
     for (form, seed), part in sorted(parts.items()):
         cost = f"{part['wall_s']:.0f} s wall, {part['cpu_s']:.0f} s CPU"
         print(f"cached   {form:8s} seed {seed}: {cost} ({part['machine']})")
@@ -303,7 +305,7 @@ def main() -> None:
     parser.add_argument("--plan", action="store_true", help="print what is cached and what remains; run nothing")
     parser.add_argument("--budget-s", type=float, default=0, help="run missing parts while their estimate fits")
     parser.add_argument("--measure", type=int, help="the cost basis: a run of this many steps per form, timed")
-    parser.add_argument("--forms", default=",".join(FUSION_FORMS), help="--measure: these forms")
+    parser.add_argument("--forms", default=",".join(FUSION_FORMS), help="only these forms' parts (and --measure's)")
     parser.add_argument("--parts-file", default=PARTS_FILE, help="the cached parts and cost basis (JSON lines)")
     args = parser.parse_args()
     parts, basis = cached_parts(args.parts_file), cost_basis(args.parts_file)
@@ -321,6 +323,8 @@ def main() -> None:
     if basis:
         emit(**basis)
     for form, seed in plan(parts, basis):
+        if form not in args.forms.split(","):
+            continue
         cost = estimate(form, basis) or float("inf")  # CPU s: a wall-clock bound on 2 cores, roughly
         if time.perf_counter() - began + cost > args.budget_s:
             continue
