@@ -124,7 +124,8 @@ def build_scaled(source_store: str, toy_manifest: str, model: str, folder: str, 
     )
     scaled = scaled.set_column(scaled.schema.get_field_index("split"), "split", pa.array(["train"] * n))
     manifest_path = os.path.join(folder, f"scaled-{n}.parquet")  # beside the toy's images: same relative URIs
-    pq.write_table(pa.concat_tables([scaled, val.cast(scaled.schema)]), manifest_path)
+    # row groups of 64k rows, as a manifest written by a data pipeline has (not one of N rows)
+    pq.write_table(pa.concat_tables([scaled, val.cast(scaled.schema)]), manifest_path, row_group_size=65536)
 
     output = os.path.join(folder, f"out-{n}")
     recipe = TrainRecipe(train_config(manifest_path, model, output, **cfg_args))
@@ -381,6 +382,7 @@ def main() -> None:
     parser.add_argument("--sizes", default="10000,100000,1000000", help="store sizes, comma-separated")
     parser.add_argument("--steps", type=int, default=30, help="optimiser steps per size")
     parser.add_argument("--workers", type=int, default=2, help="Ray Train workers (0.5 CPU each)")
+    parser.add_argument("--repeats", type=int, default=2, help="runs per size, interleaved; medians reported")
     parser.add_argument("--keep", help="keep the stores in this folder (default: a temporary one)")
     args = parser.parse_args()
     sizes = [int(s) for s in args.sizes.split(",")]
@@ -401,6 +403,7 @@ def main() -> None:
         head, gcs = start_head(os.path.join(tempfile.gettempdir(), f"dtc-scale-ray-{os.getpid()}"))
         try:
             cfg_args = dict(steps=args.steps, workers=args.workers, address=gcs)
+            catalog = os.path.join(folder, "catalog")
             source_out = os.path.join(folder, "source")
             run(
                 [PYTHON, "-m", "jobs.train", "--prepare-only", "--manifest", toy_manifest, "--init-model", model]
@@ -409,18 +412,30 @@ def main() -> None:
             (source_store,) = [
                 os.path.join(source_out, "prepared", d) for d in os.listdir(os.path.join(source_out, "prepared"))
             ]
+            built = {n: build_scaled(source_store, toy_manifest, model, catalog, n, cfg_args) for n in sizes}
+            runs: dict[int, list[dict]] = {n: [] for n in sizes}
+            for _ in range(args.repeats):  # interleaved: the machine's drift falls on every size alike
+                for n in sizes:
+                    runs[n].append(train_on(built[n], model, args.steps, args.workers, gcs))
+                    shutil.rmtree(os.path.join(built[n]["output"], "checkpoints"), ignore_errors=True)
+                    for name in ("runs", "metrics", "model", "best", "_lock"):
+                        shutil.rmtree(os.path.join(built[n]["output"], name), ignore_errors=True)
             results = {}
             for n in sizes:
-                built = build_scaled(source_store, toy_manifest, model, os.path.join(folder, "catalog"), n, cfg_args)
-                measured = train_on(built, model, args.steps, args.workers, gcs)
-                results[n] = measured
+                results[n] = {
+                    k: (
+                        statistics.median(r[k] for r in runs[n]) if isinstance(runs[n][0][k], float) else runs[n][0][k]
+                    )
+                    for k in runs[n][0]
+                }
                 emit(
                     what="store_size",
                     samples=n,
-                    **{k: v for k, v in built.items() if k not in ("manifest", "output")},
-                    **measured,
+                    **{k: v for k, v in built[n].items() if k not in ("manifest", "output")},
+                    **results[n],
+                    repeats=args.repeats,
+                    steps_per_s_each=[r["steps_per_s"] for r in runs[n]],
                 )
-                shutil.rmtree(built["output"], ignore_errors=True)
             small, large = results[sizes[0]], results[sizes[-1]]
             emit(
                 what="growth",

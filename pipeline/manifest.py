@@ -50,6 +50,7 @@ __all__ = [
     "ManifestPlan",
     "plan_manifest",
     "iter_batches",
+    "iter_columns",
     "PairIdConflicts",
     "pair_id_conflicts",
     "conflicts_of",
@@ -437,6 +438,13 @@ def _canonical_type(name: str, t: pa.DataType, fmt: str) -> pa.DataType:
 
 
 # -- streaming -----------------------------------------------------------------------------
+
+
+def iter_columns(plan: ManifestPlan, columns: list[str], batch_size: int = 65536) -> Iterator[pa.RecordBatch]:
+    """Stream only `columns` of the manifest (cast to `plan.schema`), file by file: a check of
+    one column reads that column, not the rows (a 1M-row file's URIs are hundreds of MB)."""
+    for _, batch in _scan(plan, columns, batch_size):
+        yield batch
 
 
 def iter_batches(plan: ManifestPlan, batch_size: int = 4096) -> Iterator[pa.RecordBatch]:

@@ -60,7 +60,7 @@ def check_splits(plan: manifest.ManifestPlan) -> None:
     kind = plan.schema.field("split").type
     if not (pa.types.is_string(kind) or pa.types.is_large_string(kind) or pa.types.is_null(kind)):
         raise ConfigError(f"manifest {plan.uri}: column split must be a string (train|val), got {kind}")
-    for batch in manifest.iter_batches(plan, batch_size=65536):
+    for batch in manifest.iter_columns(plan, ["split"]):
         values = set(pc.unique(batch.column("split")).to_pylist()) - {None, "", *SPLITS}
         if values:
             raise ConfigError(f"manifest {plan.uri}: split must be train or val (or empty), got {sorted(values)[:5]}")
