@@ -424,7 +424,9 @@ def main() -> None:
             for n in sizes:
                 results[n] = {
                     k: (
-                        statistics.median(r[k] for r in runs[n]) if isinstance(runs[n][0][k], float) else runs[n][0][k]
+                        round(statistics.median(r[k] for r in runs[n]), 4)
+                        if isinstance(runs[n][0][k], float)
+                        else runs[n][0][k]
                     )
                     for k in runs[n][0]
                 }
