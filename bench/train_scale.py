@@ -413,6 +413,7 @@ def main() -> None:
                 os.path.join(source_out, "prepared", d) for d in os.listdir(os.path.join(source_out, "prepared"))
             ]
             built = {n: build_scaled(source_store, toy_manifest, model, catalog, n, cfg_args) for n in sizes}
+            os.sync()  # the stores' GBs on disk before any run: no writeback competing with the first runs
             runs: dict[int, list[dict]] = {n: [] for n in sizes}
             for _ in range(args.repeats):  # interleaved: the machine's drift falls on every size alike
                 for n in sizes:
