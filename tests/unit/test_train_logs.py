@@ -169,7 +169,7 @@ def test_val_renders_are_the_render_paths_and_leave_trainings_random_numbers_alo
     pipe = load_pipeline(tiny_model_dir, dtype=torch.float32)
     cfg = TrainConfig(manifest=manifest, init_model=tiny_model_dir, output=output, val_render_steps=2)
     spec = LoopSpec(
-        cfg, "r", output, 4, pipe.config.resolution, pipe.config.product_size, "d", "i",
+        cfg, "r", output, "unused-store", 4, pipe.config.resolution, pipe.config.product_size, "d", "i",
         val_pairs=(picked[0], gone), input_policy=InputPolicy(str(catalog)),
     )  # fmt: skip
     renders = ValRenders(spec, pipe, "cpu")
