@@ -139,14 +139,25 @@ def terminate_as_exception():
     def handler(signum, frame):
         if signum == signal.SIGINT and _RAISE_NEXT:  # sent by raise_in_main_thread
             raise _RAISE_NEXT.pop()
+        _STOPPED.append(signal.Signals(signum).name)
         raise Terminated(f"stopped by {signal.Signals(signum).name}")
 
+    _STOPPED.clear()
     handler.raises_for_threads = True
     old = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGINT)}
     return lambda: [signal.signal(sig, previous) for sig, previous in old.items()]
 
 
 _RAISE_NEXT: list[BaseException] = []  # what terminate_as_exception's handler raises on the next SIGINT
+_STOPPED: list[str] = []  # the signals terminate_as_exception's handler raised Terminated for
+
+
+def raise_if_stopped() -> None:
+    """Terminated again for a signal whose exception was swallowed where it landed: one raised
+    in the middle of an import is turned into a warning by a Cython module's init, and the run
+    would go on as if never asked to stop. The driver calls this between its steps."""
+    if _STOPPED:
+        raise Terminated(f"stopped by {_STOPPED[-1]}")
 
 
 def raise_in_main_thread(error: BaseException) -> bool:

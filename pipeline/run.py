@@ -32,6 +32,7 @@ from pipeline.driver import (
     absolute_uri,
     check_writable,
     init_ray,
+    raise_if_stopped,
     raise_in_main_thread,
     terminate_as_exception,
 )
@@ -203,7 +204,9 @@ class RenderRun:
         self.lock, self.writer.fence = lock, lock.check
         try:
             self.resume()
+            raise_if_stopped()
             self.stream()
+            raise_if_stopped()
             self.finalize()
         except Terminated as e:  # SIGTERM / Ctrl-C: record it, release the lock, stop Ray cleanly
             self.message = f"{e}; the next run of the same command resumes from the rows written"
@@ -296,6 +299,7 @@ class RenderRun:
         batch = None
         with self.phase("stream"):
             for batch in watchdog.watch(dataset.iter_batches(batch_format="pyarrow", batch_size=None)):
+                raise_if_stopped()
                 self._add(batch)
                 self.nodes.poll()
             self.writer.flush()

@@ -113,3 +113,26 @@ def test_a_stream_that_moves_is_left_alone_and_zero_disables():
 
     assert _watched(StallWatchdog(2.0, lambda executors: "", raise_in_main_thread), steady()) == [0, 1, 2, 3]
     assert _watched(StallWatchdog(0, lambda executors: "", raise_in_main_thread), steady()) == [0, 1, 2, 3]
+
+
+def test_a_stop_whose_exception_was_swallowed_is_raised_again_between_steps():
+    """A SIGTERM landing inside an import that swallows exceptions (a Cython module's init turns
+    it into a warning) still stops the run: the driver's next `raise_if_stopped` raises it."""
+    import os
+    import signal
+
+    from pipeline.driver import Terminated, raise_if_stopped
+
+    restore = terminate_as_exception()
+    try:
+        raise_if_stopped()  # not asked to stop: nothing
+        try:
+            os.kill(os.getpid(), signal.SIGTERM)
+        except Terminated:
+            pass  # what the swallowing library does
+        with pytest.raises(Terminated, match="stopped by SIGTERM"):
+            raise_if_stopped()
+    finally:
+        restore()
+    terminate_as_exception()()  # a new run starts with no stop recorded
+    raise_if_stopped()
