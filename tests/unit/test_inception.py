@@ -84,6 +84,7 @@ def test_resize_is_bit_exact_with_torch_fidelity(oracle):
         assert torch.equal(resize_bilinear_tf1(x, 299), expected), (height, width)
 
 
+@pytest.mark.slow  # Inception forward twice, ours and torch-fidelity's (seconds): `make test` runs it
 def test_features_match_torch_fidelity(oracle, weights_file):
     reference = oracle.FeatureExtractorInceptionV3(
         "inception-v3-compat", ["2048"], feature_extractor_weights_path=str(weights_file)

@@ -68,12 +68,14 @@ def test_every_kuberay_kind_is_present():
     assert {doc["kind"] for _, doc in _documents()} == {"RayCluster", "RayJob", "RayCronJob", "RayService"}
 
 
+@pytest.mark.slow  # a strict CRD validation per manifest (seconds in all): `make test` runs it
 @pytest.mark.parametrize("name, doc", list(_documents()), ids=[n for n, _ in _documents()])
 def test_manifest_validates_strictly_against_its_crd(name, doc):
     schema = _crd_schemas()[f"{doc['apiVersion']}:{doc['kind']}"]
     jsonschema.validate(doc, schema)
 
 
+@pytest.mark.slow  # the same validator on a typo (seconds): `make test` runs it
 def test_strict_validation_catches_a_typo():
     _, doc = next((n, d) for n, d in _documents() if d["kind"] == "RayJob")
     doc = json.loads(json.dumps(doc))
@@ -151,6 +153,7 @@ def _entrypoint_modules() -> set[str]:
     return {m for text in texts if text for m in re.findall(r"python -m ([\w.]+)", text)}
 
 
+@pytest.mark.slow  # starts every entrypoint's interpreter (seconds): `make test` runs it
 def test_entrypoints_named_in_infra_exist_and_answer_help():
     modules = _entrypoint_modules()
     assert {"jobs.render", "jobs.backfill", "jobs.train"} <= modules

@@ -23,6 +23,7 @@ from contenders import (
 from pipeline import storage
 
 
+@pytest.mark.slow  # eight processes race for the lock (seconds): `make test` runs it, `make test-unit` does not
 def test_eight_contenders_at_once_one_acquires(tmp_path):
     outcomes, holder = race(str(tmp_path / "out"))
     assert_one_winner(outcomes, holder)
@@ -39,6 +40,7 @@ def test_eight_contenders_taking_over_one_crashed_holders_lock(tmp_path):
     assert os.listdir(output) == []
 
 
+@pytest.mark.slow  # waits out a stale lock (seconds): `make test` runs it
 def test_a_crashed_holders_lock_is_taken_over_with_a_warning(tmp_path, caplog):
     output = str(tmp_path / "out")
     crashed_holder(output, "crashed", 1.0, str(tmp_path))
@@ -61,6 +63,7 @@ def test_an_unreadable_lock_counts_as_stale(tmp_path, caplog, content):
     assert "took over the stale lock of run ?" in caplog.text
 
 
+@pytest.mark.slow  # waits out a stale lock (seconds): `make test` runs it, `make test-unit` does not
 def test_a_frozen_holder_taken_over_stops_at_its_fence_and_leaves_the_takers_lock(tmp_path):
     output = str(tmp_path / "out")
     report, taker, holder_after = frozen_holder_taken_over(output, 2.0, str(tmp_path))

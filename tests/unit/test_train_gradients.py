@@ -73,6 +73,7 @@ def _leaf_modules(model: TrainableDTC):
                 yield f"{name}.{sub}", module
 
 
+@pytest.mark.slow  # three steps with the x0 decode and VGG (seconds): `make test` runs it
 def test_zero_init_gradient_flow(samples, vgg):
     """Step 1: the zero FiLM heads get gradient, the hint encoder behind them and the adapter exactly
     none. By step 3 every trainable module has gradient. All losses finite (x0 terms included)."""
