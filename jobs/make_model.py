@@ -5,6 +5,8 @@
     python -m jobs.make_model --preset sd15 --out models/dtc-sd15          # paper sizes, random init (~12 GB)
     python -m jobs.make_model --from-parts --sd-inpainting sd-inpaint/ --dinov2 dinov2-giant/ \
         [--vae vae/] --out models/dtc-untrained                             # untrained DTC from public parts
+    python -m jobs.make_model --from-parts --pbe paint-by-example/ --dinov2 dinov2-giant/ \
+        --out models/dtc-pbe-untrained                                      # the same, PBE's UNet (pbe layout)
 
 Every model written here is untrained (its model_index.json says `trained: false`): renders
 with it are noise-like and its identity scores mean nothing; the run's console and QA page say
@@ -30,18 +32,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = Parser(prog="python -m jobs.make_model", description=__doc__.split("\n")[0])
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--preset", choices=MAKE_PRESETS, help="random-init DTC of the preset's sizes")
-    source.add_argument("--from-parts", action="store_true", help="assemble from an SD-inpainting and a DINOv2 folder")
-    parser.add_argument("--sd-inpainting", help="diffusers SD-inpainting pipeline folder or s3:// prefix")
+    source.add_argument(
+        "--from-parts", action="store_true", help="assemble from an SD-inpainting (or PBE) and a DINOv2 folder"
+    )
+    unet_source = parser.add_mutually_exclusive_group()
+    unet_source.add_argument("--sd-inpainting", help="diffusers SD-inpainting pipeline folder or s3:// prefix")
+    unet_source.add_argument(
+        "--pbe", help="diffusers Paint-by-Example pipeline folder or s3:// prefix: its UNet, in the pbe layout"
+    )
     parser.add_argument("--dinov2", help="transformers DINOv2 folder or s3:// prefix")
-    parser.add_argument("--vae", help="optional VAE folder replacing the SD one")
+    parser.add_argument("--vae", help="optional VAE folder replacing the SD (or PBE) one")
     parser.add_argument("--film-mode", choices=FUSION_FORMS, default=DEFAULT_FILM_MODE)
     parser.add_argument("--seed", type=int, default=0, help="weight init seed for --preset")
     parser.add_argument("--out", required=True, help="output folder")
     args = parser.parse_args(argv)
-    if args.from_parts and not (args.sd_inpainting and args.dinov2):
-        parser.error("--from-parts needs --sd-inpainting DIR and --dinov2 DIR")
-    if args.preset and (args.sd_inpainting or args.dinov2 or args.vae):
-        parser.error("--sd-inpainting/--dinov2/--vae go with --from-parts, not --preset")
+    if args.from_parts and not ((args.sd_inpainting or args.pbe) and args.dinov2):
+        parser.error("--from-parts needs --sd-inpainting DIR or --pbe DIR, and --dinov2 DIR")
+    if args.preset and (args.sd_inpainting or args.pbe or args.dinov2 or args.vae):
+        parser.error("--sd-inpainting/--pbe/--dinov2/--vae go with --from-parts, not --preset")
     return args
 
 
@@ -56,7 +64,13 @@ def main(argv: list[str] | None = None) -> int:
         if args.preset:
             pipe = build_preset(args.preset, seed=args.seed, film_mode=args.film_mode)
         else:
-            pipe = assemble_from_parts(args.sd_inpainting, args.dinov2, vae=args.vae, film_mode=args.film_mode)
+            pipe = assemble_from_parts(
+                args.pbe or args.sd_inpainting,
+                args.dinov2,
+                vae=args.vae,
+                input_layout="pbe" if args.pbe else "sd",
+                film_mode=args.film_mode,
+            )
     except (CheckpointError, ValueError, OSError) as e:
         print(f"make_model: {e}", file=sys.stderr)
         return EXIT_REFUSED

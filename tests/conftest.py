@@ -127,6 +127,21 @@ def tiny_model_dir(tmp_path_factory) -> str:
 
 
 @pytest.fixture(scope="session")
+def pbe_warm(tmp_path_factory) -> dict:
+    """A tiny Paint-by-Example folder (hub layout, the tiny preset's UNet and VAE sizes), a tiny
+    DINOv2, and the DTC `jobs.make_model --from-parts --pbe` builds from them, once per session."""
+    from parts import make_dinov2, make_pbe
+
+    from jobs.make_model import main
+
+    folder = tmp_path_factory.mktemp("pbe-warm")
+    parts = {"pbe": make_pbe(str(folder / "pbe")), "dinov2": make_dinov2(str(folder / "dinov2"))}
+    model = str(folder / "dtc")
+    assert main(["--from-parts", "--pbe", parts["pbe"], "--dinov2", parts["dinov2"], "--out", model]) == 0
+    return {**parts, "model": model}
+
+
+@pytest.fixture(scope="session")
 def ray_address(s3_endpoint):
     """One local Ray per test session (2 CPUs, as on CI); returns its address so that
     subprocess drivers (`python -m jobs.render --address ...`) join the same cluster.

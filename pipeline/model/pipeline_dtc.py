@@ -155,14 +155,15 @@ class DTCPipeline(DiffusionPipeline):
         *,
         image_encoder_trained: bool,
         product_size: int = 224,
+        input_layout: str = "sd",
         **hint_options,
     ) -> DTCPipeline:
-        """A DTC around a main UNet, a VAE and a DINOv2 encoder (random presets and public
-        checkpoints alike): the hint encoder copied from the UNet's encoder, the adapter and the
-        token projection new, every new head at zero; the working resolution follows from the UNet
-        and the VAE. Components in eval mode, as after `from_pretrained`. `hint_options`
-        (`film_mode`) go to `DTCHintEncoder`, whose defaults they override. Untrained (`trained`
-        False): only the training job's export is a trained DTC."""
+        """A DTC around a main UNet (taking its 9 channels in `input_layout`), a VAE and a DINOv2
+        encoder (random presets and public checkpoints alike): the hint encoder copied from the
+        UNet's encoder, the adapter and the token projection new, every new head at zero; the
+        working resolution follows from the UNet and the VAE. Components in eval mode, as after
+        `from_pretrained`. `hint_options` (`film_mode`) go to `DTCHintEncoder`, whose defaults
+        they override. Untrained (`trained` False): only the training job's export is a trained DTC."""
         patch = image_encoder.config.patch_size
         if product_size % patch:
             raise ValueError(f"product_size must be a multiple of the DINOv2 patch size {patch}, got {product_size}")
@@ -180,7 +181,7 @@ class DTCPipeline(DiffusionPipeline):
             image_encoder=image_encoder,
             image_projection=projection,
             scheduler=scheduler,
-            input_layout="sd",
+            input_layout=input_layout,
             resolution=resolution,
             product_size=product_size,
             trained=False,

@@ -145,6 +145,39 @@ def test_from_parts_matches_sd_inpainting_unet_and_pbe_layout(tmp_path):
             torch.testing.assert_close(unet_in[:, 8:9], 1 - expected_hole)
 
 
+def test_from_parts_pbe_keeps_pbes_unet_bit_for_bit(pbe_warm):
+    pipe = load_pipeline(pbe_warm["model"])
+    assert (pipe.config.input_layout, pipe.config.trained, pipe.config.image_encoder_trained) == ("pbe", False, True)
+    source = UNet2DConditionModel.from_pretrained(pbe_warm["pbe"], subfolder="unet").eval()
+    ours, theirs = pipe.unet.state_dict(), source.state_dict()
+    assert ours.keys() == theirs.keys()
+    assert [k for k in theirs if not torch.equal(ours[k], theirs[k])] == []
+    # Zero-init heads: PBE's noise, its channels in its own order, for the same context.
+    latents, t, masked, hole, hint, context = _latent_inputs(pipe)
+    with torch.no_grad():
+        dtc = pipe.predict_noise(latents, t, masked, hole, hint, context)
+        ref = source(torch.cat([latents, masked, 1 - hole], dim=1), t, context).sample
+    torch.testing.assert_close(dtc, ref, atol=NOISE_ATOL, rtol=0)
+
+
+def test_from_parts_refuses_a_source_under_the_wrong_flag(pbe_warm, tmp_path, capsys):
+    from parts import make_sd_inpainting
+
+    from jobs.make_model import main
+
+    sd_dir, out = make_sd_inpainting(str(tmp_path / "sd")), str(tmp_path / "o")
+    dino, pbe = pbe_warm["dinov2"], pbe_warm["pbe"]
+    assert main(["--from-parts", "--sd-inpainting", pbe, "--dinov2", dino, "--out", out]) == 2
+    assert "is a Paint-by-Example folder (its UNet takes the pbe layout): give it as --pbe" in capsys.readouterr().err
+    assert main(["--from-parts", "--pbe", sd_dir, "--dinov2", dino, "--out", out]) == 2
+    assert "is a 'StableDiffusionInpaintPipeline' folder, not Paint-by-Example" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as refused:
+        main(["--from-parts", "--pbe", pbe, "--sd-inpainting", sd_dir, "--dinov2", dino, "--out", out])
+    assert refused.value.code == 2
+    assert "--sd-inpainting: not allowed with argument --pbe" in capsys.readouterr().err
+    assert not os.path.exists(out)
+
+
 def test_from_parts_names_whats_missing(tmp_path, capsys):
     from parts import make_dinov2, make_sd_inpainting
 
