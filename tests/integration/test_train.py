@@ -445,6 +445,26 @@ def test_export_renders_on_s3_as_an_in_memory_render(reference, tmp_path):
         assert images.encode_image(final, "png") == storage.read_bytes(row["output_uri"]), row["pair_id"]
 
 
+def test_a_paint_by_example_warm_start_trains_as_it_is(ray_address, catalog, tmp_path, pbe_warm):
+    """`make_model --from-parts --pbe`'s DTC through the training job unchanged: two steps, PBE's
+    UNet among the weights that moved, the export still in the pbe layout."""
+    from diffusers import UNet2DConditionModel
+
+    from pipeline.model.loading import load_pipeline
+
+    output = str(tmp_path / "out")
+    flags = ["--steps", "2", "--checkpoint-every", "2", "--val-renders", "0", "--perceptual-weight", "0"]
+    args = ["--manifest", catalog["manifest"], "--init-model", pbe_warm["model"], "--output", output]
+    assert train([*args, "--config", catalog["recipe"], *flags]) == 0
+    text = storage.read_bytes(storage.join(output, "metrics", "train", "train.jsonl")).decode()
+    lines = [json.loads(line) for line in text.splitlines()]
+    assert [(r["step"], bool(np.isfinite(r["loss"]))) for r in lines if "loss" in r] == [(1, True), (2, True)]
+    exported = load_pipeline(f"{output}/model")
+    assert (exported.config.input_layout, exported.config.trained) == ("pbe", True)
+    pbe = UNet2DConditionModel.from_pretrained(pbe_warm["pbe"], subfolder="unet").state_dict()
+    assert any(not torch.equal(v, pbe[k]) for k, v in exported.unet.state_dict().items())
+
+
 def test_a_manifest_without_a_usable_training_row_is_refused(ray_address, tmp_path, capsys):
     manifest = make_training_catalog(str(tmp_path / "catalog"), n_pairs=2, val_fraction=0, bad_rows=True)
     table = pq.read_table(manifest)
