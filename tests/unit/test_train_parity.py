@@ -130,3 +130,24 @@ def test_the_training_loss_is_the_ddpm_objective(setup):
         )
     torch.testing.assert_close(losses["mse"], torch.mean((eps - batch.noise) ** 2), rtol=1e-6, atol=0)
     assert set(losses) == {"mse", "loss"}
+
+
+def test_the_training_forward_feeds_a_pbe_warm_start_its_layout(setup, pbe_warm):
+    """`make_model --from-parts --pbe`'s model: the UNet the trainer calls gets PBE's channel order,
+    `[latents, masked latents, mask = 1 keep]`, as it does at render time."""
+    from pipeline.model.loading import load_pipeline
+
+    _, samples = setup
+    pipe = load_pipeline(pbe_warm["model"])
+    model = TrainableDTC(pipe)
+    batch = _training_batch(samples, [1, 2])
+    seen = []
+    handle = pipe.unet.register_forward_pre_hook(lambda module, args: seen.append(args[0]))
+    with torch.no_grad():
+        model(batch)
+        cond = model.condition(batch)
+    handle.remove()
+    (unet_input,) = seen
+    assert pipe.config.input_layout == "pbe"
+    assert torch.equal(unet_input[:, 4:8], cond.masked_image_latents)
+    assert torch.equal(unet_input[:, 8:9], 1 - cond.hole_latent)
