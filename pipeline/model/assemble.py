@@ -80,8 +80,8 @@ def _check_dinov2(folder: str, uri: str) -> None:
 def _check_source_class(index: dict, uri: str, input_layout: str) -> None:
     """A Paint-by-Example folder under `--pbe`, and only there: both sources hold a 9-channel UNet,
     but in different channel orders, so one given as the other would load and train on scrambled
-    inputs without a word. SD-inpainting folders are not held to one class name (fine-tunes ship
-    under several); PBE's is the one its pipeline and ours recognise it by."""
+    inputs without a word. SD-inpainting folders are held to no class name (assembly never asked for
+    one); PBE's is what diffusers itself loads a PBE folder by."""
     name = index.get("_class_name")
     if input_layout == "pbe" and name != PBE_CLASS:
         raise CheckpointError(
