@@ -143,7 +143,7 @@ def _write_state(output: str, rows: int, done: int, width: int, model_digest: st
 def setup(work: str, rows: int, done: int, model: str | None) -> dict:
     """Build (or reuse, when `work` already holds the same sizes) model, manifest and output."""
     from pipeline.config import RenderConfig
-    from pipeline.model.checkpoint import check_dtc_checkpoint, model_digest
+    from pipeline.model.checkpoint import check_model_checkpoint, model_digest
 
     files = max(1, rows // ROWS_PER_FILE)
     key = f"rows={rows}-done={done}"
@@ -160,7 +160,7 @@ def setup(work: str, rows: int, done: int, model: str | None) -> dict:
     shutil.rmtree(output, ignore_errors=True)
     _write_manifest(manifest, rows, files, width)
     cfg = RenderConfig(manifest=manifest, output=output, model=model)  # the run's settings: defaults
-    resolution, digest = int(check_dtc_checkpoint(model)["resolution"]), model_digest(model)
+    resolution, digest = int(check_model_checkpoint(model)["resolution"]), model_digest(model)
     _write_state(output, rows, done, width, digest, cfg.settings_digest(resolution))
     spec = {"manifest": manifest, "output": output, "model": model, "rows": rows, "files": files, "done": done}
     with open(spec_file, "w") as f:

@@ -3,6 +3,7 @@
     python -m jobs.make_model --preset tiny --out models/dtc-tiny          # tests and demo, seconds on CPU
     python -m jobs.make_model --preset train-tiny --out models/untrained   # the toy's sizes, untrained
     python -m jobs.make_model --preset sd15 --out models/dtc-sd15          # paper sizes, random init (~12 GB)
+    python -m jobs.make_model --preset pbe-tiny --out models/pbe-tiny      # Paint-by-Example, hub layout, tiny
     python -m jobs.make_model --from-parts --sd-inpainting sd-inpaint/ --dinov2 dinov2-giant/ \
         [--vae vae/] --out models/dtc-untrained                             # untrained DTC from public parts
     python -m jobs.make_model --from-parts --pbe paint-by-example/ --dinov2 dinov2-giant/ \
@@ -24,14 +25,15 @@ import sys
 from jobs.cli import Parser
 from pipeline.schema import DEFAULT_FILM_MODE, EXIT_OK, EXIT_REFUSED, FUSION_FORMS, PRESETS
 
-# train-tiny: the toy's sizes (64 px, the committed weights' shapes), random VAE included
-MAKE_PRESETS = (*PRESETS, "train-tiny")
+# train-tiny: the toy's sizes (64 px, the committed weights' shapes), random VAE included;
+# pbe-tiny: a Paint-by-Example folder in the hub's layout (presets.build_pbe_preset)
+MAKE_PRESETS = (*PRESETS, "train-tiny", "pbe-tiny")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = Parser(prog="python -m jobs.make_model", description=__doc__.split("\n")[0])
     source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--preset", choices=MAKE_PRESETS, help="random-init DTC of the preset's sizes")
+    source.add_argument("--preset", choices=MAKE_PRESETS, help="random-init model of the preset's sizes")
     source.add_argument(
         "--from-parts", action="store_true", help="assemble from an SD-inpainting (or PBE) and a DINOv2 folder"
     )
@@ -58,10 +60,12 @@ def main(argv: list[str] | None = None) -> int:
     from pipeline.model.assemble import assemble_from_parts
     from pipeline.model.checkpoint import CheckpointError, weights_warning
     from pipeline.model.loading import save_pipeline
-    from pipeline.model.presets import build_preset
+    from pipeline.model.presets import PBE_PRESETS, build_pbe_preset, build_preset
 
     try:
-        if args.preset:
+        if args.preset in PBE_PRESETS:
+            pipe = build_pbe_preset(args.preset, seed=args.seed)
+        elif args.preset:
             pipe = build_preset(args.preset, seed=args.seed, film_mode=args.film_mode)
         else:
             pipe = assemble_from_parts(
@@ -80,9 +84,10 @@ def main(argv: list[str] | None = None) -> int:
         for name, module in pipe.components.items()
         if hasattr(module, "parameters")
     }
+    hint = f"{pipe.hint_encoder.num_film_sites} FiLM sites" if hasattr(pipe, "hint_encoder") else "no hint branch"
     print(
         f"wrote {args.out}: resolution {pipe.config.resolution}, layout {pipe.config.input_layout}, "
-        f"{pipe.hint_encoder.num_film_sites} FiLM sites, {sum(counts.values()) / 1e6:.2f}M parameters"
+        f"{hint}, {sum(counts.values()) / 1e6:.2f}M parameters"
     )
     print("  " + ", ".join(f"{k} {v / 1e6:.2f}M" for k, v in counts.items()))
     print(f"  model_digest sha256:{digest}")

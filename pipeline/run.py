@@ -38,7 +38,7 @@ from pipeline.driver import (
 )
 from pipeline.dry_run import dry_run_counts
 from pipeline.manifest import ManifestError, plan_manifest
-from pipeline.model.checkpoint import CheckpointError, check_dtc_checkpoint, model_digest, weights_warning
+from pipeline.model.checkpoint import CheckpointError, check_model_checkpoint, model_digest, weights_warning
 from pipeline.nodes import NodeWatch
 from pipeline.output.layout import Layout
 from pipeline.output.lock import LockHeld, LockLost, OutputLock
@@ -96,7 +96,7 @@ def check(cfg: RenderConfig, probe_output: bool = True) -> RunSpec:
     plan = plan_manifest(cfg.manifest, partition_range=partitions)
     if problem := sample_problem(plan):  # every row would fail: say so before Ray's start-up
         raise ManifestError(problem)
-    index = check_dtc_checkpoint(cfg.model)
+    index = check_model_checkpoint(cfg.model)
     resolution, product_size = int(index.get("resolution", 512)), int(index.get("product_size", 224))
     if cfg.run_id is not None:
         layout = Layout(cfg.output)

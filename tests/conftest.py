@@ -142,6 +142,17 @@ def pbe_warm(tmp_path_factory) -> dict:
 
 
 @pytest.fixture(scope="session")
+def pbe_tiny_dir(tmp_path_factory) -> str:
+    """A tiny Paint-by-Example folder in the hub's layout, as `jobs.make_model --preset pbe-tiny`
+    writes it, once per session."""
+    from jobs.make_model import main
+
+    out = str(tmp_path_factory.mktemp("models") / "pbe-tiny")
+    assert main(["--preset", "pbe-tiny", "--out", out]) == 0
+    return out
+
+
+@pytest.fixture(scope="session")
 def ray_address(s3_endpoint):
     """One local Ray per test session (2 CPUs, as on CI); returns its address so that
     subprocess drivers (`python -m jobs.render --address ...`) join the same cluster.

@@ -3,7 +3,8 @@
 Driver-safe (no torch): the driver needs the digest to decide which pairs are already done,
 and workers need a local folder to hand to `from_pretrained`.
 
-- `check_checkpoint(folder)`: one clear `CheckpointError` naming what is missing.
+- `check_checkpoint(folder)`: one clear `CheckpointError` naming what is missing;
+  `check_model_checkpoint(uri)`: a DTC or a Paint-by-Example folder, what `--model` takes.
 - `model_digest(uri)`: sha256 over the weight files (relative path + bytes, in path order),
   stored as `dtc_digest.json` beside the weights by `write_digest`, so a driver reads one small
   object instead of hashing gigabytes. A digest file whose file list or sizes no longer match
@@ -34,6 +35,7 @@ __all__ = [
     "CheckpointError",
     "check_checkpoint",
     "check_dtc_checkpoint",
+    "check_model_checkpoint",
     "model_digest",
     "write_digest",
     "local_checkpoint",
@@ -58,6 +60,10 @@ CONFIG_ONLY = {
 SYNC_MARKER = ".dtc_sync.json"
 # What a DTC folder holds (model_index.json names them); the render job refuses one without them.
 DTC_COMPONENTS = ("vae", "unet", "hint_encoder", "hint_adapter", "image_encoder", "image_projection", "scheduler")
+# A Paint-by-Example folder (the hub's Fantasy-Studio/Paint-by-Example): what our path runs of it;
+# its safety_checker and feature_extractor, when listed, are checked like any component but unused.
+PBE_CLASS_NAME = "PaintByExamplePipeline"
+PBE_COMPONENTS = ("vae", "unet", "image_encoder", "scheduler")
 PACKED_SUFFIX = ".safetensors"
 UNTRAINED_WARNING = "untrained model: pixels and identity scores are meaningless"
 RANDOM_IMAGE_ENCODER_WARNING = "random image encoder: identity scores are meaningless"
@@ -192,6 +198,42 @@ def check_dtc_checkpoint(uri: str) -> dict:
             "build one with `python -m jobs.make_model --from-parts ...`"
         )
     return index
+
+
+def check_model_checkpoint(uri: str) -> dict:
+    """What the render job, backfills and Serve accept as `--model`: a DTC (`check_dtc_checkpoint`)
+    or a Paint-by-Example folder, told apart by model_index.json's `_class_name`. Returns the
+    model_index.json; a PBE folder's, which records no sizes, gets the `resolution`,
+    `product_size` and `input_layout` its components give (what `PBEPipeline` derives), so the
+    driver reads one index for either model. CheckpointError names anything else."""
+    if is_packed(uri):
+        return check_dtc_checkpoint(uri)
+    index = check_checkpoint(uri)
+    name = index.get("_class_name")
+    if name == "DTCPipeline":
+        return check_dtc_checkpoint(uri)
+    if name != PBE_CLASS_NAME:
+        raise CheckpointError(
+            f"{uri} holds a {name!r}, not a DTCPipeline or a {PBE_CLASS_NAME}; "
+            "build a DTC with `python -m jobs.make_model --from-parts ...`"
+        )
+    check_checkpoint(uri, required=PBE_COMPONENTS)
+    unet, vae, encoder = (_component_config(uri, name) for name in ("unet", "vae", "image_encoder"))
+    if unet.get("in_channels") != 9:
+        raise CheckpointError(f"{uri}/unet has in_channels={unet.get('in_channels')}; Paint-by-Example's UNet takes 9")
+    try:
+        resolution = int(unet["sample_size"]) * 2 ** (len(vae["block_out_channels"]) - 1)
+        product_size = int(encoder["image_size"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{uri}: unet, vae or image_encoder config.json lacks a size field ({e})") from e
+    return {**index, "resolution": resolution, "product_size": product_size, "input_layout": "pbe"}
+
+
+def _component_config(uri: str, name: str) -> dict:
+    try:
+        return json.loads(storage.read_bytes(storage.join(uri, name, "config.json")))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{uri}/{name}/config.json is not valid JSON: {e}") from e
 
 
 def model_digest(uri: str) -> str:

@@ -1,17 +1,18 @@
 """`identity_score`: did the product survive the render? The model's own image encoder, no extra weights.
 
-    scorer = IdentityScorer(pipe.image_encoder, size=pipe.config.product_size, device="cuda")
+    scorer = IdentityScorer(pipe.identity_encoder, pipe.config.product_size, "cuda", pipe.image_mean, pipe.image_std)
     scores = scorer.score(rendered, holes, products)   # float64 (B,), 100 * cosine
     chosen, scores = best_variants(scorer, rendered, holes, products, n)   # best of N per pair
 
 The rendered window is cropped to its region's bounding box and padded square on grey, exactly
 as the CLIP region score crops it (`metrics.clip_score.region_crop` / `pad_to_square`); the
 product is the image encoder's own input (the product on grey at S x S). Both go through the
-DTC's image encoder (DINOv2) in one forward; each image's embedding is the mean of its output
-tokens, the tokens DTC conditions on (before the projection). The score is 100 * their cosine:
-100 for the product itself, lower the more the region departs from it. It is a relative
-measure, as any embedding cosine: compare rows of one model, and calibrate a review threshold
-(`--min-identity-score`) on renders someone has looked at.
+model's image encoder in one forward; each image's embedding is the mean of its output tokens:
+for DTC, DINOv2's, the tokens it conditions on (before the projection); for Paint-by-Example,
+its CLIP vision tower's (PBE conditions on that tower's pooled token, through its mapper).
+The score is 100 * their cosine: 100 for the product itself, lower the more the region
+departs from it. It is a relative measure, as any embedding cosine: compare rows of one model,
+and calibrate a review threshold (`--min-identity-score`) on renders someone has looked at.
 
 `best_variants` is the best-of-N rule, the one copy the render stage (`--variants`) and Serve
 (the `variants` request option) both call: a pair's N renders scored, the highest kept, the
@@ -36,10 +37,18 @@ __all__ = ["IdentityScorer", "best_variants", "choose_best"]
 
 
 class IdentityScorer:
-    def __init__(self, image_encoder: torch.nn.Module, size: int, device: str | torch.device):
-        self.encoder = image_encoder
+    def __init__(
+        self,
+        image_encoder: torch.nn.Module,
+        size: int,
+        device: str | torch.device,
+        mean: tuple[float, ...] = IMAGENET_MEAN,
+        std: tuple[float, ...] = IMAGENET_STD,
+    ):
+        self.encoder = image_encoder  # pixel_values -> last_hidden_state (DINOv2, a CLIP vision tower)
         self.size = size  # the encoder's input size S (the pipeline's product_size)
         self.device = torch.device(device)
+        self.mean, self.std = mean, std  # the normalisation the encoder was trained on
 
     @torch.no_grad()
     def embed(self, squares: list[np.ndarray]) -> torch.Tensor:
@@ -51,8 +60,8 @@ class IdentityScorer:
             if x.shape[-1] != self.size:
                 x = F.interpolate(x, size=(self.size, self.size), mode="bilinear", antialias=True)
             pixels.append(x)
-        mean = torch.tensor(IMAGENET_MEAN, device=self.device)[:, None, None]
-        std = torch.tensor(IMAGENET_STD, device=self.device)[:, None, None]
+        mean = torch.tensor(self.mean, device=self.device)[:, None, None]
+        std = torch.tensor(self.std, device=self.device)[:, None, None]
         batch = ((torch.cat(pixels) - mean) / std).to(dtype)
         tokens = self.encoder(pixel_values=batch).last_hidden_state
         return F.normalize(tokens.float().mean(dim=1), dim=-1)

@@ -1,11 +1,12 @@
-"""Load and save DTC checkpoints: the one place weights enter the process.
+"""Load and save checkpoints (DTC, or Paint-by-Example folders): the one place weights enter the process.
 
     pipe = load_pipeline("s3://models/dtc/v3", device="cuda")   # bf16 on GPU, fp32 on CPU
 
 A local folder is used in place; an `s3://` prefix is synced once per node into the cache
 (`checkpoint.local_checkpoint`); a packed model (one `*.safetensors` file) is unpacked once per
-node into the cache (`packed.unpacked_checkpoint`). Everything goes through
-`DTCPipeline.from_pretrained`.
+node into the cache (`packed.unpacked_checkpoint`). Everything goes through the `from_pretrained`
+of the class model_index.json's `_class_name` names: `DTCPipeline`, or `PBEPipeline` for a
+`PaintByExamplePipeline` folder (the hub's Fantasy-Studio/Paint-by-Example, or `pbe-tiny`).
 """
 
 from __future__ import annotations
@@ -16,10 +17,21 @@ import diffusers
 import torch
 import transformers
 
-from pipeline.model.checkpoint import CheckpointError, check_dtc_checkpoint, is_packed, local_checkpoint, write_digest
+from pipeline.model.checkpoint import (
+    PBE_CLASS_NAME,
+    CheckpointError,
+    check_model_checkpoint,
+    is_packed,
+    local_checkpoint,
+    write_digest,
+)
 from pipeline.model.pipeline_dtc import DTCPipeline
+from pipeline.model.pipeline_pbe import PBEPipeline
 
 __all__ = ["load_pipeline", "save_pipeline", "default_dtype", "optimize_pipeline"]
+
+# model_index.json's `_class_name` -> the class that runs it (check_model_checkpoint admits no other)
+PIPELINES = {"DTCPipeline": DTCPipeline, PBE_CLASS_NAME: PBEPipeline}
 
 
 def default_dtype(device: str | torch.device) -> torch.dtype:
@@ -33,8 +45,8 @@ def load_pipeline(
     dtype: torch.dtype | None = None,
     scheduler: str | None = None,
     cache_dir: str | None = None,
-) -> DTCPipeline:
-    """A ready-to-run DTCPipeline from a local folder or an `s3://` prefix."""
+) -> DTCPipeline | PBEPipeline:
+    """A ready-to-run pipeline from a local folder or an `s3://` prefix."""
     # Loading bars are console noise in a batch job: the worker's lines reach the driver's console.
     diffusers.utils.logging.disable_progress_bar()
     transformers.utils.logging.disable_progress_bar()
@@ -45,11 +57,11 @@ def load_pipeline(
     else:
         folder = local_checkpoint(uri, cache_dir)
     try:
-        check_dtc_checkpoint(folder)
+        index = check_model_checkpoint(folder)
     except CheckpointError as e:  # name what the user gave, not the node cache's folder
         raise CheckpointError(f"{uri}: {e}") if folder != uri else e from e
     try:
-        pipe = DTCPipeline.from_pretrained(folder, dtype=dtype or default_dtype(device))
+        pipe = PIPELINES[index["_class_name"]].from_pretrained(folder, dtype=dtype or default_dtype(device))
     except (OSError, ValueError, KeyError, json.JSONDecodeError) as e:
         raise CheckpointError(f"cannot load the checkpoint at {uri}: {e}") from e
     pipe.to(device)
@@ -59,7 +71,9 @@ def load_pipeline(
     return pipe
 
 
-def optimize_pipeline(pipe: DTCPipeline, compile_model: bool = False, channels_last: bool = False) -> DTCPipeline:
+def optimize_pipeline(
+    pipe: DTCPipeline | PBEPipeline, compile_model: bool = False, channels_last: bool = False
+) -> DTCPipeline | PBEPipeline:
     """The GPU speed options, in place (both off by default; the outputs stay the same up to
     kernel rounding):
 
@@ -68,18 +82,22 @@ def optimize_pipeline(pipe: DTCPipeline, compile_model: bool = False, channels_l
     - `compile_model`: `torch.compile` of the UNet and the hint encoder, the two modules called
       every step (the VAE and DINOv2 run once per batch). The first batches of each new shape
       compile (minutes); keep the batch size fixed.
+
+    A Paint-by-Example pipeline has no hint encoder: its UNet (and VAE) alone.
     """
+    per_step = [name for name in ("unet", "hint_encoder") if hasattr(pipe, name)]
     if channels_last:
-        for module in (pipe.unet, pipe.hint_encoder, pipe.vae):
-            module.to(memory_format=torch.channels_last)
+        for name in (*per_step, "vae"):
+            getattr(pipe, name).to(memory_format=torch.channels_last)
     if compile_model:
-        pipe.unet = torch.compile(pipe.unet)
-        pipe.hint_encoder = torch.compile(pipe.hint_encoder)
+        for name in per_step:
+            setattr(pipe, name, torch.compile(getattr(pipe, name)))
     return pipe
 
 
-def save_pipeline(pipe: DTCPipeline, out_dir: str) -> str:
-    """save_pretrained (safetensors) plus the digest file; returns the model digest."""
+def save_pipeline(pipe: DTCPipeline | PBEPipeline, out_dir: str) -> str:
+    """save_pretrained (safetensors; a PBEPipeline writes the hub's layout) plus the digest file;
+    returns the model digest."""
     diffusers.utils.logging.disable_progress_bar()  # "Writing model shards" bars: console noise
     transformers.utils.logging.disable_progress_bar()
     pipe.save_pretrained(out_dir, safe_serialization=True)

@@ -16,15 +16,10 @@ that only have that (it carries less detail: a 224^2 image stretched to a few hu
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
-import numpy as np
 import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL, DDIMScheduler, DiffusionPipeline, DPMSolverMultistepScheduler
-from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
-from PIL import Image
 from transformers import Dinov2Model
 
 from pipeline import schema
@@ -35,6 +30,7 @@ from pipeline.model.components import (
     DTCUNet2DConditionModel,
     check_sd_style,
 )
+from pipeline.model.inputs import OUTPUT_TYPES, PipelineOutput, as_image_batch, as_mask_batch, convert_output
 from pipeline.regions import largest_inscribed_rectangle
 
 # DINOv2 was trained on ImageNet-normalised inputs.
@@ -44,46 +40,6 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 SCHEDULERS = {"ddim": DDIMScheduler, "dpmpp": DPMSolverMultistepScheduler}
 assert tuple(SCHEDULERS) == schema.SCHEDULERS, "schema.SCHEDULERS names the samplers; map each one here"
 INPUT_LAYOUTS = ("sd", "pbe")
-
-
-@dataclass
-class DTCPipelineOutput(BaseOutput):
-    """`images`: list of PIL images ("pil"), float NHWC in [0, 1] ("np"), uint8 NHWC ("uint8"),
-    float NCHW in [0, 1] ("pt"), or latents ("latent")."""
-
-    images: list | np.ndarray | torch.Tensor
-
-
-def _as_image_batch(value, name: str, size: int) -> torch.Tensor:
-    """uint8 (B, H, W, 3) or float (B, 3, H, W) in [0, 1] -> float (B, 3, size, size) in [0, 1]."""
-    tensor = torch.as_tensor(value) if not isinstance(value, torch.Tensor) else value
-    if tensor.dtype == torch.uint8:
-        if tensor.ndim != 4 or tensor.shape[-1] != 3:
-            raise ValueError(f"{name} as uint8 must be (B, H, W, 3), got shape {tuple(tensor.shape)}")
-        tensor = tensor.permute(0, 3, 1, 2).float() / 255.0
-    elif tensor.ndim != 4 or tensor.shape[1] != 3:
-        raise ValueError(
-            f"{name} must be (B, 3, H, W) floats in [0, 1] or (B, H, W, 3) uint8, got shape {tuple(tensor.shape)}"
-        )
-    if tuple(tensor.shape[-2:]) != (size, size):
-        raise ValueError(f"{name} must be {size}x{size} (the model's size), got {tensor.shape[-2]}x{tensor.shape[-1]}")
-    return tensor
-
-
-def _as_mask_batch(value, name: str, size: int, batch: int) -> torch.Tensor:
-    """bool or {0, 1} (B, H, W) / (B, 1, H, W) -> float (B, 1, size, size)."""
-    tensor = torch.as_tensor(value) if not isinstance(value, torch.Tensor) else value
-    if tensor.ndim == 3:
-        tensor = tensor[:, None]
-    if tensor.ndim != 4 or tensor.shape[1] != 1:
-        raise ValueError(f"{name} must be (B, H, W) or (B, 1, H, W), got shape {tuple(tensor.shape)}")
-    if tuple(tensor.shape[-2:]) != (size, size) or tensor.shape[0] != batch:
-        raise ValueError(f"{name} must be {batch} x 1 x {size} x {size}, got {tuple(tensor.shape)}")
-    if tensor.dtype != torch.bool:
-        values = torch.unique(tensor)
-        if not bool(((values == 0) | (values == 1)).all()):
-            raise ValueError(f"{name} must be binary (0/1 or bool), got values {values[:8].tolist()}")
-    return tensor.float()
 
 
 class DTCPipeline(DiffusionPipeline):
@@ -103,6 +59,12 @@ class DTCPipeline(DiffusionPipeline):
     """
 
     model_cpu_offload_seq = "image_encoder->image_projection->hint_adapter->hint_encoder->unet->vae"
+    # The identity score's encoder (`identity.IdentityScorer`): DINOv2, on ImageNet-normalised pixels.
+    image_mean, image_std = IMAGENET_MEAN, IMAGENET_STD
+
+    @property
+    def identity_encoder(self) -> Dinov2Model:
+        return self.image_encoder
 
     def __init__(
         self,
@@ -270,7 +232,7 @@ class DTCPipeline(DiffusionPipeline):
         generator: torch.Generator | list[torch.Generator] | None = None,
         output_type: str = "pil",
         return_dict: bool = True,
-    ) -> DTCPipelineOutput | tuple:
+    ) -> PipelineOutput | tuple:
         r"""Render a batch.
 
         Args:
@@ -292,21 +254,21 @@ class DTCPipeline(DiffusionPipeline):
         """
         # 1. check inputs
         size, product_size = self.config.resolution, self.config.product_size
-        image = _as_image_batch(image, "image", size)
+        image = as_image_batch(image, "image", size)
         batch = image.shape[0]
-        hole = _as_mask_batch(mask_image, "mask_image", size, batch)
-        product = _as_image_batch(product_image, "product_image", product_size)
+        hole = as_mask_batch(mask_image, "mask_image", size, batch)
+        product = as_image_batch(product_image, "product_image", product_size)
         if product.shape[0] != batch:
             raise ValueError(f"product_image has batch {product.shape[0]}, image has {batch}")
-        alpha = None if product_alpha is None else _as_mask_batch(product_alpha, "product_alpha", product_size, batch)
+        alpha = None if product_alpha is None else as_mask_batch(product_alpha, "product_alpha", product_size, batch)
         empty = [i for i in range(batch) if not hole[i].any()]
         if empty:
             raise ValueError(f"mask_image: hole mask is empty for pair(s) {empty}: nothing to repaint")
         if (hint_image is None) != (hint_mask is None):
             raise ValueError("hint_image and hint_mask go together: give both or neither")
         if hint_image is not None:
-            hint_image = _as_image_batch(hint_image, "hint_image", size)
-            hint_mask = _as_mask_batch(hint_mask, "hint_mask", size, batch)
+            hint_image = as_image_batch(hint_image, "hint_image", size)
+            hint_mask = as_mask_batch(hint_mask, "hint_mask", size, batch)
             if hint_image.shape[0] != batch:
                 raise ValueError(f"hint_image has batch {hint_image.shape[0]}, image has {batch}")
             outside = [i for i in range(batch) if bool((hint_mask[i] > hole[i]).any())]
@@ -314,7 +276,7 @@ class DTCPipeline(DiffusionPipeline):
                 raise ValueError(f"hint_mask reaches outside mask_image's hole for pair(s) {outside}")
         if isinstance(generator, list) and len(generator) != batch:
             raise ValueError(f"got {len(generator)} generators for a batch of {batch}")
-        if output_type not in ("pil", "np", "uint8", "pt", "latent"):
+        if output_type not in OUTPUT_TYPES:
             raise ValueError(f"output_type must be pil|np|uint8|pt|latent, got {output_type!r}")
         if num_inference_steps < 1:
             raise ValueError(f"num_inference_steps must be >= 1, got {num_inference_steps}")
@@ -376,7 +338,7 @@ class DTCPipeline(DiffusionPipeline):
             latents = self.scheduler.step(noise, cpu_timesteps[i], latents).prev_sample
 
         if output_type == "latent":
-            return DTCPipelineOutput(images=latents) if return_dict else (latents,)
+            return PipelineOutput(images=latents) if return_dict else (latents,)
 
         # 8. decode, then keep the context's own pixels outside the hole
         decoded = (self.vae.decode(latents / scaling).sample / 2 + 0.5).clamp(0, 1)
@@ -384,14 +346,5 @@ class DTCPipeline(DiffusionPipeline):
         output = (image * (1 - hole) + decoded * hole).float()
 
         # 9. convert
-        if output_type == "pt":
-            images = output
-        else:
-            as_uint8 = (output * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-            if output_type == "uint8":
-                images = as_uint8
-            elif output_type == "np":
-                images = output.permute(0, 2, 3, 1).cpu().numpy()
-            else:
-                images = [Image.fromarray(a) for a in as_uint8]
-        return DTCPipelineOutput(images=images) if return_dict else (images,)
+        images = convert_output(output, output_type)
+        return PipelineOutput(images=images) if return_dict else (images,)

@@ -1,52 +1,36 @@
 """Model presets: `tiny` (tests: < 5M parameters, 128 px), `sd15` (the paper's sizes: SD-1.5
 inpainting UNet, SD VAE, DINOv2-g/14 at 224, 512 px) and `train-tiny` (the toy that learns on 2
-CPUs in minutes: 64 px, a VAE of factor 4 so the latents are 16 x 16, DINOv2 at 56 px). All are
-random-init: they fix shapes, not behaviour; `train-tiny` is meant to get its VAE fitted on the
-synthetic domain first (`python -m jobs.fit_vae`, pipeline/toy/vae_fit.py), because no
-diffusion training through a random VAE gives meaningful pixels. Real weights come from
-`assemble.assemble_from_parts` (an untrained warm start, see there for what it does and does not
-compute) and then fine-tuning, or from a trained folder.
+CPUs in minutes: 64 px, a VAE of factor 4 so the latents are 16 x 16, DINOv2 at 56 px); and
+`pbe-tiny`, a Paint-by-Example pipeline at `tiny`'s sizes (128 px, CLIP vision tower at 224),
+saved in the hub's layout (`PBEPipeline.save_pretrained`). All are random-init: they fix shapes,
+not behaviour; `train-tiny` is meant to get its VAE fitted on the synthetic domain first
+(`python -m jobs.fit_vae`, pipeline/toy/vae_fit.py), because no diffusion training through a
+random VAE gives meaningful pixels. Real weights come from `assemble.assemble_from_parts` (an
+untrained warm start, see there for what it does and does not compute) and then fine-tuning, or
+from a trained folder.
 
-`sd_scheduler()` is the one place a DTC's scheduler is built (presets and assembly alike).
+The sampler every preset gets is `schedule.sd_scheduler()`.
 """
 
 from __future__ import annotations
 
 import torch
-from diffusers import AutoencoderKL, DDIMScheduler
-from transformers import Dinov2Config, Dinov2Model
+from diffusers import AutoencoderKL, UNet2DConditionModel
+from transformers import CLIPVisionConfig, Dinov2Config, Dinov2Model
 
 from pipeline.model.components import DTCHintAdapter, DTCUNet2DConditionModel
 from pipeline.model.pipeline_dtc import DTCPipeline
+from pipeline.model.pipeline_pbe import PBEImageEncoder, PBEPipeline
+from pipeline.model.schedule import SD_SCHEDULE, sd_scheduler  # noqa: F401 (SD_SCHEDULE: assemble, tests/parts)
 from pipeline.schema import PRESETS
 
 # Presets only the training side builds (`jobs.fit_vae`); `jobs.make_model` keeps schema.PRESETS.
 TRAIN_PRESETS = ("train-tiny",)
+# Paint-by-Example presets (`build_pbe_preset`); `jobs.make_model` offers them beside PRESETS.
+PBE_PRESETS = ("pbe-tiny",)
 # train-tiny's image-encoder input: 4 x 4 patches of 14 px (16 tokens + CLS). The toy's identity
 # (hue, label quadrant) survives 56 px; 224 would cost 16x the tokens for nothing here.
 TRAIN_TINY_PRODUCT_SIZE = 56
-
-# Stable Diffusion 1.x noise schedule as DDIM samples it. The training half (betas, 1000 steps,
-# epsilon) is what SD-1.5 inpainting was trained on; the sampling half is what SD's DDIM uses:
-# no x0 clipping (latents are not bounded by 1), the last step lands on alphas_cumprod[0] (not
-# 1), and the timesteps end at 1, not 0 (steps_offset), as in the original LDM DDIM sampler.
-SD_SCHEDULE = dict(
-    num_train_timesteps=1000,
-    beta_start=0.00085,
-    beta_end=0.012,
-    beta_schedule="scaled_linear",
-    clip_sample=False,
-    set_alpha_to_one=False,
-    steps_offset=1,
-    prediction_type="epsilon",
-)
-
-
-def sd_scheduler() -> DDIMScheduler:
-    """DDIM over `SD_SCHEDULE`, built from these values alone and never from a source folder's
-    scheduler config: SD folders ship a PNDM config without `clip_sample`, and DDIM's default for
-    a missing `clip_sample` is True, which clamps the predicted x0 to [-1, 1] at every step."""
-    return DDIMScheduler(**SD_SCHEDULE)
 
 
 def dinov2_config(preset: str) -> Dinov2Config:
@@ -168,4 +152,41 @@ def build_preset(preset: str, seed: int = 0, **hint_options) -> DTCPipeline:
         # the hint adapter must land on the VAE's latent grid: one stride-2 conv per factor of 2
         # (from_parts' default has three, for factor-8 VAEs); its last conv starts at zero, as there
         pipe.register_modules(hint_adapter=DTCHintAdapter(latent_channels=4, channels=(32, 64)).eval())
+    return pipe
+
+
+def pbe_clip_config(preset: str) -> CLIPVisionConfig:
+    """PBE's image encoder config: CLIP ViT-L/14 at 224 (the hub's image_encoder/config.json);
+    `pbe-tiny` shrinks the widths and the patch (7 x 7 tokens at 224) and keeps 4 layers, the
+    fewest that give the mapper a block (PBE's mapper has (layers + 1) // 5)."""
+    if preset != "pbe-tiny":
+        raise ValueError(f"preset must be one of {PBE_PRESETS}, got {preset!r}")
+    return CLIPVisionConfig(
+        hidden_size=32,
+        intermediate_size=37,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        image_size=224,
+        patch_size=32,
+        projection_dim=unet_config("tiny")["cross_attention_dim"],
+        hidden_act="quick_gelu",
+    )
+
+
+def build_pbe_preset(preset: str, seed: int = 0) -> PBEPipeline:
+    """A random-init Paint-by-Example pipeline of the preset's sizes (`tiny`'s UNet and VAE, a
+    stock `UNet2DConditionModel` as PBE ships); the same seed gives the same weights. Untrained,
+    random image encoder: its model_index.json says so."""
+    config = pbe_clip_config(preset)
+    torch.manual_seed(seed)
+    pipe = PBEPipeline(
+        vae=AutoencoderKL(**vae_config("tiny")),
+        image_encoder=PBEImageEncoder(config),
+        unet=UNet2DConditionModel(**unet_config("tiny")),
+        scheduler=sd_scheduler(),
+        trained=False,
+        image_encoder_trained=False,
+    )
+    for module in (pipe.vae, pipe.image_encoder, pipe.unet):
+        module.eval()
     return pipe

@@ -1,4 +1,5 @@
-"""`Renderer`: DTC loaded once, rendering batches of model-size uint8 arrays. No Ray, no columns.
+"""`Renderer`: the model (DTC or Paint-by-Example) loaded once, rendering batches of model-size
+uint8 arrays. No Ray, no columns.
 
     renderer = Renderer.from_pretrained("s3://models/dtc/v3", scheduler="ddim")
     images = renderer.render(context, hole, product, product_alpha, seeds, steps=40, guidance_scale=5.0,
@@ -9,8 +10,9 @@ for Serve alike: a batch of B pairs is one pipeline call (one UNet call of 2B pe
 CFG), each pair with its own generator, so a pair's pixels do not depend on its batch-mates
 beyond 1 uint8 level. Steps and guidance are call arguments: nothing is set on it between
 calls. `identity` (`model.identity.IdentityScorer`) scores renders against their products with
-the model's own image encoder. `is_out_of_memory` / `free_memory` / `is_device_fault` let callers handle GPU errors
-without touching torch themselves.
+the model's own image encoder (DINOv2 for DTC, the CLIP vision tower for Paint-by-Example: each
+pipeline names its `identity_encoder` and normalisation). `is_out_of_memory` / `free_memory` /
+`is_device_fault` let callers handle GPU errors without touching torch themselves.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import torch
 from pipeline.model.identity import IdentityScorer
 from pipeline.model.loading import load_pipeline, optimize_pipeline
 from pipeline.model.pipeline_dtc import DTCPipeline
+from pipeline.model.pipeline_pbe import PBEPipeline
 
 __all__ = ["Renderer"]
 
@@ -31,11 +34,13 @@ log = logging.getLogger(__name__)
 
 
 class Renderer:
-    def __init__(self, pipe: DTCPipeline, device: str):
+    def __init__(self, pipe: DTCPipeline | PBEPipeline, device: str):
         self.pipe = pipe
         self.device = device
         self.model_calls = 0  # pipeline calls made (Serve's /v1/stats, tests)
-        self.identity = IdentityScorer(pipe.image_encoder, pipe.config.product_size, device)
+        self.identity = IdentityScorer(
+            pipe.identity_encoder, pipe.config.product_size, device, mean=pipe.image_mean, std=pipe.image_std
+        )
 
     @classmethod
     def from_pretrained(
@@ -57,7 +62,7 @@ class Renderer:
         pipe = load_pipeline(model_uri, device=device, scheduler=scheduler)
         if compile_model or channels_last:
             optimize_pipeline(pipe, compile_model=compile_model, channels_last=channels_last)
-        log.info("DTC renderer ready on %s (pid %d, %d torch threads)", device, os.getpid(), torch.get_num_threads())
+        log.info("renderer ready on %s (pid %d, %d torch threads)", device, os.getpid(), torch.get_num_threads())
         return cls(pipe, device)
 
     @property

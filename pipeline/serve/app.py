@@ -97,7 +97,7 @@ from starlette.responses import JSONResponse, Response
 
 from pipeline.compose import postprocess
 from pipeline.images import encode_image
-from pipeline.model.checkpoint import CheckpointError, check_dtc_checkpoint, model_digest
+from pipeline.model.checkpoint import CheckpointError, check_model_checkpoint, model_digest
 from pipeline.payload import MODEL_INPUT_SPECS
 from pipeline.rows import VariantRows
 from pipeline.schema import RowError
@@ -424,7 +424,7 @@ def app_builder(args: dict) -> Application:
     roots = [root if "://" in root else os.path.abspath(root) for root in config.allow_roots]
     config = config.model_copy(update={**{k: os.path.abspath(v) for k, v in local.items()}, "allow_roots": roots})
     try:
-        check_dtc_checkpoint(config.model_uri)
+        check_model_checkpoint(config.model_uri)
     except CheckpointError as e:
         raise ServeSetupError(f"model_uri: {e}") from e
     return DTCServer.options(
