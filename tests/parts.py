@@ -30,7 +30,8 @@ from transformers import (
     Dinov2Model,
 )
 
-from pipeline.model.presets import SD_SCHEDULE, dinov2_config, unet_config, vae_config
+from pipeline.model.presets import dinov2_config, unet_config, vae_config
+from pipeline.model.schedule import SD_SCHEDULE
 
 
 def _tiny_clip_tokenizer(folder: str) -> CLIPTokenizer:

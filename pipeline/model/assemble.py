@@ -24,7 +24,7 @@ What it builds:
 - hint adapter: fresh, last conv at 0; image projection: fresh `Linear(dinov2 hidden -> cross
   attention width)` and a random null embedding;
 - image encoder: the DINOv2 checkpoint as it is; VAE: the source's or `--vae`; scheduler:
-  `presets.sd_scheduler()` (DDIM over the SD schedule, no x0 clipping), whatever scheduler class
+  `schedule.sd_scheduler()` (DDIM over the SD schedule, no x0 clipping), whatever scheduler class
   and settings the source folder ships; the folder's training schedule must be SD's.
 
 What that model is, and is not. With the zero inits, its noise prediction is exactly the source
@@ -49,20 +49,17 @@ an inpainting UNet (9 channels) and keeps its weights bit-for-bit.
 from __future__ import annotations
 
 import json
-import math
 import os
 
 from diffusers import AutoencoderKL
 from transformers import Dinov2Model
 
-from pipeline.model.checkpoint import CheckpointError, check_checkpoint, local_checkpoint
+from pipeline.model.checkpoint import PBE_CLASS_NAME, CheckpointError, check_checkpoint, local_checkpoint
 from pipeline.model.components import DTCUNet2DConditionModel
 from pipeline.model.pipeline_dtc import DTCPipeline
-from pipeline.model.presets import SD_SCHEDULE, sd_scheduler
+from pipeline.model.schedule import check_sd_schedule, sd_scheduler
 
 __all__ = ["assemble_from_parts"]
-
-PBE_CLASS = "PaintByExamplePipeline"  # model_index.json's _class_name in a Paint-by-Example folder
 
 
 def _check_dinov2(folder: str, uri: str) -> None:
@@ -83,32 +80,12 @@ def _check_source_class(index: dict, uri: str, input_layout: str) -> None:
     inputs without a word. SD-inpainting folders are held to no class name (assembly never asked for
     one); PBE's is what diffusers itself loads a PBE folder by."""
     name = index.get("_class_name")
-    if input_layout == "pbe" and name != PBE_CLASS:
+    if input_layout == "pbe" and name != PBE_CLASS_NAME:
         raise CheckpointError(
-            f"{uri} is a {name!r} folder, not Paint-by-Example (model_index.json _class_name {PBE_CLASS!r})"
+            f"{uri} is a {name!r} folder, not Paint-by-Example (model_index.json _class_name {PBE_CLASS_NAME!r})"
         )
-    if input_layout == "sd" and name == PBE_CLASS:
+    if input_layout == "sd" and name == PBE_CLASS_NAME:
         raise CheckpointError(f"{uri} is a Paint-by-Example folder (its UNet takes the pbe layout): give it as --pbe")
-
-
-def _check_training_schedule(folder: str, uri: str) -> None:
-    """The source folder's scheduler config may be any class (SD ships PNDM) and may lack sampling
-    settings (`clip_sample`, ...): those are replaced by `sd_scheduler()`. Its *training* schedule
-    is what the UNet learnt to denoise, so where the config states one it must be SD's."""
-    with open(os.path.join(folder, "scheduler", "scheduler_config.json")) as f:
-        config = json.load(f)
-    if config.get("trained_betas") is not None:
-        raise CheckpointError(
-            f"{uri}/scheduler sets trained_betas; DTC needs SD-1.x's betas (scaled_linear, 0.00085..0.012)"
-        )
-    for key in ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "prediction_type"):
-        value, expected = config.get(key, SD_SCHEDULE[key]), SD_SCHEDULE[key]
-        if isinstance(expected, float):
-            same = isinstance(value, (int, float)) and math.isclose(value, expected)
-        else:
-            same = value == expected
-        if not same:
-            raise CheckpointError(f"{uri}/scheduler has {key}={value!r}; the SD-1.x schedule has {expected!r}")
 
 
 def assemble_from_parts(
@@ -124,7 +101,7 @@ def assemble_from_parts(
     source_dir = local_checkpoint(source)
     index = check_checkpoint(source_dir, required=("unet", "vae", "scheduler"))
     _check_source_class(index, source, input_layout)
-    _check_training_schedule(source_dir, source)
+    check_sd_schedule(source_dir, source)
     unet = DTCUNet2DConditionModel.from_pretrained(source_dir, subfolder="unet")
     if unet.config.in_channels != 9:
         raise CheckpointError(

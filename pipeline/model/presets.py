@@ -21,7 +21,7 @@ from transformers import CLIPVisionConfig, Dinov2Config, Dinov2Model
 from pipeline.model.components import DTCHintAdapter, DTCUNet2DConditionModel
 from pipeline.model.pipeline_dtc import DTCPipeline
 from pipeline.model.pipeline_pbe import PBEImageEncoder, PBEPipeline
-from pipeline.model.schedule import SD_SCHEDULE, sd_scheduler  # noqa: F401 (SD_SCHEDULE: assemble, tests/parts)
+from pipeline.model.schedule import sd_scheduler
 from pipeline.schema import PRESETS
 
 # Presets only the training side builds (`jobs.fit_vae`); `jobs.make_model` keeps schema.PRESETS.
