@@ -127,21 +127,6 @@ def tiny_model_dir(tmp_path_factory) -> str:
 
 
 @pytest.fixture(scope="session")
-def pbe_warm(tmp_path_factory) -> dict:
-    """A tiny Paint-by-Example folder (hub layout, the tiny preset's UNet and VAE sizes), a tiny
-    DINOv2, and the DTC `jobs.make_model --from-parts --pbe` builds from them, once per session."""
-    from parts import make_dinov2, make_pbe
-
-    from jobs.make_model import main
-
-    folder = tmp_path_factory.mktemp("pbe-warm")
-    parts = {"pbe": make_pbe(str(folder / "pbe")), "dinov2": make_dinov2(str(folder / "dinov2"))}
-    model = str(folder / "dtc")
-    assert main(["--from-parts", "--pbe", parts["pbe"], "--dinov2", parts["dinov2"], "--out", model]) == 0
-    return {**parts, "model": model}
-
-
-@pytest.fixture(scope="session")
 def pbe_tiny_dir(tmp_path_factory) -> str:
     """A tiny Paint-by-Example folder in the hub's layout, as `jobs.make_model --preset pbe-tiny`
     writes it, once per session."""
@@ -150,6 +135,20 @@ def pbe_tiny_dir(tmp_path_factory) -> str:
     out = str(tmp_path_factory.mktemp("models") / "pbe-tiny")
     assert main(["--preset", "pbe-tiny", "--out", out]) == 0
     return out
+
+
+@pytest.fixture(scope="session")
+def pbe_warm(pbe_tiny_dir, tmp_path_factory) -> dict:
+    """`jobs.make_model --from-parts --pbe` on the pbe-tiny folder and a tiny DINOv2, once per
+    session: the source folders and the DTC built from them."""
+    from parts import make_dinov2
+
+    from jobs.make_model import main
+
+    dinov2 = make_dinov2(str(tmp_path_factory.mktemp("dinov2") / "dinov2"))
+    model = str(tmp_path_factory.mktemp("models") / "dtc-pbe-warm")
+    assert main(["--from-parts", "--pbe", pbe_tiny_dir, "--dinov2", dinov2, "--out", model]) == 0
+    return {"pbe": pbe_tiny_dir, "dinov2": dinov2, "model": model}
 
 
 @pytest.fixture(scope="session")

@@ -3,10 +3,6 @@
 - `make_sd_inpainting(dir)`: a diffusers `StableDiffusionInpaintPipeline` folder as
   runwayml/stable-diffusion-inpainting ships it: model_index.json listing vae, text_encoder,
   tokenizer, unet (9 input channels), scheduler (PNDM), safety_checker, feature_extractor.
-- `make_pbe(dir)`: a diffusers `PaintByExamplePipeline` folder as Fantasy-Studio/Paint-by-Example
-  ships it: model_index.json listing vae, image_encoder (CLIP vision + mapper), unet (9 input
-  channels, the `pbe` layout), scheduler (PNDM), safety_checker, feature_extractor. The deprecated
-  class is imported here only: the project never imports it.
 - `make_dinov2(dir)`: a transformers `Dinov2Model` folder with DINOv2-g/14's config fields
   (SwiGLU, layer scale, 518 px grid, patch 14) at tiny widths.
 """
@@ -20,15 +16,7 @@ import tempfile
 import torch
 from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionInpaintPipeline, UNet2DConditionModel
 from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
-from transformers import (
-    CLIPConfig,
-    CLIPImageProcessorPil,
-    CLIPTextConfig,
-    CLIPTextModel,
-    CLIPTokenizer,
-    CLIPVisionConfig,
-    Dinov2Model,
-)
+from transformers import CLIPConfig, CLIPImageProcessorPil, CLIPTextConfig, CLIPTextModel, CLIPTokenizer, Dinov2Model
 
 from pipeline.model.presets import dinov2_config, unet_config, vae_config
 from pipeline.model.schedule import SD_SCHEDULE
@@ -68,29 +56,6 @@ def make_sd_inpainting(folder: str, seed: int = 0) -> str:
         vae=AutoencoderKL(**vae_config("tiny")),
         text_encoder=CLIPTextModel(CLIPTextConfig(**text_cfg)),
         tokenizer=_tiny_clip_tokenizer(tempfile.mkdtemp(prefix="tok-")),
-        unet=UNet2DConditionModel(**unet_config("tiny")),
-        scheduler=PNDMScheduler(skip_prk_steps=True, **{k: v for k, v in SD_SCHEDULE.items() if k != "clip_sample"}),
-        safety_checker=StableDiffusionSafetyChecker(
-            CLIPConfig(text_config=text_cfg, vision_config=vision_cfg, projection_dim=16)
-        ),
-        feature_extractor=CLIPImageProcessorPil(crop_size=32, size={"shortest_edge": 32}),
-        requires_safety_checker=True,
-    )
-    pipe.save_pretrained(folder)
-    return folder
-
-
-def make_pbe(folder: str, seed: int = 0) -> str:
-    from diffusers.pipelines.deprecated.paint_by_example import PaintByExampleImageEncoder, PaintByExamplePipeline
-
-    torch.manual_seed(seed)
-    vision_cfg = dict(
-        hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=2, image_size=32, patch_size=8
-    )
-    text_cfg = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2)
-    pipe = PaintByExamplePipeline(
-        vae=AutoencoderKL(**vae_config("tiny")),
-        image_encoder=PaintByExampleImageEncoder(CLIPVisionConfig(**vision_cfg, projection_dim=32)),
         unet=UNet2DConditionModel(**unet_config("tiny")),
         scheduler=PNDMScheduler(skip_prk_steps=True, **{k: v for k, v in SD_SCHEDULE.items() if k != "clip_sample"}),
         safety_checker=StableDiffusionSafetyChecker(
