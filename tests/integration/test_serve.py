@@ -516,3 +516,55 @@ def test_serve_run_with_a_missing_model_fails_fast_with_one_line(tmp_path):
     assert process.returncode not in (0, -signal.SIGKILL), (process.returncode, out, err)
     assert f"Error: model_uri: no checkpoint at {missing}" in out + err, (out, err)
     assert "Traceback" not in out + err, err
+
+
+def test_pbe_serves_what_the_batch_job_renders_with_variants_and_resume(server, pbe_tiny_dir, inputs, tmp_path):
+    """Issue 31 acceptance 1: a Paint-by-Example folder through the render job (variants, digest,
+    resume) and through Serve (a `model_uri` like any other, deployed beside the DTC app on route
+    /pbe): the same image for the same pair. The job runs first: on 2 CPUs it cannot schedule
+    beside two replicas."""
+    import pyarrow as pa
+    from helpers import FAST, read_manifest, render_args
+    from ray import serve
+
+    from jobs.render import main as render_job
+    from pipeline import storage
+    from pipeline.model.checkpoint import model_digest
+    from pipeline.serve import app_builder
+
+    pair_id, root = "pbe-sku-1", inputs["root"]
+    rows = {
+        "pair_id": [pair_id, "pbe-sku-2"],
+        "context_uri": [os.path.join(root, "context.png")] * 2,
+        "product_uri": [os.path.join(root, "product.png")] * 2,
+        "bbox": [[float(v) for v in BBOX], [10.0, 10.0, 90.0, 70.0]],
+    }
+    manifest = tmp_path / "pbe.parquet"
+    storage.write_parquet(str(manifest), pa.table(rows))
+    output = tmp_path / "out"
+    flags = [*FAST, "--guidance-scale", "3", "--variants", "2", "--no-metrics", "--allow-root", root]
+    assert render_job([*render_args(manifest, output, pbe_tiny_dir, *flags), "--run-id", "p1"]) == 0
+    first = {r["pair_id"]: r for r in read_manifest(str(output), "p1").to_pylist()}
+    assert {r["status"] for r in first.values()} == {"ok"}
+    assert {r["model_digest"] for r in first.values()} == {model_digest(pbe_tiny_dir)}
+    # resume: the same settings again carry every row, nothing re-rendered
+    assert render_job([*render_args(manifest, output, pbe_tiny_dir, *flags), "--run-id", "p2"]) == 0
+    again = {r["pair_id"]: r for r in read_manifest(str(output), "p2").to_pylist()}
+    assert {r["attempt"] for r in again.values()} == {0}
+    assert {p: r["output_uri"] for p, r in again.items()} == {p: r["output_uri"] for p, r in first.items()}
+
+    settings = {"steps": str(STEPS), "guidance_scale": "3", "image_format": "png", "api_token": TOKEN}
+    app = app_builder({**settings, "model_uri": pbe_tiny_dir, "num_cpus": "0.5", "num_gpus": "0"})
+    serve.run(app, name="pbe", route_prefix="/pbe")
+    try:
+        base, session = server
+        served = render((f"{base}/pbe", session), inputs, pair_id=pair_id, variants=2)
+    finally:
+        serve.delete("pbe")
+    assert served.status_code == 200, served.text
+    assert served.headers["x-model-digest"] == model_digest(pbe_tiny_dir)
+    row = first[pair_id]
+    assert row["variant_seeds"] == [int(s) for s in served.headers["x-variant-seeds"].split(",")]
+    assert row["chosen_variant"] == int(served.headers["x-chosen-variant"])
+    batch = np.asarray(Image.open(row["output_uri"]).convert("RGB")).astype(int)
+    assert np.abs(batch - decode(served.content).astype(int)).max() <= 1  # DESIGN's 1-level tolerance
