@@ -519,8 +519,8 @@ def test_serve_run_with_a_missing_model_fails_fast_with_one_line(tmp_path):
 
 
 def test_pbe_serves_what_the_batch_job_renders_with_variants_and_resume(server, pbe_tiny_dir, inputs, tmp_path):
-    """Issue 31 acceptance 1: a Paint-by-Example folder through the render job (variants, digest,
-    resume) and through Serve (a `model_uri` like any other, deployed beside the DTC app on route
+    """Issue 31 acceptance 1: a Paint-by-Example folder through the render job (variants, a scene,
+    digest, resume) and through Serve (a `model_uri` like any other, deployed beside the DTC app on route
     /pbe): the same image for the same pair. The job runs first: on 2 CPUs it cannot schedule
     beside two replicas."""
     import pyarrow as pa
@@ -533,11 +533,14 @@ def test_pbe_serves_what_the_batch_job_renders_with_variants_and_resume(server, 
     from pipeline.serve import app_builder
 
     pair_id, root = "pbe-sku-1", inputs["root"]
-    rows = {
-        "pair_id": [pair_id, "pbe-sku-2"],
-        "context_uri": [os.path.join(root, "context.png")] * 2,
-        "product_uri": [os.path.join(root, "product.png")] * 2,
-        "bbox": [[float(v) for v in BBOX], [10.0, 10.0, 90.0, 70.0]],
+    context, product = os.path.join(root, "context.png"), os.path.join(root, "product.png")
+    rows = {  # a plain pair, and a scene of two steps (step 2 renders into step 1's output)
+        "pair_id": [pair_id, "pbe-scene-1", "pbe-scene-2"],
+        "scene_id": [None, "s", "s"],
+        "step": [None, 1, 2],
+        "context_uri": [context, context, None],
+        "product_uri": [product] * 3,
+        "bbox": [[float(v) for v in BBOX], [10.0, 10.0, 90.0, 70.0], [100.0, 60.0, 180.0, 140.0]],
     }
     manifest = tmp_path / "pbe.parquet"
     storage.write_parquet(str(manifest), pa.table(rows))
@@ -547,6 +550,7 @@ def test_pbe_serves_what_the_batch_job_renders_with_variants_and_resume(server, 
     first = {r["pair_id"]: r for r in read_manifest(str(output), "p1").to_pylist()}
     assert {r["status"] for r in first.values()} == {"ok"}
     assert {r["model_digest"] for r in first.values()} == {model_digest(pbe_tiny_dir)}
+    assert first["pbe-scene-2"]["context_digest"] == first["pbe-scene-1"]["pixels_digest"]
     # resume: the same settings again carry every row, nothing re-rendered
     assert render_job([*render_args(manifest, output, pbe_tiny_dir, *flags), "--run-id", "p2"]) == 0
     again = {r["pair_id"]: r for r in read_manifest(str(output), "p2").to_pylist()}
