@@ -48,7 +48,9 @@ class RenderConfig(Options):
         "dt", "hive partition key of the backfill's partitions (values YYYY-MM-DD)", flag="backfill"
     )
     output: str = option("", "output folder or s3://bucket/prefix; everything the run writes stays under it")
-    model: str = option("", "DTC checkpoint folder or s3:// prefix (jobs.make_model writes one)")
+    model: str = option(
+        "", "DTC or Paint-by-Example checkpoint folder, s3:// prefix or packed file (jobs.make_model writes one)"
+    )
     # -- what: pixels=True enters the settings digest, so changing one re-renders every pair ------
     steps: int = option(40, "denoising steps", ge=1, le=1000, pixels=True)  # the paper's 40 DDIM steps
     guidance_scale: float = option(

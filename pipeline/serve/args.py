@@ -26,7 +26,7 @@ class ServeArgs(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    model_uri: str  # DTC checkpoint folder or s3:// prefix (jobs.make_model writes one)
+    model_uri: str  # DTC or Paint-by-Example checkpoint folder or s3:// prefix (jobs.make_model writes one)
     # -- batching: one model call per batch (per steps/guidance group inside it) --------------
     max_batch_size: int = Field(8, ge=1)  # requests per model call (each adds its `variants` renders); GPU memory
     batch_wait_timeout_s: float = Field(0.05, ge=0)  # how long a lone request waits for company
