@@ -29,7 +29,16 @@ from pipeline import storage
 from pipeline.metrics.feature_stats import ClipStats, FeatureStats, fid_from_stats, kid
 from pipeline.output.layout import Layout
 
-__all__ = ["MetricsAccumulator", "compute_summary", "recompute", "metrics_protocol", "FEATURE_DIM"]
+__all__ = [
+    "MetricsAccumulator",
+    "compute_summary",
+    "recompute",
+    "metrics_protocol",
+    "feature_figures",
+    "FEATURE_DIM",
+    "FEATURE_SCHEMA",
+    "PROTOCOL_KEYS",
+]
 
 FEATURE_DIM = 2048
 KID_SUBSETS = 100
@@ -216,6 +225,27 @@ def _kid(features: pa.Table, seed: int = 0) -> tuple[float | None, float | None,
     size = min(KID_MAX_SUBSET, max(2, rows.num_rows // 2))
     mean, std = kid(real, gen, subset_size=size, subsets=KID_SUBSETS, seed=seed)
     return mean, std, size
+
+
+def feature_figures(features: pa.Table, chunk_rows: int = 8192) -> dict:
+    """FID (one pass over the rows, statistics summed chunk by chunk) and KID of raw feature rows
+    (FEATURE_SCHEMA; rows without feat_gen left out), as a run's own figures are made: jobs.compare
+    measures each run on the pairs the runs share with it."""
+    rows = features.filter(pc.is_valid(features["feat_gen"]))
+    real = gen = None
+    for start in range(0, rows.num_rows, chunk_rows):
+        part = rows.slice(start, chunk_rows)
+        real = _sum(real, FeatureStats.from_features(_features(part["feat_real"].to_pylist())))
+        gen = _sum(gen, FeatureStats.from_features(_features(part["feat_gen"].to_pylist())))
+    kid_mean, kid_std, kid_size = _kid(rows)
+    return {
+        "n": rows.num_rows,
+        "fid": _fid(real, gen),
+        "kid_mean": kid_mean,
+        "kid_std": kid_std,
+        "kid_subset_size": kid_size,
+        "kid_subsets": KID_SUBSETS if kid_size else None,
+    }
 
 
 def _fid(real: FeatureStats | None, gen: FeatureStats | None) -> float | None:
