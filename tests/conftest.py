@@ -19,7 +19,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(__file__))  # tests/helpers.py, tests/parts.py, tests/s3proxy.py
 
-from helpers import S3_SECRET, free_port  # noqa: E402
+from helpers import FAST, S3_SECRET, free_port, metric_flags, render_args  # noqa: E402
 
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -164,3 +164,28 @@ def ray_address(s3_endpoint):
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield ray.get_runtime_context().gcs_address
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def extractors(tmp_path_factory) -> tuple[str, str]:
+    """Random-weight Inception weights and CLIP folder (as jobs.demo makes them), saved once."""
+    from pipeline.metrics.extract import save_random_extractors
+
+    return save_random_extractors(str(tmp_path_factory.mktemp("extractors")))
+
+
+@pytest.fixture(scope="session")
+def demo_output(ray_address, tmp_path_factory, tiny_model_dir, extractors):
+    """A run made as jobs.demo makes it (3 pairs, run id `demo`): random-weight extractors,
+    `metrics_random_weights: true`. Shared by the metrics and the comparison tests."""
+    from jobs.render import main as render
+    from pipeline.sample_catalog import make_catalog
+
+    tmp_path = tmp_path_factory.mktemp("demo")
+    manifest = make_catalog(str(tmp_path / "catalog"), n_pairs=3, bad_rows=False, sizes=[(64, 64)])
+    config = tmp_path / "render.yaml"
+    config.write_text("metrics_random_weights: true\n")
+    output = tmp_path / "out"
+    flags = ["--run-id", "demo", *metric_flags(extractors), "--config", str(config), *FAST]
+    assert render(render_args(manifest, output, tiny_model_dir, *flags)) == 0
+    return output

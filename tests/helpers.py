@@ -41,6 +41,12 @@ def render_args(manifest, output, model, *flags: str) -> list[str]:
     return ["--manifest", str(manifest), "--output", str(output), "--model", str(model), *flags]
 
 
+def metric_flags(extractors: tuple[str, str]) -> list[str]:
+    """`jobs.render` flags for the (Inception weights, CLIP folder) of conftest's `extractors`."""
+    inception, clip = extractors
+    return ["--inception-weights", inception, "--clip-model", clip]
+
+
 def png(array: np.ndarray) -> bytes:
     buffer = io.BytesIO()
     Image.fromarray(array).save(buffer, format="PNG")

@@ -137,7 +137,7 @@ def load_runs(refs: list[RunRef]) -> list[Run]:
 
 
 def _ok_ids(run: Run) -> pa.Array:
-    return pc.unique(run.rows.filter(pc.equal(run.rows["status"], "ok"))["pair_id"]).combine_chunks()
+    return pc.unique(run.rows.filter(pc.equal(run.rows["status"], "ok"))["pair_id"])
 
 
 def check_comparable(runs: list[Run]) -> None:
@@ -316,6 +316,10 @@ def _chosen(runs: list[Run], joined: pa.Table, seed: int) -> dict:
     return {"better": better, "worse": worse, "sample": sample}
 
 
+def _unsharded(shards: list[dict]) -> dict:
+    return {k: v for k, v in shards[0].items() if k != "shard"}
+
+
 def compare(runs: list[Run], *, resamples: int, seed: int) -> tuple[dict, pa.Table]:
     """The comparison's summary (summary.json's content but its page) and the joined pairs."""
     joined = _joined(runs)
@@ -353,7 +357,8 @@ def compare(runs: list[Run], *, resamples: int, seed: int) -> tuple[dict, pa.Tab
             "unit": "pair",
         },
         "shared_pairs": joined.num_rows,
-        "global": _figures(runs, joined, features, resamples, seed),
+        # one shard: the run's figures are that shard's (each FID is two 2048-d eigendecompositions)
+        "global": _figures(runs, joined, features, resamples, seed) if len(shards) > 1 else _unsharded(shards),
         "shards": shards,
         "shown": _chosen(runs, joined, seed),
     }

@@ -13,7 +13,7 @@ import shutil
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-from helpers import FAST, browser_view, read_manifest
+from helpers import FAST, browser_view, metric_flags, read_manifest
 from PIL import Image
 
 from jobs.metrics import main as metrics_main
@@ -21,13 +21,6 @@ from jobs.render import main as render
 from pipeline.metrics.feature_stats import FeatureStats, fid_from_stats
 from pipeline.metrics.shards import FEATURE_DIM
 from pipeline.sample_catalog import make_catalog
-
-
-@pytest.fixture(scope="module")
-def extractors(tmp_path_factory):
-    from pipeline.metrics.extract import save_random_extractors
-
-    return save_random_extractors(str(tmp_path_factory.mktemp("extractors")))
 
 
 def _catalog(root) -> str:
@@ -44,11 +37,6 @@ def _summary(output, run_id) -> dict:
 
 def _render_args(manifest, output, model: str, *extra: str) -> list[str]:
     return ["--manifest", str(manifest), "--output", str(output), "--model", model, *extra, *FAST]
-
-
-def _metric_flags(extractors) -> list[str]:
-    inception, clip = extractors
-    return ["--inception-weights", inception, "--clip-model", clip]
 
 
 def _stats(tables, column: str) -> FeatureStats:
@@ -82,7 +70,7 @@ def _check_in_browser(chromium: str, page, shot) -> None:
 
 def test_metrics_run_writes_shards_summary_and_report(ray_address, tmp_path, tiny_model_dir, extractors, chromium):
     output = tmp_path / "out"
-    args = _render_args(_catalog(tmp_path / "catalog"), output, tiny_model_dir, *_metric_flags(extractors))
+    args = _render_args(_catalog(tmp_path / "catalog"), output, tiny_model_dir, *metric_flags(extractors))
     assert render([*args, "--run-id", "m1"]) == 0
     metrics_dir = output / "metrics" / "m1"
     for shard in ("north", "south"):
@@ -142,19 +130,6 @@ def test_without_weights_metrics_are_skipped_plainly(ray_address, tmp_path, tiny
     assert metrics_main(["--output", str(output), "--run-id", "plain"]) == 2
 
 
-@pytest.fixture(scope="module")
-def demo_output(ray_address, tmp_path_factory, tiny_model_dir, extractors):
-    """A run made as jobs.demo makes it: random-weight extractors, `metrics_random_weights: true`."""
-    tmp_path = tmp_path_factory.mktemp("demo")
-    manifest = make_catalog(str(tmp_path / "catalog"), n_pairs=3, bad_rows=False, sizes=[(64, 64)])
-    config = tmp_path / "render.yaml"
-    config.write_text("metrics_random_weights: true\n")
-    output = tmp_path / "out"
-    flags = ["--run-id", "demo", *_metric_flags(extractors), "--config", str(config)]
-    assert render(_render_args(manifest, output, tiny_model_dir, *flags)) == 0
-    return output
-
-
 def test_demo_style_random_weights_say_so_in_the_report(demo_output):
     page = (demo_output / "report" / "demo" / "index.html").read_text()
     assert "id='random-weights'" in page and "RANDOM-WEIGHT EXTRACTORS" in page
@@ -194,7 +169,7 @@ def test_a_run_whose_every_pair_failed_exits_3_with_its_report(ray_address, tmp_
     for product in (tmp_path / "catalog" / "images").glob("*-product.png"):
         product.unlink()
     output = tmp_path / "out"
-    flags = ["--run-id", "allfail", *_metric_flags(extractors)]
+    flags = ["--run-id", "allfail", *metric_flags(extractors)]
     assert render(_render_args(manifest, output, tiny_model_dir, *flags)) == 3  # EXIT_TOO_MANY_FAILED
     summary = _summary(output, "allfail")
     assert summary["global"]["n"] == 0 and [s["failed"] for s in summary["shards"]] == [2]
