@@ -54,10 +54,16 @@ import os
 from diffusers import AutoencoderKL
 from transformers import Dinov2Model
 
-from pipeline.model.checkpoint import PBE_CLASS_NAME, CheckpointError, check_checkpoint, local_checkpoint
+from pipeline.model.checkpoint import (
+    PBE_CLASS_NAME,
+    CheckpointError,
+    check_checkpoint,
+    check_sd_schedule,
+    local_checkpoint,
+)
 from pipeline.model.components import DTCUNet2DConditionModel
 from pipeline.model.pipeline_dtc import DTCPipeline
-from pipeline.model.schedule import check_sd_schedule, sd_scheduler
+from pipeline.model.schedule import sd_scheduler
 
 __all__ = ["assemble_from_parts"]
 

@@ -4,7 +4,8 @@ Driver-safe (no torch): the driver needs the digest to decide which pairs are al
 and workers need a local folder to hand to `from_pretrained`.
 
 - `check_checkpoint(folder)`: one clear `CheckpointError` naming what is missing;
-  `check_model_checkpoint(uri)`: a DTC or a Paint-by-Example folder, what `--model` takes.
+  `check_model_checkpoint(uri)`: a DTC or a Paint-by-Example folder, what `--model` takes;
+  `check_sd_schedule(folder, uri)`: a source folder's training schedule is SD-1.x's.
 - `model_digest(uri)`: sha256 over the weight files (relative path + bytes, in path order),
   stored as `dtc_digest.json` beside the weights by `write_digest`, so a driver reads one small
   object instead of hashing gigabytes. A digest file whose file list or sizes no longer match
@@ -25,17 +26,20 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import json
+import math
 import os
 import shutil
 import uuid
 
 from pipeline import storage
+from pipeline.model.schedule import SD_SCHEDULE
 
 __all__ = [
     "CheckpointError",
     "check_checkpoint",
     "check_dtc_checkpoint",
     "check_model_checkpoint",
+    "check_sd_schedule",
     "model_digest",
     "write_digest",
     "local_checkpoint",
@@ -218,6 +222,7 @@ def check_model_checkpoint(uri: str) -> dict:
             "build a DTC with `python -m jobs.make_model --from-parts ...`"
         )
     check_checkpoint(uri, required=PBE_COMPONENTS)
+    check_sd_schedule(uri, uri)
     unet, vae, encoder = (_component_config(uri, name) for name in ("unet", "vae", "image_encoder"))
     if unet.get("in_channels") != 9:
         raise CheckpointError(f"{uri}/unet has in_channels={unet.get('in_channels')}; Paint-by-Example's UNet takes 9")
@@ -234,6 +239,27 @@ def _component_config(uri: str, name: str) -> dict:
         return json.loads(storage.read_bytes(storage.join(uri, name, "config.json")))
     except (ValueError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{uri}/{name}/config.json is not valid JSON: {e}") from e
+
+
+def check_sd_schedule(folder: str, uri: str) -> None:
+    """The source folder's scheduler config may be any class (SD and PBE ship PNDM) and may lack
+    sampling settings (`clip_sample`, ...): those are replaced by `schedule.sd_scheduler()`. Its
+    *training* schedule is what the UNet learnt to denoise, so where the config states one it must
+    be SD's. `folder`: local or s3://; `uri`: the folder as the user named it, for the message."""
+    try:
+        config = json.loads(storage.read_bytes(storage.join(folder, "scheduler", "scheduler_config.json")))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{uri}/scheduler/scheduler_config.json is not valid JSON: {e}") from e
+    if config.get("trained_betas") is not None:
+        raise CheckpointError(f"{uri}/scheduler sets trained_betas; SD-1.x's betas are scaled_linear, 0.00085..0.012")
+    for key in ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "prediction_type"):
+        value, expected = config.get(key, SD_SCHEDULE[key]), SD_SCHEDULE[key]
+        if isinstance(expected, float):
+            same = isinstance(value, (int, float)) and math.isclose(value, expected)
+        else:
+            same = value == expected
+        if not same:
+            raise CheckpointError(f"{uri}/scheduler has {key}={value!r}; the SD-1.x schedule has {expected!r}")
 
 
 def model_digest(uri: str) -> str:

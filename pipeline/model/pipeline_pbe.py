@@ -39,10 +39,10 @@ from torch import nn
 from transformers import CLIPImageProcessorPil, CLIPPreTrainedModel, CLIPVisionConfig, CLIPVisionModel
 from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
-from pipeline.model.checkpoint import PBE_CLASS_NAME
+from pipeline.model.checkpoint import PBE_CLASS_NAME, check_sd_schedule
 from pipeline.model.inputs import OUTPUT_TYPES, PipelineOutput, as_image_batch, as_mask_batch, convert_output
 from pipeline.model.pipeline_dtc import SCHEDULERS
-from pipeline.model.schedule import SD_SCHEDULE, check_sd_schedule, sd_scheduler
+from pipeline.model.schedule import SD_SCHEDULE, sd_scheduler
 
 __all__ = ["PBEImageEncoder", "PBEPipeline"]
 

@@ -108,6 +108,11 @@ def test_pbe_tiny_is_the_hub_layout_and_the_driver_reads_its_sizes(pbe_tiny_dir,
     unet_config.write_text(json.dumps({**json.loads(unet_config.read_text()), "in_channels": 4}))
     with pytest.raises(CheckpointError, match="in_channels=4"):
         check_model_checkpoint(str(bad))
+    shutil.copy(os.path.join(pbe_tiny_dir, "unet", "config.json"), unet_config)
+    scheduler_config = bad / "scheduler" / "scheduler_config.json"
+    scheduler_config.write_text(json.dumps({**json.loads(scheduler_config.read_text()), "beta_schedule": "linear"}))
+    with pytest.raises(CheckpointError, match="beta_schedule='linear'"):  # refused on the driver, before any work
+        check_model_checkpoint(str(bad))
     (bad / "model_index.json").write_text(json.dumps({**index, "_class_name": "StableDiffusionInpaintPipeline"}))
     with pytest.raises(CheckpointError, match="not a DTCPipeline or a PaintByExamplePipeline"):
         check_model_checkpoint(str(bad))
