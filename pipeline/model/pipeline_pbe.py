@@ -20,7 +20,8 @@ job prepares (on grey, already resized) and is CLIP-normalised here, where PBE's
 `CLIPImageProcessor` would resize and centre-crop a photo; the sampler is DDIM over SD's
 schedule (`schedule.sd_scheduler`), not the folder's PNDM; and, as `DTCPipeline` step 8, the
 context's own pixels are kept outside the hole (PBE returns the whole decoded image, so its
-pixels match ours inside the hole and its latents match ours exactly). `hint_image`,
+pixels match ours inside the hole; its latents match ours up to rounding, as it VAE-encodes the
+masked images one at a time: tests/unit/test_pbe.py states the tolerance). `hint_image`,
 `hint_mask` and `product_alpha` are accepted and unused: PBE has no hint branch.
 """
 
