@@ -1,5 +1,5 @@
-"""jobs.compare on two real runs of the demo catalog (conftest's `demo_output`, and the same
-catalog and model at another guidance scale into another output): the summary's figures
+"""jobs.compare on two real runs of the demo catalog (conftest's `demo_output`, a tiny DTC, and the
+same catalog rendered by the tiny Paint-by-Example folder into another output): the summary's figures
 against the runs' own and a direct computation from their manifests, the page in headless Chromium (every strip
 image drawn), and the refusals that need stored runs (other extractors, no shared pair)."""
 
@@ -21,33 +21,37 @@ from pipeline.metrics.compare import mean_difference, paired_interval, win_rate
 
 
 @pytest.fixture(scope="module")
-def guided_output(demo_output, tmp_path_factory, tiny_model_dir, extractors):
-    """The demo catalog rendered again, guidance 2 instead of 5, into an output of its own."""
+def pbe_output(demo_output, tmp_path_factory, pbe_tiny_dir, extractors):
+    """The demo catalog rendered by the tiny Paint-by-Example folder into an output of its own,
+    with the same extractors: the paper's Table 2 protocol in miniature (PBE vs a DTC)."""
     record = json.loads((demo_output / "runs" / "demo.json").read_text())
-    output = tmp_path_factory.mktemp("guided") / "out"
+    output = tmp_path_factory.mktemp("pbe") / "out"
     config = output.parent / "render.yaml"
     config.write_text("metrics_random_weights: true\n")
-    flags = ["--run-id", "guided", "--guidance-scale", "2", *metric_flags(extractors), "--config", str(config)]
-    assert render(render_args(record["manifest"]["uri"], output, tiny_model_dir, *flags, *FAST)) == 0
+    flags = ["--run-id", "pbe", *metric_flags(extractors), "--config", str(config)]
+    assert render(render_args(record["manifest"]["uri"], output, pbe_tiny_dir, *flags, *FAST)) == 0
     return output
 
 
-def test_two_runs_side_by_side(demo_output, guided_output, tmp_path, chromium):
+def test_pbe_and_dtc_side_by_side(demo_output, pbe_output, tmp_path, chromium):
+    runs = [(pbe_output, "pbe"), (demo_output, "demo")]
     out = tmp_path / "cmp"
-    argv = ["--run", f"{demo_output}:demo", "--run", f"{guided_output}:guided", "--out", str(out)]
+    argv = ["--run", f"{pbe_output}:pbe", "--run", f"{demo_output}:demo", "--out", str(out)]
     assert compare_main([*argv, "--resamples", "500"]) == 0
     assert sorted(p.name for p in out.iterdir()) == ["index.html", "summary.json"]  # nothing else written
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["shared_pairs"] == 3 and summary["baseline"] == "demo"
-    assert [r["counts"]["shared"] for r in summary["runs"]] == [3, 3]
-    assert summary["runs"][1]["settings"]["guidance_scale"] == 2.0 and summary["protocol"]["random_weights"]
+    assert summary["shared_pairs"] == 3 and summary["baseline"] == "pbe"
+    assert [r["counts"]["shared"] for r in summary["runs"]] == [3, 3] and summary["protocol"]["random_weights"]
+    digests = [r["model"]["digest"] for r in summary["runs"]]
+    assert digests[0] != digests[1] and digests == [
+        json.loads((o / "runs" / f"{r}.json").read_text())["model"]["digest"] for o, r in runs
+    ]
 
     # the figures, directly from the stored files
-    rows = [read_manifest(str(o), r).sort_by("pair_id") for o, r in ((demo_output, "demo"), (guided_output, "guided"))]
+    rows = [read_manifest(str(o), r).sort_by("pair_id") for o, r in runs]
     clip = [np.array(t["clip_score"].to_pylist()) for t in rows]
-    identity = [np.array(t["identity_score"].to_pylist()) for t in rows]
     figures = summary["global"]
-    for k, (output, run_id) in enumerate(((demo_output, "demo"), (guided_output, "guided"))):
+    for k, (output, run_id) in enumerate(runs):
         # every pair of each run is shared: its FID and KID are the run's own (summary.json, made by the render)
         own = json.loads((output / "metrics" / run_id / "summary.json").read_text())["global"]
         assert figures["runs"][k]["fid"] == pytest.approx(own["fid"], rel=1e-9) and figures["runs"][k]["fid_n"] == 3
@@ -60,20 +64,20 @@ def test_two_runs_side_by_side(demo_output, guided_output, tmp_path, chromium):
     expected = paired_interval(clip[0], clip[1], mean_difference, resamples=500, seed=0)
     assert delta["clip"] == pytest.approx(expected) and delta["clip"]["low"] <= delta["clip"]["high"]
     assert delta["win_rate"] == pytest.approx(paired_interval(clip[0], clip[1], win_rate, resamples=500, seed=0))
-    # one model (same digest): identity deltas compare
-    assert delta["identity_note"] is None
-    assert delta["identity"]["value"] == pytest.approx((identity[1] - identity[0]).mean(), rel=1e-9)
+    # two models: identity_score is each one's own encoder, so no identity delta, and the page says why
+    assert delta["identity"] is None and delta["identity_note"].startswith("n/a: pbe and demo are different models")
     assert [s["shard"] for s in summary["shards"]] == sorted({s for s in rows[0]["shard"].to_pylist()})
     assert sum(s["pairs"] for s in summary["shards"]) == 3
 
     # the page: every strip drawn (photo, product, each run's render) for the pairs summary.json lists
     page = (out / "index.html").read_text()
     shown = summary["shown"]
-    strips = len(shown["better"]["guided"]) + len(shown["worse"]["guided"]) + len(shown["sample"])
+    strips = len(shown["better"]["demo"]) + len(shown["worse"]["demo"]) + len(shown["sample"])
     assert len(shown["sample"]) == 3 and strips >= 3
     assert len(re.findall(r"<tr class='pair' data-pair=", page)) == strips
     assert len(re.findall(r"<img src='data:image/jpeg;base64,", page)) == strips * 4
-    assert "id='random-weights'" in page and "id='deltas'" in page and "<tr class='differs'><td>guidance_scale" in page
+    assert "id='random-weights'" in page and "id='deltas'" in page and "id='settings'" in page
+    assert "are different models" in page
     dom, pixels = browser_view(chromium, out / "index.html", tmp_path / "compare.png")
     assert 'data-images-loaded="true"' in dom
     assert pixels.std() > 20 and len(np.unique(pixels.reshape(-1, 3), axis=0)) > 500
@@ -109,3 +113,18 @@ def test_other_extractors_or_no_shared_pair_are_refused(demo_output, tmp_path, c
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "share no pair rendered ok in every run" in err
     assert not out.exists()
+
+
+def test_one_model_compares_identity(demo_output, tmp_path):
+    """The demo run against a copy of itself under another output: one model digest, so identity
+    deltas are given; every delta is 0 and every pair a tie."""
+    copy = _copy_run(demo_output, "demo", tmp_path / "copy")
+    out = tmp_path / "cmp"
+    assert compare_main(["--run", f"{demo_output}:demo", "--run", f"{copy}:demo", "--out", str(out)]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert [r["label"] for r in summary["runs"]] == [f"{demo_output}:demo", f"{copy}:demo"]  # ids alike: specs
+    delta = summary["global"]["deltas"][0]
+    assert delta["identity_note"] is None and delta["identity"] == {"n": 3, "value": 0.0, "low": 0.0, "high": 0.0}
+    assert delta["clip"] == {"n": 3, "value": 0.0, "low": 0.0, "high": 0.0}
+    assert delta["win_rate"] == {"n": 3, "value": 0.5, "low": 0.5, "high": 0.5}
+    assert summary["shown"]["better"][f"{copy}:demo"] == summary["shown"]["worse"][f"{copy}:demo"] == []
