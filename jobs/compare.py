@@ -57,11 +57,12 @@ def main(argv: list[str] | None = None) -> int:
     warning = "  [RANDOM-WEIGHT EXTRACTORS: meaningless]" if summary["protocol"]["random_weights"] else ""
     for delta in summary["global"]["deltas"]:
         clip, win = delta["clip"], delta["win_rate"]
-        interval = "" if clip["low"] is None else f" [{clip['low']:+.2f}, {clip['high']:+.2f}]"
-        print(
-            f"compare {delta['label']} vs {delta['vs']}: {summary['shared_pairs']} shared pairs, "
-            f"CLIP delta {clip['value']:+.2f}{interval}, win rate {win['value']:.3f}{warning}"
-        )
+        if clip["value"] is None:  # the runs were measured without --clip-model
+            figures = "no CLIP scores"
+        else:
+            interval = "" if clip["low"] is None else f" [{clip['low']:+.2f}, {clip['high']:+.2f}]"
+            figures = f"CLIP delta {clip['value']:+.2f}{interval}, win rate {win['value']:.3f}"
+        print(f"compare {delta['label']} vs {delta['vs']}: {summary['shared_pairs']} shared pairs, {figures}{warning}")
     print(f"compare: {page_uri}, {summary_uri}")
     return EXIT_OK
 

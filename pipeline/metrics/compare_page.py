@@ -20,7 +20,7 @@ __all__ = ["render_page"]
 
 _STYLE = (
     ".strip td{text-align:center;vertical-align:top;font-size:12px}.strip img{display:block}"
-    ".differs td{background:#fff4d6}.note{color:#555;font-size:13px}"
+    ".differs td{background:#fff4d6}.note{color:#555;font-size:13px}#runs td{overflow-wrap:anywhere}"
 )
 
 

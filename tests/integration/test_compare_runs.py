@@ -92,7 +92,7 @@ def _copy_run(output, run_id, to):
     return to
 
 
-def test_other_extractors_or_no_shared_pair_are_refused(demo_output, tmp_path, capsys):
+def test_other_extractors_no_shared_pair_or_no_metrics_are_refused(demo_output, tmp_path, capsys):
     other = _copy_run(demo_output, "demo", tmp_path / "other")
     summary_file = other / "metrics" / "demo" / "summary.json"
     summary = json.loads(summary_file.read_text())
@@ -112,6 +112,12 @@ def test_other_extractors_or_no_shared_pair_are_refused(demo_output, tmp_path, c
     assert compare_main(["--run", f"{demo_output}:demo", "--run", f"{apart}:demo", "--out", str(out)]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "share no pair rendered ok in every run" in err
+
+    bare = _copy_run(demo_output, "demo", tmp_path / "bare")
+    (bare / "metrics" / "demo" / "summary.json").unlink()  # as a run made without metric weights has none
+    assert compare_main(["--run", f"{demo_output}:demo", "--run", f"{bare}:demo", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"run {bare}:demo has no metrics" in err
     assert not out.exists()
 
 

@@ -84,19 +84,19 @@ def test_identity_compares_only_within_one_model():
 
 
 @pytest.mark.parametrize(
-    "runs, says",
+    "flags, says",
     [
         ([], "compare needs two or more --run, got 0"),
-        (["{out}:a"], "compare needs two or more --run, got 1"),
-        (["{out}:a", "nocolon"], "--run 'nocolon' must be OUTPUT:RUN_ID"),
-        (["{out}:a", "{out}:a"], "given more than once"),
-        (["{out}:a", "{out}:b"], "run {out}:a: no run record {out}/runs/a.json"),
+        (["--run", "{out}:a"], "compare needs two or more --run, got 1"),
+        (["--run", "{out}:a", "--run", "nocolon"], "--run 'nocolon' must be OUTPUT:RUN_ID"),
+        (["--run", "{out}:a", "--run", "{out}:a"], "given more than once"),
+        (["--run", "{out}:a", "--run", "{out}:b"], "run {out}:a: no run record {out}/runs/a.json"),
+        (["--run", "{out}:a", "--run", "{out}:b", "--resamples", "50"], "--resamples 50 is too few"),
     ],
 )
-def test_refusals_before_any_work(tmp_path, capsys, runs, says):
+def test_refusals_before_any_work(tmp_path, capsys, flags, says):
     out = tmp_path / "compare"
-    argv = [x for spec in runs for x in ("--run", spec.format(out=tmp_path))] + ["--out", str(out)]
-    assert compare_main(argv) == 2
+    assert compare_main([*(f.format(out=tmp_path) for f in flags), "--out", str(out)]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and says.format(out=tmp_path) in err
     assert not out.exists()
