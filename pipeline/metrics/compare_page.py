@@ -81,7 +81,7 @@ def _figures(summary: dict) -> str:
     lines = [
         f"<h2>On the {summary['shared_pairs']} pairs every run rendered ok</h2>",
         "<table id='global'><tr><th>run</th><th>FID</th><th>N</th><th>KID mean</th><th>KID std</th>"
-        "<th>CLIP mean</th><th>identity mean</th></tr>",
+        "<th>CLIP mean</th><th>identity mean (its own encoder)</th></tr>",
     ]
     for run in figures["runs"]:
         cells = [
