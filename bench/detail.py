@@ -3,6 +3,7 @@
     python bench/detail.py --plan                  # what is cached, what remains, what each part costs
     python bench/detail.py --budget-s 3600         # run missing parts while the budget lasts, print the table
     python bench/detail.py --measure 20            # the cost basis: a 20-step run of each form, CPU-timed
+    python bench/detail.py --calibration           # the detail CI test's calibration seeds (cached like the parts)
     python bench/run_all.py --only detail          # the table of the cached parts into RESULTS.md (trains nothing)
 
 A **part** is one (fusion form, seed): a fresh train-tiny DTC of that form (`runs.with_film_mode`:
@@ -20,6 +21,13 @@ Printed records (`"bench": "detail"`): `recipe` (the settings and the catalog's 
 composite's 64 px window: the most any model behind this VAE can show; measured, no training) and `chance`,
 one `part` per cached part, one `table` row per form (mean +- sample std over its cached seeds,
 n), and `remaining` (the parts still to run and their estimated cost from the cost basis).
+
+`ci_calibration` (with `--calibration`, or from the cached seeds): the detail CI test's recipe
+(`runs.detail_ci_run`: the same catalog, `runs.DETAIL_CI_STEPS` steps, DDIM 10) on
+`runs.CALIBRATION_SEEDS`, each seed's detail accuracy trained, with the hint silenced and with
+the form "off" trained, the gaps and their spread (sample std): what the CI test's margin
+(tests/unit/test_detail_learned.py) must clear twice over. Each seed is one line of the parts
+file (`"what": "ci_seed"`), keyed by the CI recipe's digest.
 """
 
 from __future__ import annotations
@@ -39,6 +47,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from common import ROOT  # noqa: E402  (bench/common.py: bench/ is first on sys.path)
 
 from pipeline.schema import FUSION_FORMS  # noqa: E402
+from pipeline.toy.runs import DETAIL_CATALOG  # noqa: E402
 
 PARTS_FILE = os.path.join(ROOT, "bench", "detail_parts.jsonl")
 WEIGHTS = os.path.join(ROOT, "models", "train-tiny.safetensors")
@@ -48,7 +57,7 @@ SEEDS = (0, 1, 2)
 # on 2 cores at ~1.5 cores' worth of torch threads. The rest is the CI recipe's (pipeline/toy/runs.py).
 STEPS = 3000
 RENDER_STEPS, GUIDANCE = 20, 5.0
-CATALOG = dict(n_pairs=512, val_fraction=0.0, n_test=32, seed=29, kind="detail")
+CATALOG = DETAIL_CATALOG  # the CI recipe trains on the same catalog (pipeline/toy/runs.py)
 TRAIN = dict(batch_size=16, learning_rate=1e-3, perceptual_weight=0.0, pixel_weight=0.0)
 RECIPE = dict(steps=STEPS, render_steps=RENDER_STEPS, guidance=GUIDANCE, catalog=CATALOG, train=TRAIN)
 
@@ -299,6 +308,70 @@ def measure(work: str, steps: int, forms: list[str], path: str) -> None:
     emit(**record)
 
 
+CI_FORM = "spatial"  # the form the CI test trains: the default this table chose (README, docs/training.md)
+
+
+def ci_recipe_digest() -> str:
+    from pipeline.toy import runs
+
+    recipe = dict(
+        catalog=runs.DETAIL_CATALOG,
+        steps=runs.DETAIL_CI_STEPS,
+        render_steps=runs.CI_RENDER_STEPS,
+        guidance=runs.CI_GUIDANCE,
+        form=CI_FORM,
+    )
+    return hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def calibration(work: str, path: str, run: bool) -> None:
+    """The detail CI test's recipe on the calibration seeds (each cached as a `ci_seed` line of
+    the parts file `path`; `run`: run the missing ones), then the `ci_calibration` record."""
+    from pipeline.toy import runs
+
+    digest, seeds = ci_recipe_digest(), {}
+    if os.path.exists(path):
+        for line in open(path):
+            record = json.loads(line)
+            if record.get("what") == "ci_seed" and record.get("ci_recipe") == digest:
+                seeds[record["seed"]] = record
+    for seed in runs.CALIBRATION_SEEDS:
+        if seed in seeds or not run:
+            continue
+        began, cpu = time.perf_counter(), time.process_time()
+        result = runs.detail_ci_run(committed_vae_model(work), os.path.join(work, f"ci-{seed}"), seed, CI_FORM, True)
+        record = {"what": "ci_seed", "ci_recipe": digest, **result}
+        record.update(wall_s=round(time.perf_counter() - began, 1), cpu_s=round(time.process_time() - cpu, 1))
+        with open(path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        seeds[seed] = record
+    if len(seeds) < 2:
+        return
+    done = [seeds[s] for s in sorted(seeds)]
+    acc = {k: [r[k]["detail_acc"] for r in done] for k in ("trained", "hint_silenced", "off_trained", "untrained")}
+    gaps = {
+        "silenced": [t - o for t, o in zip(acc["trained"], acc["hint_silenced"])],
+        "off_trained": [t - o for t, o in zip(acc["trained"], acc["off_trained"])],
+    }
+    hue = [r["untrained"]["hue_error_deg"] - r["trained"]["hue_error_deg"] for r in done]
+    emit(
+        what="ci_calibration",
+        ci_recipe=digest,
+        form=CI_FORM,
+        steps=runs.DETAIL_CI_STEPS,
+        seeds=[r["seed"] for r in done],
+        detail_acc=acc,
+        gap={k: [round(g, 4) for g in v] for k, v in gaps.items()},
+        # the spread of each quantity the test asserts (sample std over the seeds)
+        gap_spread={k: round(statistics.stdev(v), 4) for k, v in gaps.items()},
+        gap_min={k: round(min(v), 4) for k, v in gaps.items()},
+        hue_gap_deg=[round(g, 2) for g in hue],
+        hue_gap_spread_deg=round(statistics.stdev(hue), 2),
+        wall_s=[r["wall_s"] for r in done],
+        cpu_s=[r["cpu_s"] for r in done],
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--work", help="catalog and model folders (default: a temporary folder)")
@@ -307,6 +380,7 @@ def main() -> None:
     parser.add_argument("--measure", type=int, help="the cost basis: a run of this many steps per form, timed")
     parser.add_argument("--forms", default=",".join(FUSION_FORMS), help="only these forms' parts (and --measure's)")
     parser.add_argument("--parts-file", default=PARTS_FILE, help="the cached parts and cost basis (JSON lines)")
+    parser.add_argument("--calibration", action="store_true", help="run the detail CI test's missing calibration seeds")
     args = parser.parse_args()
     parts, basis = cached_parts(args.parts_file), cost_basis(args.parts_file)
     if args.plan:
@@ -315,6 +389,9 @@ def main() -> None:
     work = args.work or tempfile.mkdtemp(prefix="detail-")
     if args.measure:
         measure(work, args.measure, args.forms.split(","), args.parts_file)
+        return
+    if args.calibration:
+        calibration(work, args.parts_file, run=True)
         return
     from pipeline.toy.catalog import detail_geometry
 
@@ -336,6 +413,7 @@ def main() -> None:
     for part in parts.values():
         emit(what="part", **{k: v for k, v in part.items() if k != "recipe"})
     table(parts)
+    calibration(work, args.parts_file, run=False)
     missing = [(f, s) for f in FUSION_FORMS for s in SEEDS if (f, s) not in parts]
     emit(
         what="remaining",
