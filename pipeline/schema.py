@@ -218,8 +218,11 @@ FILM_MODES = ("spatial", "channel")
 # The hint branch's fusion forms (a model folder records its form as the hint encoder's `film_mode`):
 # the two FiLM modes, additive residuals (ControlNet), cross-attention (TryOnDiffusion), no hint branch.
 FUSION_FORMS = (*FILM_MODES, "add", "xattn", "off")
-# One value per channel won the toy ablation (docs/training.md "A model that learned": hue error and swap test)
-DEFAULT_FILM_MODE = "channel"
+# FiLM per pixel: the form that carries fine, spatial detail (the fusion table on the detail catalog,
+# bench/RESULTS.md section detail; README "What the toy proves"). Channel FiLM, the default before,
+# pools the hint into one gamma/beta per channel and cannot say where anything is; folders record
+# their form, so channel models keep loading as channel.
+DEFAULT_FILM_MODE = "spatial"
 PRESETS = ("tiny", "sd15")
 
 # -- block columns, stage by stage --------------------------------------------------------------------

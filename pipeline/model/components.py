@@ -179,9 +179,9 @@ class DTCHintEncoder(ModelMixin, ConfigMixin):
     tensors become FiLM parameters for the main UNet: 13 sites for SD-1.5.
 
     `film_mode` is the fusion form (`schema.FUSION_FORMS`; the name predates the non-FiLM forms
-    and stays, so every saved folder keeps loading). `"channel"` (default, `schema.DEFAULT_FILM_MODE`):
-    `[gamma, beta] = Linear(mean_hw(h))`, one value per channel. `"spatial"`: `[gamma, beta] =
-    Conv1x1(h)` per site, one value per pixel. `"add"`: ControlNet's zero convolution, `skip +
+    and stays, so every saved folder keeps loading). `"spatial"` (default, `schema.DEFAULT_FILM_MODE`):
+    `[gamma, beta] = Conv1x1(h)` per site, one value per pixel. `"channel"`: `[gamma, beta] =
+    Linear(mean_hw(h))`, one value per channel (the default before the fusion table). `"add"`: ControlNet's zero convolution, `skip +
     Conv1x1(h)`. `"xattn"`: `HintCrossAttention`, the skip's pixels attending to the hint's.
     `"off"`: no hint branch: nothing is built, `forward` returns None and the UNet runs its stock
     forward (the ablation trained as such; its hint adapter then gets no gradient, so a multi-worker

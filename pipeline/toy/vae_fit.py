@@ -44,7 +44,7 @@ class VaeFitConfig:
     learning_rate: float = 1e-3  # from scratch: a toy VAE, not a fine-tune
     kl_weight: float = 1e-6  # small, as SD's VAE: reconstruction first
     seed: int = 0  # model init and the batch draws
-    film_mode: str = DEFAULT_FILM_MODE  # the hint branch's FiLM (schema: the toy ablation's winner)
+    film_mode: str = DEFAULT_FILM_MODE  # the hint branch's fusion form (schema: the fusion table's choice)
     log_every: int = 50  # steps between loss-curve points
 
 
