@@ -2,6 +2,8 @@
 
     python -m jobs.make_model --preset tiny --out models/dtc-tiny          # tests and demo, seconds on CPU
     python -m jobs.make_model --preset train-tiny --out models/untrained   # the toy's sizes, untrained
+    python -m jobs.make_model --preset train-tiny --vae-from models/train-tiny.safetensors \
+        --out init                                                          # the same around a fitted VAE
     python -m jobs.make_model --preset sd15 --out models/dtc-sd15          # paper sizes, random init (~12 GB)
     python -m jobs.make_model --preset pbe-tiny --out models/pbe-tiny      # Paint-by-Example, hub layout, tiny
     python -m jobs.make_model --from-parts --sd-inpainting sd-inpaint/ --dinov2 dinov2-giant/ \
@@ -44,6 +46,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--dinov2", help="transformers DINOv2 folder or s3:// prefix")
     parser.add_argument("--vae", help="optional VAE folder replacing the SD (or PBE) one")
+    parser.add_argument(
+        "--vae-from",
+        metavar="MODEL",
+        help="with --preset: the VAE of this DTC (folder, s3:// prefix or packed file), e.g. the toy's fitted one",
+    )
     parser.add_argument("--film-mode", choices=FUSION_FORMS, default=DEFAULT_FILM_MODE)
     parser.add_argument("--seed", type=int, default=0, help="weight init seed for --preset")
     parser.add_argument("--out", required=True, help="output folder")
@@ -52,6 +59,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--from-parts needs --sd-inpainting DIR or --pbe DIR, and --dinov2 DIR")
     if args.preset and (args.sd_inpainting or args.pbe or args.dinov2 or args.vae):
         parser.error("--sd-inpainting/--pbe/--dinov2/--vae go with --from-parts, not --preset")
+    if args.vae_from and args.preset in (None, "pbe-tiny"):
+        parser.error("--vae-from goes with a DTC --preset (its VAE replaces the preset's random one)")
     return args
 
 
@@ -67,6 +76,18 @@ def main(argv: list[str] | None = None) -> int:
             pipe = build_pbe_preset(args.preset, seed=args.seed)
         elif args.preset:
             pipe = build_preset(args.preset, seed=args.seed, film_mode=args.film_mode)
+            if args.vae_from:  # stage 0 done once: every later model of the toy shares its VAE
+                from pipeline.model.loading import load_pipeline
+
+                vae, own = load_pipeline(args.vae_from).vae, pipe.vae.config
+                shape = lambda c: (len(c.block_out_channels), c.latent_channels)  # noqa: E731  (factor, latents)
+                if shape(vae.config) != shape(own):
+                    raise ValueError(
+                        f"--vae-from {args.vae_from}: its VAE (factor {2 ** (shape(vae.config)[0] - 1)}, "
+                        f"{vae.config.latent_channels} latent channels) does not fit the {args.preset} preset's "
+                        f"(factor {2 ** (shape(own)[0] - 1)}, {own.latent_channels})"
+                    )
+                pipe.register_modules(vae=vae)
         else:
             pipe = assemble_from_parts(
                 args.pbe or args.sd_inpainting,

@@ -145,3 +145,14 @@ def test_a_packed_file_without_its_index_is_one_clear_error(tmp_path):
     with pytest.raises(CheckpointError, match="not a safetensors file"):
         (tmp_path / "text.safetensors").write_text("hello")
         model_digest(str(tmp_path / "text.safetensors"))
+
+
+def test_make_model_vae_from_keeps_the_fitted_vae_and_refuses_one_of_another_factor(tmp_path, capsys):
+    out = str(tmp_path / "init")
+    assert make_model(["--preset", "train-tiny", "--vae-from", PACKED, "--film-mode", "spatial", "--out", out]) == 0
+    fitted, made = load_pipeline(PACKED).vae.state_dict(), load_pipeline(out)
+    assert fitted.keys() == made.vae.state_dict().keys()
+    assert all(torch.equal(fitted[k], made.vae.state_dict()[k]) for k in fitted)
+    assert made.hint_encoder.config.film_mode == "spatial" and made.config.trained is False
+    assert make_model(["--preset", "tiny", "--vae-from", PACKED, "--out", str(tmp_path / "bad")]) == 2
+    assert "does not fit the tiny preset's (factor 8" in capsys.readouterr().err
