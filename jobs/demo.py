@@ -4,11 +4,12 @@
 
 1. The job: a sample catalog (photos of varied sizes, RGBA products, bbox and mask rows, two rows
    broken on purpose) rendered with the random-weight `tiny` DTC on a local Ray -> output/.
-2. A model that learned: the synthetic test split (`jobs.make_training_catalog`: hues no training
-   row had) rendered with the committed `train-tiny` model (models/train-tiny.safetensors, made
-   by the training job here: docs/training.md "A model that learned" has the command) -> learned/, scored
-   by `jobs.eval_synthetic`; its QA page shows the identity metrics beside the random-weight FID
-   warning, and contact sheets with the product in the photo.
+2. A model that learned: the detail catalog's test split (`jobs.make_training_catalog --kind
+   detail`: 3 x 3 codes and hues no training row had) rendered with the committed `train-tiny`
+   model (models/train-tiny.safetensors, made by the training job here: docs/training.md "The
+   committed weights" has the commands) -> learned/, scored by `jobs.eval_synthetic`; its QA page
+   shows the detail accuracy beside the hue error and the random-weight FID warning, and contact
+   sheets with the coded product in the photo.
 
 No downloads; a few minutes at most on 2 cores. Re-running it resumes: every pair is already
 done, so nothing is rendered again (use --force to re-render); part 2's re-run is a run of its
@@ -24,7 +25,7 @@ import sys
 from jobs.cli import Parser
 from pipeline.schema import EXIT_ERROR
 
-# the train-tiny weights the training job made here (docs/training.md "A model that learned": the command)
+# the train-tiny weights the training job made here (docs/training.md "The committed weights": the commands)
 TRAIN_TINY_WEIGHTS = os.path.join(
     os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "models", "train-tiny.safetensors"
 )
@@ -121,11 +122,11 @@ def _learned(out: str, toy_pairs: int, metric_flags: list[str], force: bool) -> 
     from pipeline.toy.catalog import make_training_catalog
     from pipeline.toy.runs import unpack
 
-    toy = os.path.join(out, "toy")
+    toy = os.path.join(out, "detail")  # not "toy": a demo_out of the colour toy keeps its own split
     test = os.path.join(toy, "test.parquet")
     if not os.path.exists(test):
-        make_training_catalog(toy, n_pairs=4, n_test=toy_pairs, seed=1)
-        print(f"[demo] synthetic test split: {test} ({toy_pairs} products, own and swapped, 2 rows each)")
+        make_training_catalog(toy, n_pairs=4, n_test=toy_pairs, seed=1, kind="detail")
+        print(f"[demo] detail test split: {test} ({toy_pairs} coded products, own and swapped, 2 rows each)")
     # cached per weights file: new committed weights (a pull) unpack to a new folder, never the stale one
     with open(TRAIN_TINY_WEIGHTS, "rb") as f:
         weights = hashlib.sha256(f.read()).hexdigest()[:12]
@@ -139,7 +140,7 @@ def _learned(out: str, toy_pairs: int, metric_flags: list[str], force: bool) -> 
     if code != 0:
         return code
     code = eval_synthetic(["--test-manifest", test, "--output", learned, "--run-id", run_id])
-    print(f"[demo] a model that learned: {learned}/report/{run_id}/index.html (identity metrics at the top)")
+    print(f"[demo] a model that learned: {learned}/report/{run_id}/index.html (detail and hue metrics at the top)")
     return code
 
 

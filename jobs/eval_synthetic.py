@@ -4,7 +4,9 @@
     python -m jobs.eval_synthetic --test-manifest toy/test.parquet --output renders/ --run-id trained
 
 Prints one JSON line (hue error, swap test, retrieval top-1 among 16, label-quadrant accuracy,
-masked PSNR: pipeline/toy/synthetic_eval.py says how each is measured), writes it to
+masked PSNR: pipeline/toy/synthetic_eval.py says how each is measured; on a detail catalog
+(`--kind detail`), detail accuracy, code exact, hue error and within-band slope, swap, masked
+PSNR and SSIM: pipeline/toy/detail_eval.py), writes it to
 `renders/metrics/<run_id>/synthetic.json` and writes the run's QA page again so it shows them.
 `--copy-paste` scores the identity upper reference instead (the hint pasted, no model, no run).
 Local folders only. Exit codes: 0 scored, 2 bad usage or no such run.
@@ -45,21 +47,24 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if not os.path.exists(args.test_manifest):
         parser.error(f"--test-manifest {args.test_manifest} does not exist")
-    from pipeline.toy import synthetic_eval
+    from pipeline.toy import catalog, detail_eval, synthetic_eval
 
+    base_dir = os.path.dirname(os.path.abspath(args.test_manifest))
+    # the catalog's kind picks the metrics: a detail catalog's identity is its code and a continuous hue
+    evaluate = detail_eval.evaluate_detail if catalog.catalog_kind(base_dir) == "detail" else None
     if args.copy_paste:
         import pyarrow.parquet as pq
 
         images = synthetic_eval.copy_paste_images(args.test_manifest, args.resolution, args.product_size)
         rows = pq.read_table(args.test_manifest).to_pylist()
-        base_dir = os.path.dirname(os.path.abspath(args.test_manifest))
-        print(json.dumps({"run_id": "copy-paste", **synthetic_eval.evaluate_images(rows, images, base_dir)}))
+        evaluate = evaluate or synthetic_eval.evaluate_images
+        print(json.dumps({"run_id": "copy-paste", **evaluate(rows, images, base_dir)}))
         return 0
     if not (args.output and args.run_id):
         parser.error("--output and --run-id are required (or --copy-paste)")
     if not os.path.isdir(os.path.join(args.output, "manifest", args.run_id)):
         parser.error(f"no run {args.run_id!r} under {args.output}/manifest/")
-    metrics = synthetic_eval.evaluate_run(args.test_manifest, args.output, args.run_id)
+    metrics = synthetic_eval.evaluate_run(args.test_manifest, args.output, args.run_id, evaluate=evaluate)
     print(json.dumps(metrics))
     print(f"[eval_synthetic] report: {_rewrite_report(args.output, args.run_id)}", file=sys.stderr)
     return 0

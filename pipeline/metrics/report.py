@@ -278,14 +278,20 @@ def _identity(metrics: dict | None) -> str:
     figures that need no metric weights, so they stand beside a random-weight FID warning."""
     if not metrics:
         return ""
-    names = {
+    names = {  # the colour toy's metrics (synthetic_eval) and the detail catalog's (detail_eval)
+        "detail_acc": "detail accuracy: code cells read back (chance 0.5)",
+        "code_exact": "code exact: all 9 cells (chance 0.002)",
         "hue_error_deg": "hue error (deg, chance ~90)",
+        "hue_slope": "within-band hue slope (1: hue carried, 0: snapped to a band)",
         "swap": "swap test (chance 0.5)",
         "retrieval_top1": "retrieval top-1 of 16 (chance 0.06)",
         "quadrant_acc": "label quadrant (chance 0.25)",
         "masked_psnr_db": "masked PSNR (dB)",
+        "masked_ssim": "masked SSIM",
     }
-    cells = "".join(f"<tr><td>{esc(label)}</td><td>{fmt(metrics.get(key))}</td></tr>" for key, label in names.items())
+    cells = "".join(
+        f"<tr><td>{esc(label)}</td><td>{fmt(metrics[key])}</td></tr>" for key, label in names.items() if key in metrics
+    )
     return f"<h2 id='identity'>Identity on the synthetic test split</h2><table>{cells}</table>"
 
 

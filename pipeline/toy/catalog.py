@@ -68,6 +68,7 @@ __all__ = [
     "code_split",
     "code_bits",
     "detail_geometry",
+    "catalog_kind",
 ]
 
 KINDS = ("toy", "detail")  # make_training_catalog's kinds: the colour toy (default) and issue 29's detail catalog
@@ -119,6 +120,16 @@ def code_split(code: int) -> str:
 def code_bits(code: int) -> list[int]:
     """The code's cells, row-major from the top-left: 1 dark, 0 light."""
     return [(code >> k) & 1 for k in range(GRID * GRID)]
+
+
+def catalog_kind(folder: str) -> str:
+    """The kind of the catalog written into `folder`: "detail" where its catalog.json says so
+    (only the detail kind writes one), else "toy"."""
+    path = os.path.join(folder, "catalog.json")
+    if not os.path.exists(path):
+        return "toy"
+    with open(path) as f:
+        return json.load(f).get("kind", "toy")
 
 
 def detail_geometry(resolution: int = DETAIL_RESOLUTION, vae_factor: int = DETAIL_VAE_FACTOR) -> dict:

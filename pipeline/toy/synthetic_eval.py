@@ -186,14 +186,16 @@ def read_run_images(output: str, run_id: str) -> dict[str, np.ndarray]:
     return images
 
 
-def evaluate_run(test_manifest: str, output: str, run_id: str, write: bool = True) -> dict:
-    """Score a jobs.render run of `test_manifest`; with `write`, also
+def evaluate_run(test_manifest: str, output: str, run_id: str, write: bool = True, evaluate=None) -> dict:
+    """Score a jobs.render run of `test_manifest` with `evaluate` (`evaluate_images`, or the detail
+    catalog's `detail_eval.evaluate_detail`: same arguments); with `write`, also
     `<output>/metrics/<run_id>/synthetic.json` (the run's QA page shows it)."""
     rows = pq.read_table(test_manifest).to_pylist()
+    evaluate = evaluate or evaluate_images
     metrics = {
         "run_id": run_id,
         "test_manifest": os.path.abspath(test_manifest),
-        **evaluate_images(rows, read_run_images(output, run_id), os.path.dirname(os.path.abspath(test_manifest))),
+        **evaluate(rows, read_run_images(output, run_id), os.path.dirname(os.path.abspath(test_manifest))),
     }
     if write:
         path = os.path.join(output, "metrics", run_id, "synthetic.json")

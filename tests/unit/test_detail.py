@@ -125,3 +125,24 @@ def test_masked_ssim_and_psnr_look_at_the_region_only():
     noisy = (image.astype(int) + rng.normal(0, 40, image.shape)).clip(0, 255).astype(np.uint8)
     assert detail_eval.masked_ssim(image, noisy, mask) < 0.9
     assert 10 < detail_eval.masked_psnr(image, noisy, mask) < 25
+
+
+def test_eval_synthetic_scores_a_detail_catalog_with_the_detail_metrics(detail, capsys):
+    from jobs.eval_synthetic import main as eval_synthetic
+
+    folder, _, test = detail
+    assert catalog.catalog_kind(folder) == "detail" and catalog.catalog_kind(os.path.dirname(folder)) == "toy"
+    assert eval_synthetic(["--test-manifest", os.path.join(folder, "test.parquet"), "--copy-paste"]) == 0
+    printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    pasted = synthetic_eval.copy_paste_images(os.path.join(folder, "test.parquet"), 64, TRAIN_TINY_PRODUCT_SIZE)
+    assert printed == {"run_id": "copy-paste", **detail_eval.evaluate_detail(test, pasted, folder)}
+
+
+def test_the_qa_page_shows_the_detail_metrics_beside_the_hue_error():
+    from pipeline.metrics.report import _identity
+
+    page = _identity({"detail_acc": 0.91, "code_exact": 0.5, "hue_error_deg": 9.5, "hue_slope": 0.2, "swap": 1.0})
+    for label in ("detail accuracy", "code exact", "hue error", "within-band hue slope", "swap test"):
+        assert label in page
+    assert "label quadrant" not in page  # a colour-toy metric the detail scores do not have
+    assert "label quadrant" in _identity({"hue_error_deg": 12.0, "quadrant_acc": 0.3})
