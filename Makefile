@@ -30,8 +30,9 @@ lint: $(VENV_STAMP) docs
 docs: $(VENV_STAMP)
 	$(PY) -m mkdocs build --strict --quiet --site-dir site
 
+# --durations: the slowest tests named in CI's output, where the 30-minute budget goes
 test: lint
-	$(PY) -m pytest -q -m "not chaos" tests
+	$(PY) -m pytest -q -m "not chaos" --durations=30 tests
 
 # the extra multi-node fault cases (two nodes in a row, lost during the last parts or the fold)
 test-chaos: $(VENV_STAMP)
