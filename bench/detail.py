@@ -19,6 +19,8 @@ machine); a part whose recipe digest differs from `RECIPE`'s is stale and runs a
 Printed records (`"bench": "detail"`): `recipe` (the settings and the catalog's geometry),
 `reference` rows (copy-paste of the hint, the empty hole, the VAE round trip of the true
 composite's 64 px window: the most any model behind this VAE can show; measured, no training) and `chance`,
+`committed` rows (the committed demo weights and the former channel weights they replaced, scored
+on this test split: rendering only),
 one `part` per cached part, one `table` row per form (mean +- sample std over its cached seeds,
 n), and `remaining` (the parts still to run and their estimated cost from the cost basis).
 
@@ -52,6 +54,15 @@ from pipeline.toy.runs import DETAIL_CATALOG  # noqa: E402
 PARTS_FILE = os.path.join(ROOT, "bench", "detail_parts.jsonl")
 WEIGHTS = os.path.join(ROOT, "models", "train-tiny.safetensors")
 SEEDS = (0, 1, 2)
+# The committed models, rendered and scored like a part (DDIM RENDER_STEPS, no training: seconds).
+COMMITTED = (
+    ("committed weights", WEIGHTS, "models/train-tiny.safetensors: the demo's, jobs.train on this catalog, 1000 steps"),
+    (
+        "former channel weights",
+        os.path.join(ROOT, "models", "train-tiny-channel.safetensors"),
+        "models/train-tiny-channel.safetensors: the colour toy's channel FiLM export, trained on no code",
+    ),
+)
 # The recipe of every part. STEPS from the cost basis (`--measure 20`, bench/detail_parts.jsonl:
 # ~0.42 CPU s a step at batch 16, ~0.22 CPU s a rendered row): ~1300 CPU s a part, ~15 minutes
 # on 2 cores at ~1.5 cores' worth of torch threads. The rest is the CI recipe's (pipeline/toy/runs.py).
@@ -181,6 +192,17 @@ def references(work: str) -> None:
         **score(round_trip, test),
     )
     emit(what="chance", **CHANCE, band_centre=REFERENCES["band centre"])
+    for row, weights, note in COMMITTED:
+        import torch
+
+        from pipeline.model.loading import load_pipeline
+        from pipeline.toy.runs import unpack
+        from pipeline.toy.synthetic_eval import render_in_process
+
+        folder = unpack(weights, os.path.join(work, os.path.basename(weights).removesuffix(".safetensors")))
+        pipe = load_pipeline(folder, device="cpu", dtype=torch.float32)
+        images = render_in_process(pipe, test, steps=RENDER_STEPS, guidance_scale=GUIDANCE)
+        emit(what="committed", row=row, form=pipe.hint_encoder.config.film_mode, note=note, **score(images, test))
 
 
 def vae_round_trip(model: str, test: str, rows: list[dict]) -> dict:

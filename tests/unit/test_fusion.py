@@ -81,7 +81,8 @@ def test_an_unknown_form_is_refused():
         build_preset("train-tiny", film_mode="concat")
 
 
-# Renders of the committed channel weights and of a seeded spatial model, made before the fusion
+# Renders of the former channel weights (models/train-tiny-channel.safetensors, the committed ones
+# until spatial FiLM became the default) and of a seeded spatial model, made before the fusion
 # forms existed (3 DDIM steps, CFG 5, fixed inputs): a model made the old way renders the same.
 OLD_RENDERS = {
     "channel": (3029530, [140, 121, 103, 104, 102, 99], [110, 107, 106, 105, 101, 101]),
@@ -111,7 +112,7 @@ def test_models_made_with_the_old_modes_render_as_before(tmp_path):
             p.copy_(torch.randn_like(p) * 0.05)
     save_pipeline(spatial, str(tmp_path / "spatial"))
     folders = {
-        "channel": unpack(f"{ROOT}/models/train-tiny.safetensors", str(tmp_path / "channel")),
+        "channel": unpack(f"{ROOT}/models/train-tiny-channel.safetensors", str(tmp_path / "channel")),
         "spatial": str(tmp_path / "spatial"),
     }
     for mode, folder in folders.items():
