@@ -56,7 +56,7 @@ WEIGHTS = os.path.join(ROOT, "models", "train-tiny.safetensors")
 SEEDS = (0, 1, 2)
 # The committed models, rendered and scored like a part (DDIM RENDER_STEPS, no training: seconds).
 COMMITTED = (
-    ("committed weights", WEIGHTS, "models/train-tiny.safetensors: the demo's, jobs.train on this catalog, 1000 steps"),
+    ("committed weights", WEIGHTS, "models/train-tiny.safetensors: the demo's, jobs.train here, 1000 steps"),
     (
         "former channel weights",
         os.path.join(ROOT, "models", "train-tiny-channel.safetensors"),
@@ -402,7 +402,7 @@ def main() -> None:
     parser.add_argument("--measure", type=int, help="the cost basis: a run of this many steps per form, timed")
     parser.add_argument("--forms", default=",".join(FUSION_FORMS), help="only these forms' parts (and --measure's)")
     parser.add_argument("--parts-file", default=PARTS_FILE, help="the cached parts and cost basis (JSON lines)")
-    parser.add_argument("--calibration", action="store_true", help="run the detail CI test's missing calibration seeds")
+    parser.add_argument("--calibration", action="store_true", help="run the detail CI test's missing calibration runs")
     args = parser.parse_args()
     parts, basis = cached_parts(args.parts_file), cost_basis(args.parts_file)
     if args.plan:

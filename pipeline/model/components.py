@@ -179,15 +179,16 @@ class DTCHintEncoder(ModelMixin, ConfigMixin):
     tensors become FiLM parameters for the main UNet: 13 sites for SD-1.5.
 
     `film_mode` is the fusion form (`schema.FUSION_FORMS`; the name predates the non-FiLM forms
-    and stays, so every saved folder keeps loading). `"spatial"` (default, `schema.DEFAULT_FILM_MODE`):
-    `[gamma, beta] = Conv1x1(h)` per site, one value per pixel. `"channel"`: `[gamma, beta] =
-    Linear(mean_hw(h))`, one value per channel (the default before the fusion table). `"add"`: ControlNet's zero convolution, `skip +
-    Conv1x1(h)`. `"xattn"`: `HintCrossAttention`, the skip's pixels attending to the hint's.
-    `"off"`: no hint branch: nothing is built, `forward` returns None and the UNet runs its stock
-    forward (the ablation trained as such; its hint adapter then gets no gradient, so a multi-worker
-    DDP run of it would need `find_unused_parameters`). A saved folder records its form, so
-    changing the default never changes a model. Every head starts at zero, so a fresh encoder
-    leaves the main UNet untouched.
+    and stays, so every saved folder keeps loading). `"spatial"` (default,
+    `schema.DEFAULT_FILM_MODE`): `[gamma, beta] = Conv1x1(h)` per site, one value per pixel.
+    `"channel"`: `[gamma, beta] = Linear(mean_hw(h))`, one value per channel (the default before
+    the fusion table). `"add"`: ControlNet's zero convolution, `skip + Conv1x1(h)`. `"xattn"`:
+    `HintCrossAttention`, the skip's pixels attending to the hint's. `"off"`: no hint branch:
+    nothing is built, `forward` returns None and the UNet runs its stock forward (the ablation
+    trained as such; its hint adapter then gets no gradient, so a multi-worker DDP run of it would
+    need `find_unused_parameters`). A saved folder records its form, so changing the default
+    never changes a model. Every head starts at zero, so a fresh encoder leaves the main UNet
+    untouched.
 
     Gradient checkpointing is diffusers' own: the down and mid blocks carry the
     `gradient_checkpointing` flag that `enable_gradient_checkpointing()` sets.
