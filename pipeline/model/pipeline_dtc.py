@@ -42,7 +42,23 @@ assert tuple(SCHEDULERS) == schema.SCHEDULERS, "schema.SCHEDULERS names the samp
 INPUT_LAYOUTS = ("sd", "pbe")
 
 
-class DTCPipeline(DiffusionPipeline):
+class SamplerChoice:
+    """The sampler swap every pipeline of ours offers (DTC and Paint-by-Example alike): mixed in
+    before `DiffusionPipeline`, it reads and sets only `self.scheduler`."""
+
+    def use_scheduler(self, name: str) -> None:
+        """Swap the sampler: "ddim" (paper default) or "dpmpp" (DPM-Solver++ 2M, ~20 steps)."""
+        if name not in SCHEDULERS:
+            raise ValueError(f"scheduler must be one of {sorted(SCHEDULERS)}, got {name!r}")
+        kwargs = {"algorithm_type": "dpmsolver++"} if name == "dpmpp" else {}
+        self.scheduler = SCHEDULERS[name].from_config(self.scheduler.config, **kwargs)
+
+    @property
+    def scheduler_name(self) -> str:
+        return next(k for k, cls in SCHEDULERS.items() if isinstance(self.scheduler, cls))
+
+
+class DTCPipeline(SamplerChoice, DiffusionPipeline):
     r"""Diffuse to Choose: SD-1.5 inpainting conditioned on DINOv2 tokens of the product, plus a
     hint branch (product pasted into the hole, FiLM-fused into the UNet's skips).
 
@@ -153,17 +169,6 @@ class DTCPipeline(DiffusionPipeline):
             if isinstance(component, torch.nn.Module):
                 component.eval()
         return pipe
-
-    def use_scheduler(self, name: str) -> None:
-        """Swap the sampler: "ddim" (paper default) or "dpmpp" (DPM-Solver++ 2M, ~20 steps)."""
-        if name not in SCHEDULERS:
-            raise ValueError(f"scheduler must be one of {sorted(SCHEDULERS)}, got {name!r}")
-        kwargs = {"algorithm_type": "dpmsolver++"} if name == "dpmpp" else {}
-        self.scheduler = SCHEDULERS[name].from_config(self.scheduler.config, **kwargs)
-
-    @property
-    def scheduler_name(self) -> str:
-        return next(k for k, cls in SCHEDULERS.items() if isinstance(self.scheduler, cls))
 
     # -- conditioning ------------------------------------------------------------------------
 

@@ -42,7 +42,7 @@ from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
 from pipeline.model.checkpoint import PBE_CLASS_NAME, check_sd_schedule
 from pipeline.model.inputs import OUTPUT_TYPES, PipelineOutput, as_image_batch, as_mask_batch, convert_output
-from pipeline.model.pipeline_dtc import SCHEDULERS
+from pipeline.model.pipeline_dtc import SamplerChoice
 from pipeline.model.schedule import SD_SCHEDULE, sd_scheduler
 
 __all__ = ["PBEImageEncoder", "PBEPipeline"]
@@ -90,7 +90,7 @@ class PBEImageEncoder(CLIPPreTrainedModel):
         return self.proj_out(self.final_layer_norm(self.mapper(pooled[:, None])))
 
 
-class PBEPipeline(DiffusionPipeline):
+class PBEPipeline(SamplerChoice, DiffusionPipeline):
     r"""Paint-by-Example: SD-1.x inpainting UNet (9 channels, `pbe` layout) conditioned on one
     CLIP token of the product. No hint branch.
 
@@ -202,19 +202,6 @@ class PBEPipeline(DiffusionPipeline):
                 index[key] = self.config[key]
         with open(os.path.join(save_directory, "model_index.json"), "w") as f:
             json.dump(index, f, indent=2)
-
-    # -- scheduler -------------------------------------------------------------------------------
-
-    def use_scheduler(self, name: str) -> None:
-        """Swap the sampler: "ddim" or "dpmpp" (DPM-Solver++ 2M), as `DTCPipeline.use_scheduler`."""
-        if name not in SCHEDULERS:
-            raise ValueError(f"scheduler must be one of {sorted(SCHEDULERS)}, got {name!r}")
-        kwargs = {"algorithm_type": "dpmsolver++"} if name == "dpmpp" else {}
-        self.scheduler = SCHEDULERS[name].from_config(self.scheduler.config, **kwargs)
-
-    @property
-    def scheduler_name(self) -> str:
-        return next(k for k, cls in SCHEDULERS.items() if isinstance(self.scheduler, cls))
 
     # -- call ------------------------------------------------------------------------------------
 
