@@ -84,11 +84,13 @@ def _listing(uri: str) -> list[tuple[str, int, int]]:
         raise CheckpointError(f"cannot list checkpoint {uri}: {e}") from e
 
 
-def check_checkpoint(uri: str, required: tuple[str, ...] = ()) -> dict:
+def check_checkpoint(uri: str, required: tuple[str, ...] = (), class_name: str | None = None) -> dict:
     """Validate a diffusers pipeline folder (local or s3); returns its parsed model_index.json.
 
     Every component named in model_index.json must have its folder with a config, and model
-    components must have a weights file. `required` names components that must be listed.
+    components must have a weights file. `required` names components that must be listed;
+    `class_name` the pipeline class it must hold, checked first (a folder of another kind is
+    named as such, not by the first component it lacks).
     """
     files = {rel for rel, _size, _mtime in _listing(uri)}
     if not files:
@@ -99,6 +101,8 @@ def check_checkpoint(uri: str, required: tuple[str, ...] = ()) -> dict:
         index = json.loads(storage.read_bytes(storage.join(uri, "model_index.json")))
     except (ValueError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{uri}/model_index.json is not valid JSON: {e}") from e
+    if class_name is not None and index.get("_class_name") != class_name:
+        raise CheckpointError(_class_problem(uri, index.get("_class_name"), class_name))
     components = {k: v for k, v in index.items() if not k.startswith("_") and isinstance(v, list) and v[0]}
     for name in required:
         if name not in components:
@@ -194,14 +198,19 @@ def check_dtc_checkpoint(uri: str) -> dict:
     or CheckpointError naming the problem (a missing component, another pipeline class)."""
     if is_packed(uri):
         index = json.loads(packed_metadata(uri)["model_index"])
-    else:
-        index = check_checkpoint(uri, required=DTC_COMPONENTS)
-    if index.get("_class_name") != "DTCPipeline":
-        raise CheckpointError(
-            f"{uri} holds a {index.get('_class_name')!r}, not a DTCPipeline; "
-            "build one with `python -m jobs.make_model --from-parts ...`"
+        if index.get("_class_name") != "DTCPipeline":
+            raise CheckpointError(_class_problem(uri, index.get("_class_name"), "DTCPipeline"))
+        return index
+    return check_checkpoint(uri, required=DTC_COMPONENTS, class_name="DTCPipeline")
+
+
+def _class_problem(uri: str, found, expected: str) -> str:
+    if found == PBE_CLASS_NAME and expected == "DTCPipeline":  # e.g. PBE's folder as jobs.train's --init-model
+        return (
+            f"{uri} is a Paint-by-Example folder, not a DTCPipeline; a DTC warm-started from it: "
+            "`python -m jobs.make_model --from-parts --pbe DIR --dinov2 DIR --out OUT`"
         )
-    return index
+    return f"{uri} holds a {found!r}, not a {expected}; build one with `python -m jobs.make_model --from-parts ...`"
 
 
 def check_model_checkpoint(uri: str) -> dict:

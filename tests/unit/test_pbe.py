@@ -15,7 +15,7 @@ import pytest
 import torch
 from diffusers import DDIMScheduler
 
-from pipeline.model.checkpoint import CheckpointError, check_model_checkpoint, weights_warning
+from pipeline.model.checkpoint import CheckpointError, check_dtc_checkpoint, check_model_checkpoint, weights_warning
 from pipeline.model.loading import load_pipeline
 from pipeline.model.pipeline_pbe import PBEImageEncoder, PBEPipeline
 from pipeline.model.presets import pbe_clip_config
@@ -116,6 +116,9 @@ def test_pbe_tiny_is_the_hub_layout_and_the_driver_reads_its_sizes(pbe_tiny_dir,
     (bad / "model_index.json").write_text(json.dumps({**index, "_class_name": "StableDiffusionInpaintPipeline"}))
     with pytest.raises(CheckpointError, match="not a DTCPipeline or a PaintByExamplePipeline"):
         check_model_checkpoint(str(bad))
+    # where only a DTC will do (jobs.train's --init-model), a PBE folder is named as one, with the way on
+    with pytest.raises(CheckpointError, match="is a Paint-by-Example folder, not a DTCPipeline.*--from-parts --pbe"):
+        check_dtc_checkpoint(pbe_tiny_dir)
 
 
 def test_renderer_runs_pbe_with_dtc_arguments_and_scores_with_clip(pbe_tiny_dir):
