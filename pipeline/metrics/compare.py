@@ -117,7 +117,12 @@ def load_run(ref: RunRef, label: str | None = None) -> Run:
             "and --clip-model"
         )
     record = json.loads(storage.read_bytes(record_uri))
-    protocol = json.loads(storage.read_bytes(summary_uri))["protocol"]
+    protocol = json.loads(storage.read_bytes(summary_uri)).get("protocol")
+    if not protocol:  # a summary written before the protocol was recorded: its extractors are unknown
+        raise CompareRefused(
+            f"run {ref.spec}: {summary_uri} names no extractors (no `protocol`), so its figures cannot be "
+            "compared; render it again with --inception-weights and --clip-model"
+        )
     rows = read_manifest_rows(layout, [ref.run_id], columns=ROW_COLUMNS)
     for name, type_ in (("identity_score", pa.float64()), ("mask_uri", pa.string()), ("bbox", pa.list_(pa.float64()))):
         if name not in rows.column_names:  # an older manifest, or a catalog without masks or boxes

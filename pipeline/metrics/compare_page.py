@@ -109,13 +109,14 @@ def _figures(summary: dict) -> str:
 
 def _shards(summary: dict) -> str:
     labels = [r["label"] for r in summary["runs"]]
-    head = "".join(f"<th>FID {esc(label)}</th><th>CLIP {esc(label)}</th>" for label in labels)
+    head = "".join(f"<th>FID {esc(label)}</th><th>KID {esc(label)}</th><th>CLIP {esc(label)}</th>" for label in labels)
     head += "".join(f"<th>CLIP delta {esc(label)}</th><th>win rate {esc(label)}</th>" for label in labels[1:])
     lines = [f"<h2>Shards</h2><table id='shards'><tr><th>shard</th><th>pairs</th>{head}</tr>"]
     for shard in summary["shards"]:
         cells = [esc(str(shard["shard"])), shard["pairs"]]
         for run in shard["runs"]:
-            cells += [f"{fmt(run['fid'])} (N = {run['fid_n']})", fmt(run["clip_mean"])]
+            kid = f"{fmt(run['kid_mean'], 5)} ± {fmt(run['kid_std'], 5)}" if run["kid_mean"] is not None else "n/a"
+            cells += [f"{fmt(run['fid'])} (N = {run['fid_n']})", kid, fmt(run["clip_mean"])]
         for delta in shard["deltas"]:
             cells += [_interval(delta["clip"]), _rate(delta["win_rate"])]
         lines.append("<tr class='shard'>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")

@@ -118,6 +118,15 @@ def test_other_extractors_no_shared_pair_or_no_metrics_are_refused(demo_output, 
     assert compare_main(["--run", f"{demo_output}:demo", "--run", f"{bare}:demo", "--out", str(out)]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and f"run {bare}:demo has no metrics" in err
+
+    unnamed = _copy_run(demo_output, "demo", tmp_path / "unnamed")
+    summary_file = unnamed / "metrics" / "demo" / "summary.json"
+    older = json.loads(summary_file.read_text())
+    del older["protocol"]  # a summary that does not name its extractors
+    summary_file.write_text(json.dumps(older))
+    assert compare_main(["--run", f"{demo_output}:demo", "--run", f"{unnamed}:demo", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "names no extractors" in err
     assert not out.exists()
 
 
