@@ -2,6 +2,7 @@
 
     python bench/detail.py --plan                  # what is cached, what remains, what each part costs
     python bench/detail.py --budget-s 3600         # run missing parts while the budget lasts, print the table
+    OMP_NUM_THREADS=1 python bench/detail.py --budget-s 3600 --forms spatial,channel,off --seeds 0 &   # two at once
     python bench/detail.py --measure 20            # the cost basis: a 20-step run of each form, CPU-timed
     python bench/detail.py --calibration           # the detail CI test's calibration seeds (cached like the parts)
     python bench/run_all.py --only detail          # the table of the cached parts into RESULTS.md (trains nothing)
@@ -48,7 +49,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from common import ROOT  # noqa: E402  (bench/common.py: bench/ is first on sys.path)
 
-from pipeline.schema import FUSION_FORMS  # noqa: E402
+from pipeline.schema import DEFAULT_FILM_MODE, FUSION_FORMS  # noqa: E402
 from pipeline.toy.runs import DETAIL_CATALOG  # noqa: E402
 
 PARTS_FILE = os.path.join(ROOT, "bench", "detail_parts.jsonl")
@@ -56,7 +57,7 @@ WEIGHTS = os.path.join(ROOT, "models", "train-tiny.safetensors")
 SEEDS = (0, 1, 2)
 # The committed models, rendered and scored like a part (DDIM RENDER_STEPS, no training: seconds).
 COMMITTED = (
-    ("committed weights", WEIGHTS, "models/train-tiny.safetensors: the demo's, jobs.train here, 1000 steps"),
+    ("committed weights", WEIGHTS, "the demo's: docs/training.md's commands (jobs.train, 1000 steps)"),
     (
         "former channel weights",
         os.path.join(ROOT, "models", "train-tiny-channel.safetensors"),
@@ -64,9 +65,12 @@ COMMITTED = (
     ),
 )
 # The recipe of every part. STEPS from the cost basis (`--measure 20`, bench/detail_parts.jsonl:
-# ~0.42 CPU s a step at batch 16, ~0.22 CPU s a rendered row): ~1300 CPU s a part, ~15 minutes
-# on 2 cores at ~1.5 cores' worth of torch threads. The rest is the CI recipe's (pipeline/toy/runs.py).
-STEPS = 3000
+# ~0.42 CPU s a step at batch 16, ~0.22 CPU s a rendered row): ~450 CPU s a part, two parts at
+# once on 2 cores with one torch thread each (`--seeds`). 1000 steps, not the 3000 of the first two
+# parts (kept in the parts file under their recipe): the demo weights' steps, where spatial FiLM
+# already reads ~0.9 of the cells on seed 0, at a third of the cost, so the 15 parts fit a session.
+# The rest is the CI recipe's (pipeline/toy/runs.py).
+STEPS = 1000
 RENDER_STEPS, GUIDANCE = 20, 5.0
 CATALOG = DETAIL_CATALOG  # the CI recipe trains on the same catalog (pipeline/toy/runs.py)
 TRAIN = dict(batch_size=16, learning_rate=1e-3, perceptual_weight=0.0, pixel_weight=0.0)
@@ -104,9 +108,11 @@ def catalog(work: str) -> tuple[str, str]:
 
 
 def committed_vae_model(work: str) -> str:
+    """The committed weights unpacked under `work`, in a folder named by the file's bytes (new
+    weights never reuse an older unpacking)."""
     from pipeline.toy.runs import unpack
 
-    folder = os.path.join(work, "committed")
+    folder = os.path.join(work, f"committed-{_sha256(WEIGHTS)[:12]}")
     return folder if os.path.exists(os.path.join(folder, "model_index.json")) else unpack(WEIGHTS, folder)
 
 
@@ -330,20 +336,30 @@ def measure(work: str, steps: int, forms: list[str], path: str) -> None:
     emit(**record)
 
 
-CI_FORM = "spatial"  # the form the CI test trains: the default this table chose (README, docs/training.md)
+CI_FORM = DEFAULT_FILM_MODE  # the CI test trains the default: a new default makes the calibration stale
 
 
-def ci_recipe_digest() -> str:
+def ci_recipe_digest(vae_model: str) -> str:
+    """What a calibration seed's figures depend on: the CI recipe's every setting, the form, and
+    the bytes of the VAE the runs train around (`vae_model`'s)."""
     from pipeline.toy import runs
 
+    vae = os.path.join(vae_model, "vae")
     recipe = dict(
         catalog=runs.DETAIL_CATALOG,
         steps=runs.DETAIL_CI_STEPS,
+        train=runs.DETAIL_CI_TRAIN,
         render_steps=runs.CI_RENDER_STEPS,
         guidance=runs.CI_GUIDANCE,
         form=CI_FORM,
+        vae={name: _sha256(os.path.join(vae, name)) for name in sorted(os.listdir(vae))},
     )
     return hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def _sha256(path: str) -> str:
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
 
 
 def calibration(work: str, path: str, run: bool) -> None:
@@ -351,7 +367,8 @@ def calibration(work: str, path: str, run: bool) -> None:
     the parts file `path`; `run`: run the missing ones), then the `ci_calibration` record."""
     from pipeline.toy import runs
 
-    digest, seeds = ci_recipe_digest(), {}
+    vae_model = committed_vae_model(work)
+    digest, seeds = ci_recipe_digest(vae_model), {}
     if os.path.exists(path):
         for line in open(path):
             record = json.loads(line)
@@ -361,7 +378,7 @@ def calibration(work: str, path: str, run: bool) -> None:
         if seed in seeds or not run:
             continue
         began, cpu = time.perf_counter(), time.process_time()
-        result = runs.detail_ci_run(committed_vae_model(work), os.path.join(work, f"ci-{seed}"), seed, CI_FORM, True)
+        result = runs.detail_ci_run(vae_model, os.path.join(work, f"ci-{seed}"), seed, CI_FORM, True)
         record = {"what": "ci_seed", "ci_recipe": digest, **result}
         record.update(wall_s=round(time.perf_counter() - began, 1), cpu_s=round(time.process_time() - cpu, 1))
         with open(path, "a") as f:
@@ -401,6 +418,7 @@ def main() -> None:
     parser.add_argument("--budget-s", type=float, default=0, help="run missing parts while their estimate fits")
     parser.add_argument("--measure", type=int, help="the cost basis: a run of this many steps per form, timed")
     parser.add_argument("--forms", default=",".join(FUSION_FORMS), help="only these forms' parts (and --measure's)")
+    parser.add_argument("--seeds", default=",".join(map(str, SEEDS)), help="only these seeds' parts")
     parser.add_argument("--parts-file", default=PARTS_FILE, help="the cached parts and cost basis (JSON lines)")
     parser.add_argument("--calibration", action="store_true", help="run the detail CI test's missing calibration runs")
     args = parser.parse_args()
@@ -422,8 +440,8 @@ def main() -> None:
     if basis:
         emit(**basis)
     for form, seed in plan(parts, basis):
-        if form not in args.forms.split(","):
-            continue
+        if form not in args.forms.split(",") or str(seed) not in args.seeds.split(","):
+            continue  # another process's share of the parts
         cost = estimate(form, basis) or float("inf")  # CPU s: a wall-clock bound on 2 cores, roughly
         if time.perf_counter() - began + cost > args.budget_s:
             continue

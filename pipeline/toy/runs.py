@@ -132,6 +132,7 @@ def _load(model: str):
 # (~0.85 of them on seed 0, ~2.5 CPU minutes) and the silenced hint sits at chance.
 DETAIL_CATALOG = dict(n_pairs=512, val_fraction=0.0, n_test=32, seed=29, kind="detail")
 DETAIL_CI_STEPS = 300
+DETAIL_CI_TRAIN = dict(batch_size=16, learning_rate=1e-3, perceptual_weight=0.0, pixel_weight=0.0)
 
 
 def detail_ci_run(weights: str, folder: str, seed: int, form: str, hint_off_trained: bool = False) -> dict:
@@ -163,15 +164,7 @@ def detail_ci_run(weights: str, folder: str, seed: int, form: str, hint_off_trai
         init = os.path.join(folder, f"init-{train_form}-{seed}")
         with_film_mode(weights, init, train_form, seed=seed)
         cfg = TrainConfig(
-            manifest=manifest,
-            init_model=init,
-            output=folder,
-            seed=seed,
-            steps=DETAIL_CI_STEPS,
-            batch_size=16,
-            learning_rate=1e-3,
-            perceptual_weight=0.0,
-            pixel_weight=0.0,
+            manifest=manifest, init_model=init, output=folder, seed=seed, steps=DETAIL_CI_STEPS, **DETAIL_CI_TRAIN
         )
         return init, *train_in_process(init, manifest, cfg, train=samples)
 
