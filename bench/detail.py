@@ -378,8 +378,9 @@ def calibration(work: str, path: str, run: bool) -> None:
         if seed in seeds or not run:
             continue
         began, cpu = time.perf_counter(), time.process_time()
-        result = runs.detail_ci_run(vae_model, os.path.join(work, f"ci-{seed}"), seed, CI_FORM, True)
-        record = {"what": "ci_seed", "ci_recipe": digest, **result}
+        result = runs.detail_ci_run(vae_model, os.path.join(work, f"ci-{seed}"), seed, CI_FORM, untrained=True)
+        off = runs.detail_ci_run(vae_model, os.path.join(work, f"ci-{seed}-off"), seed, "off")
+        record = {"what": "ci_seed", "ci_recipe": digest, **result, "off_trained": off["trained"]}
         record.update(wall_s=round(time.perf_counter() - began, 1), cpu_s=round(time.process_time() - cpu, 1))
         with open(path, "a") as f:
             f.write(json.dumps(record) + "\n")

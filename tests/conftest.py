@@ -19,7 +19,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(__file__))  # tests/helpers.py, tests/parts.py, tests/s3proxy.py
 
-from helpers import FAST, S3_SECRET, free_port, metric_flags, render_args  # noqa: E402
+from helpers import FAST, ROOT, S3_SECRET, TOY_CI_SEED, free_port, metric_flags, render_args  # noqa: E402
 
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -189,3 +189,29 @@ def demo_output(ray_address, tmp_path_factory, tiny_model_dir, extractors):
     flags = ["--run-id", "demo", *metric_flags(extractors), "--config", str(config), *FAST]
     assert render(render_args(manifest, output, tiny_model_dir, *flags)) == 0
     return output
+
+
+@pytest.fixture(scope="session")
+def toy_ci_runs(tmp_path_factory) -> dict:
+    """The toy's CI recipes on their test seed (`TOY_CI_SEED`, a seed no calibration used), for
+    tests/unit/test_learned.py (`colour`: `runs.ci_run`) and test_detail_learned.py (`detail`:
+    `runs.detail_ci_run` of the default form; `off`: of the form "off", the hint-off control).
+    Three trainings at once in two processes of one torch thread each (spawned: no torch state
+    forked): one after another they cost CI ~4.5 minutes, at once ~2.6. The calibration runs
+    (bench/) use one torch thread too."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    from pipeline.schema import DEFAULT_FILM_MODE
+    from pipeline.toy import runs
+
+    folder = tmp_path_factory.mktemp("toy-ci")
+    weights = runs.unpack(os.path.join(ROOT, "models", "train-tiny.safetensors"), str(folder / "weights"))
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(2, mp_context=context, initializer=torch.set_num_threads, initargs=(1,)) as pool:
+        jobs = {  # the longest first: the third lands on the first process free
+            "detail": pool.submit(runs.detail_ci_run, weights, str(folder / "detail"), TOY_CI_SEED, DEFAULT_FILM_MODE),
+            "colour": pool.submit(runs.ci_run, weights, str(folder / "colour"), TOY_CI_SEED),
+            "off": pool.submit(runs.detail_ci_run, weights, str(folder / "off"), TOY_CI_SEED, "off"),
+        }
+        return {name: job.result() for name, job in jobs.items()}

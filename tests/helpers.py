@@ -22,6 +22,8 @@ from pipeline.config import RENDER_DEFAULTS
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository
 S3_SECRET = "test-secret-key-4f1c0de"  # the moto endpoint's secret key: grepped for in every output
 # The render flags every integration test uses: 2 steps, PNG (pixels compare exactly), half-CPU actors.
+# the toy CI recipes' test seed (tests/conftest.py toy_ci_runs): no calibration seed (runs.CALIBRATION_SEEDS)
+TOY_CI_SEED = 6
 FAST = "--steps 2 --batch-size 4 --image-format png --cpus-per-actor 0.5 --torch-threads 1".split()
 
 

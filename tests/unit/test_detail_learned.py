@@ -17,16 +17,11 @@ another seed.
 
 from __future__ import annotations
 
-import os
-
 import pytest
-from helpers import ROOT
+from helpers import TOY_CI_SEED
 
-from pipeline.schema import DEFAULT_FILM_MODE
 from pipeline.toy import runs
 
-WEIGHTS = os.path.join(ROOT, "models", "train-tiny.safetensors")
-SEED = 6  # not a calibration seed
 # Calibration (seeds 0-5, bench/RESULTS.md section detail, `ci_calibration`): the detail-accuracy
 # gaps trained minus off-trained and trained minus silenced, and their spreads (sample std). Each
 # margin is over twice its gap's spread and under half its smallest calibration gap; this seed's
@@ -35,11 +30,10 @@ MARGIN_OFF = 0.14
 MARGIN_SILENCED = 0.15
 
 
-@pytest.mark.slow  # trains twice for a few minutes: `make test` runs it, `make test-unit` does not
-def test_the_default_form_carries_the_code_where_hint_off_does_not(tmp_path):
-    assert SEED not in runs.CALIBRATION_SEEDS
-    weights = runs.unpack(WEIGHTS, str(tmp_path / "weights"))
-    result = runs.detail_ci_run(weights, str(tmp_path / "run"), SEED, DEFAULT_FILM_MODE, hint_off_trained=True)
-    trained = result["trained"]["detail_acc"]
-    assert trained - result["off_trained"]["detail_acc"] >= MARGIN_OFF, result
-    assert trained - result["hint_silenced"]["detail_acc"] >= MARGIN_SILENCED, result
+@pytest.mark.slow  # trains for a few minutes: `make test` runs it, `make test-unit` does not
+def test_the_default_form_carries_the_code_where_hint_off_does_not(toy_ci_runs):
+    assert TOY_CI_SEED not in runs.CALIBRATION_SEEDS
+    detail, off = toy_ci_runs["detail"], toy_ci_runs["off"]  # the default form and "off" (tests/conftest.py)
+    trained = detail["trained"]["detail_acc"]
+    assert trained - off["trained"]["detail_acc"] >= MARGIN_OFF, (detail, off)
+    assert trained - detail["hint_silenced"]["detail_acc"] >= MARGIN_SILENCED, detail

@@ -15,12 +15,11 @@ import os
 
 import pyarrow.parquet as pq
 import pytest
-from helpers import ROOT
+from helpers import ROOT, TOY_CI_SEED
 
 from pipeline.toy import catalog, runs, synthetic_eval
 
 WEIGHTS = os.path.join(ROOT, "models", "train-tiny.safetensors")
-SEED = 6  # not a calibration seed
 # The calibration gaps (untrained minus trained hue error, seeds 0-5) and their spread (the gaps'
 # standard deviation) are bench/RESULTS.md section learned_ci (`bench/run_all.py --only learned_ci`).
 # The margin asserted is over twice that spread and under half the smallest calibration gap; this
@@ -29,10 +28,9 @@ MARGIN_DEG = 25.0
 
 
 @pytest.mark.slow  # trains for a minute or more: `make test` runs it, `make test-unit` does not
-def test_training_beats_the_untrained_model_by_twice_the_run_to_run_spread(tmp_path):
-    assert SEED not in runs.CALIBRATION_SEEDS
-    weights = runs.unpack(WEIGHTS, str(tmp_path / "weights"))
-    result = runs.ci_run(weights, str(tmp_path / "run"), SEED)
+def test_training_beats_the_untrained_model_by_twice_the_run_to_run_spread(toy_ci_runs):
+    assert TOY_CI_SEED not in runs.CALIBRATION_SEEDS
+    result = toy_ci_runs["colour"]  # runs.ci_run on TOY_CI_SEED (tests/conftest.py)
     gap = result["untrained"]["hue_error_deg"] - result["trained"]["hue_error_deg"]
     assert gap >= MARGIN_DEG, result
 
