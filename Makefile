@@ -34,7 +34,8 @@ docs: $(VENV_STAMP)
 test: lint
 	$(PY) -m pytest -q -m "not chaos" --durations=30 tests
 
-# the extra multi-node fault cases (two nodes in a row, lost during the last parts or the fold)
+# the extra multi-node fault cases (two nodes in a row, lost during the last parts or the fold,
+# no node left for the model actor)
 test-chaos: $(VENV_STAMP)
 	$(PY) -m pytest -q -m chaos tests
 

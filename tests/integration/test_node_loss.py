@@ -317,6 +317,7 @@ def test_tasks_node_lost_at_the_end(cluster, nodes, tmp_path, tiny_model_dir, ro
     assert _lost_ids(record) == [tasks.node_id]
 
 
+@pytest.mark.chaos  # a 30 s stall wait on a 3-node cluster (~70 s): make test-chaos, with the other extra cases
 def test_model_node_lost_with_no_node_left_for_the_actor(cluster, nodes, tmp_path, tiny_model_dir):
     """No node has the actor's resources any more: the run cannot survive it, the stall
     watchdog stops it (exit 1) and a re-run, once such a node is back, renders only the rest."""
